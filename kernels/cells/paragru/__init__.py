@@ -1,0 +1,3 @@
+from .cell import ParaGRU
+
+__all__ = ["ParaGRU"]

@@ -1,0 +1,3 @@
+from .cell import ParaLSTM
+
+__all__ = ["ParaLSTM"]

@@ -1,0 +1,66 @@
+"""Solver configuration, statistics and errors shared by every mode of :func:`parallel_rnn`."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+
+class NewtonConvergenceError(RuntimeError):
+    """Newton did not reach the tolerance within the iteration cap and the policy is ``raise``."""
+
+
+@dataclass(frozen=True)
+class NewtonConfig:
+    """How the Newton solve is run and what happens when it does not converge.
+
+    max_iters: cap on Newton updates (each one linear scan).
+    tol: convergence threshold on max_t |f(h_{t-1}, u_t) - h_t| / (1 + |h_t|). ``None`` picks one
+        from the compute dtype (1e-5 for fp32, 1e-12 for fp64).
+    damping: step size of each Newton update, in (0, 1]; 1 is plain Newton.
+    on_failure: ``"fallback"`` finishes the trajectory with the exact sequential recurrence from the
+        first unconverged step (warning once per cell), ``"raise"`` raises
+        :class:`NewtonConvergenceError` naming the cell/layer and the residual.
+    check_finite: validate that inputs, parameters and the initial state are finite (one host sync).
+    """
+
+    max_iters: int = 10
+    tol: float | None = None
+    damping: float = 1.0
+    on_failure: Literal["fallback", "raise"] = "fallback"
+    check_finite: bool = True
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_iters, int) or self.max_iters < 0:
+            raise ValueError(f"NewtonConfig.max_iters must be an int >= 0, got {self.max_iters!r}")
+        if self.tol is not None and not self.tol > 0:
+            raise ValueError(f"NewtonConfig.tol must be > 0 or None, got {self.tol!r}")
+        if not 0.0 < self.damping <= 1.0:
+            raise ValueError(f"NewtonConfig.damping must be in (0, 1], got {self.damping!r}")
+        if self.on_failure not in ("fallback", "raise"):
+            raise ValueError(
+                f"NewtonConfig.on_failure must be 'fallback' or 'raise', got {self.on_failure!r}"
+            )
+
+    def tolerance_for(self, dtype: torch.dtype) -> float:
+        if self.tol is not None:
+            return self.tol
+        return 1e-12 if dtype == torch.float64 else 1e-5
+
+
+@dataclass
+class NewtonStats:
+    """What the last solve did; filled in by :func:`parallel_rnn` when passed as ``stats=``.
+
+    iterations: Newton updates performed (0 when the initial guess already met the tolerance).
+    residual: the scaled max residual of the returned trajectory (before any fallback).
+    converged: the residual met the tolerance within the cap.
+    fell_back: the sequential fallback finished the trajectory.
+    """
+
+    iterations: int = 0
+    residual: float = float("nan")
+    converged: bool = False
+    fell_back: bool = False
+    mode: str = ""
