@@ -22,14 +22,15 @@ class NewtonConfig:
     on_failure: ``"fallback"`` finishes the trajectory with the exact sequential recurrence from the
         first unconverged step (warning once per cell), ``"raise"`` raises
         :class:`NewtonConvergenceError` naming the cell/layer and the residual.
-    check_finite: validate that inputs, parameters and the initial state are finite (one host sync).
+    validate: run the value checks that need a host sync - inputs, parameters and the initial state
+        finite, cu_seqlens well formed. Shape checks always run. Turn off in tuned training loops.
     """
 
     max_iters: int = 10
     tol: float | None = None
     damping: float = 1.0
     on_failure: Literal["fallback", "raise"] = "fallback"
-    check_finite: bool = True
+    validate: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_iters, int) or self.max_iters < 0:

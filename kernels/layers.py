@@ -1,0 +1,141 @@
+"""``torch.nn.Module`` layers around the paper's cells.
+
+A layer owns the per-head (block-diagonal) input projection x -> G pre-activations per channel,
+the per-channel recurrent parameters (a_*, c_*) with the paper's initialisation, and a bound on
+their norm (the paper clips it to 0.5 for language models) that keeps Newton's method contractive.
+It accepts and returns states, so sequences can be processed in chunks and decoded step by step.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .api import parallel_rnn
+from .cell import Cell
+from .cells import ParaGRU, ParaLSTM
+from .config import NewtonConfig, NewtonStats
+
+
+class ParaRNNLayer(nn.Module):
+    """x (B, T, dim) -> y (B, T, dim) through ``cell`` with ``num_heads`` block-diagonal input heads.
+
+    Args:
+        cell: the channelwise cell (its ``step`` defines the recurrence).
+        dim: channels (input width = state width per state row).
+        num_heads: blocks of the input projection; ``dim`` must be divisible by it.
+        gain_bound: max L2 norm of each recurrent parameter row, enforced by a differentiable
+            rescale in every forward (None disables it).
+        mode, newton: passed to :func:`kernels.parallel_rnn`.
+        name: how errors and warnings name this layer (e.g. "model.layers.3.mixer").
+    """
+
+    def __init__(
+        self,
+        cell: Cell,
+        dim: int,
+        num_heads: int,
+        *,
+        gain_bound: float | None = 0.5,
+        mode: str = "auto",
+        newton: NewtonConfig | None = None,
+        bias: bool = True,
+        name: str | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if dim <= 0 or num_heads <= 0 or dim % num_heads:
+            raise ValueError(f"dim ({dim}) must be a positive multiple of num_heads ({num_heads})")
+        if gain_bound is not None and not gain_bound > 0:
+            raise ValueError(f"gain_bound must be > 0 or None, got {gain_bound}")
+        self.cell, self.dim, self.num_heads = cell, dim, num_heads
+        self.head_dim = dim // num_heads
+        self.gain_bound, self.mode = gain_bound, mode
+        self.name = name or type(self).__name__  # shown in Newton errors/warnings; models set the module path
+        self.newton = newton or NewtonConfig()
+        factory = {"device": device, "dtype": dtype}
+        G = cell.num_inputs
+        # weight[h, i, g, j]: head h maps its input channel i to pre-activation g of its channel j.
+        self.weight = nn.Parameter(torch.empty(num_heads, self.head_dim, G, self.head_dim, **factory))
+        self.bias = nn.Parameter(torch.empty(G, dim, **factory)) if bias else None
+        self.recurrent = nn.Parameter(torch.empty(cell.num_params, dim, **factory))
+        self.last_stats = NewtonStats()
+        self.reset_parameters()
+
+    @property
+    def state_size(self) -> int:
+        return self.cell.state_size
+
+    def reset_parameters(self) -> None:
+        # Kaiming-uniform for a linear map of fan-in head_dim (as nn.Linear's default scale).
+        bound = 1.0 / math.sqrt(self.head_dim)
+        nn.init.uniform_(self.weight, -bound, bound)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+        # Small Xavier-Gaussian recurrent gains, then clipped to the bound (paper, Sec. 4).
+        nn.init.xavier_normal_(self.recurrent)
+        if self.gain_bound is not None:
+            with torch.no_grad():
+                self.recurrent.copy_(self.recurrent_params())
+
+    def recurrent_params(self) -> torch.Tensor:
+        """The (P, dim) parameters the cell sees: each row rescaled to norm <= gain_bound."""
+        p = self.recurrent
+        if self.gain_bound is None or p.numel() == 0:
+            return p
+        norms = p.norm(dim=1, keepdim=True)
+        return p * (self.gain_bound / norms.clamp_min(1e-12)).clamp(max=1.0)
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., dim) -> pre-activations (..., G, dim) through the block-diagonal heads."""
+        xh = x.unflatten(-1, (self.num_heads, self.head_dim))
+        u = torch.einsum("...hi,higj->...ghj", xh, self.weight.to(x.dtype)).flatten(-2)
+        return u if self.bias is None else u + self.bias.to(x.dtype)
+
+    def _check_input(self, x: torch.Tensor, rank: int) -> None:
+        if x.dim() != rank or x.shape[-1] != self.dim:
+            want = "(B, T, dim)" if rank == 3 else "(B, dim)"
+            raise ValueError(f"{type(self).__name__} expects x of shape {want} with dim={self.dim}, got {tuple(x.shape)}")
+
+    def forward(
+        self, x: torch.Tensor, h0: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """y (B, T, dim) and the final states (B, K, dim), or (N_docs, K, dim) with cu_seqlens."""
+        self._check_input(x, 3)
+        stats = NewtonStats()
+        y, h_last = parallel_rnn(
+            self.cell, self.project(x), self.recurrent_params(), h0, cu_seqlens,
+            mode=self.mode, newton=self.newton, stats=stats, name=self.name,
+        )
+        self.last_stats = stats
+        return y, h_last
+
+    def step(self, x_t: torch.Tensor, h: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One token for decoding: x_t (B, dim), h (B, K, dim) or None -> y_t (B, dim), new h (fp32+)."""
+        self._check_input(x_t, 2)
+        compute = torch.float64 if x_t.dtype == torch.float64 else torch.float32
+        if h is None:
+            h = x_t.new_zeros(x_t.shape[0], self.state_size, self.dim, dtype=compute)
+        elif h.shape != (x_t.shape[0], self.state_size, self.dim):
+            raise ValueError(f"h must have shape {(x_t.shape[0], self.state_size, self.dim)}, got {tuple(h.shape)}")
+        u = self.project(x_t).to(compute)
+        h = self.cell.step(h.to(compute), u, self.recurrent_params().to(compute))
+        return self.cell.output(h).to(x_t.dtype), h
+
+    def extra_repr(self) -> str:
+        return (
+            f"cell={self.cell.name}, dim={self.dim}, num_heads={self.num_heads}, "
+            f"gain_bound={self.gain_bound}, mode={self.mode!r}"
+        )
+
+
+class ParaGRULayer(ParaRNNLayer):
+    def __init__(self, dim: int, num_heads: int, **kwargs) -> None:
+        super().__init__(ParaGRU(), dim, num_heads, **kwargs)
+
+
+class ParaLSTMLayer(ParaRNNLayer):
+    def __init__(self, dim: int, num_heads: int, **kwargs) -> None:
+        super().__init__(ParaLSTM(), dim, num_heads, **kwargs)

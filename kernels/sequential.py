@@ -1,0 +1,50 @@
+"""The reference mode: the recurrence as a plain loop over time, differentiated by autograd."""
+from __future__ import annotations
+
+import torch
+
+from .cell import Cell
+from .config import NewtonConfig, NewtonStats
+from .layout import SequenceLayout
+
+
+def run_sequential_steps(
+    cell: Cell,
+    u: torch.Tensor,
+    p: torch.Tensor,
+    h0_rows: torch.Tensor,
+    layout: SequenceLayout,
+    start: int = 0,
+    h_prev: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """States h_t for t in [start, T) (B, T - start, K, D), continuing from h_prev = h_{start-1}."""
+    B, T = u.shape[:2]
+    starts: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    for b, t, row in zip(layout.start_b.tolist(), layout.start_t.tolist(), layout.start_row.tolist()):
+        bs, rows = starts.setdefault(t, ([], []))
+        bs.append(b)
+        rows.append(row)
+    h = h_prev if h_prev is not None else h0_rows.new_zeros(B, *h0_rows.shape[1:])
+    out = []
+    for t in range(start, T):
+        if t in starts:
+            bs, rows = starts[t]
+            h = h.index_put((torch.tensor(bs, device=h.device),), h0_rows[torch.tensor(rows, device=h.device)])
+        h = cell.step(h, u[:, t], p)
+        out.append(h)
+    return torch.stack(out, dim=1)
+
+
+def sequential_mode(
+    cell: Cell,
+    u: torch.Tensor,
+    p: torch.Tensor,
+    h0_rows: torch.Tensor,
+    layout: SequenceLayout,
+    newton: NewtonConfig,
+    stats: NewtonStats | None,
+    name: str | None,
+) -> torch.Tensor:
+    if stats is not None:
+        stats.iterations, stats.residual, stats.converged, stats.fell_back = 0, 0.0, True, False
+    return run_sequential_steps(cell, u, p, h0_rows, layout)
