@@ -1,0 +1,149 @@
+"""Synthetic-task generators: every label checked by an independent, loop-based solver."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from eval.synthetic import IGNORE_INDEX, TASKS, k_hop, keep_nth, make_splits, mqar, parity
+
+
+# ---- independent solvers: plain Python over token lists, no tensors, written from the definitions ----
+
+def solve_keep_nth(tokens: list[int], n: int) -> dict[int, int]:
+    return {len(tokens) - 1: tokens[n - 1]}
+
+
+def solve_parity(tokens: list[int]) -> dict[int, int]:
+    ones = 0
+    for t in tokens:
+        if t == 1:
+            ones += 1
+    return {len(tokens) - 1: ones % 2}
+
+
+def solve_mqar(tokens: list[int], vocab: int, pairs: int) -> dict[int, int]:
+    binding = {}
+    for i in range(pairs):
+        binding[tokens[2 * i]] = tokens[2 * i + 1]
+    answers = {}
+    for pos in range(2 * pairs, len(tokens)):
+        if tokens[pos] < vocab // 2:  # a key outside the prefix is a query
+            answers[pos] = binding[tokens[pos]]
+    return answers
+
+
+def solve_hop(tokens: list[int], k: int) -> dict[int, int]:
+    def find(i: int) -> int | None:
+        # walk backwards from i-1 looking for the same token as position i
+        p = i - 1
+        while p >= 0:
+            if tokens[p] == tokens[i]:
+                return p + 1
+            p -= 1
+        return None
+
+    answers = {}
+    for i in range(len(tokens)):
+        j: int | None = i
+        for _ in range(k):
+            j = find(j)
+            if j is None:
+                break
+        if j is not None:
+            answers[i] = tokens[j]
+    return answers
+
+
+def labels_of(batch, row: int) -> dict[int, int]:
+    t, m = batch.targets[row].tolist(), batch.loss_mask[row].tolist()
+    return {i: t[i] for i in range(len(t)) if m[i]}
+
+
+def check_row_common(batch, row: int, vocab: int) -> None:
+    assert batch.input_ids.dtype == torch.long and batch.targets.dtype == torch.long
+    assert batch.loss_mask.dtype == torch.bool
+    x = batch.input_ids[row]
+    assert int(x.min()) >= 0 and int(x.max()) < vocab
+    tg, m = batch.targets[row], batch.loss_mask[row]
+    assert bool((tg[~m] == IGNORE_INDEX).all()) and bool((tg[m] >= 0).all()) and bool((tg[m] < vocab).all())
+
+
+@pytest.mark.parametrize("seq_len", [100, 17])
+def test_keep_nth_solver(seq_len):
+    b = keep_nth(200, seq_len, 128, n=5, seed=3)
+    for r in range(len(b)):
+        check_row_common(b, r, 128)
+        assert labels_of(b, r) == solve_keep_nth(b.input_ids[r].tolist(), 5)
+
+
+@pytest.mark.parametrize("seq_len", [100, 9])
+def test_parity_solver(seq_len):
+    b = parity(300, seq_len, seed=4)
+    for r in range(len(b)):
+        check_row_common(b, r, 2)
+        assert labels_of(b, r) == solve_parity(b.input_ids[r].tolist())
+    # labels are balanced, so chance is 50 %
+    assert 0.4 < b.targets[:, -1].float().mean().item() < 0.6
+
+
+def test_parity_all_positions_is_running_parity():
+    b = parity(20, 30, seed=5, all_positions=True)
+    for r in range(len(b)):
+        toks = b.input_ids[r].tolist()
+        assert labels_of(b, r) == {i: sum(toks[: i + 1]) % 2 for i in range(30)}
+
+
+def test_mqar_solver():
+    b = mqar(300, 100, 128, num_pairs=8, seed=6)
+    for r in range(len(b)):
+        check_row_common(b, r, 128)
+        toks = b.input_ids[r].tolist()
+        keys = toks[0:16:2]
+        assert len(set(keys)) == 8 and all(k < 64 for k in keys) and all(v >= 64 for v in toks[1:16:2])
+        got = labels_of(b, r)
+        assert got == solve_mqar(toks, 128, 8)
+        assert sorted(toks[p] for p in got) == sorted(keys)  # each key queried exactly once
+
+
+@pytest.mark.parametrize("k,vocab", [(1, 10), (2, 5), (3, 4)])
+def test_k_hop_solver(k, vocab):
+    b = k_hop(100, 100, vocab, k=k, seed=7)
+    for r in range(len(b)):
+        check_row_common(b, r, vocab)
+        assert labels_of(b, r) == solve_hop(b.input_ids[r].tolist(), k)
+
+
+def test_k_hop_hand_example():
+    # a b a c b a: 1-hop at i=2 (a) -> after the previous a (pos 0) comes b; i=4 (b) -> a; i=5 (a) -> c
+    x = [0, 1, 0, 2, 1, 0]
+    assert solve_hop(x, 1) == {2: 1, 4: 0, 5: 2}
+    # 2-hop at i=4: find(4)=2, find(2)=1 -> b; at i=5: find(5)=3 (c) has no earlier c -> unscored
+    assert solve_hop(x, 2) == {4: 1}
+    from eval.synthetic.tasks import _find
+    assert _find(torch.tensor([x]), 3).tolist() == [[-1, -1, 1, -1, 2, 3]]
+
+
+def test_deterministic_and_splits_differ():
+    for name, spec in TASKS.items():
+        a = spec.generate(50, seed=11)
+        b = spec.generate(50, seed=11)
+        c = spec.generate(50, seed=12)
+        assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.targets, b.targets), name
+        assert not torch.equal(a.input_ids, c.input_ids), name
+    s = make_splits("hop1", seed=0, n_train=64, n_test=128, n_val=32)
+    assert {k: len(v) for k, v in s.items()} == {"train": 64, "test": 128, "val": 32}
+    assert not torch.equal(s["train"].input_ids, s["test"].input_ids[:64])
+
+
+def test_global_rng_untouched():
+    torch.manual_seed(0)
+    ref = torch.rand(3)
+    torch.manual_seed(0)
+    TASKS["mqar"].generate(10, seed=1)
+    assert torch.equal(torch.rand(3), ref)
+
+
+def test_paper_settings():
+    assert {n: s.vocab_size for n, s in TASKS.items()} == {"keep_nth": 128, "parity": 2, "mqar": 128, "hop1": 10, "hop2": 5}
+    assert TASKS["keep_nth"].kwargs["n"] == 5 and TASKS["hop2"].kwargs["k"] == 2
+    assert TASKS["keep_nth"].bare_mixer and TASKS["parity"].bare_mixer and not TASKS["mqar"].bare_mixer
