@@ -1,14 +1,169 @@
-"""Training entry point (Hydra + DeepSpeed). Lands with issue #5; until then it says so and exits."""
+"""Pretrain a language model: ``python train.py [group=option ...] [key=value ...]``.
+
+    python train.py                                   # tiny ParaGRU on the bundled corpus (CPU ok)
+    python train.py model=paralstm size=400m data=slimpajama deepspeed=zero3
+    python train.py experiment=paper_400m_paragru
+    torchrun --nproc-per-node 8 train.py ...          # also: the deepspeed launcher and srun (slurm/)
+
+This file is the training loop; the pieces it composes live in ``training/`` (typed configs,
+backends, checkpoints, metrics), ``models/`` and ``data/``.
+"""
+from __future__ import annotations
+
+import logging
+import math
 import sys
+import time
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from training.config import TrainConfig, register_configs, validate
+
+logger = logging.getLogger("train")
+register_configs()
 
 
-def main() -> int:
-    sys.stderr.write(
-        "train.py is not implemented yet: the training loop (Hydra configs, data pipeline, DeepSpeed, "
-        "checkpoints) lands with issue #5. The parallel-RNN engine is usable today: see README.md.\n"
+def train(cfg: TrainConfig) -> dict:
+    """Run or resume training. Returns a summary (losses, steps, tokens, paths, exit code)."""
+    from training import factory
+    from training.backends import BACKENDS
+    from training.checkpoint import CheckpointManager, capture_rng_state, restore_rng_state
+    from training.distributed import all_reduce_max, all_reduce_mean, init_distributed
+    from training.metrics import MetricsLogger, flops_per_token, peak_flops
+    from training.optim import build_scheduler, parameter_groups
+    from training.progress import Progress
+    from training.signals import REQUEUE_EXIT_CODE, PreemptionFlag
+
+    info = init_distributed(cfg.train.device, process_group=cfg.deepspeed.enabled)
+    factory.setup_logging(info.rank)
+    run_dir = Path(cfg.run_dir).resolve()
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(OmegaConf.structured(cfg), run_dir / "config.yaml")
+    preempted = PreemptionFlag(sentinel=run_dir / "PREEMPT")
+    if info.is_main:
+        preempted.clear_sentinel()
+    info.barrier()
+    torch.manual_seed(cfg.train.seed)  # same initial weights on every rank
+
+    # --- data, model, optimiser ---------------------------------------------------------------
+    data = factory.build_data(cfg, info)
+    model = factory.build_model(cfg, vocab_size=data.vocab_size).to(info.device)
+    grad_accum = factory.grad_accum_steps(cfg, info.world_size)
+    optimizer = torch.optim.AdamW(
+        parameter_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
+        betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps,
     )
-    return 2
+    warmup = int(cfg.optim.warmup_fraction * cfg.train.steps)
+    scheduler = build_scheduler(optimizer, cfg.train.steps, warmup, cfg.optim.min_lr_ratio)
+    backend = BACKENDS[cfg.deepspeed.enabled](model, optimizer, scheduler, cfg, info, grad_accum)
+    checkpoints = CheckpointManager(run_dir / "checkpoints", cfg.checkpoint.keep_last, info.rank, info.barrier)
+
+    # --- resume ---------------------------------------------------------------------------------
+    step, tokens, wandb_id, nonfinite_steps = 0, 0, None, []
+    resume_from = factory.resume_path(cfg, checkpoints)
+    if resume_from is not None:
+        meta = backend.load(resume_from)
+        rank_state = checkpoints.load_rank_state(resume_from)
+        data.train.load_state_dict(rank_state["data"])
+        restore_rng_state(rank_state["rng"])
+        step, tokens, wandb_id = meta["step"], meta["tokens"], meta.get("wandb_id")
+        nonfinite_steps = meta.get("nonfinite_steps", [])
+        logger.info("resumed from %s at step %d (%d tokens)", resume_from, step, tokens)
+
+    metrics = MetricsLogger(run_dir, enabled=info.is_main, resume_step=step if resume_from else None)
+    wandb_id = metrics.start_wandb(
+        cfg.logging.wandb_mode, cfg.logging.wandb_project, cfg.run_name, wandb_id,
+        OmegaConf.to_container(OmegaConf.structured(cfg)), run_dir,
+    )
+    tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_len
+    flops_token = flops_per_token(*factory.flops_terms(model), cfg.data.seq_len)
+    peak = peak_flops(torch.cuda.get_device_name(info.device) if info.device.type == "cuda" else None)
+
+    def save() -> Path:
+        meta = {"step": step, "tokens": tokens, "wandb_id": wandb_id, "nonfinite_steps": nonfinite_steps}
+        rank_state = {"data": data.train.state_dict(), "rng": capture_rng_state()}
+        return backend.save(checkpoints, step, rank_state, meta)
+
+    def evaluate() -> dict[str, float]:
+        loss = factory.validation_loss(backend.module, data.validation, cfg, info)
+        return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
+
+    # --- the loop -------------------------------------------------------------------------------
+    train_iter = iter(data.train)
+    progress = Progress(cfg.train.steps, initial=step, enabled=info.is_main and cfg.logging.progress_bar)
+    losses: list[float] = []
+    started, exit_code = time.perf_counter(), 0
+    while step < cfg.train.steps:
+        t0 = time.perf_counter()
+        step_losses, all_finite = [], True
+        for _ in range(grad_accum):
+            batch = factory.to_device(next(train_iter), info.device)
+            loss, finite = backend.forward_backward(batch)
+            step_losses.append(loss.float())
+            all_finite &= finite
+        grad_norm, applied = backend.step()
+        loss = all_reduce_mean(torch.stack(step_losses).mean(), info).item()
+        step += 1
+        tokens += tokens_per_step
+        if not (all_finite and applied):
+            nonfinite_steps.append(step)
+            logger.warning("step %d: non-finite loss or gradient (%s)", step, cfg.train.on_nonfinite)
+            if cfg.train.on_nonfinite == "stop":
+                save()
+                raise FloatingPointError(f"non-finite loss/gradient at step {step}; checkpoint saved, see metrics.jsonl")
+        losses.append(loss)
+        dt = time.perf_counter() - t0
+        tok_s = tokens_per_step / dt
+        record = {
+            "loss": loss, "lr": backend.lr(), "grad_norm": grad_norm, "tokens": tokens, "tokens_per_s": tok_s,
+            "step_time_s": dt, "mfu": tok_s * flops_token / (peak * info.world_size) if peak else None,
+            "skipped": not (all_finite and applied), **factory.memory_stats(info.device),
+            **factory.newton_stats(backend.module),
+        }
+        progress.update(step, loss, tok_s)
+        if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+            metrics.log(step, record)
+        if cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.train.steps:
+            metrics.log(step, evaluate())
+        stop_now = bool(all_reduce_max(torch.tensor(float(bool(preempted)), device=info.device), info).item())
+        out_of_time = cfg.train.max_time_minutes is not None and time.perf_counter() - started > 60 * cfg.train.max_time_minutes
+        if stop_now or out_of_time or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
+            save()
+        if stop_now or out_of_time:
+            logger.warning("stopping at step %d (%s); resume with resume=auto", step, "preempted" if stop_now else "time limit")
+            exit_code = REQUEUE_EXIT_CODE if stop_now else 0
+            break
+    progress.close()
+
+    summary = {"step": step, "tokens": tokens, "losses": losses, "run_dir": str(run_dir), "exit_code": exit_code}
+    if step >= cfg.train.steps:
+        if not (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
+            save()
+        if cfg.eval.at_end:
+            final = evaluate()
+            metrics.log(step, final)
+            summary.update(final)
+            if info.is_main:
+                logger.info("validation loss %.4f, perplexity %.2f", final["val_loss"], final["val_ppl"])
+        if cfg.export.at_end:
+            summary["export_dir"] = factory.export(backend, data, cfg, run_dir, info)
+    metrics.close()
+    info.barrier()
+    return summary
+
+
+@hydra.main(version_base="1.3", config_path="configs", config_name="train")
+def main(dict_cfg: DictConfig) -> None:
+    cfg: TrainConfig = OmegaConf.to_object(dict_cfg)
+    validate(cfg)
+    summary = train(cfg)
+    if summary["exit_code"]:
+        sys.exit(summary["exit_code"])
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -1,0 +1,145 @@
+"""Typed configuration of a training run (Hydra structured configs).
+
+The dataclasses below are the schema: ``configs/train.yaml`` composes groups onto it, and a key that
+is not declared here, or a value of the wrong type, fails at start with a message naming the key.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+
+from data.config import DataConfig
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "paragru"  # mixer registry name: paragru | paralstm | mamba2 | attention
+    size: str = "tiny"  # preset name (configs/size): debug | tiny | 400m | 1b | 2.9b | 7b
+    overrides: dict[str, Any] = field(default_factory=dict)  # any model-config field, e.g. {num_hidden_layers: 4}
+    rnn_mode: str = "auto"  # parallel_rnn mode of the ParaRNN mixers
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-3
+    weight_decay: float = 1e-3
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    warmup_fraction: float = 0.1  # of the total steps, linear from 0
+    min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio (paper: to zero)
+    grad_clip: float = 1.0  # max global grad norm; <= 0 disables clipping
+    z_loss: float = 1e-4  # coefficient of log(Z)^2 on the output logits
+
+
+@dataclass
+class TrainerConfig:
+    steps: int = 300  # optimiser steps
+    global_batch_size: int = 16  # sequences per optimiser step, over all ranks
+    micro_batch_size: int = 8  # sequences per forward/backward per rank
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
+    device: str = "auto"  # auto | cpu | cuda
+    seed: int = 0
+    compile: bool = False  # torch.compile the model
+    on_nonfinite: str = "skip"  # skip | stop: what a NaN/Inf loss does (the step is recorded either way)
+    log_every: int = 10
+    max_time_minutes: Optional[float] = None  # stop (with a checkpoint) after this wall time
+
+
+@dataclass
+class DeepSpeedConfig:
+    enabled: bool = False  # False: plain PyTorch (DDP when several ranks)
+    stage: int = 0  # ZeRO stage 0..3
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)  # merged into the generated DeepSpeed JSON
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 100  # steps; 0 disables periodic checkpoints (signals and the end still save)
+    keep_last: int = 2
+
+
+@dataclass
+class LoggingConfig:
+    wandb_mode: str = "offline"  # offline | online | disabled
+    wandb_project: str = "pararnn-lm"
+    progress_bar: bool = True
+
+
+@dataclass
+class EvalConfig:
+    every: int = 100  # steps; 0: only at the end
+    max_batches: int = 20  # validation batches per evaluation (per rank)
+    at_end: bool = True
+
+
+@dataclass
+class ClusterConfig:
+    name: str = "local"  # local | slurm
+    nodes: int = 1
+    gpus_per_node: int = 1
+    procs_per_node: Optional[int] = None  # training processes per node; default: gpus_per_node (1 on CPU)
+    cpus_per_task: int = 16
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    time: str = "24:00:00"
+    signal_seconds: int = 300  # SIGUSR1 this long before the time limit -> checkpoint -> requeue
+    env_file: str = "slurm/env.sh"
+    port: int = 29500  # c10d rendezvous port on the first node
+    extra_sbatch: list[str] = field(default_factory=list)  # more "#SBATCH ..." lines, e.g. ["--exclusive"]
+
+
+@dataclass
+class ExportConfig:
+    at_end: bool = True  # write an HF directory (safetensors + config + tokenizer + code) when training ends
+
+
+@dataclass
+class TrainConfig:
+    run_name: str = "default"
+    run_dir: str = "runs/${run_name}"
+    resume: str = "auto"  # auto (latest complete checkpoint of run_dir, if any) | none | a checkpoint path
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainerConfig = field(default_factory=TrainerConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+
+
+CHOICES = {
+    "train.precision": ("auto", "fp32", "bf16"),
+    "train.device": ("auto", "cpu", "cuda"),
+    "train.on_nonfinite": ("skip", "stop"),
+    "logging.wandb_mode": ("offline", "online", "disabled"),
+    "cluster.name": ("local", "slurm"),
+}
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Checks a schema cannot express: choices and relations between values."""
+    for dotted, allowed in CHOICES.items():
+        section, key = dotted.split(".")
+        value = getattr(getattr(cfg, section), key)
+        if value not in allowed:
+            raise ValueError(f"{dotted}={value!r} is not one of {', '.join(allowed)}")
+    t = cfg.train
+    if t.steps < 1 or t.micro_batch_size < 1 or t.global_batch_size < 1:
+        raise ValueError("train.steps, train.micro_batch_size and train.global_batch_size must be >= 1")
+    if not 0 <= cfg.deepspeed.stage <= 3:
+        raise ValueError(f"deepspeed.stage must be 0..3, got {cfg.deepspeed.stage}")
+    if not 0 <= cfg.optim.warmup_fraction < 1:
+        raise ValueError(f"optim.warmup_fraction must be in [0, 1), got {cfg.optim.warmup_fraction}")
+
+
+def register_configs() -> None:
+    ConfigStore.instance().store(name="train_schema", node=TrainConfig)

@@ -1,0 +1,79 @@
+"""metrics.jsonl in the run directory, mirrored to Weights & Biases (offline unless configured)."""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+# Dense bf16 peak of common training GPUs (TFLOP/s), for MFU; unknown devices report no MFU.
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "4090": 165.0}
+
+
+def peak_flops(device_name: str | None) -> float | None:
+    if not device_name:
+        return None
+    for key, tflops in PEAK_TFLOPS.items():
+        if key in device_name:
+            return tflops * 1e12
+    return None
+
+
+def flops_per_token(num_params_non_embedding: int, num_attention_layers: int, hidden_size: int, seq_len: int) -> float:
+    """Training FLOPs per token: 6 N for the matmuls, plus 6 * 2 * L_attn * d * T / 2 for causal attention."""
+    return 6.0 * num_params_non_embedding + 6.0 * num_attention_layers * hidden_size * seq_len
+
+
+class MetricsLogger:
+    """Appends one JSON object per logged step; on resume, drops lines past the resumed step."""
+
+    def __init__(self, run_dir: Path, enabled: bool, resume_step: int | None = None):
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.enabled = enabled
+        self.wandb_run = None
+        if enabled and resume_step is not None and self.path.exists():
+            kept = [
+                line for line in self.path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", -1) <= resume_step
+            ]
+            self.path.write_text("".join(line + "\n" for line in kept))
+
+    def start_wandb(self, mode: str, project: str, run_name: str, run_id: str | None, config: dict, run_dir: Path) -> str | None:
+        """Start (or resume, by id) a W&B run; returns its id, kept in checkpoints across resumes."""
+        if not self.enabled or mode == "disabled":
+            return run_id
+        try:
+            import wandb
+        except ImportError:  # pragma: no cover - wandb is a declared dependency
+            logger.warning("wandb is not installed; metrics go to metrics.jsonl only")
+            return run_id
+        os.environ.setdefault("WANDB_SILENT", "true")
+        self.wandb_run = wandb.init(
+            project=project, name=run_name, id=run_id, resume="allow", mode=mode, config=config, dir=str(run_dir)
+        )
+        return self.wandb_run.id
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        record = {"step": step, **{k: _jsonable(v) for k, v in metrics.items()}}
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+        if self.wandb_run is not None:
+            self.wandb_run.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=step)
+
+    def close(self) -> None:
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
+
+
+def _jsonable(value: Any) -> Any:
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value

@@ -1,0 +1,19 @@
+"""A progress bar with step, loss, tokens/s and ETA (tqdm), on the main rank only."""
+from __future__ import annotations
+
+from tqdm.auto import tqdm
+
+
+class Progress:
+    def __init__(self, total: int, initial: int = 0, enabled: bool = True):
+        self.bar = tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True) if enabled else None
+
+    def update(self, step: int, loss: float, tokens_per_s: float) -> None:
+        if self.bar is None:
+            return
+        self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
+        self.bar.update(step - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
