@@ -1,0 +1,133 @@
+"""What the fused ParaGRU / ParaLSTM kernels share: Triton math helpers, the start map, block sizes,
+the convergence-policy plumbing and the adapter to the engine's mode registry.
+
+Start map: an int32 tensor (B, T): -1 where h_{t-1} is the previous step's state, r >= 0 where step
+t starts a sequence/document from initial-state row r of h0_rows (R, K, D). Built on the device
+with no host sync from either the batch layout (t = 0 starts row b) or cu_seqlens.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+import triton
+import triton.language as tl
+
+from ..config import NewtonConfig, NewtonConvergenceError, NewtonStats
+
+logger = logging.getLogger(__name__)
+_warned: set[str] = set()
+
+
+# ----------------------------------------------------------------------------- Triton helpers
+@triton.jit
+def tanh_(x):
+    # tanh from exp (libdevice is not available in the interpreter); exact limits at +-inf.
+    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+
+
+@triton.jit
+def sigmoid_(x):
+    return 1.0 / (1.0 + tl.exp(-x))
+
+
+@triton.jit
+def shift_down(x, rows, first):
+    """Row t of the result is row t-1 of x; row 0 is ``first`` (a [BD] vector)."""
+    idx = tl.maximum(rows - 1, 0)[:, None] + tl.zeros_like(x).to(tl.int32)
+    y = tl.gather(x, idx, 0)
+    return tl.where(rows[:, None] == 0, first[None, :], y)
+
+
+@triton.jit
+def row_of(x, rows, r):
+    """Row r of a [CT, BD] tile as a [BD] vector."""
+    return tl.sum(tl.where(rows[:, None] == r, x, 0.0), axis=0)
+
+
+@triton.jit
+def max_scaled_residual(r, h, m):
+    s = tl.where(m, tl.abs(r) / (1.0 + tl.abs(h)), 0.0)
+    # NaN anywhere must read as NaN (never as converged): max ignores NaN on some paths.
+    bad = tl.sum(tl.sum(tl.where(m & (s != s), 1.0, 0.0), axis=1), axis=0)
+    mx = tl.max(tl.max(tl.where(s != s, 0.0, s), axis=1), axis=0)
+    return tl.where(bad > 0, float("nan"), mx)
+
+
+# ----------------------------------------------------------------------------- host helpers
+def start_map_from_cu_seqlens(cu_seqlens: torch.Tensor, T: int) -> torch.Tensor:
+    """(1, T) int32: document index at each document's first step, -1 elsewhere (empty docs skipped)."""
+    cu = cu_seqlens.to(torch.long)
+    n = cu.numel() - 1
+    lengths = cu[1:] - cu[:-1]
+    idx = torch.where(lengths > 0, cu[:-1], torch.full_like(cu[:-1], T)).clamp(0, T)
+    smap = torch.full((T + 1,), -1, dtype=torch.int32, device=cu.device)
+    smap.scatter_(0, idx, torch.arange(n, dtype=torch.int32, device=cu.device))
+    return smap[:T].unsqueeze(0).contiguous()
+
+
+def start_map_batch(B: int, T: int, device) -> torch.Tensor:
+    smap = torch.full((B, T), -1, dtype=torch.int32, device=device)
+    smap[:, 0] = torch.arange(B, dtype=torch.int32, device=device)
+    return smap
+
+
+def start_map_from_layout(layout) -> torch.Tensor:
+    """The start map of the engine's SequenceLayout (kernels/layout.py)."""
+    smap = torch.full((layout.batch, layout.length), -1, dtype=torch.int32, device=layout.start_t.device)
+    smap[layout.start_b, layout.start_t] = layout.start_row.to(torch.int32)
+    return smap
+
+
+def pick_blocks(B: int, D: int, K: int, sm_count: int | None = None) -> tuple[int, int]:
+    """(CT, BD): time-chunk length and channel block of one program's register tile."""
+    CT = 64 if K == 1 else 32
+    if D <= 16:
+        return CT, max(triton.next_power_of_2(D), 2)
+    sm = sm_count or 132
+    BD = 32
+    # Programs are (batch, channel block): prefer smaller blocks until there are ~4 per SM.
+    while BD > 16 and B * triton.cdiv(D, BD) < 4 * sm:
+        BD //= 2
+    return CT, BD
+
+
+def sm_count(device: torch.device) -> int | None:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return None
+
+
+def prepare_h0(h0: torch.Tensor | None, R: int, K: int, D: int, device) -> torch.Tensor:
+    if h0 is None:
+        return torch.zeros(R, K, D, device=device, dtype=torch.float32)
+    if h0.dim() != 3 or h0.shape[1:] != (K, D) or h0.shape[0] not in (1, R):
+        raise ValueError(f"h0 must be (1 or {R}, {K}, {D}), got {tuple(h0.shape)}")
+    return h0.float().expand(R, K, D).contiguous()
+
+
+def finish_stats(iters: torch.Tensor, res: torch.Tensor, fail: torch.Tensor, newton: NewtonConfig,
+                 stats: NewtonStats | None, who: str, mode: str) -> None:
+    """Apply the convergence policy. 'raise' syncs on the failure flag; 'fallback' does not (the
+    kernel already finished unconverged chunks with the exact sequential recurrence), except to fill
+    ``stats`` (pass stats=None in tuned loops; the device tensors are in ``stats.device``)."""
+    iters, res, fail = iters.detach(), res.detach(), fail.detach()
+    if newton.on_failure == "raise":
+        if bool(fail.any()):
+            r = float(res.max())
+            raise NewtonConvergenceError(
+                f"Newton did not converge for {who}: scaled residual {r:.3e} > tol after "
+                f"{newton.max_iters} iteration(s) in at least one time chunk (fused kernel). The "
+                "recurrence is probably not contractive: bound the recurrent gains, raise max_iters, "
+                "or use on_failure='fallback'.")
+    if stats is not None:
+        stats.mode = mode
+        stats.iterations = int(iters.max()) if iters.numel() else 0
+        stats.residual = float(res.max()) if res.numel() else 0.0
+        failed = bool(fail.any()) if fail.numel() else False
+        stats.converged = not failed
+        stats.fell_back = failed
+        if failed and who not in _warned:
+            _warned.add(who)
+            logger.warning("Newton did not converge for %s in some time chunks; those chunks were "
+                           "finished by the exact sequential recurrence inside the kernel.", who)

@@ -1,0 +1,325 @@
+"""Fused ParaGRU: one Triton kernel for the whole Newton solve, one for the whole backward.
+
+Contract (what the engine's "fused" mode registers):
+
+    h = fused_paragru(u, p, h0=None, cu_seqlens=None, newton=NewtonConfig(), stats=None, name=None)
+        u  (B, T, 3, D) fp32 / bf16 / fp16 pre-activations (rows z, r, c), any strides
+        p  (3, D) (a_z, a_r, a_c), any float dtype
+        h0 None (zeros), (B, 1, D), or with cu_seqlens (1, 1, D) / (N_docs, 1, D)
+        cu_seqlens (N_docs + 1,) int32/int64 [0, ..., T], needs B == 1
+        -> h (B, T, 1, D) float32 trajectory; differentiable w.r.t. u, p and h0 (torch.autograd
+           through torch.library ops pararnn::paragru_fused_fwd / _bwd, torch.compile-able).
+    paragru_fused_mode(cell, u, p, h0_rows, layout, newton, stats, name) -> h: the same with the
+        engine's mode signature (kernels/modes.py).
+
+Forward kernel: one program per (channel block of BD, batch row) walks the sequence in chunks of CT
+steps. For each chunk it keeps the [CT, BD] tile in registers: initial guess h_t = f(0 | h0 | carry,
+u_t), then Newton iterations (residual, Jacobian, in-register associative scan, update) until the
+scaled residual max |f(h_{t-1}, u_t) - h_t| / (1 + |h_t|) <= tol or max_iters; the chunk starts from
+the exact final state of the previous chunk, so each chunk is an independent short Newton solve.
+A chunk still above tol at the cap (or NaN) is finished with the exact sequential recurrence in
+registers (never a silently wrong answer); it is counted in the failure flag, which the 'raise'
+policy reads (one host sync, only with on_failure='raise'). Iterations (max over chunks) and the
+final residual (max over chunks, before any fallback) are per-program device tensors.
+
+Backward kernel: the same programs walk the chunks in reverse, reload h (fp32) and u, recompute the
+Jacobians, run the adjoint recurrence as an in-register scan of mu_t = J_t (g_t + mu_{t+1}), and
+write du (u's dtype) and dh0 and per-(batch, channel) partial sums of dp (summed over B afterwards).
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import triton
+import triton.language as tl
+
+from ...config import NewtonConfig, NewtonStats
+from ...scan.triton import _combine1
+from ..fused_common import (
+    finish_stats, max_scaled_residual, pick_blocks, prepare_h0, row_of, shift_down, sigmoid_,
+    sm_count, start_map_batch, start_map_from_cu_seqlens, start_map_from_layout, tanh_,
+)
+
+
+# ----------------------------------------------------------------------------- raw Triton kernels
+@triton.jit
+def _gru_f(hp, uz, ur, uc, az, ar, ac):
+    z = sigmoid_(az * hp + uz)
+    r = sigmoid_(ar * hp + ur)
+    c = tanh_(ac * (hp * r) + uc)
+    return hp + z * (c - hp)
+
+
+@triton.jit
+def _gru_f_jac(hp, uz, ur, uc, az, ar, ac):
+    z = sigmoid_(az * hp + uz)
+    r = sigmoid_(ar * hp + ur)
+    c = tanh_(ac * (hp * r) + uc)
+    f = hp + z * (c - hp)
+    dr = r * (1.0 - r) * ar
+    dc = (1.0 - c * c) * ac * (r + hp * dr)
+    J = (1.0 - z) + z * (1.0 - z) * az * (c - hp) + z * dc
+    return f, J
+
+
+@triton.jit
+def _gru_fwd_kernel(
+    U, P, H0, SMAP, H, ITERS, RES, FAIL,
+    T, D, sUb, sUt, sUg, sUd,
+    max_iters, tol, damping,
+    CT: tl.constexpr, BD: tl.constexpr,
+):
+    pid_d = tl.program_id(0)
+    pid_b = tl.program_id(1)
+    rows = tl.arange(0, CT)
+    d = pid_d * BD + tl.arange(0, BD)
+    dmask = d < D
+    az = tl.load(P + d, mask=dmask, other=0.0)[None, :]
+    ar = tl.load(P + D + d, mask=dmask, other=0.0)[None, :]
+    ac = tl.load(P + 2 * D + d, mask=dmask, other=0.0)[None, :]
+    pid_b64 = pid_b.to(tl.int64)
+    ub = U + pid_b64 * sUb + d[None, :] * sUd
+    hb = H + pid_b64 * T * D + d[None, :]
+    carry = tl.zeros([BD], dtype=tl.float32)
+    it_max = tl.program_id(0) * 0
+    n_fail = tl.program_id(0) * 0
+    res_max = tl.zeros([BD], dtype=tl.float32).sum(axis=0)
+    for c0 in range(0, T, CT):
+        t = c0 + rows
+        valid = t < T
+        m = valid[:, None] & dmask[None, :]
+        t64 = tl.where(valid, t, 0).to(tl.int64)
+        pu = ub + t64[:, None] * sUt
+        uz = tl.load(pu, mask=m, other=0.0).to(tl.float32)
+        ur = tl.load(pu + sUg, mask=m, other=0.0).to(tl.float32)
+        uc = tl.load(pu + 2 * sUg, mask=m, other=0.0).to(tl.float32)
+        srow = tl.load(SMAP + pid_b64 * T + t64, mask=valid, other=-1)
+        st = (srow >= 0)[:, None]
+        h0v = tl.load(H0 + srow[:, None].to(tl.int64) * D + d[None, :], mask=st & dmask[None, :], other=0.0)
+        first = rows[:, None] == 0
+        # Initial guess: exact at sequence starts and at the chunk's first step, f(0, u_t) elsewhere.
+        hp = tl.where(st, h0v, tl.where(first, carry[None, :], 0.0))
+        h = _gru_f(hp, uz, ur, uc, az, ar, ac)
+        hp = tl.where(st, h0v, shift_down(h, rows, carry))
+        f, J = _gru_f_jac(hp, uz, ur, uc, az, ar, ac)
+        res = max_scaled_residual(f - h, h, m)
+        k = tl.program_id(0) * 0
+        while ((res > tol) | (res != res)) & (k < max_iters):
+            Jm = tl.where(st, 0.0, J)
+            _, dh = tl.associative_scan((Jm, f - h), 0, _combine1)
+            h = h + damping * dh
+            hp = tl.where(st, h0v, shift_down(h, rows, carry))
+            f, J = _gru_f_jac(hp, uz, ur, uc, az, ar, ac)
+            res = max_scaled_residual(f - h, h, m)
+            k += 1
+        failed = (res > tol) | (res != res)
+        if failed:
+            # Not converged at the cap: the exact sequential recurrence over this chunk.
+            hc = carry
+            stf = tl.where(st, 1.0, 0.0) + tl.zeros_like(h)
+            for j in range(0, CT):
+                hprev = tl.where(row_of(stf, rows, j) > 0.5, row_of(h0v, rows, j), hc)
+                hc = _gru_f(hprev, row_of(uz, rows, j), row_of(ur, rows, j), row_of(uc, rows, j),
+                            az[0, :], ar[0, :], ac[0, :])
+                h = tl.where(rows[:, None] == j, hc[None, :], h)
+            n_fail += 1
+        tl.store(hb + t64[:, None] * D, h, mask=m)
+        carry = row_of(h, rows, CT - 1)
+        it_max = tl.maximum(it_max, k)
+        res_max = tl.maximum(res_max, tl.where(res != res, float("inf"), res))
+    pid = pid_b * tl.num_programs(0) + pid_d
+    tl.store(ITERS + pid, it_max)
+    tl.store(RES + pid, res_max)
+    tl.store(FAIL + pid, n_fail)
+
+
+@triton.jit
+def _gru_bwd_kernel(
+    U, P, H0, SMAP, H, G, DU, DP, DH0,
+    T, D, sUb, sUt, sUg, sUd, sGb, sGt, sGd,
+    CT: tl.constexpr, BD: tl.constexpr,
+):
+    pid_d = tl.program_id(0)
+    pid_b = tl.program_id(1)
+    rows = tl.arange(0, CT)
+    d = pid_d * BD + tl.arange(0, BD)
+    dmask = d < D
+    az = tl.load(P + d, mask=dmask, other=0.0)[None, :]
+    ar = tl.load(P + D + d, mask=dmask, other=0.0)[None, :]
+    ac = tl.load(P + 2 * D + d, mask=dmask, other=0.0)[None, :]
+    pid_b64 = pid_b.to(tl.int64)
+    ub = U + pid_b64 * sUb + d[None, :] * sUd
+    dub = DU + pid_b64 * T * 3 * D + d[None, :]
+    hb = H + pid_b64 * T * D + d[None, :]
+    gb = G + pid_b64 * sGb + d[None, :] * sGd
+    carry = tl.zeros([BD], dtype=tl.float32)  # mu at the first step of the chunk after this one
+    acc_z = tl.zeros([BD], dtype=tl.float32)
+    acc_r = tl.zeros([BD], dtype=tl.float32)
+    acc_c = tl.zeros([BD], dtype=tl.float32)
+    n_chunks = tl.cdiv(T, CT)
+    for cc in range(0, n_chunks):
+        c = n_chunks - 1 - cc
+        t = c * CT + (CT - 1) - rows  # logical row i runs backwards in time
+        valid = t < T
+        m = valid[:, None] & dmask[None, :]
+        t64 = tl.where(valid, t, 0).to(tl.int64)
+        pu = ub + t64[:, None] * sUt
+        uz = tl.load(pu, mask=m, other=0.0).to(tl.float32)
+        ur = tl.load(pu + sUg, mask=m, other=0.0).to(tl.float32)
+        uc = tl.load(pu + 2 * sUg, mask=m, other=0.0).to(tl.float32)
+        g = tl.load(gb + t64[:, None] * sGt, mask=m, other=0.0).to(tl.float32)
+        srow = tl.load(SMAP + pid_b64 * T + t64, mask=valid, other=-1)
+        st = (srow >= 0)[:, None]
+        h0v = tl.load(H0 + srow[:, None].to(tl.int64) * D + d[None, :], mask=st & dmask[None, :], other=0.0)
+        hprev = tl.load(hb + (t64[:, None] - 1) * D, mask=m & (t64[:, None] >= 1) & (~st), other=0.0)
+        hp = tl.where(st, h0v, hprev)
+        z = sigmoid_(az * hp + uz)
+        r = sigmoid_(ar * hp + ur)
+        cg = tanh_(ac * (hp * r) + uc)
+        dr_dh = r * (1.0 - r) * ar
+        J = (1.0 - z) + z * (1.0 - z) * az * (cg - hp) + z * (1.0 - cg * cg) * ac * (r + hp * dr_dh)
+        Jm = tl.where(st | (~m), 0.0, J)
+        first = rows[:, None] == 0
+        _, mu = tl.associative_scan((Jm, Jm * (g + tl.where(first, carry[None, :], 0.0))), 0, _combine1)
+        lam = tl.where(m, g + shift_down(mu, rows, carry), 0.0)
+        gc = lam * z * (1.0 - cg * cg)
+        gz = lam * (cg - hp) * z * (1.0 - z)
+        gr = gc * ac * hp * r * (1.0 - r)
+        pdu = dub + t64[:, None] * (3 * D)
+        tl.store(pdu, gz.to(DU.dtype.element_ty), mask=m)
+        tl.store(pdu + D, gr.to(DU.dtype.element_ty), mask=m)
+        tl.store(pdu + 2 * D, gc.to(DU.dtype.element_ty), mask=m)
+        acc_z += tl.sum(gz * hp, axis=0)
+        acc_r += tl.sum(gr * hp, axis=0)
+        acc_c += tl.sum(gc * hp * r, axis=0)
+        ghp = J * lam
+        tl.store(DH0 + srow[:, None].to(tl.int64) * D + d[None, :], ghp, mask=st & m)
+        carry = row_of(mu, rows, CT - 1)
+    pdp = DP + pid_b64 * 3 * D + d
+    tl.store(pdp, acc_z, mask=dmask)
+    tl.store(pdp + D, acc_r, mask=dmask)
+    tl.store(pdp + 2 * D, acc_c, mask=dmask)
+
+
+# ----------------------------------------------------------------------------- launch functions
+_BLOCKS: dict = {}  # test/bench override: {"CT": .., "BD": .., "num_warps": ..}
+
+
+def _blocks(B, D, device):
+    CT, BD = pick_blocks(B, D, 1, sm_count(device))
+    CT = _BLOCKS.get("CT", CT)
+    BD = _BLOCKS.get("BD", BD)
+    return CT, BD, _BLOCKS.get("num_warps", 4)
+
+
+def _forward(u, p, h0_rows, smap, max_iters, tol, damping):
+    B, T, G, D = u.shape
+    CT, BD, nw = _blocks(B, D, u.device)
+    nD = triton.cdiv(D, BD)
+    h = torch.empty(B, T, 1, D, device=u.device, dtype=torch.float32)
+    iters = torch.empty(B * nD, device=u.device, dtype=torch.int32)
+    res = torch.empty(B * nD, device=u.device, dtype=torch.float32)
+    fail = torch.empty(B * nD, device=u.device, dtype=torch.int32)
+    if T > 0:
+        _gru_fwd_kernel[(nD, B)](
+            u, p, h0_rows, smap, h, iters, res, fail, T, D, *u.stride(),
+            max_iters, tol, damping, CT=CT, BD=BD, num_warps=nw)
+    return h, iters, res, fail
+
+
+def _backward(u, p, h0_rows, smap, h, g):
+    B, T, G, D = u.shape
+    CT, BD, nw = _blocks(B, D, u.device)
+    nD = triton.cdiv(D, BD)
+    du = torch.empty(B, T, 3, D, device=u.device, dtype=u.dtype)
+    dp = torch.empty(B, 3, D, device=u.device, dtype=torch.float32)
+    dh0 = torch.zeros_like(h0_rows)
+    g = g.reshape(B, T, D)
+    _gru_bwd_kernel[(nD, B)](
+        u, p, h0_rows, smap, h, g, du, dp, dh0, T, D, *u.stride(), *g.stride(),
+        CT=CT, BD=BD, num_warps=nw)
+    return du, dp.sum(0), dh0
+
+
+# ----------------------------------------------------------------------------- autograd + public op
+@torch.library.custom_op("pararnn::paragru_fused_fwd", mutates_args=())
+def paragru_fused_fwd(u: torch.Tensor, p: torch.Tensor, h0_rows: torch.Tensor, smap: torch.Tensor,
+                      max_iters: int, tol: float, damping: float
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(h (B,T,1,D) fp32, iters, residual, fail) per program; p (3,D) fp32, h0_rows (R,1,D) fp32."""
+    with torch.cuda.device(u.device) if u.is_cuda else contextlib.nullcontext():
+        return _forward(u, p, h0_rows, smap, max_iters, tol, damping)
+
+
+@paragru_fused_fwd.register_fake
+def _(u, p, h0_rows, smap, max_iters, tol, damping):
+    B, T, G, D = u.shape
+    _, BD, _ = _blocks(B, D, u.device)
+    n = B * triton.cdiv(D, BD)
+    return (u.new_empty(B, T, 1, D, dtype=torch.float32), u.new_empty(n, dtype=torch.int32),
+            u.new_empty(n, dtype=torch.float32), u.new_empty(n, dtype=torch.int32))
+
+
+@torch.library.custom_op("pararnn::paragru_fused_bwd", mutates_args=())
+def paragru_fused_bwd(u: torch.Tensor, p: torch.Tensor, h0_rows: torch.Tensor, smap: torch.Tensor,
+                      h: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    with torch.cuda.device(u.device) if u.is_cuda else contextlib.nullcontext():
+        return _backward(u, p, h0_rows, smap, h, g)
+
+
+@paragru_fused_bwd.register_fake
+def _(u, p, h0_rows, smap, h, g):
+    return torch.empty_like(u), p.new_empty(p.shape, dtype=torch.float32), torch.empty_like(h0_rows)
+
+
+def _setup(ctx, inputs, output):
+    u, p, h0_rows, smap = inputs[:4]
+    ctx.save_for_backward(u, p, h0_rows, smap, output[0])
+
+
+def _autograd_backward(ctx, gh, *_):
+    u, p, h0_rows, smap, h = ctx.saved_tensors
+    du, dp, dh0 = paragru_fused_bwd(u, p, h0_rows, smap, h, gh.contiguous())
+    return du, dp, dh0, None, None, None, None
+
+
+paragru_fused_fwd.register_autograd(_autograd_backward, setup_context=_setup)
+
+
+def _run(u, p, h0_rows, smap, newton: NewtonConfig, stats: NewtonStats | None, who: str):
+    if u.dim() != 4 or u.shape[2] != 3:
+        raise ValueError(f"fused ParaGRU: u must be (B, T, 3, D), got {tuple(u.shape)}")
+    D = u.shape[-1]
+    if p.shape != (3, D):
+        raise ValueError(f"fused ParaGRU: p must be (3, {D}), got {tuple(p.shape)}")
+    tol = newton.tolerance_for(torch.float32)
+    h, iters, res, fail = paragru_fused_fwd(u, p.float().contiguous(), h0_rows, smap,
+                                            newton.max_iters, float(tol), float(newton.damping))
+    finish_stats(iters, res, fail, newton, stats, who, "fused")
+    if stats is not None:
+        stats.device = {"iterations": iters, "residual": res, "failed": fail}
+    return h
+
+
+def fused_paragru(u: torch.Tensor, p: torch.Tensor, h0: torch.Tensor | None = None,
+                  cu_seqlens: torch.Tensor | None = None, newton: NewtonConfig = NewtonConfig(),
+                  stats: NewtonStats | None = None, name: str | None = None) -> torch.Tensor:
+    """The ParaGRU trajectory h (B, T, 1, D) fp32 (see the module docstring)."""
+    B, T, _, D = u.shape
+    if cu_seqlens is not None:
+        if B != 1:
+            raise ValueError("cu_seqlens needs B == 1")
+        smap = start_map_from_cu_seqlens(cu_seqlens.to(u.device), T)
+        R = cu_seqlens.numel() - 1
+    else:
+        smap = start_map_batch(B, T, u.device)
+        R = B
+    h0_rows = prepare_h0(h0, R, 1, D, u.device)
+    return _run(u, p, h0_rows, smap, newton, stats, name or "ParaGRU")
+
+
+def paragru_fused_mode(cell, u, p, h0_rows, layout, newton, stats, name):
+    """Engine adapter: run(cell, u, p, h0_rows, layout, newton, stats, name) -> h (B, T, 1, D)."""
+    smap = start_map_from_layout(layout)
+    return _run(u, p, h0_rows.float().contiguous(), smap, newton, stats, name or "ParaGRU")
