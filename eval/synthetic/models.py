@@ -1,0 +1,106 @@
+"""The ONE place the synthetic trainer gets its single-layer models from.
+
+Contract: ``build_model(arch, vocab_size, bare_mixer=..., d_model=64, num_heads=4)`` returns an
+``nn.Module`` with ``model(input_ids) -> logits`` (B, L, vocab_size) - a tensor, or an object with a
+``.logits`` attribute (HF ``CausalLMOutput``); :func:`logits_of` unwraps either.
+
+Resolution order for an architecture name:
+1. a factory registered with :func:`register_arch` (tests register a tiny ``torch.nn.GRU`` this way);
+2. the project's HF model (``models/``: one config + causal LM class for mixers ``paragru``,
+   ``paralstm``, ``mamba2``, ``attention``), built with one layer via :func:`_from_project_models`;
+3. for ``paragru`` / ``paralstm`` only, a minimal fallback around ``kernels.ParaRNNLayer``
+   (embedding -> cell -> head) so the trainer runs before ``models/`` exists.
+"""
+from __future__ import annotations
+
+import importlib
+import inspect
+import logging
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+ARCHS = ("transformer", "mamba2", "paragru", "paralstm")
+# Table-6 architecture name -> mixer name in the project's model registry.
+MIXER_OF = {"transformer": "attention", "attention": "attention", "mamba2": "mamba2",
+            "paragru": "paragru", "paralstm": "paralstm"}
+
+Factory = Callable[..., nn.Module]
+_FACTORIES: dict[str, Factory] = {}
+
+
+def register_arch(name: str, factory: Factory) -> None:
+    """Register ``factory(vocab_size=, bare_mixer=, d_model=, num_heads=) -> nn.Module`` under ``name``."""
+    _FACTORIES[name] = factory
+
+
+def unregister_arch(name: str) -> None:
+    _FACTORIES.pop(name, None)
+
+
+def logits_of(out: Any) -> torch.Tensor:
+    return out if isinstance(out, torch.Tensor) else out.logits
+
+
+def build_model(arch: str, vocab_size: int, *, bare_mixer: bool, d_model: int = 64, num_heads: int = 4,
+                **extra: Any) -> nn.Module:
+    kw = dict(vocab_size=vocab_size, bare_mixer=bare_mixer, d_model=d_model, num_heads=num_heads, **extra)
+    if arch in _FACTORIES:
+        return _FACTORIES[arch](**kw)
+    try:
+        return _from_project_models(arch, **kw)
+    except ImportError as err:  # models/ not there yet (or incomplete)
+        if arch in ("paragru", "paralstm"):
+            log.warning("models/ unavailable (%s); using the kernels-only fallback for %s", err, arch)
+            return _KernelsRNNLM(arch, vocab_size, d_model, num_heads)
+        raise
+
+
+def _from_project_models(arch: str, *, vocab_size: int, bare_mixer: bool, d_model: int, num_heads: int,
+                         **extra: Any) -> nn.Module:
+    """One-layer model from ``models/`` (HF config + causal LM). Raises ImportError if unavailable."""
+    mod = importlib.import_module("models")
+    builder = getattr(mod, "build_synthetic_model", None)
+    mixer = MIXER_OF.get(arch, arch)
+    if builder is not None:  # preferred: models/ knows best how to make its 1-layer / bare variants
+        return builder(mixer, vocab_size=vocab_size, bare_mixer=bare_mixer, d_model=d_model,
+                       num_heads=num_heads, **extra)
+    cfg_cls = _first_attr(mod, ("ParaRNNLMConfig", "ParaRNNConfig", "LMConfig", "ModelConfig"))
+    lm_cls = _first_attr(mod, ("ParaRNNLMForCausalLM", "ParaRNNForCausalLM", "LMForCausalLM", "ForCausalLM"))
+    wanted = dict(vocab_size=vocab_size, hidden_size=d_model, num_hidden_layers=1, num_attention_heads=num_heads,
+                  num_heads=num_heads, mixer=mixer, mixer_type=mixer, bare_mixer=bare_mixer, **extra)
+    params = inspect.signature(cfg_cls.__init__).parameters
+    accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    cfg = cfg_cls(**{k: v for k, v in wanted.items() if k in params or accepts_any})
+    return lm_cls(cfg)
+
+
+def _first_attr(mod: Any, names: tuple[str, ...]) -> Any:
+    for n in names:
+        if hasattr(mod, n):
+            return getattr(mod, n)
+    for n in dir(mod):  # any class whose name ends like one of the wanted suffixes
+        if any(n.endswith(s) for s in names):
+            return getattr(mod, n)
+    raise ImportError(f"models/ exports none of {names}")
+
+
+class _KernelsRNNLM(nn.Module):
+    """Fallback bare-mixer LM: embedding -> ParaGRU/ParaLSTM layer -> linear head (no norm, no MLP)."""
+
+    def __init__(self, arch: str, vocab_size: int, d_model: int, num_heads: int) -> None:
+        super().__init__()
+        from kernels import ParaGRULayer, ParaLSTMLayer
+
+        layer_cls = ParaGRULayer if arch == "paragru" else ParaLSTMLayer
+        self.embed = nn.Embedding(vocab_size, d_model)
+        # Paper: recurrent-gain norm clip 0.9 for synthetic tasks (none for parity); 0.9 keeps Newton safe.
+        self.mixer = layer_cls(d_model, num_heads, gain_bound=0.9)
+        self.head = nn.Linear(d_model, vocab_size)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        y, _ = self.mixer(self.embed(input_ids))
+        return self.head(y)
