@@ -1,0 +1,374 @@
+"""Fused ParaLSTM: one Triton kernel for the whole Newton solve, one for the whole backward.
+
+Contract (what the engine's "fused" mode registers):
+
+    h = fused_paralstm(u, p, h0=None, cu_seqlens=None, newton=NewtonConfig(), stats=None, name=None)
+        u  (B, T, 3, D) fp32 / bf16 / fp16 pre-activations (rows f, z, o), any strides
+        p  (5, D) (a_f, a_z, a_o, c_f, c_o), any float dtype
+        h0 None (zeros), (B, 2, D), or with cu_seqlens (1, 2, D) / (N_docs, 2, D); rows [c; h]
+        cu_seqlens (N_docs + 1,) int32/int64 [0, ..., T], needs B == 1
+        -> h (B, T, 2, D) float32 trajectory of [c; h]; differentiable w.r.t. u, p and h0 (through
+           torch.library ops pararnn::paralstm_fused_fwd / _bwd, torch.compile-able).
+    paralstm_fused_mode(cell, u, p, h0_rows, layout, newton, stats, name) -> h: the engine's mode.
+
+Same scheme as kernels/cells/paragru/fused.py (chunked Newton in registers from the exact carried
+state, per-chunk early exit, sequential finish of unconverged chunks, reverse adjoint scan in the
+backward), with 2x2 per-channel Jacobian blocks.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import triton
+import triton.language as tl
+
+from ...config import NewtonConfig, NewtonStats
+from ...scan.triton import _combine2
+from ..fused_common import (
+    finish_stats, max_scaled_residual, pick_blocks, prepare_h0, row_of, shift_down, sigmoid_,
+    sm_count, start_map_batch, start_map_from_cu_seqlens, start_map_from_layout, tanh_,
+)
+
+
+# ----------------------------------------------------------------------------- raw Triton kernels
+@triton.jit
+def _lstm_f(cp, hp, uf, uz, uo, af, az, ao, cf, co):
+    f = sigmoid_(af * hp + uf + cf * cp)
+    z = tanh_(az * hp + uz)
+    cn = f * cp + (1.0 - f) * z
+    o = sigmoid_(ao * hp + uo + co * cn)
+    return cn, o * tanh_(cn)
+
+
+@triton.jit
+def _lstm_f_jac(cp, hp, uf, uz, uo, af, az, ao, cf, co):
+    f = sigmoid_(af * hp + uf + cf * cp)
+    z = tanh_(az * hp + uz)
+    cn = f * cp + (1.0 - f) * z
+    o = sigmoid_(ao * hp + uo + co * cn)
+    tc = tanh_(cn)
+    hn = o * tc
+    df = f * (1.0 - f) * (cp - z)
+    jcc = f + df * cf
+    jch = df * af + (1.0 - f) * (1.0 - z * z) * az
+    do = tc * o * (1.0 - o)
+    s = do * co + o * (1.0 - tc * tc)
+    jhc = s * jcc
+    jhh = s * jch + do * ao
+    return cn, hn, jcc, jch, jhc, jhh
+
+
+@triton.jit
+def _lstm_fwd_kernel(
+    U, P, H0, SMAP, H, ITERS, RES, FAIL,
+    T, D, sUb, sUt, sUg, sUd,
+    max_iters, tol, damping,
+    CT: tl.constexpr, BD: tl.constexpr,
+):
+    pid_d = tl.program_id(0)
+    pid_b = tl.program_id(1)
+    rows = tl.arange(0, CT)
+    d = pid_d * BD + tl.arange(0, BD)
+    dmask = d < D
+    af = tl.load(P + d, mask=dmask, other=0.0)[None, :]
+    az = tl.load(P + D + d, mask=dmask, other=0.0)[None, :]
+    ao = tl.load(P + 2 * D + d, mask=dmask, other=0.0)[None, :]
+    cf = tl.load(P + 3 * D + d, mask=dmask, other=0.0)[None, :]
+    co = tl.load(P + 4 * D + d, mask=dmask, other=0.0)[None, :]
+    pid_b64 = pid_b.to(tl.int64)
+    ub = U + pid_b64 * sUb + d[None, :] * sUd
+    hb = H + pid_b64 * T * 2 * D + d[None, :]
+    carry_c = tl.zeros([BD], dtype=tl.float32)
+    carry_h = tl.zeros([BD], dtype=tl.float32)
+    it_max = tl.program_id(0) * 0
+    n_fail = tl.program_id(0) * 0
+    res_max = tl.zeros([BD], dtype=tl.float32).sum(axis=0)
+    for c0 in range(0, T, CT):
+        t = c0 + rows
+        valid = t < T
+        m = valid[:, None] & dmask[None, :]
+        t64 = tl.where(valid, t, 0).to(tl.int64)
+        pu = ub + t64[:, None] * sUt
+        uf = tl.load(pu, mask=m, other=0.0).to(tl.float32)
+        uz = tl.load(pu + sUg, mask=m, other=0.0).to(tl.float32)
+        uo = tl.load(pu + 2 * sUg, mask=m, other=0.0).to(tl.float32)
+        srow = tl.load(SMAP + pid_b64 * T + t64, mask=valid, other=-1)
+        st = (srow >= 0)[:, None]
+        p0 = H0 + srow[:, None].to(tl.int64) * (2 * D) + d[None, :]
+        h0c = tl.load(p0, mask=st & dmask[None, :], other=0.0)
+        h0h = tl.load(p0 + D, mask=st & dmask[None, :], other=0.0)
+        first = rows[:, None] == 0
+        cp = tl.where(st, h0c, tl.where(first, carry_c[None, :], 0.0))
+        hp = tl.where(st, h0h, tl.where(first, carry_h[None, :], 0.0))
+        c, h = _lstm_f(cp, hp, uf, uz, uo, af, az, ao, cf, co)
+        cp = tl.where(st, h0c, shift_down(c, rows, carry_c))
+        hp = tl.where(st, h0h, shift_down(h, rows, carry_h))
+        fc, fh, jcc, jch, jhc, jhh = _lstm_f_jac(cp, hp, uf, uz, uo, af, az, ao, cf, co)
+        res = tl.maximum(max_scaled_residual(fc - c, c, m), max_scaled_residual(fh - h, h, m))
+        k = tl.program_id(0) * 0
+        while ((res > tol) | (res != res)) & (k < max_iters):
+            jcc = tl.where(st, 0.0, jcc)
+            jch = tl.where(st, 0.0, jch)
+            jhc = tl.where(st, 0.0, jhc)
+            jhh = tl.where(st, 0.0, jhh)
+            _, _, _, _, dc, dh = tl.associative_scan((jcc, jch, jhc, jhh, fc - c, fh - h), 0, _combine2)
+            c = c + damping * dc
+            h = h + damping * dh
+            cp = tl.where(st, h0c, shift_down(c, rows, carry_c))
+            hp = tl.where(st, h0h, shift_down(h, rows, carry_h))
+            fc, fh, jcc, jch, jhc, jhh = _lstm_f_jac(cp, hp, uf, uz, uo, af, az, ao, cf, co)
+            res = tl.maximum(max_scaled_residual(fc - c, c, m), max_scaled_residual(fh - h, h, m))
+            k += 1
+        failed = (res > tol) | (res != res)
+        if failed:
+            # Not converged at the cap: the exact sequential recurrence over this chunk.
+            cc = carry_c
+            hc = carry_h
+            stf = tl.where(st, 1.0, 0.0) + tl.zeros_like(h)
+            for j in range(0, CT):
+                sj = row_of(stf, rows, j) > 0.5
+                cprev = tl.where(sj, row_of(h0c, rows, j), cc)
+                hprev = tl.where(sj, row_of(h0h, rows, j), hc)
+                cc, hc = _lstm_f(cprev, hprev, row_of(uf, rows, j), row_of(uz, rows, j), row_of(uo, rows, j),
+                                 af[0, :], az[0, :], ao[0, :], cf[0, :], co[0, :])
+                c = tl.where(rows[:, None] == j, cc[None, :], c)
+                h = tl.where(rows[:, None] == j, hc[None, :], h)
+            n_fail += 1
+        ph = hb + t64[:, None] * (2 * D)
+        tl.store(ph, c, mask=m)
+        tl.store(ph + D, h, mask=m)
+        carry_c = row_of(c, rows, CT - 1)
+        carry_h = row_of(h, rows, CT - 1)
+        it_max = tl.maximum(it_max, k)
+        res_max = tl.maximum(res_max, tl.where(res != res, float("inf"), res))
+    pid = pid_b * tl.num_programs(0) + pid_d
+    tl.store(ITERS + pid, it_max)
+    tl.store(RES + pid, res_max)
+    tl.store(FAIL + pid, n_fail)
+
+
+@triton.jit
+def _lstm_bwd_kernel(
+    U, P, H0, SMAP, H, G, DU, DP, DH0,
+    T, D, sUb, sUt, sUg, sUd, sGb, sGt, sGk, sGd,
+    CT: tl.constexpr, BD: tl.constexpr,
+):
+    pid_d = tl.program_id(0)
+    pid_b = tl.program_id(1)
+    rows = tl.arange(0, CT)
+    d = pid_d * BD + tl.arange(0, BD)
+    dmask = d < D
+    af = tl.load(P + d, mask=dmask, other=0.0)[None, :]
+    az = tl.load(P + D + d, mask=dmask, other=0.0)[None, :]
+    ao = tl.load(P + 2 * D + d, mask=dmask, other=0.0)[None, :]
+    cf = tl.load(P + 3 * D + d, mask=dmask, other=0.0)[None, :]
+    co = tl.load(P + 4 * D + d, mask=dmask, other=0.0)[None, :]
+    pid_b64 = pid_b.to(tl.int64)
+    ub = U + pid_b64 * sUb + d[None, :] * sUd
+    dub = DU + pid_b64 * T * 3 * D + d[None, :]
+    hb = H + pid_b64 * T * 2 * D + d[None, :]
+    gb = G + pid_b64 * sGb + d[None, :] * sGd
+    carry_c = tl.zeros([BD], dtype=tl.float32)
+    carry_h = tl.zeros([BD], dtype=tl.float32)
+    acc_af = tl.zeros([BD], dtype=tl.float32)
+    acc_az = tl.zeros([BD], dtype=tl.float32)
+    acc_ao = tl.zeros([BD], dtype=tl.float32)
+    acc_cf = tl.zeros([BD], dtype=tl.float32)
+    acc_co = tl.zeros([BD], dtype=tl.float32)
+    n_chunks = tl.cdiv(T, CT)
+    for ci in range(0, n_chunks):
+        ch = n_chunks - 1 - ci
+        t = ch * CT + (CT - 1) - rows  # logical row i runs backwards in time
+        valid = t < T
+        m = valid[:, None] & dmask[None, :]
+        t64 = tl.where(valid, t, 0).to(tl.int64)
+        pu = ub + t64[:, None] * sUt
+        uf = tl.load(pu, mask=m, other=0.0).to(tl.float32)
+        uz = tl.load(pu + sUg, mask=m, other=0.0).to(tl.float32)
+        uo = tl.load(pu + 2 * sUg, mask=m, other=0.0).to(tl.float32)
+        pg = gb + t64[:, None] * sGt
+        gc = tl.load(pg, mask=m, other=0.0).to(tl.float32)
+        gh = tl.load(pg + sGk, mask=m, other=0.0).to(tl.float32)
+        srow = tl.load(SMAP + pid_b64 * T + t64, mask=valid, other=-1)
+        st = (srow >= 0)[:, None]
+        p0 = H0 + srow[:, None].to(tl.int64) * (2 * D) + d[None, :]
+        h0c = tl.load(p0, mask=st & dmask[None, :], other=0.0)
+        h0h = tl.load(p0 + D, mask=st & dmask[None, :], other=0.0)
+        pprev = hb + (t64[:, None] - 1) * (2 * D)
+        mprev = m & (t64[:, None] >= 1) & (~st)
+        cp = tl.where(st, h0c, tl.load(pprev, mask=mprev, other=0.0))
+        hp = tl.where(st, h0h, tl.load(pprev + D, mask=mprev, other=0.0))
+        f = sigmoid_(af * hp + uf + cf * cp)
+        z = tanh_(az * hp + uz)
+        cn = f * cp + (1.0 - f) * z
+        o = sigmoid_(ao * hp + uo + co * cn)
+        tc = tanh_(cn)
+        dfp = f * (1.0 - f) * (cp - z)
+        jcc = f + dfp * cf
+        jch = dfp * af + (1.0 - f) * (1.0 - z * z) * az
+        do = tc * o * (1.0 - o)
+        s = do * co + o * (1.0 - tc * tc)
+        jhc = s * jcc
+        jhh = s * jch + do * ao
+        zero = st | (~m)
+        # mu_t = J_t^T (g_t + mu_{t+1}): scan blocks are the transposed Jacobians.
+        a00 = tl.where(zero, 0.0, jcc)
+        a01 = tl.where(zero, 0.0, jhc)
+        a10 = tl.where(zero, 0.0, jch)
+        a11 = tl.where(zero, 0.0, jhh)
+        first = rows[:, None] == 0
+        x0 = gc + tl.where(first, carry_c[None, :], 0.0)
+        x1 = gh + tl.where(first, carry_h[None, :], 0.0)
+        _, _, _, _, mu_c, mu_h = tl.associative_scan(
+            (a00, a01, a10, a11, a00 * x0 + a01 * x1, a10 * x0 + a11 * x1), 0, _combine2)
+        lc = tl.where(m, gc + shift_down(mu_c, rows, carry_c), 0.0)
+        lh = tl.where(m, gh + shift_down(mu_h, rows, carry_h), 0.0)
+        # VJP of the step at the solution.
+        dpo = lh * do
+        dcn = lc + lh * o * (1.0 - tc * tc) + dpo * co
+        dpf = dcn * dfp
+        dpz = dcn * (1.0 - f) * (1.0 - z * z)
+        pdu = dub + t64[:, None] * (3 * D)
+        tl.store(pdu, dpf.to(DU.dtype.element_ty), mask=m)
+        tl.store(pdu + D, dpz.to(DU.dtype.element_ty), mask=m)
+        tl.store(pdu + 2 * D, dpo.to(DU.dtype.element_ty), mask=m)
+        acc_af += tl.sum(dpf * hp, axis=0)
+        acc_az += tl.sum(dpz * hp, axis=0)
+        acc_ao += tl.sum(dpo * hp, axis=0)
+        acc_cf += tl.sum(dpf * cp, axis=0)
+        acc_co += tl.sum(dpo * cn, axis=0)
+        pd0 = DH0 + srow[:, None].to(tl.int64) * (2 * D) + d[None, :]
+        tl.store(pd0, jcc * lc + jhc * lh, mask=st & m)
+        tl.store(pd0 + D, jch * lc + jhh * lh, mask=st & m)
+        carry_c = row_of(mu_c, rows, CT - 1)
+        carry_h = row_of(mu_h, rows, CT - 1)
+    pdp = DP + pid_b64 * 5 * D + d
+    tl.store(pdp, acc_af, mask=dmask)
+    tl.store(pdp + D, acc_az, mask=dmask)
+    tl.store(pdp + 2 * D, acc_ao, mask=dmask)
+    tl.store(pdp + 3 * D, acc_cf, mask=dmask)
+    tl.store(pdp + 4 * D, acc_co, mask=dmask)
+
+
+# ----------------------------------------------------------------------------- launch functions
+_BLOCKS: dict = {}  # test/bench override: {"CT": .., "BD": .., "num_warps": ..}
+
+
+def _blocks(B, D, device):
+    CT, BD = pick_blocks(B, D, 2, sm_count(device))
+    return _BLOCKS.get("CT", CT), _BLOCKS.get("BD", BD), _BLOCKS.get("num_warps", 4)
+
+
+def _forward(u, p, h0_rows, smap, max_iters, tol, damping):
+    B, T, G, D = u.shape
+    CT, BD, nw = _blocks(B, D, u.device)
+    nD = triton.cdiv(D, BD)
+    h = torch.empty(B, T, 2, D, device=u.device, dtype=torch.float32)
+    iters = torch.empty(B * nD, device=u.device, dtype=torch.int32)
+    res = torch.empty(B * nD, device=u.device, dtype=torch.float32)
+    fail = torch.empty(B * nD, device=u.device, dtype=torch.int32)
+    _lstm_fwd_kernel[(nD, B)](
+        u, p, h0_rows, smap, h, iters, res, fail, T, D, *u.stride(),
+        max_iters, tol, damping, CT=CT, BD=BD, num_warps=nw)
+    return h, iters, res, fail
+
+
+def _backward(u, p, h0_rows, smap, h, g):
+    B, T, G, D = u.shape
+    CT, BD, nw = _blocks(B, D, u.device)
+    nD = triton.cdiv(D, BD)
+    du = torch.empty(B, T, 3, D, device=u.device, dtype=u.dtype)
+    dp = torch.empty(B, 5, D, device=u.device, dtype=torch.float32)
+    dh0 = torch.zeros_like(h0_rows)
+    _lstm_bwd_kernel[(nD, B)](
+        u, p, h0_rows, smap, h, g, du, dp, dh0, T, D, *u.stride(), *g.stride(),
+        CT=CT, BD=BD, num_warps=nw)
+    return du, dp.sum(0), dh0
+
+
+# ----------------------------------------------------------------------------- autograd + public op
+def _dev(u):
+    return torch.cuda.device(u.device) if u.is_cuda else contextlib.nullcontext()
+
+
+@torch.library.custom_op("pararnn::paralstm_fused_fwd", mutates_args=())
+def paralstm_fused_fwd(u: torch.Tensor, p: torch.Tensor, h0_rows: torch.Tensor, smap: torch.Tensor,
+                       max_iters: int, tol: float, damping: float
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(h (B,T,2,D) fp32, iters, residual, fail) per program; p (5,D) fp32, h0_rows (R,2,D) fp32."""
+    with _dev(u):
+        return _forward(u, p, h0_rows, smap, max_iters, tol, damping)
+
+
+@paralstm_fused_fwd.register_fake
+def _(u, p, h0_rows, smap, max_iters, tol, damping):
+    B, T, G, D = u.shape
+    _, BD, _ = _blocks(B, D, u.device)
+    n = B * triton.cdiv(D, BD)
+    return (u.new_empty(B, T, 2, D, dtype=torch.float32), u.new_empty(n, dtype=torch.int32),
+            u.new_empty(n, dtype=torch.float32), u.new_empty(n, dtype=torch.int32))
+
+
+@torch.library.custom_op("pararnn::paralstm_fused_bwd", mutates_args=())
+def paralstm_fused_bwd(u: torch.Tensor, p: torch.Tensor, h0_rows: torch.Tensor, smap: torch.Tensor,
+                       h: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    with _dev(u):
+        return _backward(u, p, h0_rows, smap, h, g)
+
+
+@paralstm_fused_bwd.register_fake
+def _(u, p, h0_rows, smap, h, g):
+    return torch.empty_like(u), p.new_empty(p.shape, dtype=torch.float32), torch.empty_like(h0_rows)
+
+
+def _setup(ctx, inputs, output):
+    u, p, h0_rows, smap = inputs[:4]
+    ctx.save_for_backward(u, p, h0_rows, smap, output[0])
+
+
+def _autograd_backward(ctx, gh, *_):
+    u, p, h0_rows, smap, h = ctx.saved_tensors
+    du, dp, dh0 = paralstm_fused_bwd(u, p, h0_rows, smap, h, gh.contiguous())
+    return du, dp, dh0, None, None, None, None
+
+
+paralstm_fused_fwd.register_autograd(_autograd_backward, setup_context=_setup)
+
+
+def _run(u, p, h0_rows, smap, newton: NewtonConfig, stats: NewtonStats | None, who: str):
+    if u.dim() != 4 or u.shape[2] != 3:
+        raise ValueError(f"fused ParaLSTM: u must be (B, T, 3, D), got {tuple(u.shape)}")
+    D = u.shape[-1]
+    if p.shape != (5, D):
+        raise ValueError(f"fused ParaLSTM: p must be (5, {D}), got {tuple(p.shape)}")
+    tol = newton.tolerance_for(torch.float32)
+    h, iters, res, fail = paralstm_fused_fwd(u, p.float().contiguous(), h0_rows, smap,
+                                             newton.max_iters, float(tol), float(newton.damping))
+    finish_stats(iters, res, fail, newton, stats, who, "fused")
+    if stats is not None:
+        stats.device = {"iterations": iters, "residual": res, "failed": fail}
+    return h
+
+
+def fused_paralstm(u: torch.Tensor, p: torch.Tensor, h0: torch.Tensor | None = None,
+                   cu_seqlens: torch.Tensor | None = None, newton: NewtonConfig = NewtonConfig(),
+                   stats: NewtonStats | None = None, name: str | None = None) -> torch.Tensor:
+    """The ParaLSTM trajectory [c; h] (B, T, 2, D) fp32 (see the module docstring)."""
+    B, T, _, D = u.shape
+    if cu_seqlens is not None:
+        if B != 1:
+            raise ValueError("cu_seqlens needs B == 1")
+        smap = start_map_from_cu_seqlens(cu_seqlens.to(u.device), T)
+        R = cu_seqlens.numel() - 1
+    else:
+        smap = start_map_batch(B, T, u.device)
+        R = B
+    h0_rows = prepare_h0(h0, R, 2, D, u.device)
+    return _run(u, p, h0_rows, smap, newton, stats, name or "ParaLSTM")
+
+
+def paralstm_fused_mode(cell, u, p, h0_rows, layout, newton, stats, name):
+    """Engine adapter: run(cell, u, p, h0_rows, layout, newton, stats, name) -> h (B, T, 2, D)."""
+    smap = start_map_from_layout(layout)
+    return _run(u, p, h0_rows.float().contiguous(), smap, newton, stats, name or "ParaLSTM")
