@@ -55,7 +55,7 @@ def build_model(arch: str, vocab_size: int, *, bare_mixer: bool, d_model: int = 
     except ImportError as err:  # models/ not there yet (or incomplete)
         if arch in ("paragru", "paralstm"):
             log.warning("models/ unavailable (%s); using the kernels-only fallback for %s", err, arch)
-            return _KernelsRNNLM(arch, vocab_size, d_model, num_heads)
+            return _KernelsRNNLM(arch, vocab_size, d_model, num_heads, extra.get("gain_bound", 0.9))
         raise
 
 
@@ -70,7 +70,8 @@ def _from_project_models(arch: str, *, vocab_size: int, bare_mixer: bool, d_mode
                        num_heads=num_heads, **extra)
     cfg_cls = _first_attr(mod, ("ParaRNNLMConfig", "ParaRNNConfig", "LMConfig", "ModelConfig"))
     lm_cls = _first_attr(mod, ("ParaRNNLMForCausalLM", "ParaRNNForCausalLM", "LMForCausalLM", "ForCausalLM"))
-    wanted = dict(vocab_size=vocab_size, hidden_size=d_model, num_hidden_layers=1, num_attention_heads=num_heads,
+    gb = extra.pop("gain_bound", None)
+    wanted = dict(vocab_size=vocab_size, hidden_size=d_model, gain_bound=gb, recurrent_gain_bound=gb, num_hidden_layers=1, num_attention_heads=num_heads,
                   num_heads=num_heads, mixer=mixer, mixer_type=mixer, bare_mixer=bare_mixer, **extra)
     params = inspect.signature(cfg_cls.__init__).parameters
     accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
@@ -91,14 +92,14 @@ def _first_attr(mod: Any, names: tuple[str, ...]) -> Any:
 class _KernelsRNNLM(nn.Module):
     """Fallback bare-mixer LM: embedding -> ParaGRU/ParaLSTM layer -> linear head (no norm, no MLP)."""
 
-    def __init__(self, arch: str, vocab_size: int, d_model: int, num_heads: int) -> None:
+    def __init__(self, arch: str, vocab_size: int, d_model: int, num_heads: int, gain_bound: float | None = 0.9) -> None:
         super().__init__()
         from kernels import ParaGRULayer, ParaLSTMLayer
 
         layer_cls = ParaGRULayer if arch == "paragru" else ParaLSTMLayer
         self.embed = nn.Embedding(vocab_size, d_model)
-        # Paper: recurrent-gain norm clip 0.9 for synthetic tasks (none for parity); 0.9 keeps Newton safe.
-        self.mixer = layer_cls(d_model, num_heads, gain_bound=0.9)
+        # Paper: recurrent-gain norm clip 0.9 for synthetic tasks, none for parity (TaskSpec.gain_bound).
+        self.mixer = layer_cls(d_model, num_heads, gain_bound=gain_bound)
         self.head = nn.Linear(d_model, vocab_size)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:

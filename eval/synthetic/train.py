@@ -90,7 +90,7 @@ def train_seed(cfg: SyntheticTrainConfig, seed: int,
     torch.manual_seed(seed)
     factory = model_factory or build_model
     model = factory(cfg.arch, spec.vocab_size, bare_mixer=spec.bare_mixer, d_model=cfg.d_model,
-                    num_heads=cfg.num_heads, **cfg.model_kwargs).to(cfg.device)
+                    num_heads=cfg.num_heads, **{"gain_bound": spec.gain_bound, **cfg.model_kwargs}).to(cfg.device)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(cfg.n_train / cfg.batch_size)

@@ -1,0 +1,251 @@
+"""Render result files into the paper's Table 5 / Table 6 layouts (markdown) and plots, paper numbers beside ours.
+
+Inputs (JSON):
+* synthetic: ``{"kind": "synthetic", "arch", "task", "accuracy" (0..1), ...}`` (eval.synthetic.train) or a
+  ``{"kind": "synthetic_grid", "results": [...]}`` file;
+* perplexity: ``{"kind": "perplexity", "perplexity", "meta": {"arch", "size", ...}}`` (eval.perplexity);
+* lm-eval: lm-eval's own results JSON (``results`` -> task -> ``"<metric>,<filter>"``); arch and size come
+  from ``pararnn_meta`` (added by eval.lm_eval_tasks) or, failing that, from the file name
+  (``<arch>[_-]<size>...json``, e.g. ``paragru_400m.json``).
+
+CLI:
+    python -m eval.tables --synthetic results/synthetic --perplexity r/ppl_*.json --lm-eval r/lm_*.json --out tables/
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from .paper import ARCH_NAMES, PARAMS, SOURCE, SYNTHETIC_TASK_TITLES, TABLE5_ACC, TABLE5_PPL, TABLE6, lm_eval_suite
+
+log = logging.getLogger(__name__)
+
+TASK_ORDER = list(SYNTHETIC_TASK_TITLES)
+SIZE_ORDER = list(PARAMS)
+LM_TASK_TITLES = {"arc_challenge": "ARC-C", "hellaswag": "HellaSwag", "openbookqa": "OBQA", "winogrande": "WinoGrande",
+                  "piqa": "PIQA", "mmlu": "MMLU"}
+
+
+def _fmt(x: float | None, digits: int = 1) -> str:
+    return "–" if x is None else f"{x:.{digits}f}"
+
+
+def _arch_order(archs: Iterable[str]) -> list[str]:
+    archs = set(archs)
+    return [a for a in ARCH_NAMES if a in archs] + sorted(a for a in archs if a not in ARCH_NAMES)
+
+
+def _name(arch: str) -> str:
+    return ARCH_NAMES.get(arch, arch)
+
+
+# ------------------------------------------------------------------------------------------ loading
+
+def load_json_files(paths: Iterable[str | Path]) -> list[tuple[Path, dict[str, Any]]]:
+    """Files, or directories (all *.json inside, sorted)."""
+    out = []
+    for p in map(Path, paths):
+        files = sorted(p.glob("*.json")) if p.is_dir() else [p]
+        out += [(f, json.loads(f.read_text())) for f in files]
+    return out
+
+
+def synthetic_results(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
+    rows: dict[tuple[str, str], dict[str, Any]] = {}
+    for _, obj in load_json_files(paths):
+        items = obj["results"] if obj.get("kind") == "synthetic_grid" else [obj] if obj.get("kind") == "synthetic" else []
+        for r in items:
+            rows[(r["arch"], r["task"])] = r  # later files win (re-runs)
+    return list(rows.values())
+
+
+def _meta_from_name(path: Path) -> dict[str, str]:
+    m = re.match(r"(?P<arch>[a-z0-9]+?)[_-](?P<size>[0-9.]+[mbk]|tiny|small|default)", path.stem.lower())
+    return m.groupdict() if m else {}
+
+
+def lm_eval_rows(paths: Iterable[str | Path]) -> dict[tuple[str, str], dict[str, float]]:
+    """(arch, size) -> {"task@shots": accuracy %} using each task's metric from the paper suite."""
+    metrics = {t: v["metric"] for t, v in lm_eval_suite().items()}
+    table: dict[tuple[str, str], dict[str, float]] = {}
+    for path, obj in load_json_files(paths):
+        meta = obj.get("pararnn_meta") or _meta_from_name(path)
+        if "arch" not in meta:
+            log.warning("skipping %s: no arch/size (pararnn_meta or <arch>_<size>.json name)", path)
+            continue
+        key = (meta["arch"], str(meta.get("size", "?")))
+        shots = obj.get("n-shot", {})
+        for task, res in obj.get("results", {}).items():
+            if task not in LM_TASK_TITLES:
+                continue
+            metric = metrics.get(task, "acc")
+            val = res.get(f"{metric},none", res.get(metric))
+            if val is None:
+                continue
+            table.setdefault(key, {})[f"{task}@{shots.get(task, '?')}"] = 100.0 * float(val)
+    return table
+
+
+def perplexity_rows(paths: Iterable[str | Path]) -> dict[tuple[str, str], dict[str, Any]]:
+    out = {}
+    for path, obj in load_json_files(paths):
+        if obj.get("kind") != "perplexity":
+            continue
+        meta = obj.get("meta") or {}
+        meta = {**_meta_from_name(path), **{k: v for k, v in meta.items() if v is not None}}
+        if "arch" not in meta:
+            log.warning("skipping %s: no arch in meta or file name", path)
+            continue
+        out[(meta["arch"], str(meta.get("size", "?")))] = {"perplexity": obj["perplexity"], **meta}
+    return out
+
+
+# ------------------------------------------------------------------------------------------ Table 6
+
+def render_table6(results: Sequence[dict[str, Any]], include_paper_rows: bool = True) -> str:
+    """Markdown: one row per architecture, cells "ours / paper" accuracy in %."""
+    ours = {(r["arch"], r["task"]): r.get("accuracy") for r in results}
+    archs = _arch_order({a for a, _ in ours} | (set(TABLE6) if include_paper_rows else set()))
+    head = "| model | " + " | ".join(SYNTHETIC_TASK_TITLES[t] for t in TASK_ORDER) + " |"
+    lines = [f"Synthetic tasks (Table 6): test accuracy %, ours / paper (best of seeds). Paper: {SOURCE}.", "",
+             head, "|---" * (len(TASK_ORDER) + 1) + "|"]
+    for a in archs:
+        cells = []
+        for t in TASK_ORDER:
+            mine = ours.get((a, t))
+            paper = TABLE6.get(a, {}).get(t)
+            cells.append(f"{_fmt(None if mine is None else 100 * mine)} / {_fmt(paper, 0)}")
+        lines.append(f"| {_name(a)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_table6(results: Sequence[dict[str, Any]], path: str | Path) -> Path:
+    """Grouped bars: accuracy vs task per architecture; ours filled, the paper's as black markers."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ours = {(r["arch"], r["task"]): r.get("accuracy") for r in results}
+    archs = _arch_order({a for a, _ in ours})
+    width = 0.8 / max(len(archs), 1)
+    fig, ax = plt.subplots(figsize=(9, 4))
+    for i, a in enumerate(archs):
+        xs = [j + (i - (len(archs) - 1) / 2) * width for j in range(len(TASK_ORDER))]
+        ys = [100 * (ours.get((a, t)) or 0.0) for t in TASK_ORDER]
+        ax.bar(xs, ys, width, label=f"{_name(a)} (ours)")
+        paper = [TABLE6.get(a, {}).get(t) for t in TASK_ORDER]
+        px = [x for x, p in zip(xs, paper) if p is not None]
+        ax.scatter(px, [p for p in paper if p is not None], marker="_", s=200, color="k", zorder=3,
+                   label="paper" if i == 0 else None)
+    ax.set_xticks(range(len(TASK_ORDER)), [SYNTHETIC_TASK_TITLES[t] for t in TASK_ORDER], fontsize=8)
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylim(0, 105)
+    ax.legend(fontsize=7, ncol=3)
+    ax.set_title("Synthetic tasks, single layer (Table 6)")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+# ------------------------------------------------------------------------------------------ Table 5
+
+def _size_key(size: str) -> tuple[int, str]:
+    return (SIZE_ORDER.index(size) if size in SIZE_ORDER else -1, size)
+
+
+def render_table5(ppl: dict[tuple[str, str], dict[str, Any]], acc: dict[tuple[str, str], dict[str, float]],
+                  include_paper_rows: bool = True) -> str:
+    """Markdown: rows (size, model); perplexity ours / paper, then lm-eval accuracies (task@shots)."""
+    keys = set(ppl) | set(acc)
+    if include_paper_rows:
+        keys |= {(a, s) for s, row in TABLE5_PPL.items() for a, v in row.items() if v is not None}
+    suite_order = list(lm_eval_suite())
+    cols = sorted({c for row in acc.values() for c in row},
+                  key=lambda c: (suite_order.index(c.split("@")[0]) if c.split("@")[0] in suite_order else 99, c))
+    head = "| size | model | PPL ours / paper | " + " | ".join(
+        f"{LM_TASK_TITLES.get(c.split('@')[0], c.split('@')[0])} ({c.split('@')[1]}-shot)" for c in cols) + " |"
+    lines = [f"Language models (Table 5): test perplexity (lower is better) and lm-eval accuracy %. "
+             f"Paper: {SOURCE}.", "", head, "|---" * (len(cols) + 3) + "|"]
+    for arch, size in sorted(keys, key=lambda k: (_size_key(k[1]), _arch_order([a for a, _ in keys]).index(k[0]))):
+        mine = ppl.get((arch, size), {}).get("perplexity")
+        paper = TABLE5_PPL.get(size, {}).get(arch)
+        cells = []
+        for c in cols:
+            task = c.split("@")[0]
+            p = TABLE5_ACC.get(size, {}).get(arch, {}).get(task)
+            v = acc.get((arch, size), {}).get(c)
+            cells.append(_fmt(v) + ("" if p is None else f" / {_fmt(p)}"))
+        lines.append(f"| {size} | {_name(arch)} | {_fmt(mine, 2)} / {_fmt(paper, 2)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_perplexity_vs_size(ppl: dict[tuple[str, str], dict[str, Any]], path: str | Path) -> Path:
+    """Perplexity vs parameters (log-log); ours solid with dots, the paper's dashed with crosses."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    archs = _arch_order({a for a, _ in ppl} | set(ARCH_NAMES))
+    for i, a in enumerate(archs):
+        color = f"C{i}"
+        pts = sorted((float(v.get("n_params") or PARAMS.get(s, {}).get(a) or 0), v["perplexity"])
+                     for (aa, s), v in ppl.items() if aa == a)
+        pts = [p for p in pts if p[0] > 0]
+        if pts:
+            ax.plot(*zip(*pts), "-o", color=color, label=f"{_name(a)} (ours)")
+        ref = [(PARAMS[s][a], v) for s, row in TABLE5_PPL.items() for aa, v in row.items() if aa == a and v is not None]
+        if ref:
+            ax.plot(*zip(*sorted(ref)), "--x", color=color, alpha=0.7, label=f"{_name(a)} (paper)")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("parameters")
+    ax.set_ylabel("test perplexity")
+    ax.legend(fontsize=7)
+    ax.set_title("Perplexity vs size (Table 5)")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+# ------------------------------------------------------------------------------------------ CLI
+
+def main(argv: Sequence[str] | None = None) -> dict[str, str]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--synthetic", nargs="*", default=[], help="synthetic result files or directories")
+    p.add_argument("--perplexity", nargs="*", default=[], help="perplexity JSON files or directories")
+    p.add_argument("--lm-eval", nargs="*", default=[], help="lm-eval results JSON files or directories")
+    p.add_argument("--out", default=None, help="directory for table5.md / table6.md and plots")
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    out: dict[str, str] = {}
+    if a.synthetic:
+        res = synthetic_results(a.synthetic)
+        out["table6.md"] = render_table6(res)
+        if a.out:
+            plot_table6(res, Path(a.out) / "table6.png")
+    if a.perplexity or a.lm_eval:
+        ppl, acc = perplexity_rows(a.perplexity), lm_eval_rows(a.lm_eval)
+        out["table5.md"] = render_table5(ppl, acc)
+        if a.out:
+            plot_perplexity_vs_size(ppl, Path(a.out) / "perplexity_vs_size.png")
+    for name, text in out.items():
+        print(text)
+        if a.out:
+            Path(a.out).mkdir(parents=True, exist_ok=True)
+            (Path(a.out) / name).write_text(text)
+    return out
+
+
+if __name__ == "__main__":
+    main()
