@@ -44,6 +44,13 @@ def _logits(out: Any) -> torch.Tensor:
     return out if isinstance(out, torch.Tensor) else out.logits
 
 
+def _accepts(model: nn.Module, name: str) -> bool:
+    import inspect
+
+    params = inspect.signature(model.forward).parameters
+    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
 def position_ids_from_eos(input_ids: torch.Tensor, eos_token_id: int | None) -> torch.Tensor:
     """(B, T) position ids restarting at 0 at column 0 and after every EOS token."""
     B, T = input_ids.shape
@@ -67,6 +74,8 @@ def token_nll(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor | 
     ``labels`` default to ``input_ids`` (unshifted, HF convention; IGNORE_INDEX marks unscored tokens).
     """
     kwargs: dict[str, Any] = {}
+    if _accepts(model, "use_cache"):
+        kwargs["use_cache"] = False  # no cache to build; transformers also only detects packing without one
     if position_ids is not None:
         kwargs["position_ids"] = position_ids
     if attention_mask is not None:

@@ -1,0 +1,158 @@
+"""Perplexity: exp(mean NLL) computed independently; packed documents == documents evaluated alone."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from eval.perplexity import (IGNORE_INDEX, NLLAccumulator, evaluate_stream, main as ppl_main, plot_loss_by_position,
+                             position_ids_from_eos, split_documents, token_nll)
+
+EOS = 1
+
+
+def tiny_llama(vocab: int = 50, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      eos_token_id=EOS, bos_token_id=2, pad_token_id=0)
+    cfg._attn_implementation = "sdpa"
+    return LlamaForCausalLM(cfg).eval()
+
+
+class ResetGRU(nn.Module):
+    """A recurrent LM that restarts its state wherever position_ids == 0 (like our packed RNN models)."""
+
+    def __init__(self, vocab: int = 50) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb, self.cell, self.head = nn.Embedding(vocab, 16), nn.GRUCell(16, 16), nn.Linear(16, vocab)
+
+    def forward(self, input_ids, position_ids=None, attention_mask=None):
+        B, T = input_ids.shape
+        h, outs = input_ids.new_zeros(B, 16, dtype=torch.float), []
+        x = self.emb(input_ids)
+        for t in range(T):
+            if position_ids is not None:
+                h = h * (position_ids[:, t] != 0).float()[:, None]
+            h = self.cell(x[:, t], h)
+            outs.append(h)
+        return self.head(torch.stack(outs, 1))
+
+
+def make_stream(n_docs: int = 7, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    docs = [torch.cat([torch.randint(3, 50, (int(torch.randint(2, 40, (1,), generator=g)),), generator=g),
+                       torch.tensor([EOS])]) for _ in range(n_docs)]
+    return torch.cat(docs)
+
+
+def independent_nll(model, docs, seq_len):
+    """Loop over documents one at a time, batch 1, log_softmax by hand."""
+    total, count, by_pos = 0.0, 0, {}
+    for d in docs:
+        for s in range(0, len(d), seq_len):
+            piece = d[s : s + seq_len]
+            if len(piece) < 2:
+                continue
+            out = model(input_ids=piece[None])
+            logits = out if isinstance(out, torch.Tensor) else out.logits
+            logp = torch.log_softmax(logits[0].double(), -1)
+            for t in range(len(piece) - 1):
+                v = -float(logp[t, piece[t + 1]].detach())
+                total, count = total + v, count + 1
+                by_pos.setdefault(t + 1, []).append(v)
+    return total, count, by_pos
+
+
+def test_position_ids_from_eos():
+    x = torch.tensor([[5, 6, EOS, 7, EOS, EOS, 8]])
+    assert position_ids_from_eos(x, EOS).tolist() == [[0, 1, 2, 0, 1, 0, 0]]
+    assert position_ids_from_eos(x, None).tolist() == [list(range(7))]
+
+
+@pytest.mark.parametrize("model_fn", [tiny_llama, ResetGRU], ids=["llama-sdpa", "reset-gru"])
+def test_packed_equals_unpacked_equals_independent(model_fn):
+    model = model_fn()
+    stream = make_stream()
+    docs = split_documents(stream, EOS)
+    seq_len = 64  # longer than most documents -> windows pack several; some docs straddle windows
+    with torch.no_grad():
+        ref_total, ref_count, ref_pos = independent_nll(model, _window_docs(stream, seq_len), seq_len)
+        packed = evaluate_stream(model, stream, seq_len=seq_len, batch_size=3, eos_token_id=EOS, packed=True)
+        unpacked = evaluate_stream(model, stream, seq_len=seq_len, batch_size=4, eos_token_id=EOS, packed=False)
+    assert packed.total_tokens == ref_count
+    assert packed.perplexity == pytest.approx(math.exp(ref_total / ref_count), rel=1e-5)
+    for p, vals in ref_pos.items():
+        assert packed.loss_by_position()[p] == pytest.approx(sum(vals) / len(vals), rel=1e-4, abs=1e-5)
+    # unpacked chunks documents at seq_len from the document start (not the window), so compare it to its
+    # own independent reference; with every doc shorter than seq_len the two agree exactly.
+    u_total, u_count, _ = independent_nll(model, docs, seq_len)
+    assert unpacked.total_tokens == u_count
+    assert unpacked.perplexity == pytest.approx(math.exp(u_total / u_count), rel=1e-5)
+
+
+def _window_docs(stream, seq_len):
+    """What a model evaluating packed windows sees: documents cut at window boundaries."""
+    out = []
+    for s in range(0, len(stream), seq_len):
+        out += split_documents(stream[s : s + seq_len], EOS)
+    return out
+
+
+def test_packed_equals_unpacked_when_docs_fit():
+    model = tiny_llama()
+    g = torch.Generator().manual_seed(1)
+    stream = torch.cat([torch.cat([torch.randint(3, 50, (n,), generator=g), torch.tensor([EOS])]) for n in (5, 9, 3, 12)])
+    with torch.no_grad():
+        # one window holds all documents: packed (position_ids) must equal each document alone
+        a = evaluate_stream(model, stream, seq_len=len(stream), eos_token_id=EOS, packed=True)
+        b = evaluate_stream(model, stream, seq_len=len(stream), eos_token_id=EOS, packed=False, batch_size=2)
+    assert a.total_tokens == b.total_tokens == len(stream) - 4
+    assert a.perplexity == pytest.approx(b.perplexity, rel=1e-5)
+    for x, y in zip(a.loss_by_position(), b.loss_by_position()):
+        assert (x is None and y is None) or x == pytest.approx(y, rel=1e-4, abs=1e-5)
+
+
+def test_ignore_index_and_weighting():
+    model = tiny_llama()
+    ids = torch.randint(3, 50, (2, 10), generator=torch.Generator().manual_seed(2))
+    labels = ids.clone()
+    labels[0, 4:] = IGNORE_INDEX
+    with torch.no_grad():
+        nll, mask, ctx = token_nll(model, ids, labels)
+        logits = model(input_ids=ids).logits.double()
+    assert int(mask.sum()) == 3 + 9
+    expect = [-torch.log_softmax(logits[r, t], -1)[ids[r, t + 1]].item()
+              for r in range(2) for t in range(9) if labels[r, t + 1] != IGNORE_INDEX]
+    acc = NLLAccumulator()
+    acc.add(nll, mask, ctx)
+    # token-weighted: the 9-token row counts 3x the 3-token row
+    assert acc.perplexity == pytest.approx(math.exp(sum(expect) / len(expect)), rel=1e-5)
+
+
+def test_plot_and_cli(tmp_path):
+    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<pad>": 0, "</s>": 1, "<s>": 2, **{w: i + 3 for i, w in enumerate("the a cat dog sat ran on mat log".split())}}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="</s>", bos_token="<s>", pad_token="<pad>")
+    model_dir = tmp_path / "model"
+    tiny_llama(vocab=50).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    data = tmp_path / "held.jsonl"
+    data.write_text("\n".join(json.dumps({"text": t}) for t in ["the cat sat on the mat", "a dog ran", "the dog sat on a log"]))
+    out, png = tmp_path / "ppl.json", tmp_path / "ppl.png"
+    res = ppl_main(["--model", str(model_dir), "--data", str(data), "--seq-len", "8", "--train-len", "4",
+                    "--out", str(out), "--plot", str(png), "--arch", "llama", "--size", "tiny", "--device", "cpu"])
+    saved = json.loads(out.read_text())
+    assert saved["kind"] == "perplexity" and saved["tokens"] == res["tokens"] > 0 and math.isfinite(saved["perplexity"])
+    assert png.stat().st_size > 1000
+    plot_loss_by_position({"x": [None, 2.0, 1.5, 1.2]}, tmp_path / "p2.png", train_len=2)
