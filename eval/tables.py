@@ -149,6 +149,7 @@ def plot_table6(results: Sequence[dict[str, Any]], path: str | Path) -> Path:
     ax.set_title("Synthetic tasks, single layer (Table 6)")
     fig.tight_layout()
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
@@ -213,6 +214,7 @@ def plot_perplexity_vs_size(ppl: dict[tuple[str, str], dict[str, Any]], path: st
     ax.set_title("Perplexity vs size (Table 5)")
     fig.tight_layout()
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
@@ -229,6 +231,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, str]:
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     out: dict[str, str] = {}
+    if a.out:
+        Path(a.out).mkdir(parents=True, exist_ok=True)
     if a.synthetic:
         res = synthetic_results(a.synthetic)
         out["table6.md"] = render_table6(res)

@@ -68,11 +68,20 @@ def _from_project_models(arch: str, *, vocab_size: int, bare_mixer: bool, d_mode
     if builder is not None:  # preferred: models/ knows best how to make its 1-layer / bare variants
         return builder(mixer, vocab_size=vocab_size, bare_mixer=bare_mixer, d_model=d_model,
                        num_heads=num_heads, **extra)
-    cfg_cls = _first_attr(mod, ("ParaRNNLMConfig", "ParaRNNConfig", "LMConfig", "ModelConfig"))
-    lm_cls = _first_attr(mod, ("ParaRNNLMForCausalLM", "ParaRNNForCausalLM", "LMForCausalLM", "ForCausalLM"))
-    gb = extra.pop("gain_bound", None)
-    wanted = dict(vocab_size=vocab_size, hidden_size=d_model, gain_bound=gb, recurrent_gain_bound=gb, num_hidden_layers=1, num_attention_heads=num_heads,
-                  num_heads=num_heads, mixer=mixer, mixer_type=mixer, bare_mixer=bare_mixer, **extra)
+    cfg_cls = _first_attr(mod, ("ParaRNNLMConfig",))
+    lm_cls = _first_attr(mod, ("ParaRNNLMForCausalLM",))
+    gain_bound = extra.pop("gain_bound", 0.9)
+    wanted = dict(
+        vocab_size=vocab_size, hidden_size=d_model, num_hidden_layers=1, num_attention_heads=num_heads,
+        mixer=mixer, bare_mixer=bare_mixer,
+        # bare = the mixer alone (keep-nth, parity); full block = mixer + SwiGLU MLP (MQAR, k-hop)
+        intermediate_size=0 if bare_mixer else 3 * d_model,
+        rnn_gain_bound=gain_bound,
+        # Mamba2 inner width 2*d split into `num_heads` heads (the paper's "4 heads")
+        mamba_headdim=max(2 * d_model // num_heads, 1),
+        max_position_embeddings=max(int(extra.pop("max_position_embeddings", 0)), 2048),
+        use_cache=False, **extra,
+    )
     params = inspect.signature(cfg_cls.__init__).parameters
     accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
     cfg = cfg_cls(**{k: v for k, v in wanted.items() if k in params or accepts_any})

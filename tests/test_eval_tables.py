@@ -1,0 +1,75 @@
+"""Tables render from small hand-made result files, with the paper's numbers beside ours."""
+from __future__ import annotations
+
+import json
+
+from eval import tables
+from eval.paper import TABLE5_PPL, TABLE6
+
+
+def _write(path, obj):
+    path.write_text(json.dumps(obj))
+    return path
+
+
+def test_table6_from_files(tmp_path):
+    d = tmp_path / "syn"
+    d.mkdir()
+    _write(d / "paragru__parity.json", {"kind": "synthetic", "arch": "paragru", "task": "parity", "accuracy": 0.9987})
+    _write(d / "grid.json", {"kind": "synthetic_grid", "results": [
+        {"kind": "synthetic", "arch": "mamba2", "task": "keep_nth", "accuracy": 0.0081},
+        {"kind": "synthetic", "arch": "mamba2", "task": "parity", "accuracy": 0.5012},
+        {"kind": "synthetic", "arch": "mygru", "task": "hop1", "accuracy": 1.0}]})
+    _write(d / "unrelated.json", {"kind": "perplexity", "perplexity": 3.0})
+    res = tables.synthetic_results([d])
+    assert len(res) == 4
+    md = tables.render_table6(res)
+    lines = {l.split("|")[1].strip(): l for l in md.splitlines() if l.startswith("| ") and "model" not in l}
+    assert set(lines) == {"Transformer", "Mamba2", "ParaGRU", "ParaLSTM", "mygru"}
+    cells = [c.strip() for c in lines["ParaGRU"].split("|")[2:-1]]
+    assert cells == ["– / 100", "99.9 / 100", "– / 100", "– / 100", "– / 100"]
+    cells = [c.strip() for c in lines["Mamba2"].split("|")[2:-1]]
+    assert cells[:2] == ["0.8 / 1", "50.1 / 52"] and cells[4] == "– / 98"
+    assert [c.strip() for c in lines["mygru"].split("|")[2:-1]][3] == "100.0 / –"
+    assert "arXiv:2510.21450" in md
+    png = tables.plot_table6(res, tmp_path / "t6.png")
+    assert png.stat().st_size > 1000
+
+
+def test_table5_from_files(tmp_path):
+    ppl = _write(tmp_path / "ppl.json", {"kind": "perplexity", "perplexity": 19.123, "meta": {"arch": "paragru", "size": "400m"}})
+    ppl2 = _write(tmp_path / "mamba2_400m_ppl.json", {"kind": "perplexity", "perplexity": 17.0, "meta": {}})
+    lm = _write(tmp_path / "paragru_400m.json", {
+        "results": {"arc_challenge": {"acc,none": 0.3, "acc_norm,none": 0.25}, "piqa": {"acc,none": 0.65, "acc_norm,none": 0.66},
+                    "mmlu": {"acc,none": 0.251}, "pararnn_tiny_mc": {"acc,none": 1.0}},
+        "n-shot": {"arc_challenge": 25, "piqa": 0, "mmlu": 0}})
+    lm_meta = _write(tmp_path / "x.json", {"results": {"hellaswag": {"acc_norm,none": 0.4}}, "n-shot": {"hellaswag": 10},
+                                           "pararnn_meta": {"arch": "transformer", "size": "400m"}})
+    p = tables.perplexity_rows([ppl, ppl2])
+    a = tables.lm_eval_rows([lm, lm_meta])
+    assert p[("mamba2", "400m")]["perplexity"] == 17.0  # arch/size from the file name
+    assert a[("paragru", "400m")] == {"arc_challenge@25": 25.0, "piqa@0": 65.0, "mmlu@0": 25.1}  # suite metrics, %
+    md = tables.render_table5(p, a)
+    header = next(l for l in md.splitlines() if l.startswith("| size"))
+    assert header.index("ARC-C (25-shot)") < header.index("HellaSwag (10-shot)") < header.index("PIQA (0-shot)")
+    row = next(l for l in md.splitlines() if l.startswith("| 400m | ParaGRU"))
+    assert "19.12 / 18.56" in row and "25.0" in row and "65.0" in row
+    row7 = next(l for l in md.splitlines() if l.startswith("| 7b | Mamba2"))
+    assert f"– / {TABLE5_PPL['7b']['mamba2']:.2f}" in row7
+    png = tables.plot_perplexity_vs_size(p, tmp_path / "ppl.png")
+    assert png.stat().st_size > 1000
+
+
+def test_cli_writes_outputs(tmp_path, capsys):
+    _write(tmp_path / "a.json", {"kind": "synthetic", "arch": "paralstm", "task": "mqar", "accuracy": 1.0})
+    out = tables.main(["--synthetic", str(tmp_path / "a.json"), "--out", str(tmp_path / "t")])
+    assert "100.0 / 100" in out["table6.md"] and (tmp_path / "t" / "table6.md").exists()
+    assert (tmp_path / "t" / "table6.png").exists()
+    assert "ParaLSTM" in capsys.readouterr().out
+
+
+def test_paper_numbers_match_method_md():
+    assert TABLE6["transformer"] == {"keep_nth": 100, "parity": 53, "mqar": 100, "hop1": 82, "hop2": 78}
+    assert TABLE6["mamba2"]["keep_nth"] == 1 and TABLE6["mamba2"]["hop2"] == 98
+    assert TABLE5_PPL["7b"] == {"paragru": 9.19, "paralstm": 9.16, "mamba2": 8.62, "transformer": 9.55}
+    assert TABLE5_PPL["400m"] == {"paragru": 18.56, "paralstm": 18.40, "mamba2": 16.49, "transformer": 17.00}
