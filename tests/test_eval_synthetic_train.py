@@ -62,3 +62,17 @@ def test_evaluate_counts_only_scored_positions():
 
     b = TASKS["hop1"].generate(50, 40, seed=0)
     assert evaluate(Oracle(b), b, batch_size=50) == 1.0
+
+
+def test_cli_single_task_and_config(tiny_gru, tmp_path, capsys):
+    from eval.synthetic.train import load_config, main
+
+    cfg = load_config("configs/synthetic/table6.yaml")
+    assert (cfg.batch_size, cfg.lr, cfg.weight_decay, cfg.betas, cfg.seeds, cfg.d_model, cfg.num_heads) == (
+        16, 5e-4, 1e-6, (0.9, 0.999), (0, 1, 2), 64, 4)
+    assert (cfg.seq_len, cfg.n_train, cfg.n_test, cfg.max_epochs) == (100, 10_000, 100_000, 3000)
+    res = main(["--task", "hop2", "--arch", tiny_gru, "--config", "configs/synthetic/quick.yaml", "--seeds", "3",
+                "--seq-len", "30", "--n-train", "32", "--n-test", "32", "--n-val", "16", "--max-epochs", "1",
+                "--out", str(tmp_path), "--no-progress", "--device", "cpu"])
+    assert res["best_seed"] == 3 and res["config"]["seq_len"] == 30 and res["config"]["lr"] == 5e-4
+    assert (tmp_path / "tinygru__hop2.json").exists() and '"accuracy"' in capsys.readouterr().out

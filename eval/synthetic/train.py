@@ -184,28 +184,45 @@ def run_grid(base: SyntheticTrainConfig, archs: Sequence[str] = ARCHS, tasks: Se
     return grid
 
 
+def load_config(path: str | Path) -> SyntheticTrainConfig:
+    """SyntheticTrainConfig from a YAML of its fields; unknown keys fail loudly."""
+    import yaml
+
+    raw = yaml.safe_load(Path(path).read_text()) or {}
+    known = {f.name for f in dataclasses.fields(SyntheticTrainConfig)}
+    unknown = set(raw) - known
+    if unknown:
+        raise ValueError(f"{path}: unknown SyntheticTrainConfig keys {sorted(unknown)}")
+    for k in ("seeds", "betas"):
+        if k in raw:
+            raw[k] = tuple(raw[k])
+    return SyntheticTrainConfig(**raw)
+
+
 def _jsonable(obj: Any) -> Any:
     return json.loads(json.dumps(obj, default=str))
 
 
 def _parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=None, help="YAML of SyntheticTrainConfig fields (e.g. configs/synthetic/table6.yaml); "
+                   "explicit flags override it")
     p.add_argument("--task", choices=sorted(TASKS), help="one task (omit with --grid)")
     p.add_argument("--arch", default="paragru", help=f"one of {ARCHS}")
     p.add_argument("--grid", action="store_true", help="run archs x tasks (default: all) and render Table 6")
     p.add_argument("--archs", nargs="+", default=list(ARCHS))
     p.add_argument("--tasks", nargs="+", default=list(TASKS))
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--seeds", nargs="+", type=int, default=None, help="default 0 1 2")
     p.add_argument("--out", default="results/synthetic")
-    p.add_argument("--seq-len", type=int, default=100)
-    p.add_argument("--n-train", type=int, default=10_000)
-    p.add_argument("--n-test", type=int, default=100_000)
-    p.add_argument("--n-val", type=int, default=2_000)
-    p.add_argument("--max-epochs", type=int, default=3000)
+    p.add_argument("--seq-len", type=int, default=None, help="default 100")
+    p.add_argument("--n-train", type=int, default=None, help="default 10000")
+    p.add_argument("--n-test", type=int, default=None, help="default 100000")
+    p.add_argument("--n-val", type=int, default=None, help="default 2000")
+    p.add_argument("--max-epochs", type=int, default=None, help="default 3000")
     p.add_argument("--max-steps", type=int, default=None)
-    p.add_argument("--eval-every", type=int, default=1)
-    p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--eval-every", type=int, default=None, help="default 1")
+    p.add_argument("--lr", type=float, default=None, help="default 5e-4")
+    p.add_argument("--batch-size", type=int, default=None, help="default 16")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -215,10 +232,12 @@ def _parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     a = _parse(argv)
     logging.basicConfig(level=logging.DEBUG if a.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    cfg = SyntheticTrainConfig(task=a.task or "parity", arch=a.arch, seeds=tuple(a.seeds), seq_len=a.seq_len,
-                               n_train=a.n_train, n_test=a.n_test, n_val=a.n_val, max_epochs=a.max_epochs,
-                               max_steps=a.max_steps, eval_every=a.eval_every, lr=a.lr, batch_size=a.batch_size,
-                               device=a.device, progress=not a.no_progress)
+    cfg = load_config(a.config) if a.config else SyntheticTrainConfig()
+    flags = dict(seeds=tuple(a.seeds) if a.seeds else None, seq_len=a.seq_len, n_train=a.n_train, n_test=a.n_test,
+                 n_val=a.n_val, max_epochs=a.max_epochs, max_steps=a.max_steps, eval_every=a.eval_every, lr=a.lr,
+                 batch_size=a.batch_size)
+    cfg = dataclasses.replace(cfg, task=a.task or cfg.task, arch=a.arch, device=a.device, progress=not a.no_progress,
+                              **{k: v for k, v in flags.items() if v is not None})
     if a.grid:
         grid = run_grid(cfg, a.archs, a.tasks, a.out)
         from eval.tables import render_table6
