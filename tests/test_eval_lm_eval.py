@@ -97,3 +97,20 @@ def test_exported_dir_through_hf_model(model, tokenizer, tmp_path):
     res = evaluate(tmp_path / "export", {"pararnn_tiny_mc": 0}, include_path=FIXTURES, batch_size=2, device="cpu")
     live = evaluate(model, {"pararnn_tiny_mc": 0}, tokenizer=tokenizer, include_path=FIXTURES, batch_size=2, device="cpu")
     assert res["results"]["pararnn_tiny_mc"]["acc,none"] == live["results"]["pararnn_tiny_mc"]["acc,none"]
+
+
+@pytest.mark.parametrize("mixer", ["paragru", "mamba2"])
+def test_project_model_batched_equals_batch1(tokenizer, mixer):
+    try:
+        from models import ParaRNNLMConfig, ParaRNNLMForCausalLM
+    except Exception:
+        pytest.skip("models/ not available yet")
+    torch.manual_seed(0)
+    cfg = ParaRNNLMConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, intermediate_size=64,
+                          num_attention_heads=4, mixer=mixer, mamba_headdim=16, mamba_d_state=16, mamba_chunk_size=16,
+                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    m = ParaRNNLMForCausalLM(cfg).eval()
+    one = loglikelihoods(wrap_live_model(m, tokenizer, batch_size=1), PAIRS)
+    many = loglikelihoods(wrap_live_model(m, tokenizer, batch_size=4), PAIRS)
+    for (a, _), (b, _) in zip(one, many):
+        assert a == pytest.approx(b, abs=1e-3)

@@ -156,3 +156,26 @@ def test_plot_and_cli(tmp_path):
     assert saved["kind"] == "perplexity" and saved["tokens"] == res["tokens"] > 0 and math.isfinite(saved["perplexity"])
     assert png.stat().st_size > 1000
     plot_loss_by_position({"x": [None, 2.0, 1.5, 1.2]}, tmp_path / "p2.png", train_len=2)
+
+
+def _project_model(mixer: str):
+    try:
+        from models import ParaRNNLMConfig, ParaRNNLMForCausalLM
+    except Exception:
+        pytest.skip("models/ not available yet")
+    torch.manual_seed(0)
+    cfg = ParaRNNLMConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, intermediate_size=64,
+                          num_attention_heads=4, mixer=mixer, eos_token_id=EOS, pad_token_id=0,
+                          mamba_headdim=16, mamba_d_state=16, mamba_chunk_size=16)
+    return ParaRNNLMForCausalLM(cfg).eval()
+
+
+@pytest.mark.parametrize("mixer", ["paragru", "paralstm", "mamba2", "attention"])
+def test_project_models_packed_equals_unpacked(mixer):
+    model = _project_model(mixer)
+    stream = make_stream(n_docs=5, seed=3)
+    with torch.no_grad():
+        ref_total, ref_count, _ = independent_nll(model, _window_docs(stream, 48), 48)
+        packed = evaluate_stream(model, stream, seq_len=48, batch_size=2, eos_token_id=EOS, packed=True)
+    assert packed.total_tokens == ref_count
+    assert packed.perplexity == pytest.approx(math.exp(ref_total / ref_count), rel=1e-4)
