@@ -66,6 +66,8 @@ def _from_project_models(arch: str, *, vocab_size: int, bare_mixer: bool, d_mode
     builder = getattr(mod, "build_synthetic_model", None)
     mixer = MIXER_OF.get(arch, arch)
     if builder is not None:  # preferred: models/ knows best how to make its 1-layer / bare variants
+        if "gain_bound" in extra:  # our task-level name -> the config field
+            extra["rnn_gain_bound"] = extra.pop("gain_bound")
         return builder(mixer, vocab_size=vocab_size, bare_mixer=bare_mixer, d_model=d_model,
                        num_heads=num_heads, **extra)
     cfg_cls = _first_attr(mod, ("ParaRNNLMConfig",))
