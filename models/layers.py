@@ -1,0 +1,118 @@
+"""Building blocks shared by the mixers: norms, SwiGLU, the document-aware causal conv, RoPE, init."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def trunc_normal_init_(weight: torch.Tensor, std: float) -> None:
+    """DCLM / open_lm style: truncated normal at +-3 std."""
+    nn.init.trunc_normal_(weight, mean=0.0, std=std, a=-3 * std, b=3 * std)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Statistics in fp32 so bf16 activations keep a stable scale.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xf * self.weight.float()).to(x.dtype)
+
+
+class GatedRMSNorm(RMSNorm):
+    """Mamba2-style gated norm: RMSNorm(y * silu(z)) (the gate is applied before normalising)."""
+
+    def forward(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return super().forward(y * F.silu(z.to(y.dtype)))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, dim: int, hidden: int, bias: bool = False) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=bias)
+        self.up_proj = nn.Linear(dim, hidden, bias=bias)
+        self.down_proj = nn.Linear(hidden, dim, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+    def init_weights(self, layer_idx: int, base_std: float | None) -> None:
+        dim, hidden = self.gate_proj.in_features, self.gate_proj.out_features
+        std_in = base_std or 1.0 / math.sqrt(dim)
+        trunc_normal_init_(self.gate_proj.weight, std_in)
+        trunc_normal_init_(self.up_proj.weight, std_in)
+        trunc_normal_init_(self.down_proj.weight, output_std(base_std or 1.0 / math.sqrt(hidden), layer_idx))
+        for lin in (self.gate_proj, self.up_proj, self.down_proj):
+            if lin.bias is not None:
+                nn.init.zeros_(lin.bias)
+
+
+def output_std(std: float, layer_idx: int) -> float:
+    """Residual-branch output projections shrink with depth (open_lm: std / sqrt(2 (layer_idx + 1)))."""
+    return std / math.sqrt(2 * (layer_idx + 1))
+
+
+class CausalConv1d(nn.Module):
+    """Depthwise causal conv over time that never reads across a document start.
+
+    y_t = bias + sum_{j<K} w[K-1-j] * x_{t-j} * [pos_t >= j]: a tap reaching before the token's
+    document start (pos_t < j) is masked, so the same code serves padded rows, packed documents and
+    decoding from a cached window of the last K-1 inputs. The parameter is an ``nn.Conv1d``
+    (weight (C, 1, K)) so checkpoints keep the familiar layout.
+    """
+
+    def __init__(self, channels: int, kernel: int) -> None:
+        super().__init__()
+        self.kernel = kernel
+        self.conv = nn.Conv1d(channels, channels, kernel, groups=channels, bias=True)
+
+    def forward(
+        self, x: torch.Tensor, positions: torch.Tensor, context: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (B, T, C), positions (B, T), context (B, K-1, C) or None -> y (B, T, C), new context."""
+        B, T, C = x.shape
+        K = self.kernel
+        if context is None:
+            context = x.new_zeros(B, K - 1, C)
+        xx = torch.cat((context.to(x.dtype), x), dim=1)  # (B, T+K-1, C)
+        w = self.conv.weight[:, 0, :].to(x.dtype)  # (C, K)
+        y = x * w[:, K - 1]
+        for j in range(1, K):
+            tap = xx[:, K - 1 - j : K - 1 - j + T] * (positions >= j).unsqueeze(-1).to(x.dtype)
+            y = y + tap * w[:, K - 1 - j]
+        y = y + self.conv.bias.to(x.dtype)
+        return y, xx[:, xx.shape[1] - (K - 1) :]
+
+
+class RotaryEmbedding(nn.Module):
+    """RoPE (rotate-half convention) from per-token positions, so packed documents restart at 0.
+
+    The inverse frequencies are recomputed per call (head_dim/2 numbers) instead of kept in a buffer:
+    a non-persistent buffer would stay uninitialised when HF builds the model on the meta device.
+    """
+
+    def __init__(self, head_dim: int, theta: float) -> None:
+        super().__init__()
+        self.head_dim, self.theta = head_dim, theta
+
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions (B, T) -> cos, sin (B, 1, T, head_dim) in fp32."""
+        exponent = torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=positions.device) / self.head_dim
+        inv_freq = 1.0 / (self.theta ** exponent)
+        freqs = positions.to(torch.float32).unsqueeze(-1) * inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1).unsqueeze(1)
+        return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (B, H, T, D)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return (x.float() * cos + rotated.float() * sin).to(x.dtype)

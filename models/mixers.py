@@ -1,0 +1,232 @@
+"""The sequence mixers: ParaGRU / ParaLSTM (paper Fig. 9), Mamba2, attention. Registered by name.
+
+Every mixer: ``forward(x (B, T, d), seq, cache, attn_mask) -> (B, T, d)``; with a cache it reads
+its state (if a previous call left one) and writes the state after the chunk, so prefill runs the
+parallel path and decoding continues from its final states with O(1) work per token.
+
+Init (DCLM / open_lm style, see ``init_weights``): input-side projections truncated-normal (+-3 std)
+with std = 1/sqrt(fan_in); residual-branch output projections additionally / sqrt(2 (layer_idx+1));
+convs keep PyTorch's default; the cell layer keeps its own init (Kaiming-uniform input heads, small
+Xavier recurrent gains clipped to the bound); Mamba2's dt_bias / A_log / D as in Mamba2.
+"""
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .engine import make_cell_layer
+from .layers import CausalConv1d, GatedRMSNorm, RotaryEmbedding, apply_rope, output_std, trunc_normal_init_
+from .registry import register_mixer
+from .ssd import fla_available, ssd_chunked, ssd_fla, ssd_step
+
+log = logging.getLogger(__name__)
+
+
+def _init_linear(lin: nn.Linear, std: float) -> None:
+    trunc_normal_init_(lin.weight, std)
+    if lin.bias is not None:
+        nn.init.zeros_(lin.bias)
+
+
+class ParaRNNMixer(nn.Module):
+    """in_proj (d -> 2 di: x, z) -> causal conv + SiLU -> cell -> RMSNorm(y * silu(z)) -> out_proj.
+
+    With ``config.bare_mixer`` only the cell layer remains (dim = hidden_size), as in the paper's
+    keep-nth and parity experiments.
+    """
+
+    def __init__(self, kind: str, config, layer_idx: int) -> None:
+        super().__init__()
+        self.kind, self.layer_idx, self.bare = kind, layer_idx, config.bare_mixer
+        d = config.hidden_size
+        di = d if self.bare else config.rnn_inner_size
+        self.cell = make_cell_layer(
+            kind, di, config.num_attention_heads, gain_bound=config.rnn_gain_bound, mode=config.rnn_mode,
+            newton=config.rnn_newton, bias=config.rnn_bias, name=f"model.layers.{layer_idx}.mixer.cell",
+        )
+        if not self.bare:
+            self.in_proj = nn.Linear(d, 2 * di, bias=False)
+            self.conv = CausalConv1d(di, config.conv_kernel)
+            self.norm = GatedRMSNorm(di, eps=config.rms_norm_eps)
+            self.out_proj = nn.Linear(di, d, bias=False)
+
+    def init_weights(self, base_std: float | None) -> None:
+        self.cell.reset_parameters()
+        if self.bare:
+            return
+        d, di = self.in_proj.in_features, self.out_proj.in_features
+        _init_linear(self.in_proj, base_std or 1.0 / math.sqrt(d))
+        _init_linear(self.out_proj, output_std(base_std or 1.0 / math.sqrt(di), self.layer_idx))
+        self.conv.conv.reset_parameters()
+        nn.init.ones_(self.norm.weight)
+
+    def _run_cell(self, u: torch.Tensor, seq, h0: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        B, T, D = u.shape
+        if h0 is not None and T == 1:  # decoding: one step of the cell, no Newton
+            y, h = self.cell.step(u[:, 0], seq.masked_initial(h0))
+            return y.unsqueeze(1), h
+        if seq.has_inner_resets:  # packed view: every document restarts (from zero or a carried state)
+            p = seq.packed()
+            y, h_docs = self.cell(u.reshape(1, B * T, D), seq.initial_rows_to_docs(h0), p["cu_seqlens"])
+            return y.reshape(B, T, D), h_docs[p["last_doc"]]
+        return self.cell(u, seq.masked_initial(h0))
+
+    def forward(self, x: torch.Tensor, seq, cache=None, attn_mask=None) -> torch.Tensor:
+        state = cache.recurrent_layer(self.layer_idx) if cache is not None else None
+        ctx, h0 = state.get_state() if state is not None else (None, None)
+        if self.bare:
+            y, h = self._run_cell(x, seq, h0)
+            if state is not None:
+                state.set_state(None, h)
+            return y
+        u, z = self.in_proj(x).chunk(2, dim=-1)
+        u, new_ctx = self.conv(u, seq.positions, ctx)
+        y, h = self._run_cell(F.silu(u), seq, h0)
+        if state is not None:
+            state.set_state(new_ctx, h)
+        return self.out_proj(self.norm(y, z))
+
+
+@register_mixer("paragru")
+def _paragru(config, layer_idx: int) -> nn.Module:
+    return ParaRNNMixer("paragru", config, layer_idx)
+
+
+@register_mixer("paralstm")
+def _paralstm(config, layer_idx: int) -> nn.Module:
+    return ParaRNNMixer("paralstm", config, layer_idx)
+
+
+@register_mixer("mamba2")
+class Mamba2Mixer(nn.Module):
+    """Standard Mamba2 layer: in_proj -> (z, xBC, dt); causal conv + SiLU on xBC; SSD with D skip;
+    RMSNorm(y * silu(z)); out_proj. ``bare_mixer``: in_proj -> (x, B, C, dt) -> SSD -> out_proj."""
+
+    def __init__(self, config, layer_idx: int) -> None:
+        super().__init__()
+        self.config, self.layer_idx, self.bare = config, layer_idx, config.bare_mixer
+        d = config.hidden_size
+        self.di, self.H, self.P = config.mamba_inner_size, config.mamba_num_heads, config.mamba_headdim
+        self.G, self.N = config.mamba_ngroups, config.mamba_d_state
+        self.conv_dim = self.di + 2 * self.G * self.N
+        self.in_proj = nn.Linear(d, (0 if self.bare else self.di) + self.conv_dim + self.H, bias=False)
+        if not self.bare:
+            self.conv = CausalConv1d(self.conv_dim, config.conv_kernel)
+            self.norm = GatedRMSNorm(self.di, eps=config.rms_norm_eps)
+        self.dt_bias = nn.Parameter(torch.empty(self.H))
+        self.A_log = nn.Parameter(torch.empty(self.H))
+        self.D = nn.Parameter(torch.empty(self.H))
+        self.out_proj = nn.Linear(self.di, d, bias=False)
+        self.backend = config.ssd_backend
+        self._init_ssm_params()
+
+    def _init_ssm_params(self) -> None:
+        c = self.config
+        with torch.no_grad():
+            # dt ~ log-uniform in [dt_min, dt_max], stored through the inverse softplus.
+            u = torch.rand(self.H, device=self.dt_bias.device) if self.dt_bias.device.type != "meta" else None
+            if u is not None:
+                dt = torch.exp(u * (math.log(c.mamba_dt_max) - math.log(c.mamba_dt_min)) + math.log(c.mamba_dt_min))
+                dt = dt.clamp(min=c.mamba_dt_init_floor)
+                self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+                lo, hi = c.mamba_A_init_range
+                self.A_log.copy_(torch.log(torch.empty(self.H, device=u.device).uniform_(lo, hi)))
+                self.D.fill_(1.0)
+
+    def init_weights(self, base_std: float | None) -> None:
+        d = self.in_proj.in_features
+        _init_linear(self.in_proj, base_std or 1.0 / math.sqrt(d))
+        _init_linear(self.out_proj, output_std(base_std or 1.0 / math.sqrt(self.di), self.layer_idx))
+        if not self.bare:
+            self.conv.conv.reset_parameters()
+            nn.init.ones_(self.norm.weight)
+        self._init_ssm_params()
+
+    def _use_fla(self, x: torch.Tensor) -> bool:
+        if self.backend == "torch":
+            return False
+        ok = fla_available(x.device)
+        if self.backend == "fla" and not ok:
+            raise RuntimeError("ssd_backend='fla' needs a CUDA device and fla-core installed")
+        return ok
+
+    def forward(self, x: torch.Tensor, seq, cache=None, attn_mask=None) -> torch.Tensor:
+        B, T, _ = x.shape
+        state = cache.recurrent_layer(self.layer_idx) if cache is not None else None
+        ctx, S0 = state.get_state() if state is not None else (None, None)
+        proj = self.in_proj(x)
+        if self.bare:
+            z = None
+            xBC, dt = proj.split([self.conv_dim, self.H], dim=-1)
+            new_ctx = None
+        else:
+            z, xBC, dt = proj.split([self.di, self.conv_dim, self.H], dim=-1)
+            xBC, new_ctx = self.conv(xBC, seq.positions, ctx)
+            xBC = F.silu(xBC)
+        xs, Bm, Cm = xBC.split([self.di, self.G * self.N, self.G * self.N], dim=-1)
+        compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+        xs = xs.reshape(B, T, self.H, self.P)
+        Bm, Cm = Bm.reshape(B, T, self.G, self.N), Cm.reshape(B, T, self.G, self.N)
+        dt = F.softplus(dt.to(compute) + self.dt_bias.to(compute))
+        A = -torch.exp(self.A_log.to(compute))
+        if S0 is not None and T == 1:  # decoding step
+            y, S = ssd_step(seq.masked_initial(S0).to(compute), xs[:, 0].to(compute), dt[:, 0], A,
+                            Bm[:, 0].to(compute), Cm[:, 0].to(compute))
+            y = y.unsqueeze(1)
+        elif self._use_fla(x):
+            y, S = ssd_fla(xs, dt, A, Bm, Cm, None if S0 is None else S0.float(), seq.resets, seq)
+            y, S = y.to(compute), S.to(compute)
+        else:
+            y, S = ssd_chunked(xs.to(compute), dt, A, Bm.to(compute), Cm.to(compute),
+                               None if S0 is None else S0.to(compute), seq.resets, self.config.mamba_chunk_size)
+        y = y + xs.to(compute) * self.D.to(compute)[:, None]
+        y = y.reshape(B, T, self.di).to(x.dtype)
+        if state is not None:
+            state.set_state(new_ctx, S)
+        if not self.bare:
+            y = self.norm(y, z)
+        return self.out_proj(y)
+
+
+@register_mixer("attention")
+class AttentionMixer(nn.Module):
+    """Causal multi-head attention with RoPE (positions restart per document) and optional GQA."""
+
+    def __init__(self, config, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        d = config.hidden_size
+        self.H, self.Hkv, self.hd = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        self.q_proj = nn.Linear(d, self.H * self.hd, bias=config.attention_bias)
+        self.k_proj = nn.Linear(d, self.Hkv * self.hd, bias=config.attention_bias)
+        self.v_proj = nn.Linear(d, self.Hkv * self.hd, bias=config.attention_bias)
+        self.o_proj = nn.Linear(self.H * self.hd, d, bias=config.attention_bias)
+        self.rope = RotaryEmbedding(self.hd, config.rope_theta)
+
+    def init_weights(self, base_std: float | None) -> None:
+        d = self.q_proj.in_features
+        for lin in (self.q_proj, self.k_proj, self.v_proj):
+            _init_linear(lin, base_std or 1.0 / math.sqrt(d))
+        _init_linear(self.o_proj, output_std(base_std or 1.0 / math.sqrt(self.H * self.hd), self.layer_idx))
+
+    def forward(self, x: torch.Tensor, seq, cache=None, attn_mask=None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.H, self.hd).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.Hkv, self.hd).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.Hkv, self.hd).transpose(1, 2)
+        cos, sin = self.rope(seq.positions)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.layers[self.layer_idx].update(k, v)
+        if self.Hkv != self.H:
+            k = k.repeat_interleave(self.H // self.Hkv, dim=1)
+            v = v.repeat_interleave(self.H // self.Hkv, dim=1)
+        if attn_mask is None:  # one document per row, no cached prefix: plain causal (flash path on GPU)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.H * self.hd))

@@ -1,0 +1,291 @@
+"""The causal LM shared by all architectures: embeddings -> blocks (pre-norm mixer + pre-norm SwiGLU) -> norm -> head.
+
+Sequence structure (padding, packed documents, decoding) is reduced once per forward to per-token
+positions (``models.packing.SequenceInfo``) that every mixer consumes, see ``_positions``.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.utils import ModelOutput
+
+from .cache import ParaRNNCache
+from .configuration import ParaRNNLMConfig
+from .layers import RMSNorm, SwiGLU, trunc_normal_init_
+from .loss import lm_loss_chunked, lm_loss_from_logits
+from .mixers import AttentionMixer, Mamba2Mixer, ParaRNNMixer  # noqa: F401  (registers the mixers)
+from .packing import SequenceInfo, positions_from_attention_mask, positions_from_cu_seqlens
+from .registry import MIXERS, build_mixer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ParaRNNLMOutput(ModelOutput):
+    """``loss`` = ``ce_loss`` + z_loss * ``z_loss_term`` in training mode (just ``ce_loss`` in eval)."""
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    cache: ParaRNNCache | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    ce_loss: torch.Tensor | None = None
+    z_loss_term: torch.Tensor | None = None
+
+
+@dataclass
+class ParaRNNLMModelOutput(ModelOutput):
+    last_hidden_state: torch.Tensor | None = None
+    cache: ParaRNNCache | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+
+
+class ParaRNNLMBlock(nn.Module):
+    def __init__(self, config: ParaRNNLMConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.mixer_type = config.mixers[layer_idx]
+        self.mixer_norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.mixer = build_mixer(self.mixer_type, config, layer_idx)
+        if config.intermediate_size > 0:
+            self.mlp_norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+            self.mlp = SwiGLU(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
+        else:
+            self.mlp_norm = self.mlp = None
+
+    def forward(self, x: torch.Tensor, seq: SequenceInfo, cache, attn_mask) -> torch.Tensor:
+        x = x + self.mixer(self.mixer_norm(x), seq, cache, attn_mask)
+        if self.mlp is not None:
+            x = x + self.mlp(self.mlp_norm(x))
+        return x
+
+
+def _all_loaded(module: nn.Module) -> bool:
+    """True when every parameter below ``module`` came from a checkpoint (HF marks them)."""
+    params = list(module.parameters())
+    return bool(params) and all(getattr(p, "_is_hf_initialized", False) for p in params)
+
+
+class ParaRNNLMPreTrainedModel(PreTrainedModel):
+    config_class = ParaRNNLMConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["ParaRNNLMBlock"]
+    _supports_sdpa = True
+    _is_stateful = True  # recurrent layers: no cache cropping / assisted decoding
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        # generate() must not build a DynamicCache: the model builds its own ParaRNNCache on the first call.
+        return False
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        """DCLM-style init (see mixers.py); mixers initialise their own children (called after them)."""
+        base = self.config.init_std
+        d = self.config.hidden_size
+        if hasattr(module, "init_weights") and isinstance(module, (ParaRNNMixer, Mamba2Mixer, AttentionMixer, SwiGLU)):
+            if _all_loaded(module):
+                return
+            if isinstance(module, SwiGLU):
+                module.init_weights(self._layer_of(module), base)
+            else:
+                module.init_weights(base)
+        elif isinstance(module, nn.Embedding):
+            if not _all_loaded(module):
+                trunc_normal_init_(module.weight, base or 1.0 / math.sqrt(d))
+        elif isinstance(module, nn.Linear) and getattr(module, "_is_lm_head", False):
+            if not _all_loaded(module):
+                trunc_normal_init_(module.weight, base or 1.0 / math.sqrt(d))
+        elif isinstance(module, RMSNorm):
+            if not _all_loaded(module):
+                nn.init.ones_(module.weight)
+
+    def _layer_of(self, module: nn.Module) -> int:
+        for name, sub in self.named_modules():
+            if sub is module:
+                parts = name.split(".")
+                if "layers" in parts:
+                    return int(parts[parts.index("layers") + 1])
+        return 0
+
+
+class ParaRNNLMModel(ParaRNNLMPreTrainedModel):
+    def __init__(self, config: ParaRNNLMConfig) -> None:
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(ParaRNNLMBlock(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.has_attention = "attention" in config.mixers
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embed_tokens = value
+
+    @staticmethod
+    def _positions(B, T, device, attention_mask, position_ids, cu_seqlens, cache) -> torch.Tensor:
+        """Per-token positions inside documents (B, T): the one description of sequence structure."""
+        if cu_seqlens is not None:
+            if B != 1:
+                raise ValueError(f"cu_seqlens needs a packed batch of one row, got batch size {B}")
+            return positions_from_cu_seqlens(cu_seqlens.to(device), T)
+        if position_ids is not None:
+            if position_ids.shape[-1] != T:
+                raise ValueError(f"position_ids has length {position_ids.shape[-1]} but the input has {T} tokens")
+            return position_ids.to(device=device, dtype=torch.long).expand(B, T)
+        if cache is not None and cache.last_positions is not None:  # continue each row's document
+            return cache.last_positions[:, None] + 1 + torch.arange(T, device=device)
+        if attention_mask is not None and attention_mask.dim() == 2 and not bool(attention_mask.all()):
+            return positions_from_attention_mask(attention_mask.to(device))[:, -T:]
+        return torch.arange(T, device=device).expand(B, T)
+
+    @staticmethod
+    def _attention_mask(seq: SequenceInfo, cache) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """Boolean (B, 1, T, S) mask: causal and same-document; None when plain causal suffices."""
+        past = cache.doc_ids if cache is not None else None
+        offset = past[:, -1] if past is not None else None
+        doc_q = seq.doc_ids(offset)
+        if past is None and not seq.has_inner_resets:
+            return None, doc_q
+        doc_k = doc_q if past is None else torch.cat((past, doc_q), dim=1)
+        T, S = doc_q.shape[1], doc_k.shape[1]
+        q_idx = torch.arange(T, device=doc_q.device) + (S - T)
+        causal = torch.arange(S, device=doc_q.device)[None, :] <= q_idx[:, None]
+        mask = causal[None] & (doc_k[:, None, :] == doc_q[:, :, None])
+        return mask.unsqueeze(1), doc_q
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: ParaRNNCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        **kwargs,
+    ) -> ParaRNNLMModelOutput:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        B, T = x.shape[:2]
+        if use_cache is None:
+            use_cache = self.config.use_cache and not self.training
+        if use_cache and cache is None:
+            cache = ParaRNNCache(self.config)
+        if cache is not None and not isinstance(cache, ParaRNNCache):
+            raise TypeError(f"cache must be a ParaRNNCache (built by the model), got {type(cache).__name__}")
+        positions = self._positions(B, T, x.device, attention_mask, position_ids, cu_seqlens, cache)
+        seq = SequenceInfo(positions)
+        attn_mask, doc_ids = self._attention_mask(seq, cache) if (self.has_attention or cache is not None) else (None, None)
+        hidden = [x] if output_hidden_states else None
+        for layer in self.layers:
+            if self.gradient_checkpointing and self.training and cache is None:
+                x = self._gradient_checkpointing_func(layer.__call__, x, seq, None, attn_mask)
+            else:
+                x = layer(x, seq, cache, attn_mask)
+            if hidden is not None:
+                hidden.append(x)
+        if cache is not None:
+            cache.advance(positions, doc_ids)
+        x = self.norm(x)
+        return ParaRNNLMModelOutput(last_hidden_state=x, cache=cache,
+                                    hidden_states=tuple(hidden) if hidden is not None else None)
+
+
+class ParaRNNLMForCausalLM(ParaRNNLMPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: ParaRNNLMConfig) -> None:
+        super().__init__(config)
+        self.model = ParaRNNLMModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head._is_lm_head = True
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.lm_head = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: ParaRNNCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        logits_to_keep: int = 0,
+        output_hidden_states: bool | None = None,
+        past_key_values: ParaRNNCache | None = None,
+        **kwargs,
+    ) -> ParaRNNLMOutput:
+        """HF causal LM forward; ``labels`` are shifted inside (token t predicts labels[t+1]).
+
+        Packed batches: pass ``position_ids`` restarting at 0 at every document start, or a single
+        row with ``cu_seqlens``. ``past_key_values`` is accepted as an alias of ``cache``.
+        """
+        cache = cache if cache is not None else past_key_values
+        out = self.model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
+            inputs_embeds=inputs_embeds, use_cache=use_cache, cu_seqlens=cu_seqlens,
+            output_hidden_states=output_hidden_states,
+        )
+        h = out.last_hidden_state
+        logits = loss = ce = z = None
+        if labels is not None and self.config.fused_cross_entropy:
+            ce, z, _ = lm_loss_chunked(h, self.lm_head.weight, labels, self.config.ce_chunk_size)
+        else:
+            keep = h if (logits_to_keep == 0 or labels is not None) else h[:, -logits_to_keep:]
+            logits = self.lm_head(keep)
+            if labels is not None:
+                ce, z, _ = lm_loss_from_logits(logits, labels)
+        if ce is not None:
+            loss = ce + self.config.z_loss * z if (self.training and self.config.z_loss > 0) else ce
+        return ParaRNNLMOutput(loss=loss, logits=logits, cache=out.cache, hidden_states=out.hidden_states,
+                               ce_loss=ce, z_loss_term=z)
+
+
+def check_tokenizer(config: ParaRNNLMConfig, tokenizer) -> None:
+    """Raise if ``tokenizer`` produces ids outside the embedding table."""
+    n = len(tokenizer)
+    if n > config.vocab_size:
+        raise ValueError(f"the tokenizer has {n} tokens but the model's vocab_size is {config.vocab_size}")
+
+
+def build_synthetic_model(mixer: str, *, vocab_size: int, bare_mixer: bool, d_model: int = 64, num_heads: int = 4,
+                          **extra) -> ParaRNNLMForCausalLM:
+    """One-layer model of the paper's synthetic tasks (Table 6): d=64, 4 heads by default.
+
+    ``bare_mixer``: the mixer alone, no MLP (keep-nth, parity); otherwise the full block with a SwiGLU.
+    Recurrent gains are bounded at 0.9 (paper, synthetic tasks) unless ``rnn_gain_bound`` is given
+    (None for parity). Mamba2 uses head dim 16 here so d=64 gives 8 heads.
+    """
+    if mixer not in MIXERS:
+        raise ValueError(f"unknown mixer {mixer!r}; registered mixers: {', '.join(sorted(MIXERS))}")
+    kw = dict(
+        vocab_size=vocab_size, hidden_size=d_model, num_hidden_layers=1, num_attention_heads=num_heads,
+        mixer=mixer, bare_mixer=bare_mixer, intermediate_size=0 if bare_mixer else 64 * math.ceil(8 * d_model / 3 / 64),
+        rnn_gain_bound=0.9, mamba_headdim=16, mamba_d_state=16, max_position_embeddings=4096,
+    )
+    kw.update(extra)
+    return ParaRNNLMForCausalLM(ParaRNNLMConfig(**kw))

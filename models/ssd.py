@@ -1,0 +1,145 @@
+"""Mamba2's state-space dual (SSD) recurrence: naive reference, chunked PyTorch, single step, fla-core.
+
+Per head h (headdim P, state N, group g(h) of B/C):
+    a_t = exp(dt_t * A_h)                          (A_h < 0, so 0 < a_t <= 1)
+    S_t = a_t S_{t-1} + dt_t x_t B_t^T             (S: P x N)
+    y_t = S_t C_t
+The skip term D * x is applied by the caller. ``reset`` (B, T) bool marks document starts: there the
+previous state is dropped (S_{t-1} := 0), including at t = 0 where it drops ``initial_state``.
+
+Shapes: x (B, T, H, P), dt (B, T, H) (already softplus'ed), A (H,), Bm/Cm (B, T, G, N),
+initial_state (B, H, P, N) or None, reset (B, T) bool or None. Returns y (B, T, H, P) and the
+state after the last token (B, H, P, N).
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+
+def _heads(m: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """(..., G, N) -> (..., H, N): each group serves H/G consecutive heads."""
+    return m.repeat_interleave(num_heads // m.shape[-2], dim=-2)
+
+
+def ssd_naive(x, dt, A, Bm, Cm, initial_state=None, reset=None):
+    """Token-by-token reference loop (use fp64 in tests)."""
+    Bsz, T, H, P = x.shape
+    N = Bm.shape[-1]
+    Bh, Ch = _heads(Bm, H), _heads(Cm, H)
+    S = x.new_zeros(Bsz, H, P, N) if initial_state is None else initial_state.to(x.dtype)
+    ys = []
+    for t in range(T):
+        if reset is not None:
+            S = S * (~reset[:, t]).to(x.dtype)[:, None, None, None]
+        y, S = ssd_step(S, x[:, t], dt[:, t], A, Bh[:, t], Ch[:, t])
+        ys.append(y)
+    return torch.stack(ys, dim=1), S
+
+
+def ssd_step(state, x_t, dt_t, A, B_t, C_t):
+    """One token: state (B, H, P, N), x_t (B, H, P), dt_t (B, H), B_t/C_t (B, G or H, N) -> y_t, state."""
+    H = x_t.shape[1]
+    if B_t.shape[1] != H:
+        B_t, C_t = _heads(B_t, H), _heads(C_t, H)
+    a = torch.exp(dt_t * A)[:, :, None, None]
+    state = a * state + (dt_t[:, :, None] * x_t)[..., None] * B_t[:, :, None, :]
+    y = torch.einsum("bhpn,bhn->bhp", state, C_t)
+    return y, state
+
+
+def ssd_chunked(x, dt, A, Bm, Cm, initial_state=None, reset=None, chunk_size: int = 64):
+    """Chunked SSD in PyTorch: quadratic attention-like form inside chunks, a state carry between them.
+
+    Resets are handled with segment ids inside each chunk (no -inf in the log-decay cumsum, so no
+    NaNs and no precision loss): a pair (t, s) interacts only if no document starts in (s, t].
+    """
+    Bsz, T, H, P = x.shape
+    N = Bm.shape[-1]
+    L = chunk_size
+    pad = (-T) % L
+    if reset is None:
+        reset = torch.zeros(Bsz, T, dtype=torch.bool, device=x.device)
+    if pad:  # padded steps: dt = 0 (decay 1, no input), no reset -> the final state is unchanged
+        x = F.pad(x, (0, 0, 0, 0, 0, pad))
+        dt = F.pad(dt, (0, 0, 0, pad))
+        Bm = F.pad(Bm, (0, 0, 0, 0, 0, pad))
+        Cm = F.pad(Cm, (0, 0, 0, 0, 0, pad))
+        reset = F.pad(reset, (0, pad))
+    nc = x.shape[1] // L
+    xc = x.reshape(Bsz, nc, L, H, P)
+    dtc = dt.reshape(Bsz, nc, L, H)
+    Bc = _heads(Bm, H).reshape(Bsz, nc, L, H, N)
+    Cc = _heads(Cm, H).reshape(Bsz, nc, L, H, N)
+    seg = reset.reshape(Bsz, nc, L).long().cumsum(-1)  # resets counted from the chunk start
+    cs = torch.cumsum(dtc * A, dim=2)  # (B, nc, L, H) cumulative log decay, <= 0, decreasing
+
+    # Intra-chunk: y_t = sum_{s<=t, same segment} exp(cs_t - cs_s) (C_t . B_s) dt_s x_s
+    diff = cs.unsqueeze(3) - cs.unsqueeze(2)  # (B, nc, L_t, L_s, H)
+    causal = torch.ones(L, L, dtype=torch.bool, device=x.device).tril()
+    same = seg.unsqueeze(3) == seg.unsqueeze(2)  # (B, nc, L_t, L_s)
+    valid = (causal & same).unsqueeze(-1)
+    decay = torch.exp(diff.masked_fill(~valid, float("-inf")))
+    scores = torch.einsum("bctkn,bcskn->bctsk", Cc, Bc) * decay  # (B, nc, L_t, L_s, H)
+    xdt = xc * dtc.unsqueeze(-1)
+    y = torch.einsum("bctsk,bcskp->bctkp", scores, xdt)
+
+    # Each chunk's own end state (from zero), and its carry factor for the incoming state.
+    to_end = torch.exp(cs[:, :, -1:] - cs) * (seg == seg[:, :, -1:]).unsqueeze(-1).to(x.dtype)  # (B, nc, L, H)
+    chunk_states = torch.einsum("bclk,bclkp,bclkn->bckpn", to_end, xdt, Bc)
+    carry = torch.exp(cs[:, :, -1]) * (seg[:, :, -1] == 0).unsqueeze(-1).to(x.dtype)  # (B, nc, H)
+
+    S = x.new_zeros(Bsz, H, P, N) if initial_state is None else initial_state.to(x.dtype)
+    incoming = []
+    for c in range(nc):  # few iterations (T / chunk_size)
+        incoming.append(S)
+        S = carry[:, c, :, None, None] * S + chunk_states[:, c]
+    S_in = torch.stack(incoming, dim=1)  # (B, nc, H, P, N)
+
+    # Inter-chunk: the incoming state reaches t if no document starts in [chunk start, t].
+    from_start = torch.exp(cs) * (seg == 0).unsqueeze(-1).to(x.dtype)  # (B, nc, L, H)
+    y = y + torch.einsum("bclkn,bckpn->bclkp", Cc, S_in) * from_start.unsqueeze(-1)
+    y = y.reshape(Bsz, nc * L, H, P)[:, :T]
+    return y, S
+
+
+def fla_available(device: torch.device) -> bool:
+    if device.type != "cuda":
+        return False
+    try:
+        import fla.ops.simple_gla  # noqa: F401
+    except Exception:  # not installed or broken: the PyTorch path is used
+        return False
+    return True
+
+
+def ssd_fla(x, dt, A, Bm, Cm, initial_state=None, reset=None, seq=None):
+    """SSD through fla-core's simple-GLA chunk kernel (q=C, k=B, v=dt*x, g=dt*A, scale 1).
+
+    Resets use fla's varlen API: the batch is packed to (1, B*T) with cu_seqlens from ``seq``
+    (:class:`models.packing.SequenceInfo`), and carried states go to each row's first document.
+    """
+    try:
+        from fla.ops.simple_gla import chunk_simple_gla
+    except Exception as err:  # pragma: no cover - guarded by fla_available
+        raise RuntimeError("ssd_backend='fla' needs fla-core (pip install 'pararnn-lm[mamba]')") from err
+    Bsz, T, H, P = x.shape
+    q, k = _heads(Cm, H), _heads(Bm, H)
+    v = (x * dt.unsqueeze(-1)).to(x.dtype)
+    g = (dt * A).float()  # log decays stay fp32
+    if seq is not None and seq.has_inner_resets:
+        packed = seq.packed()
+        h0 = seq.initial_rows_to_docs(initial_state)
+        flat = [t.reshape(1, Bsz * T, *t.shape[2:]) for t in (q, k, v, g)]
+        y, hT = chunk_simple_gla(*flat, scale=1.0, initial_state=h0, output_final_state=True,
+                                 state_v_first=True, cu_seqlens=packed["cu_seqlens"].long())
+        return y.reshape(Bsz, T, H, P), hT[packed["last_doc"]]
+    if initial_state is not None and reset is not None:
+        initial_state = initial_state * (~reset[:, 0]).to(initial_state.dtype)[:, None, None, None]
+    y, hT = chunk_simple_gla(q, k, v, g, scale=1.0, initial_state=initial_state, output_final_state=True,
+                             state_v_first=True)
+    return y, hT
