@@ -42,7 +42,9 @@ class DataConfig:
 
     # --- packing and loading --------------------------------------------------------------------
     seq_len: int = 256  # tokens per training sequence
-    label_mode: str = "shifted"  # shifted: labels[t] = next token of input_ids[t]; unshifted: labels = input_ids (HF models shift)
+    # unshifted: labels = input_ids, the HF convention our models/ follow (the model shifts inside);
+    # shifted: labels[t] = the token after input_ids[t] (for models that do not shift).
+    label_mode: str = "unshifted"
     shuffle: bool = True  # shuffle training sequences (a fresh permutation every epoch)
     seed: int = 0  # order of the training sequences and the validation hold-out
     num_workers: int = 0  # DataLoader worker processes per rank

@@ -5,9 +5,11 @@ Layout. The documents of a split are concatenated into one stream, each ending w
 the stream and, last, the stream length. Sequence ``i`` covers stream positions ``[i*T, (i+1)*T)``:
 
 * ``input_ids[t]  = stream[i*T + t]``
-* ``labels[t]     = stream[i*T + t + 1]`` with ``label_mode="shifted"`` (next-token targets; the model must
-  NOT shift again), or ``= input_ids[t]`` with ``"unshifted"`` (the HF convention: the model shifts).
-  Shifted windows overlap by one token, so every stream token but the first is a target exactly once.
+* ``labels[t]     = input_ids[t]`` with ``label_mode="unshifted"`` (default; the HF convention that
+  ``models/`` follows: the model shifts, position t predicts ``labels[t+1]``, so the first token of each
+  window is never a target), or ``= stream[i*T + t + 1]`` with ``"shifted"`` (next-token targets for a
+  model that does NOT shift; windows then read T+1 tokens, so every stream token but the first is a target
+  exactly once).
 * ``position_ids[t]`` = offset from the latest document start inside the window; it restarts at 0 at every
   document start *and* at the window start (a window that begins mid-document is a fresh segment for the
   model: recurrent state and attention both start there). Hence ``position_ids == 0`` marks exactly the
@@ -73,7 +75,7 @@ class PackedDataset(torch.utils.data.Dataset):
     lazy, so a dataset over memory-mapped shards is cheap to pickle into DataLoader workers.
     """
 
-    def __init__(self, tokens, doc_offsets: Optional[np.ndarray], seq_len: int, *, label_mode: str = "shifted",
+    def __init__(self, tokens, doc_offsets: Optional[np.ndarray], seq_len: int, *, label_mode: str = "unshifted",
                  name: str = "dataset", fingerprint: Optional[str] = None):
         if label_mode not in ("shifted", "unshifted"):
             raise ValueError(f"label_mode={label_mode!r} is not 'shifted' or 'unshifted'")
