@@ -143,7 +143,10 @@ def get_or_train_tokenizer(source, vocab_size: int = 4096, cache_dir: str = "~/.
             return load_tokenizer(str(directory))
         logger.info("training a %d-token byte-level BPE on %s", vocab_size, source.name)
         with atomic_directory(directory) as tmp:
-            train_tokenizer(source.texts(), vocab_size, min_frequency=min_frequency, max_chars=max_chars, save_dir=tmp)
+            try:
+                train_tokenizer(source.texts(), vocab_size, min_frequency=min_frequency, max_chars=max_chars, save_dir=tmp)
+            except TokenizerError as err:
+                raise TokenizerError(f"{err} in {source.name}") from err
             (tmp / "pararnn_data.json").write_text(json.dumps(
                 {"format": TOKENIZER_FORMAT, "source": source.name, "source_fingerprint": source.fingerprint,
                  "vocab_size": vocab_size, "min_frequency": min_frequency, "max_chars": max_chars}, indent=2))
