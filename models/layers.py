@@ -34,24 +34,20 @@ class GatedRMSNorm(RMSNorm):
 
 
 class SwiGLU(nn.Module):
-    def __init__(self, dim: int, hidden: int, bias: bool = False) -> None:
+    def __init__(self, dim: int, hidden: int, bias: bool = False, layer_idx: int = 0) -> None:
         super().__init__()
         self.gate_proj = nn.Linear(dim, hidden, bias=bias)
         self.up_proj = nn.Linear(dim, hidden, bias=bias)
-        self.down_proj = nn.Linear(hidden, dim, bias=bias)
+        self.down_proj = mark_residual_output(nn.Linear(hidden, dim, bias=bias), layer_idx)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
-    def init_weights(self, layer_idx: int, base_std: float | None) -> None:
-        dim, hidden = self.gate_proj.in_features, self.gate_proj.out_features
-        std_in = base_std or 1.0 / math.sqrt(dim)
-        trunc_normal_init_(self.gate_proj.weight, std_in)
-        trunc_normal_init_(self.up_proj.weight, std_in)
-        trunc_normal_init_(self.down_proj.weight, output_std(base_std or 1.0 / math.sqrt(hidden), layer_idx))
-        for lin in (self.gate_proj, self.up_proj, self.down_proj):
-            if lin.bias is not None:
-                nn.init.zeros_(lin.bias)
+
+def mark_residual_output(linear: nn.Linear, layer_idx: int) -> nn.Linear:
+    """Tag a projection that writes into the residual stream (its init std shrinks with depth)."""
+    linear._residual_output_of_layer = layer_idx
+    return linear
 
 
 def output_std(std: float, layer_idx: int) -> float:

@@ -13,8 +13,9 @@ IGNORE_INDEX = -100
 
 
 def _ce_and_z(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sums over valid tokens of CE and logsumexp^2 (fp32)."""
-    logits = logits.float()
+    """Sums over valid tokens of CE and logsumexp^2 (fp32, or fp64 for fp64 logits)."""
+    if logits.dtype != torch.float64:
+        logits = logits.float()
     valid = labels != IGNORE_INDEX
     lse = torch.logsumexp(logits, dim=-1)
     target = logits.gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
@@ -46,8 +47,9 @@ def lm_loss_chunked(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     """Same as :func:`lm_loss_from_logits` on ``hidden @ weight.T`` without materialising the logits."""
     targets = shift_labels(labels).reshape(-1)
     h = hidden.reshape(-1, hidden.shape[-1])
-    ce_total = hidden.new_zeros((), dtype=torch.float32)
-    z_total = hidden.new_zeros((), dtype=torch.float32)
+    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    ce_total = hidden.new_zeros((), dtype=acc)
+    z_total = hidden.new_zeros((), dtype=acc)
     for start in range(0, h.shape[0], chunk_size):
         hs, ts = h[start : start + chunk_size], targets[start : start + chunk_size]
         if torch.is_grad_enabled() and (hs.requires_grad or weight.requires_grad):

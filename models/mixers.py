@@ -4,7 +4,7 @@ Every mixer: ``forward(x (B, T, d), seq, cache, attn_mask) -> (B, T, d)``; with 
 its state (if a previous call left one) and writes the state after the chunk, so prefill runs the
 parallel path and decoding continues from its final states with O(1) work per token.
 
-Init (DCLM / open_lm style, see ``init_weights``): input-side projections truncated-normal (+-3 std)
+Init (DCLM / open_lm style, applied by ``ParaRNNLMPreTrainedModel._init_weights``): input-side projections truncated-normal (+-3 std)
 with std = 1/sqrt(fan_in); residual-branch output projections additionally / sqrt(2 (layer_idx+1));
 convs keep PyTorch's default; the cell layer keeps its own init (Kaiming-uniform input heads, small
 Xavier recurrent gains clipped to the bound); Mamba2's dt_bias / A_log / D as in Mamba2.
@@ -19,17 +19,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from .engine import make_cell_layer
-from .layers import CausalConv1d, GatedRMSNorm, RotaryEmbedding, apply_rope, output_std, trunc_normal_init_
+from .layers import CausalConv1d, GatedRMSNorm, RotaryEmbedding, apply_rope, mark_residual_output
 from .registry import register_mixer
 from .ssd import fla_available, ssd_chunked, ssd_fla, ssd_step
 
 log = logging.getLogger(__name__)
-
-
-def _init_linear(lin: nn.Linear, std: float) -> None:
-    trunc_normal_init_(lin.weight, std)
-    if lin.bias is not None:
-        nn.init.zeros_(lin.bias)
 
 
 class ParaRNNMixer(nn.Module):
@@ -52,17 +46,8 @@ class ParaRNNMixer(nn.Module):
             self.in_proj = nn.Linear(d, 2 * di, bias=False)
             self.conv = CausalConv1d(di, config.conv_kernel)
             self.norm = GatedRMSNorm(di, eps=config.rms_norm_eps)
-            self.out_proj = nn.Linear(di, d, bias=False)
+            self.out_proj = mark_residual_output(nn.Linear(di, d, bias=False), layer_idx)
 
-    def init_weights(self, base_std: float | None) -> None:
-        self.cell.reset_parameters()
-        if self.bare:
-            return
-        d, di = self.in_proj.in_features, self.out_proj.in_features
-        _init_linear(self.in_proj, base_std or 1.0 / math.sqrt(d))
-        _init_linear(self.out_proj, output_std(base_std or 1.0 / math.sqrt(di), self.layer_idx))
-        self.conv.conv.reset_parameters()
-        nn.init.ones_(self.norm.weight)
 
     def _run_cell(self, u: torch.Tensor, seq, h0: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         B, T, D = u.shape
@@ -120,11 +105,11 @@ class Mamba2Mixer(nn.Module):
         self.dt_bias = nn.Parameter(torch.empty(self.H))
         self.A_log = nn.Parameter(torch.empty(self.H))
         self.D = nn.Parameter(torch.empty(self.H))
-        self.out_proj = nn.Linear(self.di, d, bias=False)
+        self.out_proj = mark_residual_output(nn.Linear(self.di, d, bias=False), layer_idx)
         self.backend = config.ssd_backend
-        self._init_ssm_params()
+        self.init_ssm_params()
 
-    def _init_ssm_params(self) -> None:
+    def init_ssm_params(self) -> None:
         c = self.config
         with torch.no_grad():
             # dt ~ log-uniform in [dt_min, dt_max], stored through the inverse softplus.
@@ -137,14 +122,6 @@ class Mamba2Mixer(nn.Module):
                 self.A_log.copy_(torch.log(torch.empty(self.H, device=u.device).uniform_(lo, hi)))
                 self.D.fill_(1.0)
 
-    def init_weights(self, base_std: float | None) -> None:
-        d = self.in_proj.in_features
-        _init_linear(self.in_proj, base_std or 1.0 / math.sqrt(d))
-        _init_linear(self.out_proj, output_std(base_std or 1.0 / math.sqrt(self.di), self.layer_idx))
-        if not self.bare:
-            self.conv.conv.reset_parameters()
-            nn.init.ones_(self.norm.weight)
-        self._init_ssm_params()
 
     def _use_fla(self, x: torch.Tensor) -> bool:
         if self.backend == "torch":
@@ -204,14 +181,9 @@ class AttentionMixer(nn.Module):
         self.q_proj = nn.Linear(d, self.H * self.hd, bias=config.attention_bias)
         self.k_proj = nn.Linear(d, self.Hkv * self.hd, bias=config.attention_bias)
         self.v_proj = nn.Linear(d, self.Hkv * self.hd, bias=config.attention_bias)
-        self.o_proj = nn.Linear(self.H * self.hd, d, bias=config.attention_bias)
+        self.o_proj = mark_residual_output(nn.Linear(self.H * self.hd, d, bias=config.attention_bias), layer_idx)
         self.rope = RotaryEmbedding(self.hd, config.rope_theta)
 
-    def init_weights(self, base_std: float | None) -> None:
-        d = self.q_proj.in_features
-        for lin in (self.q_proj, self.k_proj, self.v_proj):
-            _init_linear(lin, base_std or 1.0 / math.sqrt(d))
-        _init_linear(self.o_proj, output_std(base_std or 1.0 / math.sqrt(self.H * self.hd), self.layer_idx))
 
     def forward(self, x: torch.Tensor, seq, cache=None, attn_mask=None) -> torch.Tensor:
         B, T, _ = x.shape

@@ -16,7 +16,8 @@ from transformers.utils import ModelOutput
 
 from .cache import ParaRNNCache
 from .configuration import ParaRNNLMConfig
-from .layers import RMSNorm, SwiGLU, trunc_normal_init_
+from .engine import is_cell_layer
+from .layers import RMSNorm, SwiGLU, output_std, trunc_normal_init_
 from .loss import lm_loss_chunked, lm_loss_from_logits
 from .mixers import AttentionMixer, Mamba2Mixer, ParaRNNMixer  # noqa: F401  (registers the mixers)
 from .packing import SequenceInfo, positions_from_attention_mask, positions_from_cu_seqlens
@@ -53,7 +54,7 @@ class ParaRNNLMBlock(nn.Module):
         self.mixer = build_mixer(self.mixer_type, config, layer_idx)
         if config.intermediate_size > 0:
             self.mlp_norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-            self.mlp = SwiGLU(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
+            self.mlp = SwiGLU(config.hidden_size, config.intermediate_size, bias=config.mlp_bias, layer_idx=layer_idx)
         else:
             self.mlp_norm = self.mlp = None
 
@@ -85,33 +86,33 @@ class ParaRNNLMPreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
-        """DCLM-style init (see mixers.py); mixers initialise their own children (called after them)."""
-        base = self.config.init_std
-        d = self.config.hidden_size
-        if hasattr(module, "init_weights") and isinstance(module, (ParaRNNMixer, Mamba2Mixer, AttentionMixer, SwiGLU)):
-            if _all_loaded(module):
-                return
-            if isinstance(module, SwiGLU):
-                module.init_weights(self._layer_of(module), base)
-            else:
-                module.init_weights(base)
-        elif isinstance(module, nn.Embedding):
-            if not _all_loaded(module):
-                trunc_normal_init_(module.weight, base or 1.0 / math.sqrt(d))
-        elif isinstance(module, nn.Linear) and getattr(module, "_is_lm_head", False):
-            if not _all_loaded(module):
-                trunc_normal_init_(module.weight, base or 1.0 / math.sqrt(d))
-        elif isinstance(module, RMSNorm):
-            if not _all_loaded(module):
-                nn.init.ones_(module.weight)
+        """DCLM / open_lm-style init of one module (HF calls this for every module with parameters).
 
-    def _layer_of(self, module: nn.Module) -> int:
-        for name, sub in self.named_modules():
-            if sub is module:
-                parts = name.split(".")
-                if "layers" in parts:
-                    return int(parts[parts.index("layers") + 1])
-        return 0
+        Linear: truncated normal (+-3 std), std = init_std or 1/sqrt(fan_in); projections writing into
+        the residual stream (tagged by ``mark_residual_output``) / sqrt(2 (layer_idx + 1)).
+        Embedding and head: std = init_std or 1/sqrt(hidden_size). Norms: 1. Convs: PyTorch default.
+        Cell layers: their own init (kernels). Mamba2: dt_bias / A_log / D as in Mamba2.
+        Modules whose parameters all came from a checkpoint are left alone.
+        """
+        if _all_loaded(module):
+            return
+        base = self.config.init_std
+        if isinstance(module, nn.Linear):
+            std = base or 1.0 / math.sqrt(module.in_features)
+            layer = getattr(module, "_residual_output_of_layer", None)
+            trunc_normal_init_(module.weight, std if layer is None else output_std(std, layer))
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            trunc_normal_init_(module.weight, base or 1.0 / math.sqrt(self.config.hidden_size))
+        elif isinstance(module, nn.Conv1d):
+            module.reset_parameters()
+        elif isinstance(module, RMSNorm):
+            nn.init.ones_(module.weight)
+        elif isinstance(module, Mamba2Mixer):
+            module.init_ssm_params()
+        elif is_cell_layer(module):
+            module.reset_parameters()
 
 
 class ParaRNNLMModel(ParaRNNLMPreTrainedModel):
@@ -209,7 +210,6 @@ class ParaRNNLMForCausalLM(ParaRNNLMPreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.model = ParaRNNLMModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.lm_head._is_lm_head = True
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
