@@ -384,3 +384,17 @@ def test_streaming_ranks_read_disjoint_documents(tmp_path, small_tokenizer):
         assert numbers and all(n % 2 == rank for n in numbers)
         seen.append(numbers)
     assert len(seen[0] | seen[1]) >= 36  # only each rank's last partial batch is dropped
+
+
+def test_prepare_script_cli(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "prepare_data.py"
+    spec = importlib.util.spec_from_file_location("prepare_data_cli", path)
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    out = cli.main(["--out", str(tmp_path / "p"), "--max-documents", "25", "--vocab-size", "300",
+                    "--tokenizer-train-max-chars", "none", "--cache-dir", str(tmp_path / "c")])
+    shards = TokenShards(out / "train", tokenizer=load_tokenizer(str(out / "tokenizer")))
+    assert shards.vocab_size == 300 and shards.num_documents + TokenShards(out / "validation").num_documents == 25
