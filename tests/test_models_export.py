@@ -1,0 +1,68 @@
+"""scripts/export_hf.py: the export loads in a fresh process that cannot import the repository."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from models import ParaRNNLMForCausalLM, config_for
+from scripts.export_hf import _probe_ids, export_model, load_in_isolated_process, load_source, main
+
+ARCHS = ("paragru", "paralstm", "mamba2", "attention")
+
+
+def _model(arch: str, **kw) -> ParaRNNLMForCausalLM:
+    torch.manual_seed(0)
+    model = ParaRNNLMForCausalLM(config_for(arch, "debug", rnn_mode="newton_torch", **kw)).eval()
+    with torch.no_grad():  # away from init, so a silent re-init on load would show
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    return model
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_export_loads_without_the_repository(arch, tmp_path):
+    model = _model(arch)
+    out = export_model(model, tmp_path / "export", data="toy", tokens=1e3, results={"ppl": 12.5})
+    files = {p.name for p in out.iterdir()}
+    assert {"config.json", "model.safetensors", "README.md", "modeling_pararnn_lm.py", "engine.py"} <= files
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["auto_map"]["AutoModelForCausalLM"] == "modeling_pararnn_lm.ParaRNNLMForCausalLM"
+    assert "import kernels" not in (out / "engine.py").read_text().split("def _project_engine")[0]
+    assert "| ppl | 12.5 |" in (out / "README.md").read_text()
+    ids = _probe_ids(model.config)
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+    got = load_in_isolated_process(out, ids, cwd=elsewhere)
+    assert got["engine"] == "standalone"  # the repository's kernels/ was not importable
+    with torch.no_grad():
+        want = model(ids).logits
+        gen = model.generate(ids[:1, :4], max_new_tokens=3, do_sample=False, pad_token_id=0)
+    torch.testing.assert_close(torch.tensor(got["logits"]), want, atol=1e-4, rtol=1e-4)
+    assert got["generated"] == gen.tolist()
+
+
+def test_export_from_training_checkpoint_with_prefixed_keys(tmp_path):
+    model = _model("paragru")
+    ckpt = tmp_path / "step_00000010"
+    ckpt.mkdir()
+    torch.save({"model": {f"module.{k}": v for k, v in model.state_dict().items()}, "step": 10}, ckpt / "state.pt")
+    model.config.to_json_file(tmp_path / "config.json")
+    main([str(ckpt), str(tmp_path / "out"), "--config", str(tmp_path / "config.json")])  # includes the reload check
+    loaded = load_source(tmp_path / "out")
+    ids = _probe_ids(model.config)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits)
+
+
+def test_export_rejects_a_tokenizer_larger_than_the_vocab(tmp_path):
+    class Tok:
+        def __len__(self):
+            return 1000
+
+        def save_pretrained(self, path):  # pragma: no cover - must not be reached
+            raise AssertionError
+
+    with pytest.raises(ValueError, match="tokenizer has 1000 tokens"):
+        export_model(_model("attention"), tmp_path / "x", Tok())
