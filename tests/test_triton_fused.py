@@ -1,0 +1,170 @@
+"""Fused ParaGRU/ParaLSTM Newton kernels and the sequential_triton baseline vs the sequential
+reference (TRITON_INTERPRET=1 on the CPU, tiny shapes; GPU tests at real sizes are marked)."""
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from kernels import NewtonConfig, NewtonConvergenceError, NewtonStats, ParaGRU, ParaLSTM, parallel_rnn  # noqa: E402
+from kernels.cells.fused_common import start_map_batch, start_map_from_cu_seqlens  # noqa: E402
+from kernels.cells.paragru import fused as fgru  # noqa: E402
+from kernels.cells.paralstm import fused as flstm  # noqa: E402
+from kernels.sequential_triton import sequential_triton_rnn  # noqa: E402
+
+CELLS = {"gru": (ParaGRU(), 1, 3, fgru), "lstm": (ParaLSTM(), 2, 5, flstm)}
+
+
+@pytest.fixture(autouse=True)
+def small_tiles():
+    # 16-step chunks and 16-channel blocks: T = 63 / 130 cross chunks, D = 19 spans two blocks.
+    for mod in (fgru, flstm):
+        mod._BLOCKS.update(CT=16, BD=16)
+    yield
+    for mod in (fgru, flstm):
+        mod._BLOCKS.clear()
+
+
+def _problem(cell, T, packed, seed, D=19, gain=0.5):
+    obj, K, P, _ = CELLS[cell]
+    g = torch.Generator().manual_seed(seed)
+    B = 1 if packed else 2
+    u = torch.randn(B, T, 3, D, generator=g, dtype=torch.float64)
+    p = (torch.rand(P, D, generator=g, dtype=torch.float64) * 2 - 1) * gain
+    cu = None
+    R = B
+    if packed:  # documents incl. an empty one
+        cu = torch.tensor([0, T // 3, T // 3, min(T // 2 + 1, T), T], dtype=torch.int32)
+        R = 4
+    h0 = torch.randn(R, K, D, generator=g, dtype=torch.float64) * 0.5
+    return obj, u, p, h0, cu
+
+
+def _reference(obj, u, p, h0, cu, gy):
+    ud, pd, hd = (t.clone().requires_grad_() for t in (u, p, h0))
+    y, _ = parallel_rnn(obj, ud, pd, hd, cu, mode="sequential")
+    return y, torch.autograd.grad((y * gy).sum(), (ud, pd, hd))
+
+
+def _close(got, ref, tol, what):
+    err = (got.double() - ref).abs().max().item()
+    scale = 1 + ref.abs().max().item()
+    assert err <= tol * scale, f"{what}: max error {err:.3e} > {tol:.1e} * {scale:.2f}"
+
+
+@pytest.mark.parametrize("cell", ["gru", "lstm"])
+@pytest.mark.parametrize("T", [1, 5, 63, 130])
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_matches_sequential(cell, T, packed, dtype):
+    if dtype == torch.bfloat16 and T in (5, 63):
+        pytest.skip("bf16 covered at T = 1 and 130 (interpreter time)")
+    obj, u, p, h0, cu = _problem(cell, T, packed, seed=T + 7 * packed)
+    u = u.to(dtype).double()  # the reference sees the same rounded inputs
+    gy = torch.randn(u.shape[0], T, u.shape[-1], dtype=torch.float64)
+    y, (gu, gp, gh) = _reference(obj, u, p, h0, cu, gy)
+    uf, pf, hf = u.to(dtype).requires_grad_(), p.float().requires_grad_(), h0.float().requires_grad_()
+    fn = fgru.fused_paragru if cell == "gru" else flstm.fused_paralstm
+    stats = NewtonStats()
+    h = fn(uf, pf, hf, cu, stats=stats)
+    assert h.dtype == torch.float32 and h.shape == (u.shape[0], T, CELLS[cell][1], u.shape[-1])
+    assert stats.converged and not stats.fell_back and stats.residual <= 1e-5
+    _close(h[:, :, -1], y, 3e-5, "y")
+    gu2, gp2, gh2 = torch.autograd.grad((h[:, :, -1] * gy.float()).sum(), (uf, pf, hf))
+    assert gu2.dtype == dtype
+    tol = 2e-5 if dtype == torch.float32 else 1e-2
+    _close(gu2, gu, tol, "du")
+    _close(gp2, gp, 2e-5 * max(T, 1), "dp")
+    _close(gh2, gh, 2e-5, "dh0")
+
+
+@pytest.mark.parametrize("cell", ["gru", "lstm"])
+def test_final_states_through_engine_layout(cell):
+    obj, u, p, h0, cu = _problem(cell, 40, True, seed=3)
+    _, hl = parallel_rnn(obj, u, p, h0, cu, mode="sequential")
+    fn = fgru.fused_paragru if cell == "gru" else flstm.fused_paralstm
+    h = fn(u.float(), p.float(), h0.float(), cu)
+    cu_l = cu.long()
+    last = h[0, (cu_l[1:] - 1).clamp(min=0)]
+    last = torch.where((cu_l[1:] == cu_l[:-1])[:, None, None], h0.float(), last)  # empty document keeps h0
+    _close(last, hl, 3e-5, "h_last")
+
+
+@pytest.mark.parametrize("cell", ["gru", "lstm"])
+def test_unconverged_chunks_fall_back_to_exact_recurrence(cell):
+    # Strong recurrent gains and a cap of 1 iteration: chunks fail and finish sequentially (exact).
+    obj, u, p, h0, cu = _problem(cell, 40, False, seed=5, gain=3.0)
+    u = u * 3
+    y, _ = parallel_rnn(obj, u, p, h0, None, mode="sequential")
+    fn = fgru.fused_paragru if cell == "gru" else flstm.fused_paralstm
+    stats = NewtonStats()
+    h = fn(u.float(), p.float(), h0.float(), newton=NewtonConfig(max_iters=1), stats=stats)
+    assert stats.fell_back and not stats.converged and stats.residual > 1e-5
+    _close(h[:, :, -1], y, 3e-5, "y after fallback")
+    with pytest.raises(NewtonConvergenceError):
+        fn(u.float(), p.float(), h0.float(), newton=NewtonConfig(max_iters=1, on_failure="raise"))
+
+
+@pytest.mark.parametrize("cell", ["gru", "lstm"])
+@pytest.mark.parametrize("packed", [False, True])
+def test_sequential_triton_matches_reference(cell, packed):
+    T = 37
+    obj, u, p, h0, cu = _problem(cell, T, packed, seed=11 + packed)
+    gy = torch.randn(u.shape[0], T, u.shape[-1], dtype=torch.float64)
+    y, (gu, gp, gh) = _reference(obj, u, p, h0, cu, gy)
+    uf, pf, hf = u.float().requires_grad_(), p.float().requires_grad_(), h0.float().requires_grad_()
+    smap = start_map_from_cu_seqlens(cu, T) if packed else start_map_batch(u.shape[0], T, "cpu")
+    h = sequential_triton_rnn("paragru" if cell == "gru" else "paralstm", uf, pf, hf, smap)
+    _close(h[:, :, -1], y, 1e-5, "y")
+    for got, ref, what in zip(torch.autograd.grad((h[:, :, -1] * gy.float()).sum(), (uf, pf, hf)), (gu, gp, gh), "uph"):
+        _close(got, ref, 1e-5 * T, "d" + what)
+
+
+def test_engine_mode_adapters():
+    from kernels.cells.paragru.fused import paragru_fused_mode
+    from kernels.layout import SequenceLayout
+    obj, u, p, h0, cu = _problem("gru", 20, True, seed=2)
+    layout = SequenceLayout.build(1, 20, u.device, cu)
+    stats = NewtonStats()
+    h = paragru_fused_mode(obj, u.float(), p.float(), h0.float(), layout, NewtonConfig(), stats, "layer0")
+    y, _ = parallel_rnn(obj, u, p, h0, cu, mode="sequential")
+    _close(h[:, :, 0], y, 3e-5, "y")
+    assert stats.mode == "fused" and stats.iterations >= 1
+
+
+def test_torch_compile_fullgraph():
+    obj, u, p, h0, cu = _problem("gru", 9, False, seed=4, D=8)
+    uf, pf = u.float().requires_grad_(), p.float().requires_grad_()
+
+    def f(uu, pp):
+        return fgru.fused_paragru(uu, pp).square().sum()
+
+    eager = torch.autograd.grad(f(uf, pf), (uf, pf))
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    got = torch.autograd.grad(compiled(uf, pf), (uf, pf))
+    for a, b in zip(got, eager):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cell", ["gru", "lstm"])
+def test_gpu_real_size(cell):
+    for mod in (fgru, flstm):
+        mod._BLOCKS.clear()
+    obj, K, P, mod = CELLS[cell]
+    B, T, D = 2, 4097, 1000
+    g = torch.Generator(device="cuda").manual_seed(0)
+    u = torch.randn(B, T, 3, D, device="cuda", generator=g).requires_grad_()
+    p = ((torch.rand(P, D, device="cuda", generator=g) * 2 - 1) * 0.5).requires_grad_()
+    h0 = (torch.randn(B, K, D, device="cuda", generator=g) * 0.5).requires_grad_()
+    fn = fgru.fused_paragru if cell == "gru" else flstm.fused_paralstm
+    name = "paragru" if cell == "gru" else "paralstm"
+    h = fn(u, p, h0)
+    ref = sequential_triton_rnn(name, u, p, h0, start_map_batch(B, T, "cuda"))
+    assert (h - ref).abs().max() < 1e-4
+    gy = torch.randn_like(h)
+    g1 = torch.autograd.grad((h * gy).sum(), (u, p, h0))
+    g2 = torch.autograd.grad((ref * gy).sum(), (u, p, h0))
+    for a, b in zip(g1, g2):
+        assert ((a - b).norm() / b.norm()) < 1e-4
