@@ -280,3 +280,16 @@ def test_unknown_preset_and_arch():
         config_for("paragru", "3b")
     with pytest.raises(ValueError, match="unknown architecture"):
         config_for("rwkv", "debug")
+
+
+@pytest.mark.parametrize("name", ["paragru", "mamba2", "hybrid"])
+def test_gradient_checkpointing_same_gradients(name):
+    model = MODELS[name]().train()
+    ids = torch.randint(0, 128, (2, 10))
+    model(ids, labels=ids).loss.backward()
+    ref = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    model.gradient_checkpointing_enable()
+    model(ids, labels=ids).loss.backward()
+    for a, p in zip(ref, model.parameters()):
+        torch.testing.assert_close(p.grad, a)
