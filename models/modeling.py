@@ -34,6 +34,7 @@ class ParaRNNLMOutput(ModelOutput):
     logits: torch.Tensor | None = None
     cache: ParaRNNCache | None = None
     hidden_states: tuple[torch.Tensor, ...] | None = None
+    past_key_values: ParaRNNCache | None = None  # the same object as ``cache`` (name used by transformers < 5.2x)
     ce_loss: torch.Tensor | None = None
     z_loss_term: torch.Tensor | None = None
 
@@ -262,7 +263,7 @@ class ParaRNNLMForCausalLM(ParaRNNLMPreTrainedModel, GenerationMixin):
         if ce is not None:
             loss = ce + self.config.z_loss * z if (self.training and self.config.z_loss > 0) else ce
         return ParaRNNLMOutput(loss=loss, logits=logits, cache=out.cache, hidden_states=out.hidden_states,
-                               ce_loss=ce, z_loss_term=z)
+                               past_key_values=out.cache, ce_loss=ce, z_loss_term=z)
 
 
 def check_tokenizer(config: ParaRNNLMConfig, tokenizer) -> None:
