@@ -150,7 +150,7 @@ def train(cfg: TrainConfig) -> dict:
             if info.is_main:
                 logger.info("validation loss %.4f, perplexity %.2f", final["val_loss"], final["val_ppl"])
         if cfg.export.at_end:
-            summary["export_dir"] = factory.export(backend, data, cfg, run_dir, info)
+            summary["export_dir"] = factory.export(backend, data, cfg, run_dir, info, tokens)
     metrics.close()
     info.barrier()
     return summary

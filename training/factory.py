@@ -70,6 +70,67 @@ def newton_stats(model: nn.Module) -> dict[str, Any]:
     return out
 
 
+def build_data(cfg: TrainConfig, info: DistInfo):
+    """The data bundle of this rank: endless resumable train loader, validation loader, tokenizer."""
+    from data import build_datasets
+
+    if cfg.data.label_mode != "unshifted":
+        # The HF-style model shifts labels itself (token t predicts labels[t + 1]).
+        raise ValueError("data.label_mode must be 'unshifted' for the models of this project (they shift labels)")
+    # Rank 0 prepares tokenizer and token shards first; the others then reuse them from the cache.
+    if not info.is_main:
+        info.barrier()
+    bundle = build_datasets(cfg.data, info.rank, info.world_size, batch_size=cfg.train.micro_batch_size)
+    if info.is_main:
+        info.barrier()
+    return bundle
+
+
+def build_model(cfg: TrainConfig, vocab_size: int) -> nn.Module:
+    """The preset of ``model.arch`` at ``model.size``, sized to the tokenizer, with the run's settings."""
+    from models import ParaRNNLMForCausalLM, config_for
+
+    fields: dict[str, Any] = {
+        "vocab_size": vocab_size, "tokenizer_vocab_size": vocab_size, "z_loss": cfg.optim.z_loss,
+        "rnn_mode": cfg.model.rnn_mode, "max_position_embeddings": max(cfg.data.seq_len, 2048),
+    }
+    fields.update(cfg.model.overrides)
+    config = config_for(cfg.model.arch, cfg.model.size, **fields)
+    model = ParaRNNLMForCausalLM(config)
+    n = sum(p.numel() for p in model.parameters())
+    logger.info("model %s/%s: %.2fM parameters (vocab %d)", cfg.model.arch, cfg.model.size, n / 1e6, config.vocab_size)
+    for name, module in model.named_modules():  # Newton errors and warnings name the layer
+        if hasattr(module, "last_stats") and hasattr(module, "name"):
+            module.name = name
+    return model
+
+
+def flops_terms(model: nn.Module) -> tuple[int, int, int]:
+    """(non-embedding parameters, attention layers, hidden size) for the FLOPs-per-token estimate."""
+    config = model.config
+    embedding = model.get_input_embeddings().weight.numel()
+    non_embedding = sum(p.numel() for p in model.parameters()) - embedding
+    return non_embedding, sum(m == "attention" for m in config.mixers), config.hidden_size
+
+
+def export(backend, data, cfg: TrainConfig, run_dir: Path, info: DistInfo, tokens: int) -> str | None:
+    """Write the HF directory (weights, config, tokenizer, self-contained code, card) on rank 0."""
+    state = backend.consolidated_state_dict()  # collective under ZeRO-3
+    if not info.is_main:
+        return None
+    from models import ParaRNNLMForCausalLM
+    from scripts.export_hf import export_model
+
+    model = backend.module
+    if cfg.deepspeed.enabled and cfg.deepspeed.stage == 3:  # the live module only holds shards
+        model = ParaRNNLMForCausalLM(model.config)
+        model.load_state_dict(state)
+    source = cfg.data.path or f"{cfg.data.source} corpus"
+    out = export_model(model, run_dir / "export", data.tokenizer, data=source, tokens=float(tokens))
+    logger.info("exported the model to %s", out)
+    return str(out)
+
+
 @torch.no_grad()
 def mean_loss(model: nn.Module, batches, device: torch.device, max_batches: int, bf16: bool) -> tuple[float, float]:
     """(sum of token NLL, token count) over up to ``max_batches`` batches."""
@@ -81,8 +142,8 @@ def mean_loss(model: nn.Module, batches, device: torch.device, max_batches: int,
             break
         batch = to_device(batch, device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            loss = model(**batch).loss.float()
-        n = float((batch["labels"] != -100).sum())
+            loss = model(**batch, use_cache=False).ce_loss.float()
+        n = float((batch["labels"][:, 1:] != -100).sum())  # the model shifts labels by one
         total += loss.item() * n
         count += n
     model.train(was_training)

@@ -1,0 +1,1 @@
+"""Command-line tools (export, benchmarks, data preparation); importable for their library functions."""
