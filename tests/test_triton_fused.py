@@ -80,6 +80,24 @@ def test_fused_matches_sequential(cell, T, packed, dtype):
 
 
 @pytest.mark.parametrize("cell", ["gru", "lstm"])
+def test_forward_dispatch_to_sequential_kernel(cell):
+    # Many channels -> the fused op's forward runs the exact sequential kernel (0 iterations).
+    obj, u, p, h0, cu = _problem(cell, 20, True, seed=9)
+    mod = CELLS[cell][3]
+    mod._BLOCKS["seq_min_bd"] = 1
+    gy = torch.randn(1, 20, u.shape[-1], dtype=torch.float64)
+    y, (gu, gp, gh) = _reference(obj, u, p, h0, cu, gy)
+    uf, pf, hf = u.float().requires_grad_(), p.float().requires_grad_(), h0.float().requires_grad_()
+    stats = NewtonStats()
+    fn = fgru.fused_paragru if cell == "gru" else flstm.fused_paralstm
+    h = fn(uf, pf, hf, cu, stats=stats)
+    assert stats.iterations == 0 and stats.residual == 0.0 and stats.converged
+    _close(h[:, :, -1], y, 1e-5, "y")
+    for got, ref, what in zip(torch.autograd.grad((h[:, :, -1] * gy.float()).sum(), (uf, pf, hf)), (gu, gp, gh), "uph"):
+        _close(got, ref, 2e-5 * 20, "d" + what)
+
+
+@pytest.mark.parametrize("cell", ["gru", "lstm"])
 def test_final_states_through_engine_layout(cell):
     obj, u, p, h0, cu = _problem(cell, 40, True, seed=3)
     _, hl = parallel_rnn(obj, u, p, h0, cu, mode="sequential")

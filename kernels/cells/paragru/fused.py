@@ -25,6 +25,12 @@ final residual (max over chunks, before any fallback) are per-program device ten
 Backward kernel: the same programs walk the chunks in reverse, reload h (fp32) and u, recompute the
 Jacobians, run the adjoint recurrence as an in-register scan of mu_t = J_t (g_t + mu_{t+1}), and
 write du (u's dtype) and dh0 and per-(batch, channel) partial sums of dp (summed over B afterwards).
+
+Forward dispatch: when B * D >= SEQ_FORWARD_MIN_BD (32768 for ParaGRU, 16384 for ParaLSTM) there are
+enough independent channels to fill an H100, and the exact sequential recurrence (the
+sequential_triton kernel, one thread per channel) is faster than any Newton solve (it does 1 step
+evaluation per element instead of ~5); the forward then runs that kernel and reports 0 iterations,
+residual 0. The backward kernel is the same either way.
 """
 from __future__ import annotations
 
@@ -35,6 +41,7 @@ import triton
 import triton.language as tl
 
 from ...config import NewtonConfig, NewtonStats
+from ...sequential_triton import _fwd as _seq_fwd
 from ...scan.triton import _combine1
 from ..fused_common import (
     finish_stats, max_scaled_residual, prepare_h0, row_of, shift_down, sigmoid_,
@@ -209,6 +216,8 @@ def _gru_bwd_kernel(
 
 
 # ----------------------------------------------------------------------------- launch functions
+# Forward dispatch: B * D >= this many channels -> sequential kernel (H100 measurements).
+SEQ_FORWARD_MIN_BD = 32768
 LAST: dict = {}  # last compiled kernels (n_regs / n_spills for the benchmark)
 _BLOCKS: dict = {}  # test/bench override: {"CT": .., "BD": .., "num_warps": ..}
 
@@ -225,6 +234,12 @@ def _forward(u, p, h0_rows, smap, max_iters, tol, damping):
     B, T, G, D = u.shape
     CT, BD, nw = _blocks(B, D, u.device)
     nD = triton.cdiv(D, BD)
+    if B * D >= _BLOCKS.get("seq_min_bd", SEQ_FORWARD_MIN_BD):
+        # Enough channels to fill the GPU: the exact sequential recurrence is work-optimal and
+        # faster than Newton here (measured, kernels/NOTES-perf.md). Exact: 0 iterations, residual 0.
+        h = _seq_fwd(False, u, p, h0_rows, smap)
+        z = torch.zeros(B * nD, device=u.device, dtype=torch.int32)
+        return h, z, torch.zeros(B * nD, device=u.device, dtype=torch.float32), z.clone()
     h = torch.empty(B, T, 1, D, device=u.device, dtype=torch.float32)
     iters = torch.empty(B * nD, device=u.device, dtype=torch.int32)
     res = torch.empty(B * nD, device=u.device, dtype=torch.float32)

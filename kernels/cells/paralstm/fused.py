@@ -14,6 +14,12 @@ Contract (what the engine's "fused" mode registers):
 Same scheme as kernels/cells/paragru/fused.py (chunked Newton in registers from the exact carried
 state, per-chunk early exit, sequential finish of unconverged chunks, reverse adjoint scan in the
 backward), with 2x2 per-channel Jacobian blocks.
+
+Forward dispatch: when B * D >= SEQ_FORWARD_MIN_BD (32768 for ParaGRU, 16384 for ParaLSTM) there are
+enough independent channels to fill an H100, and the exact sequential recurrence (the
+sequential_triton kernel, one thread per channel) is faster than any Newton solve (it does 1 step
+evaluation per element instead of ~5); the forward then runs that kernel and reports 0 iterations,
+residual 0. The backward kernel is the same either way.
 """
 from __future__ import annotations
 
@@ -24,6 +30,7 @@ import triton
 import triton.language as tl
 
 from ...config import NewtonConfig, NewtonStats
+from ...sequential_triton import _fwd as _seq_fwd
 from ...scan.triton import _combine2
 from ..fused_common import (
     finish_stats, max_scaled_residual, prepare_h0, row_of, shift_down, sigmoid_,
@@ -262,6 +269,8 @@ def _lstm_bwd_kernel(
 
 
 # ----------------------------------------------------------------------------- launch functions
+# Forward dispatch: B * D >= this many channels -> sequential kernel (H100 measurements).
+SEQ_FORWARD_MIN_BD = 16384
 LAST: dict = {}  # last compiled kernels (n_regs / n_spills for the benchmark)
 _BLOCKS: dict = {}  # test/bench override: {"CT": .., "BD": .., "num_warps": ..}
 
@@ -278,6 +287,12 @@ def _forward(u, p, h0_rows, smap, max_iters, tol, damping):
     B, T, G, D = u.shape
     CT, BD, nw = _blocks(B, D, u.device)
     nD = triton.cdiv(D, BD)
+    if B * D >= _BLOCKS.get("seq_min_bd", SEQ_FORWARD_MIN_BD):
+        # Enough channels to fill the GPU: the exact sequential recurrence is work-optimal and
+        # faster than Newton here (measured, kernels/NOTES-perf.md). Exact: 0 iterations, residual 0.
+        h = _seq_fwd(True, u, p, h0_rows, smap)
+        z = torch.zeros(B * nD, device=u.device, dtype=torch.int32)
+        return h, z, torch.zeros(B * nD, device=u.device, dtype=torch.float32), z.clone()
     h = torch.empty(B, T, 2, D, device=u.device, dtype=torch.float32)
     iters = torch.empty(B * nD, device=u.device, dtype=torch.int32)
     res = torch.empty(B * nD, device=u.device, dtype=torch.float32)
