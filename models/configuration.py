@@ -26,8 +26,9 @@ class ParaRNNLMConfig(PretrainedConfig):
         mixer: default mixer of every layer: ``paragru`` | ``paralstm`` | ``mamba2`` | ``attention``.
         layer_pattern: optional list of mixer names, one per layer (hybrid stacks).
         intermediate_size: SwiGLU hidden width; 0 disables the MLP sub-block (Mamba2 stacks, bare models).
-        num_attention_heads: heads of attention layers and of the ParaRNN cells' block-diagonal input
-            projection (the paper's "heads" column for RNNs).
+        num_attention_heads: heads of attention layers and (unless ``rnn_num_heads`` is set) of the
+            ParaRNN cells' block-diagonal input projection (the paper's "heads" column for RNNs).
+        rnn_num_heads: ParaRNN heads when they differ from the attention heads (hybrid stacks).
         rnn_expand: ParaRNN inner width = rnn_expand * hidden_size.
         rnn_gain_bound: max norm of the cell's recurrent parameter rows (paper: 0.5 for LMs); None = no bound.
         rnn_mode: ``kernels.parallel_rnn`` mode (``auto``, ``sequential``, ``newton_torch``, ...).
@@ -64,6 +65,7 @@ class ParaRNNLMConfig(PretrainedConfig):
         rms_norm_eps: float = 1e-5,
         attention_bias: bool = False,
         mlp_bias: bool = False,
+        rnn_num_heads: int | None = None,
         rnn_expand: int = 1,
         rnn_gain_bound: float | None = 0.5,
         rnn_mode: str = "auto",
@@ -106,6 +108,7 @@ class ParaRNNLMConfig(PretrainedConfig):
         self.rms_norm_eps = rms_norm_eps
         self.attention_bias = attention_bias
         self.mlp_bias = mlp_bias
+        self.rnn_num_heads = rnn_num_heads
         self.rnn_expand = rnn_expand
         self.rnn_gain_bound = rnn_gain_bound
         self.rnn_mode = rnn_mode
@@ -146,6 +149,10 @@ class ParaRNNLMConfig(PretrainedConfig):
         return self.hidden_size // self.num_attention_heads
 
     @property
+    def rnn_heads(self) -> int:
+        return self.rnn_num_heads if self.rnn_num_heads is not None else self.num_attention_heads
+
+    @property
     def rnn_inner_size(self) -> int:
         return self.rnn_expand * self.hidden_size
 
@@ -183,8 +190,9 @@ class ParaRNNLMConfig(PretrainedConfig):
             need(self.head_dim % 2 == 0, f"attention head_dim={self.head_dim} must be even for RoPE")
         if used & set(RNN_MIXERS):
             need(self.rnn_expand >= 1, f"rnn_expand must be >= 1, got {self.rnn_expand}")
-            need(self.rnn_inner_size % self.num_attention_heads == 0,
-                 f"num_attention_heads={self.num_attention_heads} (ParaRNN heads) does not divide the RNN width "
+            need(self.rnn_heads > 0 and self.rnn_inner_size % self.rnn_heads == 0,
+                 f"{'rnn_num_heads' if self.rnn_num_heads is not None else 'num_attention_heads'}={self.rnn_heads} "
+                 f"(ParaRNN heads) does not divide the RNN width "
                  f"{self.rnn_inner_size} (= rnn_expand * hidden_size)")
             need(self.rnn_gain_bound is None or self.rnn_gain_bound > 0,
                  f"rnn_gain_bound must be > 0 or None, got {self.rnn_gain_bound}")

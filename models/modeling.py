@@ -5,9 +5,11 @@ positions (``models.packing.SequenceInfo``) that every mixer consumes, see ``_po
 """
 from __future__ import annotations
 
+import inspect
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field, make_dataclass
+from typing import Optional
 
 import torch
 from torch import nn
@@ -25,18 +27,30 @@ from .registry import MIXERS, build_mixer
 
 log = logging.getLogger(__name__)
 
+# transformers renamed generate()'s cache kwarg/output from ``past_key_values`` to ``cache`` during 5.x; the
+# model accepts both names and returns the one the installed generate() reads back.
+_GENERATE_USES_CACHE_NAME = "cache" in inspect.signature(GenerationMixin.prepare_inputs_for_generation).parameters
 
-@dataclass
-class ParaRNNLMOutput(ModelOutput):
-    """``loss`` = ``ce_loss`` + z_loss * ``z_loss_term`` in training mode (just ``ce_loss`` in eval)."""
 
-    loss: torch.Tensor | None = None
-    logits: torch.Tensor | None = None
-    cache: ParaRNNCache | None = None
-    hidden_states: tuple[torch.Tensor, ...] | None = None
-    past_key_values: ParaRNNCache | None = None  # the same object as ``cache`` (name used by transformers < 5.2x)
-    ce_loss: torch.Tensor | None = None
-    z_loss_term: torch.Tensor | None = None
+# The output's cache field carries the name the installed generate() reads back (transformers >= 5.2x:
+# ``cache``, whose ModelOutput maps ``past_key_values`` onto it; older: ``past_key_values``).
+_CACHE_FIELD = "cache" if _GENERATE_USES_CACHE_NAME else "past_key_values"
+ParaRNNLMOutput = make_dataclass(
+    "ParaRNNLMOutput",
+    [("loss", Optional[torch.Tensor], field(default=None)),
+     ("logits", Optional[torch.Tensor], field(default=None)),
+     (_CACHE_FIELD, Optional[ParaRNNCache], field(default=None)),
+     ("hidden_states", Optional[tuple], field(default=None)),
+     ("ce_loss", Optional[torch.Tensor], field(default=None)),
+     ("z_loss_term", Optional[torch.Tensor], field(default=None))],
+    bases=(ModelOutput,),
+    namespace={
+        "__doc__": "``loss`` = ``ce_loss`` + z_loss * ``z_loss_term`` in training (``ce_loss`` in eval); "
+                   "``state`` is the generation cache under either name.",
+        "state": property(lambda self: getattr(self, _CACHE_FIELD)),
+        "__module__": __name__,
+    },
+)
 
 
 @dataclass
@@ -239,7 +253,7 @@ class ParaRNNLMForCausalLM(ParaRNNLMPreTrainedModel, GenerationMixin):
         output_hidden_states: bool | None = None,
         past_key_values: ParaRNNCache | None = None,
         **kwargs,
-    ) -> ParaRNNLMOutput:
+    ):
         """HF causal LM forward; ``labels`` are shifted inside (token t predicts labels[t+1]).
 
         Packed batches: pass ``position_ids`` restarting at 0 at every document start, or a single
@@ -262,8 +276,8 @@ class ParaRNNLMForCausalLM(ParaRNNLMPreTrainedModel, GenerationMixin):
                 ce, z, _ = lm_loss_from_logits(logits, labels)
         if ce is not None:
             loss = ce + self.config.z_loss * z if (self.training and self.config.z_loss > 0) else ce
-        return ParaRNNLMOutput(loss=loss, logits=logits, cache=out.cache, hidden_states=out.hidden_states,
-                               past_key_values=out.cache, ce_loss=ce, z_loss_term=z)
+        return ParaRNNLMOutput(loss=loss, logits=logits, hidden_states=out.hidden_states, ce_loss=ce, z_loss_term=z,
+                               **{_CACHE_FIELD: out.cache})
 
 
 def check_tokenizer(config: ParaRNNLMConfig, tokenizer) -> None:

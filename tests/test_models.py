@@ -31,7 +31,7 @@ def make(arch: str, dtype=torch.float32, seed: int = 0, **overrides) -> ParaRNNL
 
 def hybrid(dtype=torch.float32, seed: int = 0) -> ParaRNNLMForCausalLM:
     return make("paragru", dtype, seed, mamba_headdim=16, mamba_d_state=8, mamba_chunk_size=8,
-                num_attention_heads=2, **HYBRID)
+                num_attention_heads=4, rnn_num_heads=2, **HYBRID)
 
 
 MODELS = {**{a: (lambda a=a, **kw: make(a, **kw)) for a in ARCHS}, "hybrid": hybrid}
@@ -114,12 +114,12 @@ def test_decode_token_by_token_matches_full_forward(name):
     with torch.no_grad():
         full = model(ids, use_cache=False).logits
         out = model(ids[:, :5], use_cache=True)  # prefill: parallel path
-        cache, pieces = out.cache, [out.logits]
+        cache, pieces = out.state, [out.logits]
         for t in range(5, 12):
             out = model(ids[:, t : t + 1], cache=cache, use_cache=True)
             pieces.append(out.logits)
         chunk = model(ids[:, :3], use_cache=True)  # multi-token continuation from a cache
-        chunk2 = model(ids[:, 3:], cache=chunk.cache, use_cache=True)
+        chunk2 = model(ids[:, 3:], cache=chunk.state, use_cache=True)
     torch.testing.assert_close(torch.cat(pieces, 1), full, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(torch.cat((chunk.logits, chunk2.logits), 1), full, atol=1e-4, rtol=1e-4)
     # recurrent layers keep O(1) state: nothing grows with the sequence
@@ -254,6 +254,7 @@ def test_dclm_init_scales():
     (dict(mixer="lstm"), "unknown mixer 'lstm'"),
     (dict(mixer="attention", hidden_size=30, num_attention_heads=4), "does not divide hidden_size"),
     (dict(mixer="paragru", hidden_size=30, num_attention_heads=4), "does not divide the RNN width"),
+    (dict(mixer="paragru", hidden_size=32, rnn_num_heads=3), r"rnn_num_heads=3 \(ParaRNN heads\)"),
     (dict(mixer="attention", num_key_value_heads=3), "num_key_value_heads=3"),
     (dict(mixer="mamba2", hidden_size=40, mamba_headdim=64), "mamba_headdim=64 does not divide"),
     (dict(layer_pattern=["paragru", "gru"], num_hidden_layers=2), r"unknown mixer\(s\) \['gru'\]"),

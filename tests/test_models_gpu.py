@@ -44,7 +44,7 @@ def test_cuda_bf16_train_step_and_decode(arch):
     with torch.no_grad():
         full = gpu(ids[:, :24], use_cache=False).logits
         out = gpu(ids[:, :16], use_cache=True)
-        pieces, cache = [out.logits], out.cache
+        pieces, cache = [out.logits], out.state
         for t in range(16, 24):
             out = gpu(ids[:, t : t + 1], cache=cache, use_cache=True)
             pieces.append(out.logits)
