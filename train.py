@@ -20,7 +20,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from training.config import TrainConfig, register_configs, validate
+from training.config import TrainConfig, register_configs, reject_unknown_keys, validate
 
 logger = logging.getLogger("train")
 register_configs()
@@ -125,6 +125,7 @@ def train(cfg: TrainConfig) -> dict:
             **factory.newton_stats(backend.module),
         }
         progress.update(step, loss, tok_s)
+        factory.inject_fault(step)  # tests only: PARARNN_TEST_FAULT=sigkill@N / sigterm@N
         if step % cfg.train.log_every == 0 or step == cfg.train.steps:
             metrics.log(step, record)
         if cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.train.steps:
@@ -158,6 +159,7 @@ def train(cfg: TrainConfig) -> dict:
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
 def main(dict_cfg: DictConfig) -> None:
+    reject_unknown_keys(dict_cfg)
     cfg: TrainConfig = OmegaConf.to_object(dict_cfg)
     validate(cfg)
     summary = train(cfg)

@@ -5,6 +5,7 @@ is not declared here, or a value of the wrong type, fails at start with a messag
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -139,6 +140,21 @@ def validate(cfg: TrainConfig) -> None:
         raise ValueError(f"deepspeed.stage must be 0..3, got {cfg.deepspeed.stage}")
     if not 0 <= cfg.optim.warmup_fraction < 1:
         raise ValueError(f"optim.warmup_fraction must be in [0, 1), got {cfg.optim.warmup_fraction}")
+
+
+def reject_unknown_keys(node: Any, path: str = "") -> None:
+    """Hydra lets ``+key=value`` add keys even to a typed config; refuse keys the schema lacks."""
+    from omegaconf import DictConfig, OmegaConf
+
+    schema = OmegaConf.get_type(node)
+    if not isinstance(node, DictConfig) or not dataclasses.is_dataclass(schema):
+        return
+    known = {f.name: f for f in dataclasses.fields(schema)}
+    for key in node.keys():
+        dotted = f"{path}{key}"
+        if key not in known:
+            raise ValueError(f"unknown config key {dotted!r}: {schema.__name__} has {', '.join(known)}")
+        reject_unknown_keys(node._get_node(key), dotted + ".")
 
 
 def register_configs() -> None:

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -47,6 +49,17 @@ def resume_path(cfg: TrainConfig, checkpoints: CheckpointManager) -> Path | None
     if not (path / "COMPLETE").is_file():
         raise FileNotFoundError(f"resume={cfg.resume!r} is not a complete checkpoint directory (no COMPLETE marker)")
     return path
+
+
+def inject_fault(step: int) -> None:
+    """Crash-safety tests: ``PARARNN_TEST_FAULT=sigkill@N`` (a hard crash) or ``sigterm@N`` (a
+    preemption) delivered to this process after step N. Does nothing unless the variable is set."""
+    spec = os.environ.get("PARARNN_TEST_FAULT")
+    if not spec:
+        return
+    name, _, at = spec.partition("@")
+    if int(at) == step:
+        os.kill(os.getpid(), {"sigkill": signal.SIGKILL, "sigterm": signal.SIGTERM}[name])
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
