@@ -50,7 +50,8 @@ def parallel_rnn(
     if h0_rows is None:
         h0_rows = u.new_zeros(layout.num_rows, cell.state_size, u.shape[-1], dtype=compute)
     h0_rows = h0_rows.to(compute)
-    h = chosen.run(cell, u.to(compute), p.to(compute), h0_rows, layout, newton, stats, name)
+    u_in = u if chosen.half_inputs and u.dtype in (torch.float16, torch.bfloat16) else u.to(compute)
+    h = chosen.run(cell, u_in, p.to(compute), h0_rows, layout, newton, stats, name)
     y = cell.output(h).to(u.dtype)
     return y, layout.gather_last(h, h0_rows)
 

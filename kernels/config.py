@@ -65,3 +65,4 @@ class NewtonStats:
     converged: bool = False
     fell_back: bool = False
     mode: str = ""
+    device: dict | None = None  # fused modes: raw per-program device tensors (no host sync needed)

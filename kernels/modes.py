@@ -7,6 +7,7 @@ available mode in ``AUTO_PREFERENCE``.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Callable
 
@@ -19,8 +20,10 @@ from .cell import Cell
 class Mode:
     name: str
     run: Callable[..., torch.Tensor]
-    available: Callable[[Cell, torch.Tensor], bool]
+    available: Callable[[Cell, torch.Tensor], bool]  # can it run this cell on this input at all?
     description: str
+    auto: Callable[[Cell, torch.Tensor], bool]  # should 'auto' pick it (e.g. not Triton's CPU interpreter)?
+    half_inputs: bool = False  # takes fp16/bf16 u as is (upcasts in registers) instead of an fp32 copy
 
 
 MODES: dict[str, Mode] = {}
@@ -33,14 +36,16 @@ def register_mode(
     run: Callable[..., torch.Tensor],
     available: Callable[[Cell, torch.Tensor], bool] = lambda cell, u: True,
     description: str = "",
+    auto: Callable[[Cell, torch.Tensor], bool] | None = None,
+    half_inputs: bool = False,
 ) -> None:
-    MODES[name] = Mode(name, run, available, description)
+    MODES[name] = Mode(name, run, available, description, auto or available, half_inputs)
 
 
 def resolve_mode(mode: str, cell: Cell, u: torch.Tensor) -> Mode:
     if mode == "auto":
         for candidate in AUTO_PREFERENCE:
-            if candidate in MODES and MODES[candidate].available(cell, u):
+            if candidate in MODES and MODES[candidate].auto(cell, u):
                 return MODES[candidate]
         raise RuntimeError(f"no registered mode can run {cell!r} on {u.device}")  # pragma: no cover
     if mode not in MODES:
@@ -52,14 +57,59 @@ def resolve_mode(mode: str, cell: Cell, u: torch.Tensor) -> Mode:
     return chosen
 
 
+def triton_usable(u: torch.Tensor) -> bool:
+    """Triton runs on CUDA tensors, or anywhere under its CPU interpreter (tests)."""
+    return u.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _fused_cells() -> dict[type, Callable[..., torch.Tensor]]:
+    from .cells import ParaGRU, ParaLSTM
+    from .cells.paragru.fused import paragru_fused_mode
+    from .cells.paralstm.fused import paralstm_fused_mode
+
+    return {ParaGRU: paragru_fused_mode, ParaLSTM: paralstm_fused_mode}
+
+
+def _fused_run(cell, u, p, h0_rows, layout, newton, stats, name):
+    return _fused_cells()[type(cell)](cell, u, p, h0_rows, layout, newton, stats, name)
+
+
+def _has_fused_kernel(cell: Cell) -> bool:
+    from .cells import ParaGRU, ParaLSTM
+
+    return type(cell) in (ParaGRU, ParaLSTM)
+
+
 def _register_builtin() -> None:
-    from .newton_torch import newton_torch_mode
+    from .newton_torch import newton_torch_mode, newton_triton_mode
+    from .scan.triton import MAX_K
     from .sequential import sequential_mode
+    from .sequential_triton import sequential_triton_mode
 
     register_mode("sequential", sequential_mode, description="reference loop over time (autograd)")
     register_mode(
         "newton_torch", newton_torch_mode,
         description="Newton + log-depth PyTorch scan, Jacobians from step, adjoint backward",
+    )
+    register_mode(
+        "newton_triton", newton_triton_mode,
+        available=lambda cell, u: cell.state_size <= MAX_K and triton_usable(u),
+        auto=lambda cell, u: cell.state_size <= MAX_K and u.is_cuda,
+        description=f"Newton assembly in PyTorch, Triton scans; K <= {MAX_K}, CUDA (or TRITON_INTERPRET=1)",
+    )
+    register_mode(
+        "fused", _fused_run,
+        available=lambda cell, u: _has_fused_kernel(cell) and triton_usable(u),
+        auto=lambda cell, u: _has_fused_kernel(cell) and u.is_cuda,
+        half_inputs=True,
+        description="one Triton kernel per Newton solve and one per backward; ParaGRU/ParaLSTM on CUDA",
+    )
+    register_mode(
+        "sequential_triton", sequential_triton_mode,
+        available=lambda cell, u: _has_fused_kernel(cell) and triton_usable(u),
+        auto=lambda cell, u: False,  # a baseline, never the default
+        half_inputs=True,
+        description="one thread per channel walking the sequence (baseline); ParaGRU/ParaLSTM",
     )
 
 

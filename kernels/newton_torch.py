@@ -48,6 +48,7 @@ def newton_solve(
     newton: NewtonConfig,
     stats: NewtonStats | None,
     name: str | None,
+    scan=linear_scan_torch,
 ) -> torch.Tensor:
     """The trajectory h (B,T,K,D) solving h_t = f(h_{t-1}, u_t), or the configured failure policy."""
     start_mask = layout.start_mask()
@@ -67,7 +68,7 @@ def newton_solve(
         if converged or J is None or residual != residual or residual == float("inf"):
             break
         J = J.masked_fill(start_mask[:, :, None, None, None], 0)
-        d = linear_scan_torch(J, f - h)
+        d = scan(J, f - h)
         h = h + newton.damping * d
         iterations += 1
 
@@ -101,10 +102,10 @@ class _NewtonRNN(torch.autograd.Function):
     """u, p, h0_rows -> trajectory h. Backward: one adjoint scan + one VJP of step at the solution."""
 
     @staticmethod
-    def forward(ctx, u, p, h0_rows, cell, layout, newton, stats, name):
+    def forward(ctx, u, p, h0_rows, cell, layout, newton, stats, name, scans):
         with torch.no_grad():
-            h = newton_solve(cell, u, p, h0_rows, layout, newton, stats, name)
-        ctx.cell, ctx.layout = cell, layout
+            h = newton_solve(cell, u, p, h0_rows, layout, newton, stats, name, scan=scans[0])
+        ctx.cell, ctx.layout, ctx.adjoint_scan = cell, layout, scans[1]
         ctx.save_for_backward(u, p, h0_rows, h)
         return h
 
@@ -116,16 +117,23 @@ class _NewtonRNN(torch.autograd.Function):
             hp = layout.shift(h, h0_rows)
             _, J = step_and_jacobian(cell, hp, u, p)
             J = J.masked_fill(layout.start_mask()[:, :, None, None, None], 0)
-            lam = linear_scan_adjoint_torch(J, grad_h.to(h.dtype))
+            lam = ctx.adjoint_scan(J, grad_h.to(h.dtype))
             _, pullback = vjp(lambda a, b, c: cell.step(a, b, c), hp, u, p)
             grad_hp, grad_u, grad_p = pullback(lam)
         grad_h0 = layout.scatter_starts(grad_hp, h0_rows.shape[0]) if ctx.needs_input_grad[2] else None
         return (
             grad_u if ctx.needs_input_grad[0] else None,
             grad_p if ctx.needs_input_grad[1] else None,
-            grad_h0, None, None, None, None, None,
+            grad_h0, None, None, None, None, None, None,
         )
 
 
 def newton_torch_mode(cell, u, p, h0_rows, layout, newton, stats, name) -> torch.Tensor:
-    return _NewtonRNN.apply(u, p, h0_rows, cell, layout, newton, stats, name)
+    return _NewtonRNN.apply(u, p, h0_rows, cell, layout, newton, stats, name, (linear_scan_torch, linear_scan_adjoint_torch))
+
+
+def newton_triton_mode(cell, u, p, h0_rows, layout, newton, stats, name) -> torch.Tensor:
+    """Same Newton assembly in PyTorch; the causal and adjoint linear solves by Triton scans."""
+    from .scan.triton import linear_scan_adjoint_triton, linear_scan_triton
+
+    return _NewtonRNN.apply(u, p, h0_rows, cell, layout, newton, stats, name, (linear_scan_triton, linear_scan_adjoint_triton))
