@@ -43,6 +43,9 @@ class RecurrentStateLayer(_StateLayerBase):
     """Conv window + recurrent state of one ParaRNN/Mamba2 layer."""
 
     is_initialized = property(lambda self: bool(self.has_previous_state[0]))
+    # States are re-assigned (not copied in place) and the model keeps extra bookkeeping: never ask
+    # generate() to build static/compiled masks for this cache.
+    is_compileable = property(lambda self: False)
 
     def get_seq_length(self) -> int:
         return 0
@@ -72,6 +75,10 @@ class ParaRNNCache(Cache):
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.seen_tokens
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
+        # The model builds its own document-aware masks; this only keeps generic callers working.
+        return self.seen_tokens + query_length, 0
 
     def recurrent_layer(self, layer_idx: int) -> RecurrentStateLayer:
         return self.layers[layer_idx]  # type: ignore[return-value]

@@ -14,6 +14,7 @@ state after the last token (B, H, P, N).
 from __future__ import annotations
 
 import logging
+import re
 
 import torch
 import torch.nn.functional as F
@@ -107,14 +108,30 @@ def ssd_chunked(x, dt, A, Bm, Cm, initial_state=None, reset=None, chunk_size: in
     return y, S
 
 
+_FLA_STATUS: dict[int, bool] = {}
+
+
 def fla_available(device: torch.device) -> bool:
+    """fla-core's kernel can serve this device: installed, CUDA, and not the Hopper + triton < 3.7.1 pair
+    on which fla refuses its gated backward (peer-benchmarks.md)."""
     if device.type != "cuda":
         return False
-    try:
-        import fla.ops.simple_gla  # noqa: F401
-    except Exception:  # not installed or broken: the PyTorch path is used
-        return False
-    return True
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _FLA_STATUS:
+        ok = True
+        try:
+            import fla.ops.simple_gla  # noqa: F401
+            import triton
+        except Exception:  # not installed or broken: the PyTorch path is used
+            ok = False
+        if ok and torch.cuda.get_device_capability(index)[0] == 9:
+            version = tuple(int(p) for p in re.findall(r"\d+", triton.__version__)[:3])
+            if version < (3, 7, 1):
+                log.warning("fla-core's SSD backward is wrong/refused on Hopper with triton %s < 3.7.1; "
+                            "Mamba2 uses the PyTorch SSD", triton.__version__)
+                ok = False
+        _FLA_STATUS[index] = ok
+    return _FLA_STATUS[index]
 
 
 def ssd_fla(x, dt, A, Bm, Cm, initial_state=None, reset=None, seq=None):
