@@ -1,5 +1,5 @@
-# Environment for training jobs on a SLURM cluster; sourced by the sbatch script on every node.
-# Adapt the module loads / virtualenv line to your site.
+# Environment for training jobs on a SLURM cluster: the sbatch script's srun sources it on every node
+# just before torchrun. Adapt the module loads / virtualenv line and the NCCL interface to your site.
 
 # --- your site: uncomment / edit ---------------------------------------------------------------
 # module load cuda/12.8
