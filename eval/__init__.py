@@ -4,7 +4,7 @@ Modules (imported lazily; ``import eval`` itself pulls in nothing heavy):
 * ``eval.perplexity``     token-weighted perplexity over packed held-out streams, loss by position, plot, CLI
                           (``python -m eval.perplexity --model DIR --data FILE``); ``evaluate_batches`` for
                           the training loop's validation.
-* ``eval.lm_eval_tasks``  the paper's lm-eval suite (configs/eval/lm_eval_paper.yaml), live-model HFLM
+* ``eval.lm_eval_tasks``  the paper's lm-eval suite (configs/lm_eval/paper.yaml), live-model HFLM
                           wrapper, exported-dir ``hf`` model, batched loglikelihood helpers, CLI.
 * ``eval.synthetic``      Table-6 task generators (keep-nth, parity, MQAR, 1-hop, 2-hop) and the single-layer
                           trainer (``python -m eval.synthetic.train --task parity --arch paragru`` / ``--grid``).

@@ -1,6 +1,6 @@
 """lm-eval integration: the paper's downstream suite, in-process on a live model or on an exported directory.
 
-* :func:`paper_tasks` - task -> {num_fewshot, metric} from ``configs/eval/lm_eval_paper.yaml`` (one config).
+* :func:`paper_tasks` - task -> {num_fewshot, metric} from ``configs/lm_eval/paper.yaml`` (one config).
 * :func:`wrap_live_model` - wraps a live ``PreTrainedModel`` + tokenizer in lm-eval's ``HFLM`` (no export).
 * :func:`evaluate` - runs tasks grouped by shot count (lm-eval takes one ``num_fewshot`` per call) on an LM
   object, a live model, or an exported directory (lm-eval's standard ``hf`` model with

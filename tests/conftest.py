@@ -1,14 +1,17 @@
 """Test-wide settings: Triton runs in its CPU interpreter, nothing touches the network."""
 import os
 
-# Must be set before any module with @triton.jit is imported.
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch
+
+# Without a GPU, Triton kernels run in its CPU interpreter; this must be set before any module with
+# @triton.jit is imported. On a GPU machine they compile for the GPU.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 for _var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
     os.environ.setdefault(_var, "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):

@@ -134,12 +134,17 @@ def test_config_value_checks(section, key, value, message):
 def test_preemption_flag_by_signal_and_by_sentinel(tmp_path):
     previous = signal.getsignal(signal.SIGUSR1), signal.getsignal(signal.SIGTERM)
     try:
-        flag = PreemptionFlag(sentinel=tmp_path / "PREEMPT")
-        assert not flag
-        (tmp_path / "PREEMPT").touch()
+        stale = tmp_path / "PREEMPT"
+        stale.touch()
+        os.utime(stale, (0, 0))  # left by a previous attempt
+        flag = PreemptionFlag(sentinel=stale)
         assert flag
         flag.clear_sentinel()
         assert not flag
+        stale.touch()  # a new notice arriving while this attempt starts is kept
+        flag.clear_sentinel()
+        assert flag and stale.exists()
+        stale.unlink()
         os.kill(os.getpid(), signal.SIGUSR1)
         assert flag and flag.received == signal.SIGUSR1
     finally:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import time
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -20,13 +21,22 @@ class PreemptionFlag:
     def __init__(self, sentinel: Path | None = None, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGUSR1)):
         self.received: int | None = None
         self.sentinel = sentinel
+        self.started = time.time()
         for sig in signals:
             signal.signal(sig, self._handle)
 
     def clear_sentinel(self) -> None:
-        """Called by rank 0 at start: a sentinel left by the previous (preempted) attempt is stale."""
-        if self.sentinel is not None:
-            self.sentinel.unlink(missing_ok=True)
+        """Called by rank 0 at start: remove a sentinel left by the previous (preempted) attempt.
+
+        One written after this process started is a new preemption notice and is kept.
+        """
+        if self.sentinel is None:
+            return
+        try:
+            if self.sentinel.stat().st_mtime < self.started:
+                self.sentinel.unlink()
+        except FileNotFoundError:
+            pass
 
     def _handle(self, signum, frame) -> None:
         if self.received is None:
