@@ -1,17 +1,13 @@
 """Fused ParaGRU/ParaLSTM Newton kernels and the sequential_triton baseline vs the sequential
 reference (TRITON_INTERPRET=1 on the CPU, tiny shapes; GPU tests at real sizes are marked)."""
-import os
+import pytest
+import torch
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-from kernels import NewtonConfig, NewtonConvergenceError, NewtonStats, ParaGRU, ParaLSTM, parallel_rnn  # noqa: E402
-from kernels.cells.fused_common import start_map_batch, start_map_from_cu_seqlens  # noqa: E402
-from kernels.cells.paragru import fused as fgru  # noqa: E402
-from kernels.cells.paralstm import fused as flstm  # noqa: E402
-from kernels.sequential_triton import sequential_triton_rnn  # noqa: E402
+from kernels import NewtonConfig, NewtonConvergenceError, NewtonStats, ParaGRU, ParaLSTM, parallel_rnn
+from kernels.cells.fused_common import start_map_batch, start_map_from_cu_seqlens
+from kernels.cells.paragru import fused as fgru
+from kernels.cells.paralstm import fused as flstm
+from kernels.sequential_triton import sequential_triton_rnn
 
 CELLS = {"gru": (ParaGRU(), 1, 3, fgru), "lstm": (ParaLSTM(), 2, 5, flstm)}
 

@@ -1,13 +1,9 @@
 """Triton linear scans vs the sequential reference (TRITON_INTERPRET=1 on the CPU; tiny shapes)."""
-import os
+import pytest
+import torch
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-from kernels.scan.reference import linear_scan_sequential  # noqa: E402
-from kernels.scan.triton import _launch, linear_scan_adjoint_triton, linear_scan_triton  # noqa: E402
+from kernels.scan.reference import linear_scan_sequential
+from kernels.scan.triton import _launch, linear_scan_adjoint_triton, linear_scan_triton
 
 
 @pytest.mark.parametrize("K", [1, 2])
