@@ -5,8 +5,8 @@ Kept apart from ``train.py`` so the loop reads as the algorithm, and apart from 
 """
 from __future__ import annotations
 
+import itertools
 import logging
-import math
 import os
 import signal
 import sys
@@ -144,30 +144,20 @@ def export(backend, data, cfg: TrainConfig, run_dir: Path, info: DistInfo, token
     return str(out)
 
 
-@torch.no_grad()
-def mean_loss(model: nn.Module, batches, device: torch.device, max_batches: int, bf16: bool) -> tuple[float, float]:
-    """(sum of token NLL, token count) over up to ``max_batches`` batches."""
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0.0
-    for index, batch in enumerate(batches):
-        if index >= max_batches:
-            break
-        batch = to_device(batch, device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            loss = model(**batch, use_cache=False).ce_loss.float()
-        n = float((batch["labels"][:, 1:] != -100).sum())  # the model shifts labels by one
-        total += loss.item() * n
-        count += n
-    model.train(was_training)
-    return total, count
-
-
 def validation_loss(model: nn.Module, validation, cfg: TrainConfig, info: DistInfo) -> float:
+    """Token-weighted validation NLL over ``eval.max_batches`` batches per rank, averaged over ranks.
+
+    The same definition as the standalone ``python -m eval.perplexity`` (packed documents: a
+    document's first token, which nothing in that document predicts, is not scored).
+    """
+    from eval.perplexity import evaluate_batches
+
     from .backends import _use_bf16
 
-    total, count = mean_loss(model, validation, info.device, cfg.eval.max_batches, _use_bf16(cfg, info))
-    summed = all_reduce_mean(torch.tensor([total, count], dtype=torch.float64, device=info.device), info)
-    if summed[1] == 0:
-        raise RuntimeError("the validation split produced no tokens; check data.validation settings")
-    return float(summed[0] / summed[1])
+    with torch.no_grad(), torch.autocast(info.device.type, dtype=torch.bfloat16, enabled=_use_bf16(cfg, info)):
+        acc = evaluate_batches(model, itertools.islice(validation, cfg.eval.max_batches), info.device)
+    sums = torch.tensor([acc.total_nll, float(acc.total_tokens)], dtype=torch.float64, device=info.device)
+    sums = all_reduce_mean(sums, info)
+    if sums[1] == 0:
+        raise RuntimeError("the validation split produced no tokens; check the data.validation_* settings")
+    return float(sums[0] / sums[1])
