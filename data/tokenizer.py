@@ -14,7 +14,6 @@ import hashlib
 import json
 import logging
 import os
-from pathlib import Path
 from typing import Iterable, Iterator, Optional
 
 from ._cache import atomic_directory, cache_root, file_lock

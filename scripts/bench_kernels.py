@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from kernels.cells.fused_common import start_map_batch  # noqa: E402
 from kernels.cells.paragru.fused import fused_paragru, paragru_fused_bwd  # noqa: E402
 from kernels.cells.paralstm.fused import fused_paralstm, paralstm_fused_bwd  # noqa: E402
-from kernels.config import NewtonConfig, NewtonStats  # noqa: E402
+from kernels.config import NewtonStats  # noqa: E402
 from kernels.sequential_triton import sequential_triton_rnn  # noqa: E402
 
 SHAPES = [(8, 2048, 1024, 16), (16, 2048, 2048, 32), (2, 16384, 1024, 16), (4, 4096, 4096, 64),

@@ -30,7 +30,6 @@ import inspect
 import json
 import logging
 import re
-import shutil
 import subprocess
 import sys
 import textwrap

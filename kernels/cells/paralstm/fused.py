@@ -34,7 +34,7 @@ from ...sequential_triton import _fwd as _seq_fwd
 from ...scan.triton import _combine2
 from ..fused_common import (
     finish_stats, max_scaled_residual, prepare_h0, row_of, shift_down, sigmoid_,
-    sm_count, start_map_batch, start_map_from_cu_seqlens, start_map_from_layout, tanh_,
+    start_map_batch, start_map_from_cu_seqlens, start_map_from_layout, tanh_,
 )
 
 
