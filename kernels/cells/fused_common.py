@@ -7,6 +7,7 @@ with no host sync from either the batch layout (t = 0 starts row b) or cu_seqlen
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import torch
@@ -130,3 +131,91 @@ def finish_stats(iters: torch.Tensor, res: torch.Tensor, fail: torch.Tensor, new
             _warned.add(who)
             logger.warning("Newton did not converge for %s in some time chunks; those chunks were "
                            "finished by the exact sequential recurrence inside the kernel.", who)
+
+
+# ----------------------------------------------------------------------------- public ops per cell
+class FusedCellOps:
+    """The torch.library ops, their autograd and the engine adapters of one fused cell.
+
+    Each cell module provides only its launch functions ``forward(u, p, h0_rows, smap, max_iters,
+    tol, damping) -> (h, iters, residual, fail)`` and ``backward(u, p, h0_rows, smap, h, g) ->
+    (du, dp, dh0)`` plus ``num_programs(u)`` (the size of the per-program stats); everything else is
+    shared here so the two cells cannot drift apart.
+    """
+
+    def __init__(self, op_name: str, label: str, K: int, G: int, P: int, forward, backward, num_programs):
+        self.label, self.K, self.G, self.P = label, K, G, P
+
+        def fwd_impl(u, p, h0_rows, smap, max_iters, tol, damping):
+            with torch.cuda.device(u.device) if u.is_cuda else contextlib.nullcontext():
+                return forward(u, p, h0_rows, smap, max_iters, tol, damping)
+
+        def bwd_impl(u, p, h0_rows, smap, h, g):
+            with torch.cuda.device(u.device) if u.is_cuda else contextlib.nullcontext():
+                return backward(u, p, h0_rows, smap, h, g)
+
+        # Explicit schemas: the ops are built here for both cells, not from annotated module functions.
+        self.fwd = torch.library.custom_op(
+            f"pararnn::{op_name}_fused_fwd", fwd_impl, mutates_args=(),
+            schema="(Tensor u, Tensor p, Tensor h0_rows, Tensor smap, int max_iters, float tol, float damping)"
+                   " -> (Tensor, Tensor, Tensor, Tensor)")
+        self.bwd = torch.library.custom_op(
+            f"pararnn::{op_name}_fused_bwd", bwd_impl, mutates_args=(),
+            schema="(Tensor u, Tensor p, Tensor h0_rows, Tensor smap, Tensor h, Tensor g) -> (Tensor, Tensor, Tensor)")
+
+        @self.fwd.register_fake
+        def _(u, p, h0_rows, smap, max_iters, tol, damping):
+            B, T, _, D = u.shape
+            n = num_programs(u)
+            return (u.new_empty(B, T, K, D, dtype=torch.float32), u.new_empty(n, dtype=torch.int32),
+                    u.new_empty(n, dtype=torch.float32), u.new_empty(n, dtype=torch.int32))
+
+        @self.bwd.register_fake
+        def _(u, p, h0_rows, smap, h, g):
+            return torch.empty_like(u), p.new_empty(p.shape, dtype=torch.float32), torch.empty_like(h0_rows)
+
+        def setup_context(ctx, inputs, output):
+            u, p, h0_rows, smap = inputs[:4]
+            ctx.save_for_backward(u, p, h0_rows, smap, output[0])
+
+        def autograd_backward(ctx, gh, *_):
+            u, p, h0_rows, smap, h = ctx.saved_tensors
+            du, dp, dh0 = self.bwd(u, p, h0_rows, smap, h, gh.contiguous())
+            return du, dp, dh0, None, None, None, None
+
+        self.fwd.register_autograd(autograd_backward, setup_context=setup_context)
+
+    def run(self, u, p, h0_rows, smap, newton: NewtonConfig, stats: NewtonStats | None, who: str) -> torch.Tensor:
+        if u.dim() != 4 or u.shape[2] != self.G:
+            raise ValueError(f"fused {self.label}: u must be (B, T, {self.G}, D), got {tuple(u.shape)}")
+        D = u.shape[-1]
+        if p.shape != (self.P, D):
+            raise ValueError(f"fused {self.label}: p must be ({self.P}, {D}), got {tuple(p.shape)}")
+        tol = newton.tolerance_for(torch.float32)
+        h, iters, res, fail = self.fwd(u, p.float().contiguous(), h0_rows, smap,
+                                       newton.max_iters, float(tol), float(newton.damping))
+        finish_stats(iters, res, fail, newton, stats, who, "fused")
+        if stats is not None:
+            stats.device = {"iterations": iters, "residual": res, "failed": fail}
+        return h
+
+    def fused(self, u: torch.Tensor, p: torch.Tensor, h0: torch.Tensor | None = None,
+              cu_seqlens: torch.Tensor | None = None, newton: NewtonConfig = NewtonConfig(),
+              stats: NewtonStats | None = None, name: str | None = None) -> torch.Tensor:
+        """The state trajectory (B, T, K, D) fp32, differentiable w.r.t. u, p and h0."""
+        B, T, _, D = u.shape
+        if cu_seqlens is not None:
+            if B != 1:
+                raise ValueError("cu_seqlens needs B == 1")
+            smap = start_map_from_cu_seqlens(cu_seqlens.to(u.device), T)
+            R = cu_seqlens.numel() - 1
+        else:
+            smap = start_map_batch(B, T, u.device)
+            R = B
+        h0_rows = prepare_h0(h0, R, self.K, D, u.device)
+        return self.run(u, p, h0_rows, smap, newton, stats, name or self.label)
+
+    def mode(self, cell, u, p, h0_rows, layout, newton, stats, name) -> torch.Tensor:
+        """Engine adapter: run(cell, u, p, h0_rows, layout, newton, stats, name) -> h (B, T, K, D)."""
+        smap = start_map_from_layout(layout)
+        return self.run(u, p, h0_rows.float().contiguous(), smap, newton, stats, name or self.label)

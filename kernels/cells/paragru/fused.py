@@ -34,19 +34,14 @@ residual 0. The backward kernel is the same either way.
 """
 from __future__ import annotations
 
-import contextlib
 
 import torch
 import triton
 import triton.language as tl
 
-from ...config import NewtonConfig, NewtonStats
 from ...sequential_triton import _fwd as _seq_fwd
 from ...scan.triton import _combine1
-from ..fused_common import (
-    finish_stats, max_scaled_residual, prepare_h0, row_of, shift_down, sigmoid_,
-    start_map_batch, start_map_from_cu_seqlens, start_map_from_layout, tanh_,
-)
+from ..fused_common import FusedCellOps, max_scaled_residual, row_of, shift_down, sigmoid_, tanh_
 
 
 # ----------------------------------------------------------------------------- raw Triton kernels
@@ -266,83 +261,13 @@ def _backward(u, p, h0_rows, smap, h, g):
 
 
 # ----------------------------------------------------------------------------- autograd + public op
-@torch.library.custom_op("pararnn::paragru_fused_fwd", mutates_args=())
-def paragru_fused_fwd(u: torch.Tensor, p: torch.Tensor, h0_rows: torch.Tensor, smap: torch.Tensor,
-                      max_iters: int, tol: float, damping: float
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(h (B,T,1,D) fp32, iters, residual, fail) per program; p (3,D) fp32, h0_rows (R,1,D) fp32."""
-    with torch.cuda.device(u.device) if u.is_cuda else contextlib.nullcontext():
-        return _forward(u, p, h0_rows, smap, max_iters, tol, damping)
+def _num_programs(u: torch.Tensor) -> int:
+    B, _, _, D = u.shape
+    return B * triton.cdiv(D, _blocks(B, D, u.device)[1])
 
 
-@paragru_fused_fwd.register_fake
-def _(u, p, h0_rows, smap, max_iters, tol, damping):
-    B, T, G, D = u.shape
-    _, BD, _ = _blocks(B, D, u.device)
-    n = B * triton.cdiv(D, BD)
-    return (u.new_empty(B, T, 1, D, dtype=torch.float32), u.new_empty(n, dtype=torch.int32),
-            u.new_empty(n, dtype=torch.float32), u.new_empty(n, dtype=torch.int32))
-
-
-@torch.library.custom_op("pararnn::paragru_fused_bwd", mutates_args=())
-def paragru_fused_bwd(u: torch.Tensor, p: torch.Tensor, h0_rows: torch.Tensor, smap: torch.Tensor,
-                      h: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    with torch.cuda.device(u.device) if u.is_cuda else contextlib.nullcontext():
-        return _backward(u, p, h0_rows, smap, h, g)
-
-
-@paragru_fused_bwd.register_fake
-def _(u, p, h0_rows, smap, h, g):
-    return torch.empty_like(u), p.new_empty(p.shape, dtype=torch.float32), torch.empty_like(h0_rows)
-
-
-def _setup(ctx, inputs, output):
-    u, p, h0_rows, smap = inputs[:4]
-    ctx.save_for_backward(u, p, h0_rows, smap, output[0])
-
-
-def _autograd_backward(ctx, gh, *_):
-    u, p, h0_rows, smap, h = ctx.saved_tensors
-    du, dp, dh0 = paragru_fused_bwd(u, p, h0_rows, smap, h, gh.contiguous())
-    return du, dp, dh0, None, None, None, None
-
-
-paragru_fused_fwd.register_autograd(_autograd_backward, setup_context=_setup)
-
-
-def _run(u, p, h0_rows, smap, newton: NewtonConfig, stats: NewtonStats | None, who: str):
-    if u.dim() != 4 or u.shape[2] != 3:
-        raise ValueError(f"fused ParaGRU: u must be (B, T, 3, D), got {tuple(u.shape)}")
-    D = u.shape[-1]
-    if p.shape != (3, D):
-        raise ValueError(f"fused ParaGRU: p must be (3, {D}), got {tuple(p.shape)}")
-    tol = newton.tolerance_for(torch.float32)
-    h, iters, res, fail = paragru_fused_fwd(u, p.float().contiguous(), h0_rows, smap,
-                                            newton.max_iters, float(tol), float(newton.damping))
-    finish_stats(iters, res, fail, newton, stats, who, "fused")
-    if stats is not None:
-        stats.device = {"iterations": iters, "residual": res, "failed": fail}
-    return h
-
-
-def fused_paragru(u: torch.Tensor, p: torch.Tensor, h0: torch.Tensor | None = None,
-                  cu_seqlens: torch.Tensor | None = None, newton: NewtonConfig = NewtonConfig(),
-                  stats: NewtonStats | None = None, name: str | None = None) -> torch.Tensor:
-    """The ParaGRU trajectory h (B, T, 1, D) fp32 (see the module docstring)."""
-    B, T, _, D = u.shape
-    if cu_seqlens is not None:
-        if B != 1:
-            raise ValueError("cu_seqlens needs B == 1")
-        smap = start_map_from_cu_seqlens(cu_seqlens.to(u.device), T)
-        R = cu_seqlens.numel() - 1
-    else:
-        smap = start_map_batch(B, T, u.device)
-        R = B
-    h0_rows = prepare_h0(h0, R, 1, D, u.device)
-    return _run(u, p, h0_rows, smap, newton, stats, name or "ParaGRU")
-
-
-def paragru_fused_mode(cell, u, p, h0_rows, layout, newton, stats, name):
-    """Engine adapter: run(cell, u, p, h0_rows, layout, newton, stats, name) -> h (B, T, 1, D)."""
-    smap = start_map_from_layout(layout)
-    return _run(u, p, h0_rows.float().contiguous(), smap, newton, stats, name or "ParaGRU")
+_OPS = FusedCellOps("paragru", "ParaGRU", K=1, G=3, P=3, forward=_forward, backward=_backward,
+                    num_programs=_num_programs)
+paragru_fused_fwd, paragru_fused_bwd = _OPS.fwd, _OPS.bwd  # pararnn::paragru_fused_fwd / _bwd
+fused_paragru = _OPS.fused  # (u, p, h0=None, cu_seqlens=None, newton=..., stats=None, name=None) -> h (B, T, 1, D)
+paragru_fused_mode = _OPS.mode  # the engine's mode "fused" for this cell
