@@ -102,7 +102,7 @@ def train(cfg: TrainConfig) -> dict:
         step_losses, all_finite = [], True
         for _ in range(grad_accum):
             batch = factory.to_device(next(train_iter), info.device)
-            loss, finite = backend.forward_backward(batch)
+            loss, finite = backend.forward_backward(batch, poison=factory.poison_loss(step + 1))
             step_losses.append(loss.float())
             all_finite &= finite
         grad_norm, applied = backend.step()

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 # A small, fast run: the debug preset on 64-token sequences of the bundled corpus.
@@ -135,3 +136,23 @@ def test_bad_overrides_name_the_key(tmp_path):
     assert "train.precision='fp8' is not one of" in result.stderr
     result = run_train(tmp_path / "x", "model=rwkv", expect=1)
     assert "rwkv" in result.stderr
+
+
+@pytest.mark.parametrize("policy", ["skip", "stop"])
+def test_non_finite_loss_is_recorded_and_skipped_or_stops(tmp_path, policy):
+    run_dir = tmp_path / policy
+    expect = 0 if policy == "skip" else 1
+    result = run_train(run_dir, "train.steps=6", "checkpoint.every=0", f"train.on_nonfinite={policy}",
+                       fault="nan@3", expect=expect)
+    records = {r["step"]: r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+               if "loss" in r}
+    assert "step 3: non-finite loss" in result.stdout + result.stderr
+    if policy == "skip":
+        assert records[3]["skipped"] is True and records[3]["loss"] == "nan"
+        assert all(not records[s]["skipped"] for s in (1, 2, 4, 5, 6))
+        assert all(isinstance(records[s]["loss"], float) for s in (4, 5, 6))  # training went on, finite
+        state = torch.load(run_dir / "checkpoints" / "step_00000006" / "state.pt", weights_only=False)
+        assert state["nonfinite_steps"] == [3]
+    else:
+        assert "FloatingPointError" in result.stderr and latest_step(run_dir) == 3
+        assert max(records) == 2  # the NaN step itself is not logged as a training step

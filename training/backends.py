@@ -39,7 +39,7 @@ class TorchBackend:
             self.model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
         self._micro = 0
 
-    def forward_backward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, bool]:
+    def forward_backward(self, batch: dict[str, torch.Tensor], poison: bool = False) -> tuple[torch.Tensor, bool]:
         """Cross-entropy of one micro-batch (detached) and whether the objective was finite.
 
         The objective (cross-entropy + z-loss) is back-propagated; gradients accumulate.
@@ -48,10 +48,11 @@ class TorchBackend:
         sync = contextlib.nullcontext() if last_micro or self.info.world_size == 1 else self.model.no_sync()
         with sync, torch.autocast(self.info.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             out = self.model(**batch)
-            finite = bool(torch.isfinite(out.loss))
-            ((out.loss if finite else zero_loss(self.module)) / self.grad_accum).backward()
+            loss = out.loss * float("nan") if poison else out.loss
+            finite = bool(torch.isfinite(loss))
+            ((loss if finite else zero_loss(self.module)) / self.grad_accum).backward()
         self._micro = (self._micro + 1) % self.grad_accum
-        return out.ce_loss.detach(), finite
+        return out.ce_loss.detach() if finite else loss.detach(), finite
 
     def step(self) -> tuple[float, bool]:
         """Clip, step the optimiser and the schedule. Returns (grad norm, whether the update was applied)."""
@@ -102,13 +103,14 @@ class DeepSpeedBackend:
         )
         self.zero_stage = cfg.deepspeed.stage
 
-    def forward_backward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, bool]:
+    def forward_backward(self, batch: dict[str, torch.Tensor], poison: bool = False) -> tuple[torch.Tensor, bool]:
         out = self.engine(**batch)
-        finite = bool(torch.isfinite(out.loss))
-        self.engine.backward(out.loss if finite else zero_loss(self.engine.module))  # DeepSpeed divides by grad_accum
+        loss = out.loss * float("nan") if poison else out.loss
+        finite = bool(torch.isfinite(loss))
+        self.engine.backward(loss if finite else zero_loss(self.engine.module))  # DeepSpeed divides by grad_accum
         if not self.engine.is_gradient_accumulation_boundary():
             self.engine.step()  # advances DeepSpeed's micro-step counter; no update off the boundary
-        return out.ce_loss.detach(), finite
+        return out.ce_loss.detach() if finite else loss.detach(), finite
 
     def step(self) -> tuple[float, bool]:
         self.engine.step()

@@ -51,15 +51,23 @@ def resume_path(cfg: TrainConfig, checkpoints: CheckpointManager) -> Path | None
     return path
 
 
+def _fault(kind: str) -> int | None:
+    """The step of a ``PARARNN_TEST_FAULT=<kind>@<step>`` injection, if that kind is set."""
+    name, _, at = os.environ.get("PARARNN_TEST_FAULT", "").partition("@")
+    return int(at) if name == kind else None
+
+
 def inject_fault(step: int) -> None:
     """Crash-safety tests: ``PARARNN_TEST_FAULT=sigkill@N`` (a hard crash) or ``sigterm@N`` (a
     preemption) delivered to this process after step N. Does nothing unless the variable is set."""
-    spec = os.environ.get("PARARNN_TEST_FAULT")
-    if not spec:
-        return
-    name, _, at = spec.partition("@")
-    if int(at) == step:
-        os.kill(os.getpid(), {"sigkill": signal.SIGKILL, "sigterm": signal.SIGTERM}[name])
+    for kind, sig in (("sigkill", signal.SIGKILL), ("sigterm", signal.SIGTERM)):
+        if _fault(kind) == step:
+            os.kill(os.getpid(), sig)
+
+
+def poison_loss(step: int) -> bool:
+    """Non-finite-loss tests: ``PARARNN_TEST_FAULT=nan@N`` makes step N's loss NaN."""
+    return _fault("nan") == step
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
