@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -167,5 +168,15 @@ def main(dict_cfg: DictConfig) -> None:
         sys.exit(summary["exit_code"])
 
 
+def _accept_deepspeed_launcher_args() -> None:
+    """The ``deepspeed`` launcher appends ``--local_rank=N``; Hydra takes only overrides, so move it
+    to the environment (where torchrun and srun put it too)."""
+    for arg in list(sys.argv[1:]):
+        if arg.startswith("--local_rank="):
+            os.environ.setdefault("LOCAL_RANK", arg.split("=", 1)[1])
+            sys.argv.remove(arg)
+
+
 if __name__ == "__main__":
+    _accept_deepspeed_launcher_args()
     main()

@@ -23,6 +23,8 @@ FAST = [
 def run_train(run_dir: Path, *overrides: str, fault: str | None = None, launcher: list[str] | None = None, fast: bool = True,
               expect: int = 0, timeout: int = 600) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    if not torch.cuda.is_available():
+        env["DS_ACCELERATOR"] = "cpu"  # the deepspeed launcher decides the accelerator before train.py runs
     env.pop("PARARNN_TEST_FAULT", None)
     if fault:
         env["PARARNN_TEST_FAULT"] = fault
@@ -90,15 +92,20 @@ def test_sigterm_checkpoints_then_resume_reproduces(tmp_path):
         assert abs(got[step] - expected[step]) <= 1e-6 * max(1.0, abs(expected[step])), step
 
 
-@pytest.mark.parametrize("deepspeed", ["none", "zero2", "zero3"])
-def test_two_process_data_parallel_equals_one_process(tmp_path, deepspeed):
+@pytest.mark.parametrize("deepspeed, launcher", [("none", "torchrun"), ("zero2", "torchrun"), ("zero3", "torchrun"),
+                                                 ("zero2", "deepspeed")])
+def test_two_process_data_parallel_equals_one_process(tmp_path, deepspeed, launcher):
     common = ["train.steps=4", "train.micro_batch_size=2", "train.global_batch_size=4", "checkpoint.every=0",
               f"deepspeed={deepspeed}"]
     single = tmp_path / "single"
     run_train(single, *common)  # one process, gradient accumulation 2
     double = tmp_path / "double"
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
-    run_train(double, *common, launcher=torchrun)  # two processes, accumulation 1
+    launchers = {
+        "torchrun": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"],
+        "deepspeed": [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus=2",
+                      f"--master_port={29700 + os.getpid() % 200}"],
+    }
+    run_train(double, *common, launcher=launchers[launcher])  # two processes, accumulation 1
     one, two = losses(single), losses(double)
     assert sorted(two) == [1, 2, 3, 4]
     for step in one:
