@@ -7,10 +7,10 @@ from .api import parallel_rnn
 from .cell import Cell
 from .cells import ParaGRU, ParaLSTM
 from .config import NewtonConfig, NewtonConvergenceError, NewtonStats
-from .layers import ParaGRULayer, ParaLSTMLayer, ParaRNNLayer
+from .layers import CellLayerBase, ParaGRULayer, ParaLSTMLayer, ParaRNNLayer
 from .modes import MODES, register_mode
 
 __all__ = [
     "Cell", "NewtonConfig", "NewtonStats", "NewtonConvergenceError", "parallel_rnn",
-    "ParaGRU", "ParaLSTM", "ParaRNNLayer", "ParaGRULayer", "ParaLSTMLayer", "MODES", "register_mode",
+    "ParaGRU", "ParaLSTM", "CellLayerBase", "ParaRNNLayer", "ParaGRULayer", "ParaLSTMLayer", "MODES", "register_mode",
 ]

@@ -18,8 +18,10 @@ from .cells import ParaGRU, ParaLSTM
 from .config import NewtonConfig, NewtonStats
 
 
-class ParaRNNLayer(nn.Module):
-    """x (B, T, dim) -> y (B, T, dim) through ``cell`` with ``num_heads`` block-diagonal input heads.
+class CellLayerBase(nn.Module):
+    """Parameters of a cell layer and everything that needs no solver: per-head input projection,
+    initialisation, the gain bound and the single step. ``scripts/export_hf.py`` inlines this class
+    into exported models (it uses torch only), so exports and the engine share one definition.
 
     Args:
         cell: the channelwise cell (its ``step`` defines the recurrence).
@@ -27,19 +29,16 @@ class ParaRNNLayer(nn.Module):
         num_heads: blocks of the input projection; ``dim`` must be divisible by it.
         gain_bound: max L2 norm of each recurrent parameter row, enforced by a differentiable
             rescale in every forward (None disables it).
-        mode, newton: passed to :func:`kernels.parallel_rnn`.
         name: how errors and warnings name this layer (e.g. "model.layers.3.mixer").
     """
 
     def __init__(
         self,
-        cell: Cell,
+        cell,
         dim: int,
         num_heads: int,
         *,
         gain_bound: float | None = 0.5,
-        mode: str = "auto",
-        newton: NewtonConfig | None = None,
         bias: bool = True,
         name: str | None = None,
         device: torch.device | str | None = None,
@@ -52,16 +51,14 @@ class ParaRNNLayer(nn.Module):
             raise ValueError(f"gain_bound must be > 0 or None, got {gain_bound}")
         self.cell, self.dim, self.num_heads = cell, dim, num_heads
         self.head_dim = dim // num_heads
-        self.gain_bound, self.mode = gain_bound, mode
+        self.gain_bound = gain_bound
         self.name = name or type(self).__name__  # shown in Newton errors/warnings; models set the module path
-        self.newton = newton or NewtonConfig()
         factory = {"device": device, "dtype": dtype}
         G = cell.num_inputs
         # weight[h, i, g, j]: head h maps its input channel i to pre-activation g of its channel j.
         self.weight = nn.Parameter(torch.empty(num_heads, self.head_dim, G, self.head_dim, **factory))
         self.bias = nn.Parameter(torch.empty(G, dim, **factory)) if bias else None
         self.recurrent = nn.Parameter(torch.empty(cell.num_params, dim, **factory))
-        self.last_stats = NewtonStats()
         self.reset_parameters()
 
     @property
@@ -99,19 +96,6 @@ class ParaRNNLayer(nn.Module):
             want = "(B, T, dim)" if rank == 3 else "(B, dim)"
             raise ValueError(f"{type(self).__name__} expects x of shape {want} with dim={self.dim}, got {tuple(x.shape)}")
 
-    def forward(
-        self, x: torch.Tensor, h0: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """y (B, T, dim) and the final states (B, K, dim), or (N_docs, K, dim) with cu_seqlens."""
-        self._check_input(x, 3)
-        stats = NewtonStats()
-        y, h_last = parallel_rnn(
-            self.cell, self.project(x), self.recurrent_params(), h0, cu_seqlens,
-            mode=self.mode, newton=self.newton, stats=stats, name=self.name,
-        )
-        self.last_stats = stats
-        return y, h_last
-
     def step(self, x_t: torch.Tensor, h: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """One token for decoding: x_t (B, dim), h (B, K, dim) or None -> y_t (B, dim), new h (fp32+)."""
         self._check_input(x_t, 2)
@@ -125,10 +109,38 @@ class ParaRNNLayer(nn.Module):
         return self.cell.output(h).to(x_t.dtype), h
 
     def extra_repr(self) -> str:
-        return (
-            f"cell={self.cell.name}, dim={self.dim}, num_heads={self.num_heads}, "
-            f"gain_bound={self.gain_bound}, mode={self.mode!r}"
+        return f"cell={self.cell.name}, dim={self.dim}, num_heads={self.num_heads}, gain_bound={self.gain_bound}"
+
+
+class ParaRNNLayer(CellLayerBase):
+    """x (B, T, dim) -> y (B, T, dim) through ``cell``, applied in parallel over time.
+
+    Takes :class:`CellLayerBase`'s arguments plus ``mode`` and ``newton`` (passed to
+    :func:`kernels.parallel_rnn`). Accepts and returns states for chunked processing.
+    """
+
+    def __init__(self, cell: Cell, dim: int, num_heads: int, *, mode: str = "auto",
+                 newton: NewtonConfig | None = None, **kwargs) -> None:
+        super().__init__(cell, dim, num_heads, **kwargs)
+        self.mode = mode
+        self.newton = newton or NewtonConfig()
+        self.last_stats = NewtonStats()
+
+    def forward(
+        self, x: torch.Tensor, h0: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """y (B, T, dim) and the final states (B, K, dim), or (N_docs, K, dim) with cu_seqlens."""
+        self._check_input(x, 3)
+        stats = NewtonStats()
+        y, h_last = parallel_rnn(
+            self.cell, self.project(x), self.recurrent_params(), h0, cu_seqlens,
+            mode=self.mode, newton=self.newton, stats=stats, name=self.name,
         )
+        self.last_stats = stats
+        return y, h_last
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, mode={self.mode!r}"
 
 
 class ParaGRULayer(ParaRNNLayer):

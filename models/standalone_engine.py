@@ -9,7 +9,7 @@ which computes the same function (to fp32 rounding) with the same parameters.
 from __future__ import annotations
 
 import logging
-import math
+import math  # noqa: F401 - used by the CellLayerBase source inlined in exports
 from typing import Any
 
 import torch
@@ -20,6 +20,7 @@ log = logging.getLogger(__name__)
 # --- CELLS BEGIN (replaced by the cell sources in an export) ---
 from kernels.cell import Cell  # noqa: E402
 from kernels.cells import ParaGRU, ParaLSTM  # noqa: E402
+from kernels.layers import CellLayerBase  # noqa: E402
 # --- CELLS END ---
 
 
@@ -33,49 +34,13 @@ class LastStats:
     mode = "sequential_standalone"
 
 
-class SequentialCellLayer(nn.Module):
-    """Parameter-compatible with ``kernels.ParaRNNLayer`` (weight, bias, recurrent); sequential in time."""
+class SequentialCellLayer(CellLayerBase):
+    """``kernels.ParaRNNLayer``'s parameters, init and step (the same class, inlined); sequential in time."""
 
     def __init__(self, cell: Cell, dim: int, num_heads: int, *, gain_bound: float | None = 0.5,
                  bias: bool = True, name: str | None = None, **_: Any) -> None:
-        super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"dim ({dim}) must be a multiple of num_heads ({num_heads})")
-        self.cell, self.dim, self.num_heads = cell, dim, num_heads
-        self.head_dim = dim // num_heads
-        self.gain_bound = gain_bound
-        self.name = name or type(self).__name__
-        G = cell.num_inputs
-        self.weight = nn.Parameter(torch.empty(num_heads, self.head_dim, G, self.head_dim))
-        self.bias = nn.Parameter(torch.zeros(G, dim)) if bias else None
-        self.recurrent = nn.Parameter(torch.empty(cell.num_params, dim))
+        super().__init__(cell, dim, num_heads, gain_bound=gain_bound, bias=bias, name=name)
         self.last_stats = LastStats()
-        self.reset_parameters()
-
-    @property
-    def state_size(self) -> int:
-        return self.cell.state_size
-
-    def reset_parameters(self) -> None:
-        bound = 1.0 / math.sqrt(self.head_dim)
-        nn.init.uniform_(self.weight, -bound, bound)
-        if self.bias is not None:
-            nn.init.zeros_(self.bias)
-        nn.init.xavier_normal_(self.recurrent)
-        if self.gain_bound is not None:
-            with torch.no_grad():
-                self.recurrent.copy_(self.recurrent_params())
-
-    def recurrent_params(self) -> torch.Tensor:
-        p = self.recurrent
-        if self.gain_bound is None or p.numel() == 0:
-            return p
-        return p * (self.gain_bound / p.norm(dim=1, keepdim=True).clamp_min(1e-12)).clamp(max=1.0)
-
-    def project(self, x: torch.Tensor) -> torch.Tensor:
-        xh = x.unflatten(-1, (self.num_heads, self.head_dim))
-        u = torch.einsum("...hi,higj->...ghj", xh, self.weight.to(x.dtype)).flatten(-2)
-        return u if self.bias is None else u + self.bias.to(x.dtype)
 
     def forward(self, x: torch.Tensor, h0: torch.Tensor | None = None,
                 cu_seqlens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -102,13 +67,6 @@ class SequentialCellLayer(nn.Module):
                 ys.append(self.cell.output(h))
             lasts.append(h)
         return torch.stack(ys, 1).to(x.dtype), torch.cat(lasts, 0)
-
-    def step(self, x_t: torch.Tensor, h: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        compute = torch.float64 if x_t.dtype == torch.float64 else torch.float32
-        if h is None:
-            h = x_t.new_zeros(x_t.shape[0], self.state_size, self.dim, dtype=compute)
-        h = self.cell.step(h.to(compute), self.project(x_t).to(compute), self.recurrent_params().to(compute))
-        return self.cell.output(h).to(x_t.dtype), h
 
 
 def _project_engine():

@@ -63,9 +63,11 @@ def standalone_engine_source() -> str:
     """``standalone_engine.py`` with the cell classes inlined from kernels/ (the single source of the math)."""
     from kernels.cell import Cell
     from kernels.cells import ParaGRU, ParaLSTM
+    from kernels.layers import CellLayerBase
 
-    cells = "\n\n".join(textwrap.dedent(inspect.getsource(c)) for c in (Cell, ParaGRU, ParaLSTM))
-    header = "# --- cells inlined from kernels/cell.py and kernels/cells/*/cell.py by scripts/export_hf.py ---\n"
+    cells = "\n\n".join(textwrap.dedent(inspect.getsource(c)) for c in (Cell, ParaGRU, ParaLSTM, CellLayerBase))
+    header = ("# --- inlined by scripts/export_hf.py from kernels/cell.py, kernels/cells/*/cell.py and "
+              "kernels/layers.py ---\n")
     source = (REPO / "models" / "standalone_engine.py").read_text()
     if not CELLS_BLOCK.search(source):
         raise RuntimeError("models/standalone_engine.py lost its CELLS BEGIN/END markers")
