@@ -10,6 +10,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from .cache import ParaRNNCache
 from .configuration import KNOWN_MIXERS, ParaRNNLMConfig
+from .decode import StaticDecoder
 from .modeling import (
     ParaRNNLMForCausalLM,
     ParaRNNLMModel,
@@ -30,5 +31,5 @@ AutoModelForCausalLM.register(ParaRNNLMConfig, ParaRNNLMForCausalLM, exist_ok=Tr
 __all__ = [
     "ParaRNNLMConfig", "ParaRNNLMModel", "ParaRNNLMForCausalLM", "ParaRNNLMPreTrainedModel", "ParaRNNLMOutput",
     "ParaRNNCache", "MIXERS", "register_mixer", "build_mixer", "build_synthetic_model", "check_tokenizer",
-    "config_for", "count_parameters", "PRESET_SIZES",
+    "config_for", "count_parameters", "PRESET_SIZES", "StaticDecoder",
 ]

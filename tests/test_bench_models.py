@@ -1,0 +1,70 @@
+"""scripts/bench_models.py: the --smoke run (CPU, debug preset) produces every section of the JSON."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+ARCHS = ["paragru", "paralstm", "mamba2", "attention"]
+
+
+def test_smoke_run_writes_every_section(tmp_path):
+    out = tmp_path / "bench.json"
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_models.py"), "--smoke", "--out", str(out)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert set(res) >= {"meta", "layers", "training", "decode", "skipped", "notes"}
+    assert res["meta"]["smoke"] and res["skipped"] == []
+    for name in ("== layers", "== training", "== decode"):
+        assert name in proc.stdout
+
+    layers = {r["layer"]: r for r in res["layers"]}
+    assert set(layers) == {"paragru", "paralstm", "mamba2", "mamba2_ref"}
+    for name in ("paragru", "paralstm", "mamba2"):
+        assert layers[name]["fwd_ms"] > 0 and layers[name]["fwdbwd_ms"] > 0 and "error" not in layers[name]
+    ref = layers["mamba2_ref"]
+    assert "fwdbwd_ms" in ref or "skipped" in ref
+
+    train = {r["arch"]: r for r in res["training"]}
+    assert set(train) == set(ARCHS)
+    for r in train.values():
+        assert "error" not in r, r
+        assert r["micro_batch"] >= 1 and r["tokens_per_s"] > 0 and 0 < r["mfu"] < 1
+        assert r["non_embedding_params"] < r["params"]
+    assert train["attention"]["tokens_per_s_vs_attention"] == 1.0
+
+    decode = {r["arch"]: r for r in res["decode"]}
+    assert set(decode) == set(ARCHS)
+    for r in decode.values():
+        assert not any(k.endswith("error") for k in r), r
+        assert r["generate_decode_tok_s"] > 0 and r["static_eager_decode_tok_s"] > 0
+        assert r["static_eager_tokens_match_generate"] is True
+
+
+def test_batch_search_steps_down_on_oom(monkeypatch, tmp_path):
+    sys.path.insert(0, str(REPO))
+    from scripts import bench_models as bm
+
+    calls = []
+
+    def fake_try_train(model, opt, mb, *args, **kwargs):
+        calls.append(mb)
+        if mb > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 1 GiB")
+        return 10.0, None
+
+    monkeypatch.setattr(bm, "try_train", fake_try_train)
+    args = bm.parse_args(["--smoke", "--out", str(tmp_path / "b.json"), "--sections", "training",
+                          "--train-archs", "paragru"])
+    args.max_micro_batch = 16  # (--smoke sets 4)
+    run = bm.Run(args)
+    bm.bench_training(run)
+    row = run.result["training"][0]
+    assert calls == [16, 8, 4, 2]
+    assert row["micro_batch"] == 2 and row["tokens_per_s"] == 2 * args.seq_len / 0.01
+    assert [a.get("oom") for a in row["attempts"]] == [True, True, True, None]
