@@ -37,8 +37,12 @@ class ParaRNNLMConfig(PretrainedConfig):
         mamba_expand, mamba_headdim, mamba_d_state, mamba_ngroups, mamba_chunk_size: Mamba2 layer shape.
         mamba_dt_min, mamba_dt_max, mamba_dt_init_floor, mamba_A_init_range: Mamba2 parameter init.
         ssd_backend: ``auto`` (fla-core's chunk kernel on CUDA when installed, else PyTorch) | ``torch`` | ``fla``.
-        bare_mixer: the mixer alone (no conv / norm / gate): the cell layer for RNNs, in_proj -> SSD ->
-            out_proj for Mamba2 (the paper's keep-nth and parity setting, a "linear recurrence control").
+        bare_mixer: the paper's keep-nth / parity model (Table 6): embedding -> mixer -> lm_head, where the
+            mixer has no conv / norm / gate (the cell layer for RNNs, in_proj -> SSD -> out_proj for Mamba2,
+            a "linear recurrence control") and the backbone around it is dropped too: no pre-norm, no
+            residual, no final norm (``model.norm`` is an Identity); the embedding is initialised with std 1
+            (it feeds the mixer directly). Keeping the residual stream makes a 1-layer ParaGRU fail short
+            parity (the last token's embedding bypasses the cell; see tests/test_eval_parity_run.py).
         z_loss: coefficient of mean(logsumexp(logits)^2), added to the loss in training mode only.
         fused_cross_entropy: compute the loss chunk by chunk from the hidden states without
             materialising the full fp32 logits (logits are then not returned when labels are given).

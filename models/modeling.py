@@ -61,11 +61,18 @@ class ParaRNNLMModelOutput(ModelOutput):
 
 
 class ParaRNNLMBlock(nn.Module):
+    """Pre-norm residual mixer (+ pre-norm residual SwiGLU when ``intermediate_size > 0``).
+
+    With ``config.bare_mixer`` the block is the mixer alone, ``x -> mixer(x)``: no pre-norm and no
+    residual (the paper's bare-mixer setting for keep-nth and parity, see ``ParaRNNLMConfig``).
+    """
+
     def __init__(self, config: ParaRNNLMConfig, layer_idx: int) -> None:
         super().__init__()
         self.layer_idx = layer_idx
         self.mixer_type = config.mixers[layer_idx]
-        self.mixer_norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.bare = config.bare_mixer
+        self.mixer_norm = None if self.bare else RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.mixer = build_mixer(self.mixer_type, config, layer_idx)
         if config.intermediate_size > 0:
             self.mlp_norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
@@ -74,7 +81,10 @@ class ParaRNNLMBlock(nn.Module):
             self.mlp_norm = self.mlp = None
 
     def forward(self, x: torch.Tensor, seq: SequenceInfo, cache, attn_mask) -> torch.Tensor:
-        x = x + self.mixer(self.mixer_norm(x), seq, cache, attn_mask)
+        if self.bare:
+            x = self.mixer(x, seq, cache, attn_mask)
+        else:
+            x = x + self.mixer(self.mixer_norm(x), seq, cache, attn_mask)
         if self.mlp is not None:
             x = x + self.mlp(self.mlp_norm(x))
         return x
@@ -119,7 +129,10 @@ class ParaRNNLMPreTrainedModel(PreTrainedModel):
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
-            trunc_normal_init_(module.weight, base or 1.0 / math.sqrt(self.config.hidden_size))
+            # Bare-mixer models feed the embedding straight into the mixer (no pre-norm): unit scale there
+            # (PyTorch's default), so the cell's pre-activations are O(1) and its gates can depend on the token.
+            std = 1.0 if self.config.bare_mixer else 1.0 / math.sqrt(self.config.hidden_size)
+            trunc_normal_init_(module.weight, base or std)
         elif isinstance(module, nn.Conv1d):
             module.reset_parameters()
         elif isinstance(module, RMSNorm):
@@ -135,7 +148,8 @@ class ParaRNNLMModel(ParaRNNLMPreTrainedModel):
         super().__init__(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(ParaRNNLMBlock(config, i) for i in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        # Bare-mixer models (paper, keep-nth / parity): embedding -> mixer(s) -> head, no final norm.
+        self.norm = nn.Identity() if config.bare_mixer else RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.has_attention = "attention" in config.mixers
         self.gradient_checkpointing = False
         self.post_init()
@@ -291,7 +305,8 @@ def build_synthetic_model(mixer: str, *, vocab_size: int, bare_mixer: bool, d_mo
                           **extra) -> ParaRNNLMForCausalLM:
     """One-layer model of the paper's synthetic tasks (Table 6): d=64, 4 heads by default.
 
-    ``bare_mixer``: the mixer alone, no MLP (keep-nth, parity); otherwise the full block with a SwiGLU.
+    ``bare_mixer``: embedding -> the mixer alone -> head: no MLP, no pre-norm, no residual, no final norm
+    (keep-nth, parity; see ``ParaRNNLMConfig.bare_mixer``); otherwise the full block with a SwiGLU.
     Recurrent gains are bounded at 0.9 (paper, synthetic tasks) unless ``rnn_gain_bound`` is given
     (None for parity). Mamba2 uses head dim 16 here so d=64 gives 8 heads.
     """

@@ -18,6 +18,7 @@ from models import (
     config_for,
 )
 from models.loss import lm_loss_chunked, lm_loss_from_logits
+from models.packing import SequenceInfo
 
 ARCHS = ("paragru", "paralstm", "mamba2", "attention")
 HYBRID = dict(layer_pattern=["paragru", "attention", "mamba2", "paralstm"], num_hidden_layers=4)
@@ -236,6 +237,29 @@ def test_synthetic_single_layer_models(mixer, bare):
     names = [n for n, _ in model.named_parameters()]
     if bare:  # no conv / norm / gate inside the mixer, no MLP
         assert not any(".conv." in n or "mixer.norm" in n or ".mlp." in n for n in names), names
+
+
+@pytest.mark.parametrize("mixer", ["paragru", "mamba2"])
+def test_bare_mixer_is_embedding_mixer_head(mixer):
+    """bare_mixer = the paper's keep-nth/parity model: no pre-norm, no residual, no final norm; the
+    embedding (std 1) feeds the mixer directly. (A residual stream made 1-layer ParaGRU fail parity.)"""
+    torch.manual_seed(0)
+    model = build_synthetic_model(mixer, vocab_size=2, bare_mixer=True, rnn_gain_bound=None)
+    block = model.model.layers[0]
+    assert block.mixer_norm is None and block.mlp is None and isinstance(model.model.norm, torch.nn.Identity)
+    assert not any("norm" in n for n, _ in model.named_parameters())
+    assert model.model.embed_tokens.weight.std().item() > 0.5
+    ids = torch.randint(0, 2, (3, 16))
+    seq = SequenceInfo(torch.arange(16).expand(3, 16))
+    with torch.no_grad():
+        want = model.lm_head(block.mixer(model.model.embed_tokens(ids), seq))
+        torch.testing.assert_close(model(ids).logits, want)
+        if mixer == "paragru":  # the last logit depends on the first token (no state reset)
+            flipped = ids.clone()
+            flipped[:, 0] ^= 1
+            assert (model(ids).logits[:, -1] - model(flipped).logits[:, -1]).abs().max() > 0
+    full = build_synthetic_model(mixer, vocab_size=2, bare_mixer=False)  # the full block keeps the backbone
+    assert full.model.layers[0].mixer_norm is not None and not isinstance(full.model.norm, torch.nn.Identity)
 
 
 def test_dclm_init_scales():
