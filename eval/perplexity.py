@@ -35,6 +35,8 @@ from typing import Any, Iterable, Iterator, Sequence
 import torch
 from torch import nn
 
+from .plotting import save_figure
+
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
@@ -239,12 +241,7 @@ def plot_loss_by_position(curves: dict[str, Sequence[float | None]], path: str |
     ax.set_ylabel("mean NLL (nats)")
     ax.set_title("Loss by position")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 # ------------------------------------------------------------------------------------------ CLI

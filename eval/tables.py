@@ -20,6 +20,7 @@ import re
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from .plotting import save_figure
 from .paper import ARCH_NAMES, PARAMS, SOURCE, SYNTHETIC_TASK_TITLES, TABLE5_ACC, TABLE5_PPL, TABLE6, lm_eval_suite
 
 log = logging.getLogger(__name__)
@@ -147,12 +148,7 @@ def plot_table6(results: Sequence[dict[str, Any]], path: str | Path) -> Path:
     ax.set_ylim(0, 105)
     ax.legend(fontsize=7, ncol=3)
     ax.set_title("Synthetic tasks, single layer (Table 6)")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 # ------------------------------------------------------------------------------------------ Table 5
@@ -212,12 +208,7 @@ def plot_perplexity_vs_size(ppl: dict[tuple[str, str], dict[str, Any]], path: st
     ax.set_ylabel("test perplexity")
     ax.legend(fontsize=7)
     ax.set_title("Perplexity vs size (Table 5)")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 # ------------------------------------------------------------------------------------------ CLI
