@@ -70,8 +70,20 @@ def _fused_cells() -> dict[type, Callable[..., torch.Tensor]]:
     return {ParaGRU: paragru_fused_mode, ParaLSTM: paralstm_fused_mode}
 
 
+def _stepwise_cells() -> dict[type, Callable[..., torch.Tensor]]:
+    from .cells import ParaGRU, ParaLSTM
+    from .cells.paragru.fused import paragru_stepwise_mode
+    from .cells.paralstm.fused import paralstm_stepwise_mode
+
+    return {ParaGRU: paragru_stepwise_mode, ParaLSTM: paralstm_stepwise_mode}
+
+
 def _fused_run(cell, u, p, h0_rows, layout, newton, stats, name):
     return _fused_cells()[type(cell)](cell, u, p, h0_rows, layout, newton, stats, name)
+
+
+def _stepwise_run(cell, u, p, h0_rows, layout, newton, stats, name):
+    return _stepwise_cells()[type(cell)](cell, u, p, h0_rows, layout, newton, stats, name)
 
 
 def _has_fused_kernel(cell: Cell) -> bool:
@@ -102,7 +114,15 @@ def _register_builtin() -> None:
         available=lambda cell, u: _has_fused_kernel(cell) and triton_usable(u),
         auto=lambda cell, u: _has_fused_kernel(cell) and u.is_cuda,
         half_inputs=True,
-        description="one Triton kernel per Newton solve and one per backward; ParaGRU/ParaLSTM on CUDA",
+        description="multiple-shooting Newton: exact sequential segments in parallel, Newton on the "
+                    "segment starts (kernels/shooting.py); ParaGRU/ParaLSTM",
+    )
+    register_mode(
+        "fused_stepwise", _stepwise_run,
+        available=lambda cell, u: _has_fused_kernel(cell) and triton_usable(u),
+        auto=lambda cell, u: False,  # superseded by 'fused' (kernels/NOTES-perf.md); kept for comparison
+        half_inputs=True,
+        description="per-step Newton solve in registers, one Triton kernel per solve; ParaGRU/ParaLSTM",
     )
     register_mode(
         "sequential_triton", sequential_triton_mode,

@@ -8,8 +8,9 @@ For each cell, shape (B, T, D, heads) and input dtype:
   1. correctness: the fused kernels vs the fp32 sequential recurrence (the sequential_triton kernel,
      itself checked against the PyTorch loop in fp64 at a small shape first): max |dy|, relative
      norm errors of du, dp, dh0; Newton iterations used and the final residual;
-  2. kernel level: fused forward (u -> h) and backward (dh -> du, dp, dh0), sequential_triton
-     forward/backward; bandwidth = bytes that must move / time, next to the measured copy bandwidth;
+  2. kernel level: fused forward (u -> h) and backward (dh -> du, dp, dh0) of the default
+     multiple-shooting kernels (mode 'fused'), the per-step Newton kernels (mode 'fused_stepwise',
+     forward + backward), sequential_triton forward/backward; bandwidth = bytes that must move / time, next to the measured copy bandwidth;
   3. module level: per-head input projection einsum(x (B,T,H,D/H), W (H,D/H,3,D/H)) -> u (B,T,3,D),
      the cell, loss = sum(y^2), all gradients (x, W, p): forward and forward+backward.
 Median of --reps CUDA-event-timed runs after warm-up. Table on stdout, JSON to --out.
@@ -27,8 +28,8 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from kernels.cells.fused_common import start_map_batch  # noqa: E402
-from kernels.cells.paragru.fused import fused_paragru, paragru_fused_bwd  # noqa: E402
-from kernels.cells.paralstm.fused import fused_paralstm, paralstm_fused_bwd  # noqa: E402
+from kernels.cells.paragru.fused import fused_paragru, fused_paragru_stepwise, paragru_fused_bwd  # noqa: E402
+from kernels.cells.paralstm.fused import fused_paralstm, fused_paralstm_stepwise, paralstm_fused_bwd  # noqa: E402
 from kernels.config import NewtonStats  # noqa: E402
 from kernels.sequential_triton import sequential_triton_rnn  # noqa: E402
 
@@ -142,6 +143,15 @@ def bench_shape(cell, B, T, D, H, dtype_name, reps, do_module, do_seq, copy_bw):
         row["fused_fwd_ms"] = timed(lambda: fused(u, p, h0), reps)
         row["fused_bwd_ms"] = timed(lambda: bwd_op(u, p, h0r, smap, hstate, g), reps)
         if do_seq:
+            stepwise = fused_paragru_stepwise if cell == "gru" else fused_paralstm_stepwise
+            uu, pp, hh = (t.clone().requires_grad_() for t in (u, p, h0))
+            with torch.enable_grad():
+                hs_ = stepwise(uu, pp, hh)
+                row["stepwise_fwdbwd_ms"] = timed(
+                    lambda: torch.autograd.grad(stepwise(uu, pp, hh), (uu, pp, hh), g), reps)
+            row["stepwise_fwd_ms"] = timed(lambda: stepwise(u, p, h0), reps)
+            row["stepwise_bwd_ms"] = row["stepwise_fwdbwd_ms"] - row["stepwise_fwd_ms"]
+            del uu, pp, hh, hs_
             row["seq_fwd_ms"] = timed(lambda: sequential_triton_rnn(name, u, p, h0r, smap), reps)
             from kernels.sequential_triton import sequential_triton_bwd
             row["seq_bwd_ms"] = timed(lambda: sequential_triton_bwd(u, p, h0r, smap, hstate, g, cell == "lstm"), reps)
@@ -185,7 +195,7 @@ def bench_shape(cell, B, T, D, H, dtype_name, reps, do_module, do_seq, copy_bw):
 
 def fmt(row):
     keys = ["cell", "dtype", "B", "T", "D", "H", "iters", "y_max_abs", "du_rel", "fused_fwd_ms", "fused_bwd_ms",
-            "fused_fwd_bw_frac", "fused_bwd_bw_frac", "seq_fwd_ms", "seq_bwd_ms", "module_fwd_ms",
+            "fused_fwd_bw_frac", "fused_bwd_bw_frac", "stepwise_fwd_ms", "stepwise_bwd_ms", "seq_fwd_ms", "seq_bwd_ms", "module_fwd_ms",
             "module_fwdbwd_ms", "peer_fwdbwd_ms", "speedup_fwdbwd"]
     out = []
     for k in keys:
@@ -223,7 +233,7 @@ def main():
     result = {"device": dev, "torch": torch.__version__, "copy_GBps": copy_bw, "reps": a.reps,
               "command": " ".join(sys.argv), "check_small": check_small(), "rows": [], "sweep": []}
     shapes = [] if a.shapes == "none" else (SHAPES if a.shapes == "all" else [SHAPES[int(i)] for i in a.shapes.split(",")])
-    print("cell | dtype | B | T | D | H | iters | y_err | du_rel | fwd ms | bwd ms | fwd bw | bwd bw | seq fwd | seq bwd | mod fwd | mod f+b | peer f+b | speedup", flush=True)
+    print("cell | dtype | B | T | D | H | iters | y_err | du_rel | fwd ms | bwd ms | fwd bw | bwd bw | stepwise fwd | stepwise bwd | seq fwd | seq bwd | mod fwd | mod f+b | peer f+b | speedup", flush=True)
     for cell in a.cells.split(","):
         for (B, T, D, H) in shapes:
             for dn in a.dtypes.split(","):

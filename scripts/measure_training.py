@@ -22,15 +22,18 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run(run_dir: Path, overrides: list[str], fault: str | None = None) -> float:
+def run(run_dir: Path, overrides: list[str], fault: str | None = None, nproc: int = 1) -> float:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("PARARNN_TEST_FAULT", None)
     if fault:
         env["PARARNN_TEST_FAULT"] = fault
     started = time.perf_counter()
-    result = subprocess.run([sys.executable, "train.py", f"run_dir={run_dir}", *overrides], cwd=ROOT, env=env,
+    launcher = [sys.executable] if nproc == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    result = subprocess.run([*launcher, "train.py", f"run_dir={run_dir}", *overrides], cwd=ROOT, env=env,
                             capture_output=True, text=True)
-    if result.returncode not in (0, -9):
+    # torchrun reports a SIGKILLed worker as exit code 1 after tearing the others down
+    if result.returncode not in (0, -9) and not (fault and nproc > 1):
         sys.stderr.write(result.stderr[-8000:])
         raise SystemExit(f"train.py failed with exit code {result.returncode}")
     return time.perf_counter() - started
@@ -51,6 +54,7 @@ def main() -> None:
     parser.add_argument("--checkpoint-every", type=int, default=20)
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--vocab-size", type=int, default=50277, help="model vocabulary (paper: GPT-NeoX 50,277)")
+    parser.add_argument("--nproc", type=int, default=1, help="GPUs (processes) through torchrun")
     parser.add_argument("--smoke", action="store_true", help="debug size on the CPU, to test this script")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
@@ -60,15 +64,15 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     overrides = [
         f"model={args.arch}", f"size={args.size}", f"deepspeed={args.deepspeed}", f"train.steps={args.steps}",
-        f"train.micro_batch_size={args.micro_batch}", f"train.global_batch_size={args.micro_batch}",
+        f"train.micro_batch_size={args.micro_batch}", f"train.global_batch_size={args.micro_batch * args.nproc}",
         f"data.seq_len={args.seq_len}", f"+model.overrides.vocab_size={args.vocab_size}",
         f"checkpoint.every={args.checkpoint_every}", "eval.every=0", "eval.at_end=false", "export.at_end=false",
         "logging.wandb_mode=disabled", "logging.progress_bar=false", "train.log_every=1",
     ]
     reference, resumed = args.out / "reference", args.out / "resumed"
-    wall = {"reference": run(reference, overrides)}
-    wall["killed"] = run(resumed, overrides, fault=f"sigkill@{args.kill_after}")
-    wall["resume"] = run(resumed, overrides)
+    wall = {"reference": run(reference, overrides, nproc=args.nproc)}
+    wall["killed"] = run(resumed, overrides, fault=f"sigkill@{args.kill_after}", nproc=args.nproc)
+    wall["resume"] = run(resumed, overrides, nproc=args.nproc)
 
     ref = {r["step"]: r for r in records(reference) if "loss" in r}
     res = {r["step"]: r for r in records(resumed) if "loss" in r}
@@ -76,7 +80,7 @@ def main() -> None:
     resumed_steps = [s for s in range(args.checkpoint_every + 1, args.steps + 1)]
     summary = {
         "arch": args.arch, "size": args.size, "deepspeed": args.deepspeed, "seq_len": args.seq_len,
-        "micro_batch": args.micro_batch, "steps": args.steps,
+        "micro_batch": args.micro_batch, "steps": args.steps, "gpus": args.nproc,
         "tokens_per_s": statistics.median(r["tokens_per_s"] for r in warm),
         "mfu": statistics.median(r["mfu"] for r in warm) if warm[0].get("mfu") is not None else None,
         "peak_memory_gib": max((r.get("mem_peak_gib", 0.0) for r in warm), default=None),

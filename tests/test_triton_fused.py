@@ -1,5 +1,6 @@
-"""Fused ParaGRU/ParaLSTM Newton kernels and the sequential_triton baseline vs the sequential
-reference (TRITON_INTERPRET=1 on the CPU, tiny shapes; GPU tests at real sizes are marked)."""
+"""Fused ParaGRU/ParaLSTM kernels (multiple shooting = mode 'fused', per-step Newton = mode
+'fused_stepwise') and the sequential_triton baseline vs the sequential reference
+(TRITON_INTERPRET=1 on the CPU, tiny shapes; GPU tests at real sizes are marked)."""
 import pytest
 import torch
 
@@ -7,19 +8,27 @@ from kernels import NewtonConfig, NewtonConvergenceError, NewtonStats, ParaGRU, 
 from kernels.cells.fused_common import start_map_batch, start_map_from_cu_seqlens
 from kernels.cells.paragru import fused as fgru
 from kernels.cells.paralstm import fused as flstm
+from kernels import shooting
 from kernels.sequential_triton import sequential_triton_rnn
 
 CELLS = {"gru": (ParaGRU(), 1, 3, fgru), "lstm": (ParaLSTM(), 2, 5, flstm)}
+FUSED = {
+    ("gru", "shooting"): fgru.fused_paragru, ("lstm", "shooting"): flstm.fused_paralstm,
+    ("gru", "stepwise"): fgru.fused_paragru_stepwise, ("lstm", "stepwise"): flstm.fused_paralstm_stepwise,
+}
 
 
 @pytest.fixture(autouse=True)
 def small_tiles():
-    # 16-step chunks and 16-channel blocks: T = 63 / 130 cross chunks, D = 19 spans two blocks.
+    # Stepwise: 16-step chunks; both: 16-channel blocks (D = 19 spans two blocks). Shooting: 4
+    # segments, so T = 5 .. 130 has several segments and the coarse Newton update runs.
     for mod in (fgru, flstm):
         mod._BLOCKS.update(CT=16, BD=16)
+    shooting.TUNING.update(segments=4, BD=16)
     yield
     for mod in (fgru, flstm):
         mod._BLOCKS.clear()
+    shooting.TUNING.clear()
 
 
 def _problem(cell, T, packed, seed, D=19, gain=0.5):
@@ -53,15 +62,16 @@ def _close(got, ref, tol, what):
 @pytest.mark.parametrize("T", [1, 5, 63, 130])
 @pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fused_matches_sequential(cell, T, packed, dtype):
-    if dtype == torch.bfloat16 and T in (5, 63):
-        pytest.skip("bf16 covered at T = 1 and 130 (interpreter time)")
+@pytest.mark.parametrize("impl", ["shooting", "stepwise"])
+def test_fused_matches_sequential(cell, T, packed, dtype, impl):
+    if dtype == torch.bfloat16 and (T in (5, 63) or impl == "stepwise"):
+        pytest.skip("bf16 covered at T = 1 and 130 by the default kernel (interpreter time)")
     obj, u, p, h0, cu = _problem(cell, T, packed, seed=T + 7 * packed)
     u = u.to(dtype).double()  # the reference sees the same rounded inputs
     gy = torch.randn(u.shape[0], T, u.shape[-1], dtype=torch.float64)
     y, (gu, gp, gh) = _reference(obj, u, p, h0, cu, gy)
     uf, pf, hf = u.to(dtype).requires_grad_(), p.float().requires_grad_(), h0.float().requires_grad_()
-    fn = fgru.fused_paragru if cell == "gru" else flstm.fused_paralstm
+    fn = FUSED[cell, impl]
     stats = NewtonStats()
     h = fn(uf, pf, hf, cu, stats=stats)
     assert h.dtype == torch.float32 and h.shape == (u.shape[0], T, CELLS[cell][1], u.shape[-1])
@@ -76,8 +86,8 @@ def test_fused_matches_sequential(cell, T, packed, dtype):
 
 
 @pytest.mark.parametrize("cell", ["gru", "lstm"])
-def test_forward_dispatch_to_sequential_kernel(cell):
-    # Many channels -> the fused op's forward runs the exact sequential kernel (0 iterations).
+def test_stepwise_forward_dispatch_to_sequential_kernel(cell):
+    # Many channels -> the step-wise op's forward runs the exact sequential kernel (0 iterations).
     obj, u, p, h0, cu = _problem(cell, 20, True, seed=9)
     mod = CELLS[cell][3]
     mod._BLOCKS["seq_min_bd"] = 1
@@ -85,8 +95,7 @@ def test_forward_dispatch_to_sequential_kernel(cell):
     y, (gu, gp, gh) = _reference(obj, u, p, h0, cu, gy)
     uf, pf, hf = u.float().requires_grad_(), p.float().requires_grad_(), h0.float().requires_grad_()
     stats = NewtonStats()
-    fn = fgru.fused_paragru if cell == "gru" else flstm.fused_paralstm
-    h = fn(uf, pf, hf, cu, stats=stats)
+    h = FUSED[cell, "stepwise"](uf, pf, hf, cu, stats=stats)
     assert stats.iterations == 0 and stats.residual == 0.0 and stats.converged
     _close(h[:, :, -1], y, 1e-5, "y")
     for got, ref, what in zip(torch.autograd.grad((h[:, :, -1] * gy.float()).sum(), (uf, pf, hf)), (gu, gp, gh), "uph"):
@@ -106,12 +115,13 @@ def test_final_states_through_engine_layout(cell):
 
 
 @pytest.mark.parametrize("cell", ["gru", "lstm"])
-def test_unconverged_chunks_fall_back_to_exact_recurrence(cell):
+@pytest.mark.parametrize("impl", ["shooting", "stepwise"])
+def test_unconverged_chunks_fall_back_to_exact_recurrence(cell, impl):
     # Strong recurrent gains and a cap of 1 iteration: chunks fail and finish sequentially (exact).
     obj, u, p, h0, cu = _problem(cell, 40, False, seed=5, gain=3.0)
     u = u * 3
     y, _ = parallel_rnn(obj, u, p, h0, None, mode="sequential")
-    fn = fgru.fused_paragru if cell == "gru" else flstm.fused_paralstm
+    fn = FUSED[cell, impl]
     stats = NewtonStats()
     h = fn(u.float(), p.float(), h0.float(), newton=NewtonConfig(max_iters=1), stats=stats)
     assert stats.fell_back and not stats.converged and stats.residual > 1e-5
@@ -163,22 +173,26 @@ def test_torch_compile_fullgraph():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("cell", ["gru", "lstm"])
-def test_gpu_real_size(cell):
+@pytest.mark.parametrize("impl", ["shooting", "stepwise"])
+@pytest.mark.parametrize("packed", [False, True])
+def test_gpu_real_size(cell, impl, packed):
+    """Real sizes with the production tile/segment choices vs an fp64 autograd loop on the GPU."""
     for mod in (fgru, flstm):
         mod._BLOCKS.clear()
+    shooting.TUNING.clear()
     obj, K, P, mod = CELLS[cell]
-    B, T, D = 2, 4097, 1000
+    B, T, D = (1, 6000, 1000) if packed else (2, 4097, 1000)
     g = torch.Generator(device="cuda").manual_seed(0)
-    u = torch.randn(B, T, 3, D, device="cuda", generator=g).requires_grad_()
-    p = ((torch.rand(P, D, device="cuda", generator=g) * 2 - 1) * 0.5).requires_grad_()
-    h0 = (torch.randn(B, K, D, device="cuda", generator=g) * 0.5).requires_grad_()
-    fn = fgru.fused_paragru if cell == "gru" else flstm.fused_paralstm
-    name = "paragru" if cell == "gru" else "paralstm"
-    h = fn(u, p, h0)
-    ref = sequential_triton_rnn(name, u, p, h0, start_map_batch(B, T, "cuda"))
-    assert (h - ref).abs().max() < 1e-4
-    gy = torch.randn_like(h)
-    g1 = torch.autograd.grad((h * gy).sum(), (u, p, h0))
-    g2 = torch.autograd.grad((ref * gy).sum(), (u, p, h0))
-    for a, b in zip(g1, g2):
-        assert ((a - b).norm() / b.norm()) < 1e-4
+    u = torch.randn(B, T, 3, D, device="cuda", generator=g, dtype=torch.float64)
+    p = (torch.rand(P, D, device="cuda", generator=g, dtype=torch.float64) * 2 - 1) * 0.5
+    cu = torch.tensor([0, 1000, 1000, 3500, T], device="cuda", dtype=torch.int32) if packed else None
+    h0 = torch.randn(4 if packed else B, K, D, device="cuda", generator=g, dtype=torch.float64) * 0.5
+    gy = torch.randn(B, T, D, device="cuda", generator=g, dtype=torch.float64)
+    y, (gu, gp, gh) = _reference(obj, u, p, h0, cu, gy)
+    uf, pf, hf = u.float().requires_grad_(), p.float().requires_grad_(), h0.float().requires_grad_()
+    stats = NewtonStats()
+    h = FUSED[cell, impl](uf, pf, hf, cu, stats=stats)
+    assert stats.converged and stats.iterations <= 3
+    _close(h[:, :, -1], y, 1e-4, "y")
+    for got, ref, what in zip(torch.autograd.grad((h[:, :, -1] * gy.float()).sum(), (uf, pf, hf)), (gu, gp, gh), "uph"):
+        assert ((got.double() - ref).norm() / ref.norm()) < 1e-4, what

@@ -23,12 +23,14 @@ residual 0. The backward kernel is the same either way.
 """
 from __future__ import annotations
 
+import functools
+
 
 import torch
 import triton
 import triton.language as tl
 
-from ...sequential_triton import _fwd as _seq_fwd
+from ...shooting import sequential_forward, shoot_backward, shoot_forward
 from ...scan.triton import _combine2
 from ..fused_common import FusedCellOps, max_scaled_residual, row_of, shift_down, sigmoid_, tanh_
 
@@ -285,7 +287,7 @@ def _forward(u, p, h0_rows, smap, max_iters, tol, damping):
     if B * D >= _BLOCKS.get("seq_min_bd", SEQ_FORWARD_MIN_BD):
         # Enough channels to fill the GPU: the exact sequential recurrence is work-optimal and
         # faster than Newton here (measured, kernels/NOTES-perf.md). Exact: 0 iterations, residual 0.
-        h = _seq_fwd(True, u, p, h0_rows, smap)
+        h = sequential_forward(True, u, p, h0_rows, smap)
         z = torch.zeros(B * nD, device=u.device, dtype=torch.int32)
         return h, z, torch.zeros(B * nD, device=u.device, dtype=torch.float32), z.clone()
     h = torch.empty(B, T, 2, D, device=u.device, dtype=torch.float32)
@@ -317,8 +319,19 @@ def _num_programs(u: torch.Tensor) -> int:
     return B * triton.cdiv(D, _blocks(B, D, u.device)[1])
 
 
-_OPS = FusedCellOps("paralstm", "ParaLSTM", K=2, G=3, P=5, forward=_forward, backward=_backward,
-                    num_programs=_num_programs)
+def _shoot_stats_size(u: torch.Tensor) -> int:
+    return u.shape[0] * u.shape[-1]
+
+
+# The ``fused`` mode: multiple-shooting Newton (kernels/shooting.py).
+_OPS = FusedCellOps("paralstm", "ParaLSTM", K=2, G=3, P=5, forward=functools.partial(shoot_forward, True),
+                    backward=functools.partial(shoot_backward, True), num_programs=_shoot_stats_size)
 paralstm_fused_fwd, paralstm_fused_bwd = _OPS.fwd, _OPS.bwd  # pararnn::paralstm_fused_fwd / _bwd
 fused_paralstm = _OPS.fused  # (u, p, h0=None, cu_seqlens=None, newton=..., stats=None, name=None) -> h (B, T, 2, D)
 paralstm_fused_mode = _OPS.mode  # the engine's mode "fused" for this cell
+
+# The ``fused_stepwise`` mode: the per-step Newton solve in registers (the kernels above).
+_STEPWISE = FusedCellOps("paralstm_stepwise", "ParaLSTM", K=2, G=3, P=5, forward=_forward, backward=_backward,
+                         num_programs=_num_programs)
+fused_paralstm_stepwise = _STEPWISE.fused
+paralstm_stepwise_mode = _STEPWISE.mode

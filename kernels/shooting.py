@@ -1,0 +1,544 @@
+"""Multiple-shooting Newton kernels for ParaGRU / ParaLSTM: the ``fused`` mode's engine.
+
+The system h_t = f(h_{t-1}, u_t), t < T, is cut into S segments of L steps. Newton's method is applied
+to the S unknown segment-start states instead of to all T states:
+
+    x_s = F_{s-1}(x_{s-1})      F_s = the exact sequential recurrence over segment s
+
+One Newton iteration = one pass in which every (batch row, channel, segment) runs F_s from its current
+start x_s, sequentially, in registers, and records the end state e_s and the Jacobian product
+P_s = dF_s/dx_s = J_last ... J_first (diagonal per channel: a scalar for ParaGRU, 2x2 for ParaLSTM),
+followed by the coarse update, a K x K linear recurrence over the S segments:
+
+    x_1 = e_0,   x_s <- x_s + damping * (e_{s-1} + P_{s-1} (x_{s-1}^new - x_{s-1}) - x_s)
+
+Within a segment the residual f(h_{t-1}, u_t) - h_t is exactly zero; at the segment starts it is
+r_s = e_{s-1} - x_s. Converged when max_s |r_s| / (1 + |x_s|) <= tol after a pass that wrote h, so
+the solution meets the same scaled-residual criterion as the step-wise Newton modes. On contractive
+cells P_s is tiny and the first correction is exact: 2 passes (one that only finds the segment ends,
+one that writes h). Each pass does 1 cell evaluation per step (the step-wise Newton solve needs ~5),
+and the work is parallel over B x D x S, so S is chosen to fill the GPU (S = 1 when B x D already
+does: then it is the plain sequential kernel, exact in one pass).
+
+The coarse update runs in the kernel: every thread does a per-channel atomic increment after storing
+its segment's (e_s, P_s); the thread that arrives last for its channel (release/acquire through that
+counter) walks the S segments and writes the new starts, the residual and the converged flag.
+Passes are launched 1 + max_iters times; a pass whose channels have all converged returns at once,
+so nothing syncs with the host. Channels still unconverged after the cap are finished by one exact
+sequential pass over the whole sequence (``fallback``) and flagged (the 'raise' policy reads the flag).
+
+Backward (adjoint, exact, linear): lam_t = g_t + J_{t+1}^T lam_{t+1}. Pass A runs every segment in
+reverse from a zero carry and records c_s = J_first^T lam_first and M_s = (J_last ... J_first)^T; the
+last thread per channel solves the reverse recurrence m_{s-1} = c_s + M_s m_s over segments; pass B
+reruns every segment from its exact carry m_s and writes du, per-segment dp partials and dh0.
+Document starts (the start map) zero the Jacobian at that step, so no state or gradient crosses them.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import triton
+import triton.language as tl
+
+from .cells.fused_common import sigmoid_, tanh_
+
+# ----------------------------------------------------------------------------- cell math
+
+
+@triton.jit
+def _gru_step(hp, u0, u1, u2, a0, a1, a2):
+    """ParaGRU step and its derivative dh/dh_prev."""
+    z = sigmoid_(a0 * hp + u0)
+    r = sigmoid_(a1 * hp + u1)
+    c = tanh_(a2 * (hp * r) + u2)
+    h = hp + z * (c - hp)
+    dr = r * (1.0 - r) * a1
+    J = (1.0 - z) + z * (1.0 - z) * a0 * (c - hp) + z * (1.0 - c * c) * a2 * (r + hp * dr)
+    return h, J
+
+
+@triton.jit
+def _lstm_step(cp, hp, u0, u1, u2, a0, a1, a2, c_f, c_o):
+    """ParaLSTM step on the state [c; h] and its 2x2 Jacobian (rows c', h'; columns c, h)."""
+    f = sigmoid_(a0 * hp + u0 + c_f * cp)
+    z = tanh_(a1 * hp + u1)
+    c = f * cp + (1.0 - f) * z
+    o = sigmoid_(a2 * hp + u2 + c_o * c)
+    tc = tanh_(c)
+    h = o * tc
+    fd = f * (1.0 - f)
+    od = o * (1.0 - o)
+    j_cc = f + fd * c_f * (cp - z)
+    j_ch = fd * a0 * (cp - z) + (1.0 - f) * (1.0 - z * z) * a1
+    k = od * c_o * tc + o * (1.0 - tc * tc)
+    j_hc = k * j_cc
+    j_hh = od * tc * a2 + k * j_ch
+    return c, h, j_cc, j_ch, j_hc, j_hh
+
+
+# ----------------------------------------------------------------------------- forward pass
+
+
+@triton.jit
+def _shoot_fwd_kernel(
+    U, P, H0, SMAP, H, START, END, PROD, CNT, DONE, ITERS, RES,
+    T, D, S, L, sUb, sUt, sUg, sUd, max_iters, tol, damping,
+    LSTM: tl.constexpr, FIRST: tl.constexpr, WRITE: tl.constexpr, COARSE: tl.constexpr,
+    BD: tl.constexpr,
+):
+    """One pass over segment s (program axis 2) of L steps. FIRST: no convergence flags yet.
+    WRITE: store h. COARSE: record (e_s, P_s) and let the last thread per channel do the coarse
+    update (S > 1). Without COARSE it is the exact sequential recurrence (S == 1 or the fallback)."""
+    K: tl.constexpr = 2 if LSTM else 1
+    pid_d = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    s = tl.program_id(2)
+    d = pid_d * BD + tl.arange(0, BD)
+    dm = d < D
+    col = b * D + d
+    if FIRST:
+        act = dm
+    else:
+        act = dm & (tl.load(DONE + col, mask=dm, other=1) == 0)
+    if tl.max(act.to(tl.int32), axis=0) > 0:
+        a0 = tl.load(P + d, mask=dm, other=0.0)
+        a1 = tl.load(P + D + d, mask=dm, other=0.0)
+        a2 = tl.load(P + 2 * D + d, mask=dm, other=0.0)
+        c_f = a0 * 0.0
+        c_o = a0 * 0.0
+        if LSTM:
+            c_f = tl.load(P + 3 * D + d, mask=dm, other=0.0)
+            c_o = tl.load(P + 4 * D + d, mask=dm, other=0.0)
+        t0 = s * L
+        t1 = tl.minimum(t0 + L, T)
+        seg = (b * S + s) * K * D + d  # START / END row of this segment, state k at + k * D
+        hc = tl.load(START + seg + (K - 1) * D, mask=act, other=0.0)
+        cc = hc * 0.0
+        if LSTM:
+            cc = tl.load(START + seg, mask=act, other=0.0)
+        # d(end)/d(start): identity, zeroed at a document start inside the segment.
+        p_cc = tl.where(act, 1.0, 0.0)
+        p_ch = p_cc * 0.0
+        p_hc = p_cc * 0.0
+        p_hh = p_cc
+        ub = U + b * sUb + d * sUd
+        hb = H + b * T * K * D + d
+        # Software prefetch: the loads for step t + 1 are issued before step t's dependent chain.
+        pu = ub + t0 * sUt
+        n0 = tl.load(pu, mask=act, other=0.0)
+        n1 = tl.load(pu + sUg, mask=act, other=0.0)
+        n2 = tl.load(pu + 2 * sUg, mask=act, other=0.0)
+        ns = tl.load(SMAP + b * T + t0)
+        for t in range(t0, t1):
+            u0 = n0.to(tl.float32)
+            u1 = n1.to(tl.float32)
+            u2 = n2.to(tl.float32)
+            sm = ns
+            more = act & ((d * 0 + t + 1) < t1)
+            pu = ub + (t + 1) * sUt
+            n0 = tl.load(pu, mask=more, other=0.0)
+            n1 = tl.load(pu + sUg, mask=more, other=0.0)
+            n2 = tl.load(pu + 2 * sUg, mask=more, other=0.0)
+            ns = tl.load(SMAP + b * T + tl.minimum(t + 1, T - 1))
+            if sm >= 0:  # a sequence / document starts here: its initial state, no dependence before
+                h0p = H0 + sm.to(tl.int64) * K * D + d
+                hc = tl.load(h0p + (K - 1) * D, mask=act, other=0.0)
+                if LSTM:
+                    cc = tl.load(h0p, mask=act, other=0.0)
+                p_cc = p_cc * 0.0
+                p_ch = p_cc
+                p_hc = p_cc
+                p_hh = p_cc
+            if LSTM:
+                cc, hc, j_cc, j_ch, j_hc, j_hh = _lstm_step(cc, hc, u0, u1, u2, a0, a1, a2, c_f, c_o)
+                if COARSE:
+                    q_cc = j_cc * p_cc + j_ch * p_hc
+                    q_ch = j_cc * p_ch + j_ch * p_hh
+                    p_hc = j_hc * p_cc + j_hh * p_hc
+                    p_hh = j_hc * p_ch + j_hh * p_hh
+                    p_cc = q_cc
+                    p_ch = q_ch
+                if WRITE:
+                    tl.store(hb + t * 2 * D, cc, mask=act)
+                    tl.store(hb + t * 2 * D + D, hc, mask=act)
+            else:
+                hc, j = _gru_step(hc, u0, u1, u2, a0, a1, a2)
+                if COARSE:
+                    p_hh = j * p_hh
+                if WRITE:
+                    tl.store(hb + t * D, hc, mask=act)
+        if COARSE:
+            tl.store(END + seg + (K - 1) * D, hc, mask=act)
+            if LSTM:
+                tl.store(END + seg, cc, mask=act)
+                pr = (b * S + s) * 4 * D + d
+                tl.store(PROD + pr, p_cc, mask=act)
+                tl.store(PROD + pr + D, p_ch, mask=act)
+                tl.store(PROD + pr + 2 * D, p_hc, mask=act)
+                tl.store(PROD + pr + 3 * D, p_hh, mask=act)
+            else:
+                tl.store(PROD + (b * S + s) * D + d, p_hh, mask=act)
+            # Release this thread's stores; the last arrival per channel acquires everyone's.
+            old = tl.atomic_add(CNT + col, 1, mask=act, sem="acq_rel", scope="gpu")
+            last = act & (old == S - 1)
+            if tl.max(last.to(tl.int32), axis=0) > 0:
+                tl.store(CNT + col, 0, mask=last)
+                _coarse_update(START, END, PROD, DONE, ITERS, RES, b, d, last, S, D, max_iters, tol, damping,
+                               LSTM, WRITE)
+
+
+@triton.jit
+def _coarse_update(START, END, PROD, DONE, ITERS, RES, b, d, last, S, D, max_iters, tol, damping,
+                   LSTM: tl.constexpr, WRITE: tl.constexpr):
+    """For the channels in ``last``: residual of the current starts, then the Newton update."""
+    K: tl.constexpr = 2 if LSTM else 1
+    col = b * D + d
+    base = b * S * K * D + d
+    # Segment 0 always starts with a sequence start (the start map has t = 0), so x_0 is exact
+    # and never changes: new - old = 0 for it.
+    dx_h = tl.zeros_like(d).to(tl.float32)
+    dx_c = dx_h
+    res = dx_h
+    for s2 in range(1, S):
+        prev = base + (s2 - 1) * K * D
+        cur = base + s2 * K * D
+        e_h = tl.load(END + prev + (K - 1) * D, mask=last, other=0.0, cache_modifier=".cg")
+        x_h = tl.load(START + cur + (K - 1) * D, mask=last, other=0.0, cache_modifier=".cg")
+        r_h = e_h - x_h
+        s_h = tl.abs(r_h) / (1.0 + tl.abs(x_h))
+        if LSTM:
+            e_c = tl.load(END + prev, mask=last, other=0.0, cache_modifier=".cg")
+            x_c = tl.load(START + cur, mask=last, other=0.0, cache_modifier=".cg")
+            pr = (b * S + s2 - 1) * 4 * D + d
+            p_cc = tl.load(PROD + pr, mask=last, other=0.0, cache_modifier=".cg")
+            p_ch = tl.load(PROD + pr + D, mask=last, other=0.0, cache_modifier=".cg")
+            p_hc = tl.load(PROD + pr + 2 * D, mask=last, other=0.0, cache_modifier=".cg")
+            p_hh = tl.load(PROD + pr + 3 * D, mask=last, other=0.0, cache_modifier=".cg")
+            r_c = e_c - x_c
+            s_c = tl.abs(r_c) / (1.0 + tl.abs(x_c))
+            s_h = tl.maximum(s_h, s_c)
+            n_c = damping * (r_c + p_cc * dx_c + p_ch * dx_h)
+            n_h = damping * (r_h + p_hc * dx_c + p_hh * dx_h)
+            dx_c = n_c
+            dx_h = n_h
+            tl.store(START + cur, x_c + dx_c, mask=last)
+        else:
+            p_hh = tl.load(PROD + (b * S + s2 - 1) * D + d, mask=last, other=0.0, cache_modifier=".cg")
+            dx_h = damping * (r_h + p_hh * dx_h)
+        tl.store(START + cur + (K - 1) * D, x_h + dx_h, mask=last)
+        res = tl.maximum(res, tl.where(s_h != s_h, float("inf"), s_h))  # NaN never converges
+    iters = tl.load(ITERS + col, mask=last, other=0)
+    if WRITE:
+        # h was written from these starts: converged if their residual is within tol.
+        done = res <= tol
+        tl.store(DONE + col, done.to(tl.int32), mask=last)
+        tl.store(RES + col, res, mask=last)
+        tl.store(ITERS + col, tl.where(done | (iters >= max_iters), iters, iters + 1), mask=last)
+    else:
+        tl.store(ITERS + col, iters + 1, mask=last)
+        tl.store(RES + col, res, mask=last)
+
+
+# ----------------------------------------------------------------------------- backward passes
+
+
+@triton.jit
+def _shoot_bwd_kernel(
+    U, P, H0, SMAP, H, G, DU, DP, DH0, CARRY, CM, CNT,
+    T, D, S, L, sUb, sUt, sUg, sUd, sGb, sGt, sGk, sGd,
+    LSTM: tl.constexpr, PASS_A: tl.constexpr, BD: tl.constexpr,
+):
+    """Reverse walk over segment s. PASS_A: from a zero carry, record (c_s, M_s) and let the last
+    thread per channel solve the carries; else from CARRY[s] (zero if S == 1) write du, dp, dh0."""
+    K: tl.constexpr = 2 if LSTM else 1
+    NP: tl.constexpr = 5 if LSTM else 3
+    pid_d = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    s = tl.program_id(2)
+    d = pid_d * BD + tl.arange(0, BD)
+    dm = d < D
+    a0 = tl.load(P + d, mask=dm, other=0.0)
+    a1 = tl.load(P + D + d, mask=dm, other=0.0)
+    a2 = tl.load(P + 2 * D + d, mask=dm, other=0.0)
+    c_f = a0 * 0.0
+    c_o = a0 * 0.0
+    if LSTM:
+        c_f = tl.load(P + 3 * D + d, mask=dm, other=0.0)
+        c_o = tl.load(P + 4 * D + d, mask=dm, other=0.0)
+    t0 = s * L
+    t1 = tl.minimum(t0 + L, T)
+    seg = (b * S + s) * K * D + d
+    mu_h = a0 * 0.0
+    mu_c = a0 * 0.0
+    if not PASS_A:
+        if S > 1:
+            mu_h = tl.load(CARRY + seg + (K - 1) * D, mask=dm, other=0.0)
+            if LSTM:
+                mu_c = tl.load(CARRY + seg, mask=dm, other=0.0)
+    # Q = J_t^T ... J_last^T (PASS_A only), identity at the segment end.
+    q_cc = tl.where(dm, 1.0, 0.0)
+    q_ch = q_cc * 0.0
+    q_hc = q_cc * 0.0
+    q_hh = q_cc
+    acc0 = a0 * 0.0
+    acc1 = a0 * 0.0
+    acc2 = a0 * 0.0
+    acc3 = a0 * 0.0
+    acc4 = a0 * 0.0
+    ub = U + b * sUb + d * sUd
+    dub = DU + b * T * 3 * D + d
+    hb = H + b * T * K * D + d
+    gb = G + b * sGb + d * sGd
+    for tt in range(0, t1 - t0):
+        t = t1 - 1 - tt
+        sm = tl.load(SMAP + b * T + t)
+        pu = ub + t * sUt
+        u0 = tl.load(pu, mask=dm, other=0.0).to(tl.float32)
+        u1 = tl.load(pu + sUg, mask=dm, other=0.0).to(tl.float32)
+        u2 = tl.load(pu + 2 * sUg, mask=dm, other=0.0).to(tl.float32)
+        if sm >= 0:
+            pprev = H0 + sm.to(tl.int64) * K * D + d
+        else:
+            pprev = hb + (t - 1) * K * D
+        okp = dm & (((d * 0 + sm) >= 0) | ((d * 0 + t) > 0))
+        hp = tl.load(pprev + (K - 1) * D, mask=okp, other=0.0)
+        lh = tl.load(gb + t * sGt + (K - 1) * sGk, mask=dm, other=0.0).to(tl.float32) + mu_h
+        pdu = dub + t * 3 * D
+        if LSTM:
+            cp = tl.load(pprev, mask=okp, other=0.0)
+            lc = tl.load(gb + t * sGt, mask=dm, other=0.0).to(tl.float32) + mu_c
+            f = sigmoid_(a0 * hp + u0 + c_f * cp)
+            z = tanh_(a1 * hp + u1)
+            cn = f * cp + (1.0 - f) * z
+            o = sigmoid_(a2 * hp + u2 + c_o * cn)
+            tc = tanh_(cn)
+            dpo = lh * tc * o * (1.0 - o)
+            dcn = lc + lh * o * (1.0 - tc * tc) + dpo * c_o
+            dpf = dcn * f * (1.0 - f) * (cp - z)
+            dpz = dcn * (1.0 - f) * (1.0 - z * z)
+            gcp = dcn * f + dpf * c_f
+            ghp = dpo * a2 + dpf * a0 + dpz * a1
+            if PASS_A:
+                fd = f * (1.0 - f)
+                od = o * (1.0 - o)
+                j_cc = f + fd * c_f * (cp - z)
+                j_ch = fd * a0 * (cp - z) + (1.0 - f) * (1.0 - z * z) * a1
+                kk = od * c_o * tc + o * (1.0 - tc * tc)
+                j_hc = kk * j_cc
+                j_hh = od * tc * a2 + kk * j_ch
+                # Q <- J^T Q
+                n_cc = j_cc * q_cc + j_hc * q_hc
+                n_ch = j_cc * q_ch + j_hc * q_hh
+                q_hc = j_ch * q_cc + j_hh * q_hc
+                q_hh = j_ch * q_ch + j_hh * q_hh
+                q_cc = n_cc
+                q_ch = n_ch
+            else:
+                tl.store(pdu, dpf.to(DU.dtype.element_ty), mask=dm)
+                tl.store(pdu + D, dpz.to(DU.dtype.element_ty), mask=dm)
+                tl.store(pdu + 2 * D, dpo.to(DU.dtype.element_ty), mask=dm)
+                acc0 += dpf * hp
+                acc1 += dpz * hp
+                acc2 += dpo * hp
+                acc3 += dpf * cp
+                acc4 += dpo * cn
+            if sm >= 0:
+                if not PASS_A:
+                    tl.store(DH0 + sm.to(tl.int64) * 2 * D + d, gcp, mask=dm)
+                    tl.store(DH0 + sm.to(tl.int64) * 2 * D + D + d, ghp, mask=dm)
+                mu_c = gcp * 0.0
+                mu_h = ghp * 0.0
+                q_cc = q_cc * 0.0
+                q_ch = q_cc
+                q_hc = q_cc
+                q_hh = q_cc
+            else:
+                mu_c = gcp
+                mu_h = ghp
+        else:
+            z = sigmoid_(a0 * hp + u0)
+            r = sigmoid_(a1 * hp + u1)
+            cg = tanh_(a2 * (hp * r) + u2)
+            gc = lh * z * (1.0 - cg * cg)
+            gz = lh * (cg - hp) * z * (1.0 - z)
+            gr = gc * a2 * hp * r * (1.0 - r)
+            ghp = lh * (1.0 - z) + gz * a0 + gr * a1 + gc * a2 * r
+            if PASS_A:
+                j = (1.0 - z) + z * (1.0 - z) * a0 * (cg - hp) + z * (1.0 - cg * cg) * a2 * (r + hp * r * (1.0 - r) * a1)
+                q_hh = j * q_hh
+            else:
+                tl.store(pdu, gz.to(DU.dtype.element_ty), mask=dm)
+                tl.store(pdu + D, gr.to(DU.dtype.element_ty), mask=dm)
+                tl.store(pdu + 2 * D, gc.to(DU.dtype.element_ty), mask=dm)
+                acc0 += gz * hp
+                acc1 += gr * hp
+                acc2 += gc * hp * r
+            if sm >= 0:
+                if not PASS_A:
+                    tl.store(DH0 + sm.to(tl.int64) * D + d, ghp, mask=dm)
+                mu_h = ghp * 0.0
+                q_hh = q_hh * 0.0
+            else:
+                mu_h = ghp
+    if PASS_A:
+        # c_s = the carry this segment hands to the previous one from a zero carry-in; M_s = Q.
+        tl.store(CM + (b * S + s) * (K + K * K) * D + (K - 1) * D + d, mu_h, mask=dm)
+        if LSTM:
+            cm = (b * S + s) * 6 * D + d
+            tl.store(CM + cm, mu_c, mask=dm)
+            tl.store(CM + cm + 2 * D, q_cc, mask=dm)
+            tl.store(CM + cm + 3 * D, q_ch, mask=dm)
+            tl.store(CM + cm + 4 * D, q_hc, mask=dm)
+            tl.store(CM + cm + 5 * D, q_hh, mask=dm)
+        else:
+            tl.store(CM + (b * S + s) * 2 * D + D + d, q_hh, mask=dm)
+        col = b * D + d
+        old = tl.atomic_add(CNT + col, 1, mask=dm, sem="acq_rel", scope="gpu")
+        last = dm & (old == S - 1)
+        if tl.max(last.to(tl.int32), axis=0) > 0:
+            tl.store(CNT + col, 0, mask=last)
+            # m_{S-1} = 0; m_{s-1} = c_s + M_s m_s, walking the segments backwards.
+            m_h = a0 * 0.0
+            m_c = a0 * 0.0
+            tl.store(CARRY + (b * S + S - 1) * K * D + (K - 1) * D + d, m_h, mask=last)
+            if LSTM:
+                tl.store(CARRY + (b * S + S - 1) * K * D + d, m_c, mask=last)
+            for i in range(0, S - 1):
+                s2 = S - 1 - i
+                if LSTM:
+                    cm = (b * S + s2) * 6 * D + d
+                    c_c = tl.load(CM + cm, mask=last, other=0.0, cache_modifier=".cg")
+                    c_h = tl.load(CM + cm + D, mask=last, other=0.0, cache_modifier=".cg")
+                    m_cc = tl.load(CM + cm + 2 * D, mask=last, other=0.0, cache_modifier=".cg")
+                    m_ch = tl.load(CM + cm + 3 * D, mask=last, other=0.0, cache_modifier=".cg")
+                    m_hc = tl.load(CM + cm + 4 * D, mask=last, other=0.0, cache_modifier=".cg")
+                    m_hh = tl.load(CM + cm + 5 * D, mask=last, other=0.0, cache_modifier=".cg")
+                    n_c = c_c + m_cc * m_c + m_ch * m_h
+                    n_h = c_h + m_hc * m_c + m_hh * m_h
+                    m_c = n_c
+                    m_h = n_h
+                    tl.store(CARRY + (b * S + s2 - 1) * 2 * D + d, m_c, mask=last)
+                    tl.store(CARRY + (b * S + s2 - 1) * 2 * D + D + d, m_h, mask=last)
+                else:
+                    cm = (b * S + s2) * 2 * D + d
+                    c_h = tl.load(CM + cm + D * 0, mask=last, other=0.0, cache_modifier=".cg")
+                    m_hh = tl.load(CM + cm + D, mask=last, other=0.0, cache_modifier=".cg")
+                    m_h = c_h + m_hh * m_h
+                    tl.store(CARRY + (b * S + s2 - 1) * D + d, m_h, mask=last)
+    else:
+        pdp = DP + (b * S + s) * NP * D + d
+        tl.store(pdp, acc0, mask=dm)
+        tl.store(pdp + D, acc1, mask=dm)
+        tl.store(pdp + 2 * D, acc2, mask=dm)
+        if LSTM:
+            tl.store(pdp + 3 * D, acc3, mask=dm)
+            tl.store(pdp + 4 * D, acc4, mask=dm)
+
+
+# ----------------------------------------------------------------------------- launch functions
+TUNING: dict = {}  # bench / test overrides: {"segments": S, "BD": .., "num_warps": .., "threads_per_sm": ..}
+
+
+def _dev(u):
+    return torch.cuda.device(u.device) if u.is_cuda else contextlib.nullcontext()
+
+
+def _sm_count(device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 132
+
+
+def plan(B: int, T: int, D: int, device, which: str = "fwd") -> tuple[int, int, int, int]:
+    """(S, L, BD, num_warps): enough (batch, channel, segment) threads to fill the GPU.
+
+    S = 1 (the plain sequential recurrence, exact in one pass) once B x D channels alone give
+    ``threads_per_sm`` threads per SM; otherwise more segments, each at least 32 steps, at most 1024
+    segments (the coarse walk over segments is sequential per channel)."""
+    BD = TUNING.get("BD", 128 if D >= 128 else max(triton.next_power_of_2(D), 16))
+    num_warps = TUNING.get("num_warps", max(min(BD // 32, 4), 1))
+    if "segments" in TUNING:
+        S = max(1, min(int(TUNING["segments"]), T))
+    else:
+        want = TUNING.get("threads_per_sm", 512 if which == "fwd" else 768) * _sm_count(device)
+        S = 1 if B * D >= want else min(triton.cdiv(want, B * D), max(T // 32, 1), 1024)
+    L = triton.cdiv(T, S) if T else 1
+    S = triton.cdiv(T, L) if T else 1
+    return S, L, BD, num_warps
+
+
+def shoot_forward(lstm: bool, u, p, h0_rows, smap, max_iters: int, tol: float, damping: float):
+    """-> h (B, T, K, D) fp32, iterations (B*D,) int32, residual (B*D,) fp32, failed (B*D,) int32."""
+    B, T, _, D = u.shape
+    K = 2 if lstm else 1
+    S, L, BD, nw = plan(B, T, D, u.device)
+    dev = u.device
+    h = torch.empty(B, T, K, D, device=dev, dtype=torch.float32)
+    iters = torch.zeros(B * D, device=dev, dtype=torch.int32)
+    res = torch.zeros(B * D, device=dev, dtype=torch.float32)
+    if T == 0:
+        return h, iters, res, torch.zeros_like(iters)
+    nD = triton.cdiv(D, BD)
+    strides = (*u.stride(),)
+    if S == 1 or max_iters == 0:
+        _shoot_fwd_kernel[(nD, B, 1)](
+            u, p, h0_rows, smap, h, h, h, h, iters, iters, iters, res, T, D, 1, T, *strides,
+            0, tol, damping, LSTM=lstm, FIRST=True, WRITE=True, COARSE=False, BD=BD, num_warps=nw)
+        return h, iters, res, torch.zeros_like(iters)
+    start = torch.zeros(B, S, K, D, device=dev, dtype=torch.float32)
+    end = torch.empty_like(start)
+    prod = torch.empty(B, S, K * K, D, device=dev, dtype=torch.float32)
+    cnt = torch.zeros(B * D, device=dev, dtype=torch.int32)
+    done = torch.zeros(B * D, device=dev, dtype=torch.int32)
+    common = (u, p, h0_rows, smap, h, start, end, prod, cnt, done, iters, res, T, D, S, L, *strides,
+              max_iters, tol, damping)
+    grid = (nD, B, S)
+    # Pass 0 only finds the segment ends from the initial guess (zero starts); passes 1.. write h.
+    _shoot_fwd_kernel[grid](*common, LSTM=lstm, FIRST=True, WRITE=False, COARSE=True, BD=BD, num_warps=nw)
+    for _ in range(max(max_iters, 1)):
+        _shoot_fwd_kernel[grid](*common, LSTM=lstm, FIRST=False, WRITE=True, COARSE=True, BD=BD, num_warps=nw)
+    # Channels still above tol: the exact sequential recurrence over the whole sequence.
+    _shoot_fwd_kernel[(nD, B, 1)](
+        u, p, h0_rows, smap, h, start, end, prod, cnt, done, iters, res, T, D, 1, T, *strides,
+        max_iters, tol, damping, LSTM=lstm, FIRST=False, WRITE=True, COARSE=False, BD=BD, num_warps=nw)
+    return h, iters, res, 1 - done
+
+
+def sequential_forward(lstm: bool, u, p, h0_rows, smap):
+    """The exact one-pass sequential recurrence (the ``sequential_triton`` baseline): h only."""
+    with _dev(u):
+        return shoot_forward(lstm, u, p, h0_rows, smap, 0, 0.0, 1.0)[0]
+
+
+def sequential_backward(lstm: bool, u, p, h0_rows, smap, h, g):
+    """The baseline's backward: one reverse walk over the whole sequence per channel."""
+    with _dev(u):
+        return shoot_backward(lstm, u, p, h0_rows, smap, h, g, segments=1)
+
+
+def shoot_backward(lstm: bool, u, p, h0_rows, smap, h, g, segments: int | None = None):
+    """-> du (u's dtype), dp (P, D) fp32, dh0 (like h0_rows)."""
+    B, T, _, D = u.shape
+    K = 2 if lstm else 1
+    NP = 5 if lstm else 3
+    S, L, BD, nw = plan(B, T, D, u.device, "bwd")
+    if segments is not None:
+        L, S = max(T, 1), 1
+    dev = u.device
+    du = torch.empty(B, T, 3, D, device=dev, dtype=u.dtype)
+    dp = torch.zeros(B, S, NP, D, device=dev, dtype=torch.float32)
+    dh0 = torch.zeros_like(h0_rows)
+    if T == 0:
+        return du, dp.sum((0, 1)), dh0
+    nD = triton.cdiv(D, BD)
+    carry = torch.zeros(B, S, K, D, device=dev, dtype=torch.float32)
+    strides = (T, D, S, L, *u.stride(), *g.stride())
+    if S > 1:
+        cm = torch.empty(B, S, K + K * K, D, device=dev, dtype=torch.float32)
+        cnt = torch.zeros(B * D, device=dev, dtype=torch.int32)
+        _shoot_bwd_kernel[(nD, B, S)](u, p, h0_rows, smap, h, g, du, dp, dh0, carry, cm, cnt, *strides,
+                                      LSTM=lstm, PASS_A=True, BD=BD, num_warps=nw)
+    _shoot_bwd_kernel[(nD, B, S)](u, p, h0_rows, smap, h, g, du, dp, dh0, carry, carry, carry, *strides,
+                                  LSTM=lstm, PASS_A=False, BD=BD, num_warps=nw)
+    return du, dp.sum((0, 1)), dh0
