@@ -1,6 +1,8 @@
 """Solver configuration, statistics and errors shared by every mode of :func:`parallel_rnn`."""
 from __future__ import annotations
 
+import logging
+
 from dataclasses import dataclass
 from typing import Literal
 
@@ -50,6 +52,9 @@ class NewtonConfig:
         return 1e-12 if dtype == torch.float64 else 1e-5
 
 
+_warned_fallback: set[str] = set()
+
+
 @dataclass
 class NewtonStats:
     """What the last solve did; filled in by :func:`parallel_rnn` when passed as ``stats=``.
@@ -58,6 +63,9 @@ class NewtonStats:
     residual: the scaled max residual of the returned trajectory (before any fallback).
     converged: the residual met the tolerance within the cap.
     fell_back: the sequential fallback finished the trajectory.
+
+    With ``lazy=True`` the fused modes leave the numbers on the device (no host sync in the forward,
+    nothing for torch.compile to break on); :meth:`resolve` reads them when they are wanted.
     """
 
     iterations: int = 0
@@ -66,3 +74,21 @@ class NewtonStats:
     fell_back: bool = False
     mode: str = ""
     device: dict | None = None  # fused modes: raw per-program device tensors (no host sync needed)
+    lazy: bool = False
+    who: str = ""
+
+    def resolve(self) -> "NewtonStats":
+        """Fill the numbers from ``device`` (one host sync) if they were left there; returns self."""
+        if self.lazy and self.device is not None:
+            iters, res, fail = (self.device[k] for k in ("iterations", "residual", "failed"))
+            self.iterations = int(iters.max()) if iters.numel() else 0
+            self.residual = float(res.max()) if res.numel() else 0.0
+            failed = bool(fail.any()) if fail.numel() else False
+            self.converged, self.fell_back = not failed, failed
+            if failed and self.who not in _warned_fallback:
+                _warned_fallback.add(self.who)
+                logging.getLogger("kernels").warning(
+                    "Newton did not converge for %s in some time chunks; those chunks were finished by "
+                    "the exact sequential recurrence inside the kernel.", self.who)
+            self.lazy = False
+        return self

@@ -124,19 +124,24 @@ class ParaRNNLayer(CellLayerBase):
         super().__init__(cell, dim, num_heads, **kwargs)
         self.mode = mode
         self.newton = newton or NewtonConfig()
-        self.last_stats = NewtonStats()
+        self._last_stats = NewtonStats()
+
+    @property
+    def last_stats(self) -> NewtonStats:
+        """The last forward's Newton statistics (read from the device on first access: one sync)."""
+        return self._last_stats.resolve()
 
     def forward(
         self, x: torch.Tensor, h0: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """y (B, T, dim) and the final states (B, K, dim), or (N_docs, K, dim) with cu_seqlens."""
         self._check_input(x, 3)
-        stats = NewtonStats()
+        stats = NewtonStats(lazy=True)
         y, h_last = parallel_rnn(
             self.cell, self.project(x), self.recurrent_params(), h0, cu_seqlens,
             mode=self.mode, newton=self.newton, stats=stats, name=self.name,
         )
-        self.last_stats = stats
+        self._last_stats = stats
         return y, h_last
 
     def extra_repr(self) -> str:

@@ -77,6 +77,71 @@ def _lstm_step(cp, hp, u0, u1, u2, a0, a1, a2, c_f, c_o):
     return c, h, j_cc, j_ch, j_hc, j_hh
 
 
+@triton.jit
+def _load4(ub, sUt, sUg, smap_row, t, t1, act, d):
+    """Pre-activations (3 gates) and start-map entries of steps t .. t+3 (masked past t1)."""
+    k0 = act & ((d * 0 + t) < t1)
+    k1 = act & ((d * 0 + t + 1) < t1)
+    k2 = act & ((d * 0 + t + 2) < t1)
+    k3 = act & ((d * 0 + t + 3) < t1)
+    p0 = ub + t * sUt
+    p1 = p0 + sUt
+    p2 = p1 + sUt
+    p3 = p2 + sUt
+    return (tl.load(p0, mask=k0, other=0.0), tl.load(p1, mask=k1, other=0.0),
+            tl.load(p2, mask=k2, other=0.0), tl.load(p3, mask=k3, other=0.0),
+            tl.load(p0 + sUg, mask=k0, other=0.0), tl.load(p1 + sUg, mask=k1, other=0.0),
+            tl.load(p2 + sUg, mask=k2, other=0.0), tl.load(p3 + sUg, mask=k3, other=0.0),
+            tl.load(p0 + 2 * sUg, mask=k0, other=0.0), tl.load(p1 + 2 * sUg, mask=k1, other=0.0),
+            tl.load(p2 + 2 * sUg, mask=k2, other=0.0), tl.load(p3 + 2 * sUg, mask=k3, other=0.0),
+            tl.load(smap_row + t, mask=t < t1, other=-1), tl.load(smap_row + t + 1, mask=t + 1 < t1, other=-1),
+            tl.load(smap_row + t + 2, mask=t + 2 < t1, other=-1), tl.load(smap_row + t + 3, mask=t + 3 < t1, other=-1))
+
+
+@triton.jit
+def _fwd_step(t, t1, sm, n0, n1, n2, cc, hc, p_cc, p_ch, p_hc, p_hh, H0, hb, d, act, D,
+              a0, a1, a2, c_f, c_o, LSTM: tl.constexpr, COARSE: tl.constexpr, WRITE: tl.constexpr):
+    """One step (a no-op past the segment end t1): state, Jacobian product, optional store of h."""
+    K: tl.constexpr = 2 if LSTM else 1
+    ok = (d * 0 + t) < t1
+    u0 = n0.to(tl.float32)
+    u1 = n1.to(tl.float32)
+    u2 = n2.to(tl.float32)
+    if sm >= 0:  # a sequence / document starts here: its initial state, no dependence before
+        h0p = H0 + sm.to(tl.int64) * K * D + d
+        hc = tl.load(h0p + (K - 1) * D, mask=act, other=0.0)
+        if LSTM:
+            cc = tl.load(h0p, mask=act, other=0.0)
+        p_cc = p_cc * 0.0
+        p_ch = p_cc
+        p_hc = p_cc
+        p_hh = p_cc
+    if LSTM:
+        c2, h2, j_cc, j_ch, j_hc, j_hh = _lstm_step(cc, hc, u0, u1, u2, a0, a1, a2, c_f, c_o)
+        if COARSE:
+            q_cc = j_cc * p_cc + j_ch * p_hc
+            q_ch = j_cc * p_ch + j_ch * p_hh
+            q_hc = j_hc * p_cc + j_hh * p_hc
+            q_hh = j_hc * p_ch + j_hh * p_hh
+            p_cc = tl.where(ok, q_cc, p_cc)
+            p_ch = tl.where(ok, q_ch, p_ch)
+            p_hc = tl.where(ok, q_hc, p_hc)
+            p_hh = tl.where(ok, q_hh, p_hh)
+        cc = tl.where(ok, c2, cc)
+        hc = tl.where(ok, h2, hc)
+        if WRITE:
+            tl.store(hb + t * 2 * D, cc, mask=act & ok)
+            tl.store(hb + t * 2 * D + D, hc, mask=act & ok)
+    else:
+        h2, j = _gru_step(hc, u0, u1, u2, a0, a1, a2)
+        if COARSE:
+            p_hh = tl.where(ok, j * p_hh, p_hh)
+        hc = tl.where(ok, h2, hc)
+        if WRITE:
+            tl.store(hb + t * D, hc, mask=act & ok)
+    return cc, hc, p_cc, p_ch, p_hc, p_hh
+
+
 # ----------------------------------------------------------------------------- forward pass
 
 
@@ -124,50 +189,23 @@ def _shoot_fwd_kernel(
         p_hh = p_cc
         ub = U + b * sUb + d * sUd
         hb = H + b * T * K * D + d
-        # Software prefetch: the loads for step t + 1 are issued before step t's dependent chain.
-        pu = ub + t0 * sUt
-        n0 = tl.load(pu, mask=act, other=0.0)
-        n1 = tl.load(pu + sUg, mask=act, other=0.0)
-        n2 = tl.load(pu + 2 * sUg, mask=act, other=0.0)
-        ns = tl.load(SMAP + b * T + t0)
-        for t in range(t0, t1):
-            u0 = n0.to(tl.float32)
-            u1 = n1.to(tl.float32)
-            u2 = n2.to(tl.float32)
-            sm = ns
-            more = act & ((d * 0 + t + 1) < t1)
-            pu = ub + (t + 1) * sUt
-            n0 = tl.load(pu, mask=more, other=0.0)
-            n1 = tl.load(pu + sUg, mask=more, other=0.0)
-            n2 = tl.load(pu + 2 * sUg, mask=more, other=0.0)
-            ns = tl.load(SMAP + b * T + tl.minimum(t + 1, T - 1))
-            if sm >= 0:  # a sequence / document starts here: its initial state, no dependence before
-                h0p = H0 + sm.to(tl.int64) * K * D + d
-                hc = tl.load(h0p + (K - 1) * D, mask=act, other=0.0)
-                if LSTM:
-                    cc = tl.load(h0p, mask=act, other=0.0)
-                p_cc = p_cc * 0.0
-                p_ch = p_cc
-                p_hc = p_cc
-                p_hh = p_cc
-            if LSTM:
-                cc, hc, j_cc, j_ch, j_hc, j_hh = _lstm_step(cc, hc, u0, u1, u2, a0, a1, a2, c_f, c_o)
-                if COARSE:
-                    q_cc = j_cc * p_cc + j_ch * p_hc
-                    q_ch = j_cc * p_ch + j_ch * p_hh
-                    p_hc = j_hc * p_cc + j_hh * p_hc
-                    p_hh = j_hc * p_ch + j_hh * p_hh
-                    p_cc = q_cc
-                    p_ch = q_ch
-                if WRITE:
-                    tl.store(hb + t * 2 * D, cc, mask=act)
-                    tl.store(hb + t * 2 * D + D, hc, mask=act)
-            else:
-                hc, j = _gru_step(hc, u0, u1, u2, a0, a1, a2)
-                if COARSE:
-                    p_hh = j * p_hh
-                if WRITE:
-                    tl.store(hb + t * D, hc, mask=act)
+        # Steps go 4 at a time; the loads of the next 4 steps are issued before this block's
+        # dependent chain, so memory latency overlaps 4 step evaluations (software pipelining).
+        x0, x1, x2, x3, y0, y1, y2, y3, z0, z1, z2, z3, m0, m1, m2, m3 = _load4(
+            ub, sUt, sUg, SMAP + b * T, t0, t1, act, d)
+        for tb in range(t0, t1, 4):
+            c0, c1, c2, c3, e0, e1, e2, e3, f0, f1, f2, f3, s0, s1, s2, s3 = (
+                x0, x1, x2, x3, y0, y1, y2, y3, z0, z1, z2, z3, m0, m1, m2, m3)
+            x0, x1, x2, x3, y0, y1, y2, y3, z0, z1, z2, z3, m0, m1, m2, m3 = _load4(
+                ub, sUt, sUg, SMAP + b * T, tb + 4, t1, act, d)
+            cc, hc, p_cc, p_ch, p_hc, p_hh = _fwd_step(tb, t1, s0, c0, e0, f0, cc, hc, p_cc, p_ch, p_hc, p_hh,
+                                                       H0, hb, d, act, D, a0, a1, a2, c_f, c_o, LSTM, COARSE, WRITE)
+            cc, hc, p_cc, p_ch, p_hc, p_hh = _fwd_step(tb + 1, t1, s1, c1, e1, f1, cc, hc, p_cc, p_ch, p_hc, p_hh,
+                                                       H0, hb, d, act, D, a0, a1, a2, c_f, c_o, LSTM, COARSE, WRITE)
+            cc, hc, p_cc, p_ch, p_hc, p_hh = _fwd_step(tb + 2, t1, s2, c2, e2, f2, cc, hc, p_cc, p_ch, p_hc, p_hh,
+                                                       H0, hb, d, act, D, a0, a1, a2, c_f, c_o, LSTM, COARSE, WRITE)
+            cc, hc, p_cc, p_ch, p_hc, p_hh = _fwd_step(tb + 3, t1, s3, c3, e3, f3, cc, hc, p_cc, p_ch, p_hc, p_hh,
+                                                       H0, hb, d, act, D, a0, a1, a2, c_f, c_o, LSTM, COARSE, WRITE)
         if COARSE:
             tl.store(END + seg + (K - 1) * D, hc, mask=act)
             if LSTM:
@@ -240,6 +278,157 @@ def _coarse_update(START, END, PROD, DONE, ITERS, RES, b, d, last, S, D, max_ite
         tl.store(RES + col, res, mask=last)
 
 
+@triton.jit
+def _bload4(ub, sUt, sUg, gb, sGt, sGk, hb, smap_row, t, t0, dm, d, D, LSTM: tl.constexpr):
+    """Steps t, t-1, t-2, t-3 (masked below t0): u (3 gates), dh (h and c rows), the previous
+    state h_{t-1} (h and c rows; the initial state replaces it at a start), start-map entries."""
+    K: tl.constexpr = 2 if LSTM else 1
+    tv = d * 0 + t
+    k0 = dm & (tv >= t0)
+    k1 = dm & (tv - 1 >= t0)
+    k2 = dm & (tv - 2 >= t0)
+    k3 = dm & (tv - 3 >= t0)
+    pu0 = ub + t * sUt
+    pg0 = gb + t * sGt
+    ph0 = hb + (t - 1) * K * D
+    zero = d * 0.0
+    gc0 = zero
+    gc1 = zero
+    gc2 = zero
+    gc3 = zero
+    hc0 = zero
+    hc1 = zero
+    hc2 = zero
+    hc3 = zero
+    if LSTM:
+        gc0 = tl.load(pg0, mask=k0, other=0.0).to(tl.float32)
+        gc1 = tl.load(pg0 - sGt, mask=k1, other=0.0).to(tl.float32)
+        gc2 = tl.load(pg0 - 2 * sGt, mask=k2, other=0.0).to(tl.float32)
+        gc3 = tl.load(pg0 - 3 * sGt, mask=k3, other=0.0).to(tl.float32)
+        hc0 = tl.load(ph0, mask=k0 & (tv >= 1), other=0.0)
+        hc1 = tl.load(ph0 - K * D, mask=k1 & (tv >= 2), other=0.0)
+        hc2 = tl.load(ph0 - 2 * K * D, mask=k2 & (tv >= 3), other=0.0)
+        hc3 = tl.load(ph0 - 3 * K * D, mask=k3 & (tv >= 4), other=0.0)
+    return (tl.load(pu0, mask=k0, other=0.0), tl.load(pu0 - sUt, mask=k1, other=0.0),
+            tl.load(pu0 - 2 * sUt, mask=k2, other=0.0), tl.load(pu0 - 3 * sUt, mask=k3, other=0.0),
+            tl.load(pu0 + sUg, mask=k0, other=0.0), tl.load(pu0 - sUt + sUg, mask=k1, other=0.0),
+            tl.load(pu0 - 2 * sUt + sUg, mask=k2, other=0.0), tl.load(pu0 - 3 * sUt + sUg, mask=k3, other=0.0),
+            tl.load(pu0 + 2 * sUg, mask=k0, other=0.0), tl.load(pu0 - sUt + 2 * sUg, mask=k1, other=0.0),
+            tl.load(pu0 - 2 * sUt + 2 * sUg, mask=k2, other=0.0),
+            tl.load(pu0 - 3 * sUt + 2 * sUg, mask=k3, other=0.0),
+            tl.load(pg0 + (K - 1) * sGk, mask=k0, other=0.0).to(tl.float32),
+            tl.load(pg0 - sGt + (K - 1) * sGk, mask=k1, other=0.0).to(tl.float32),
+            tl.load(pg0 - 2 * sGt + (K - 1) * sGk, mask=k2, other=0.0).to(tl.float32),
+            tl.load(pg0 - 3 * sGt + (K - 1) * sGk, mask=k3, other=0.0).to(tl.float32),
+            gc0, gc1, gc2, gc3,
+            tl.load(ph0 + (K - 1) * D, mask=k0 & (tv >= 1), other=0.0),
+            tl.load(ph0 - K * D + (K - 1) * D, mask=k1 & (tv >= 2), other=0.0),
+            tl.load(ph0 - 2 * K * D + (K - 1) * D, mask=k2 & (tv >= 3), other=0.0),
+            tl.load(ph0 - 3 * K * D + (K - 1) * D, mask=k3 & (tv >= 4), other=0.0),
+            hc0, hc1, hc2, hc3,
+            tl.load(smap_row + t, mask=(t >= t0) & (t >= 0), other=-1),
+            tl.load(smap_row + t - 1, mask=(t - 1 >= t0) & (t >= 1), other=-1),
+            tl.load(smap_row + t - 2, mask=(t - 2 >= t0) & (t >= 2), other=-1),
+            tl.load(smap_row + t - 3, mask=(t - 3 >= t0) & (t >= 3), other=-1))
+
+
+@triton.jit
+def _bwd_step(t, t0, sm, n0, n1, n2, g_h, g_c, hp, cp, mu_c, mu_h, q_cc, q_ch, q_hc, q_hh,
+              acc0, acc1, acc2, acc3, acc4, H0, dub, DH0, DU, d, dm, D, a0, a1, a2, c_f, c_o,
+              LSTM: tl.constexpr, PASS_A: tl.constexpr):
+    """One reverse step of the adjoint (a no-op below the segment start t0)."""
+    ok = (d * 0 + t) >= t0
+    w = dm & ok
+    u0 = n0.to(tl.float32)
+    u1 = n1.to(tl.float32)
+    u2 = n2.to(tl.float32)
+    if sm >= 0:
+        h0p = H0 + sm.to(tl.int64) * (2 if LSTM else 1) * D + d
+        if LSTM:
+            cp = tl.load(h0p, mask=dm, other=0.0)
+            hp = tl.load(h0p + D, mask=dm, other=0.0)
+        else:
+            hp = tl.load(h0p, mask=dm, other=0.0)
+    lh = g_h + mu_h
+    pdu = dub + t * 3 * D
+    if LSTM:
+        lc = g_c + mu_c
+        f = sigmoid_(a0 * hp + u0 + c_f * cp)
+        z = tanh_(a1 * hp + u1)
+        cn = f * cp + (1.0 - f) * z
+        o = sigmoid_(a2 * hp + u2 + c_o * cn)
+        tc = tanh_(cn)
+        dpo = lh * tc * o * (1.0 - o)
+        dcn = lc + lh * o * (1.0 - tc * tc) + dpo * c_o
+        dpf = dcn * f * (1.0 - f) * (cp - z)
+        dpz = dcn * (1.0 - f) * (1.0 - z * z)
+        gcp = dcn * f + dpf * c_f
+        ghp = dpo * a2 + dpf * a0 + dpz * a1
+        if PASS_A:
+            fd = f * (1.0 - f)
+            od = o * (1.0 - o)
+            j_cc = f + fd * c_f * (cp - z)
+            j_ch = fd * a0 * (cp - z) + (1.0 - f) * (1.0 - z * z) * a1
+            kk = od * c_o * tc + o * (1.0 - tc * tc)
+            j_hc = kk * j_cc
+            j_hh = od * tc * a2 + kk * j_ch
+            # Q <- J^T Q
+            n_cc = j_cc * q_cc + j_hc * q_hc
+            n_ch = j_cc * q_ch + j_hc * q_hh
+            n_hc = j_ch * q_cc + j_hh * q_hc
+            n_hh = j_ch * q_ch + j_hh * q_hh
+            q_cc = tl.where(ok, n_cc, q_cc)
+            q_ch = tl.where(ok, n_ch, q_ch)
+            q_hc = tl.where(ok, n_hc, q_hc)
+            q_hh = tl.where(ok, n_hh, q_hh)
+        else:
+            tl.store(pdu, dpf.to(DU.dtype.element_ty), mask=w)
+            tl.store(pdu + D, dpz.to(DU.dtype.element_ty), mask=w)
+            tl.store(pdu + 2 * D, dpo.to(DU.dtype.element_ty), mask=w)
+            acc0 += tl.where(ok, dpf * hp, 0.0)
+            acc1 += tl.where(ok, dpz * hp, 0.0)
+            acc2 += tl.where(ok, dpo * hp, 0.0)
+            acc3 += tl.where(ok, dpf * cp, 0.0)
+            acc4 += tl.where(ok, dpo * cn, 0.0)
+        if sm >= 0:
+            if not PASS_A:
+                tl.store(DH0 + sm.to(tl.int64) * 2 * D + d, gcp, mask=dm)
+                tl.store(DH0 + sm.to(tl.int64) * 2 * D + D + d, ghp, mask=dm)
+            gcp = gcp * 0.0
+            ghp = ghp * 0.0
+            q_cc = q_cc * 0.0
+            q_ch = q_cc
+            q_hc = q_cc
+            q_hh = q_cc
+        mu_c = tl.where(ok, gcp, mu_c)
+        mu_h = tl.where(ok, ghp, mu_h)
+    else:
+        z = sigmoid_(a0 * hp + u0)
+        r = sigmoid_(a1 * hp + u1)
+        cg = tanh_(a2 * (hp * r) + u2)
+        gc = lh * z * (1.0 - cg * cg)
+        gz = lh * (cg - hp) * z * (1.0 - z)
+        gr = gc * a2 * hp * r * (1.0 - r)
+        ghp = lh * (1.0 - z) + gz * a0 + gr * a1 + gc * a2 * r
+        if PASS_A:
+            j = (1.0 - z) + z * (1.0 - z) * a0 * (cg - hp) + z * (1.0 - cg * cg) * a2 * (r + hp * r * (1.0 - r) * a1)
+            q_hh = tl.where(ok, j * q_hh, q_hh)
+        else:
+            tl.store(pdu, gz.to(DU.dtype.element_ty), mask=w)
+            tl.store(pdu + D, gr.to(DU.dtype.element_ty), mask=w)
+            tl.store(pdu + 2 * D, gc.to(DU.dtype.element_ty), mask=w)
+            acc0 += tl.where(ok, gz * hp, 0.0)
+            acc1 += tl.where(ok, gr * hp, 0.0)
+            acc2 += tl.where(ok, gc * hp * r, 0.0)
+        if sm >= 0:
+            if not PASS_A:
+                tl.store(DH0 + sm.to(tl.int64) * D + d, ghp, mask=dm)
+            ghp = ghp * 0.0
+            q_hh = q_hh * 0.0
+        mu_h = tl.where(ok, ghp, mu_h)
+    return mu_c, mu_h, q_cc, q_ch, q_hc, q_hh, acc0, acc1, acc2, acc3, acc4
+
+
 # ----------------------------------------------------------------------------- backward passes
 
 
@@ -290,97 +479,31 @@ def _shoot_bwd_kernel(
     dub = DU + b * T * 3 * D + d
     hb = H + b * T * K * D + d
     gb = G + b * sGb + d * sGd
-    for tt in range(0, t1 - t0):
-        t = t1 - 1 - tt
-        sm = tl.load(SMAP + b * T + t)
-        pu = ub + t * sUt
-        u0 = tl.load(pu, mask=dm, other=0.0).to(tl.float32)
-        u1 = tl.load(pu + sUg, mask=dm, other=0.0).to(tl.float32)
-        u2 = tl.load(pu + 2 * sUg, mask=dm, other=0.0).to(tl.float32)
-        if sm >= 0:
-            pprev = H0 + sm.to(tl.int64) * K * D + d
-        else:
-            pprev = hb + (t - 1) * K * D
-        okp = dm & (((d * 0 + sm) >= 0) | ((d * 0 + t) > 0))
-        hp = tl.load(pprev + (K - 1) * D, mask=okp, other=0.0)
-        lh = tl.load(gb + t * sGt + (K - 1) * sGk, mask=dm, other=0.0).to(tl.float32) + mu_h
-        pdu = dub + t * 3 * D
-        if LSTM:
-            cp = tl.load(pprev, mask=okp, other=0.0)
-            lc = tl.load(gb + t * sGt, mask=dm, other=0.0).to(tl.float32) + mu_c
-            f = sigmoid_(a0 * hp + u0 + c_f * cp)
-            z = tanh_(a1 * hp + u1)
-            cn = f * cp + (1.0 - f) * z
-            o = sigmoid_(a2 * hp + u2 + c_o * cn)
-            tc = tanh_(cn)
-            dpo = lh * tc * o * (1.0 - o)
-            dcn = lc + lh * o * (1.0 - tc * tc) + dpo * c_o
-            dpf = dcn * f * (1.0 - f) * (cp - z)
-            dpz = dcn * (1.0 - f) * (1.0 - z * z)
-            gcp = dcn * f + dpf * c_f
-            ghp = dpo * a2 + dpf * a0 + dpz * a1
-            if PASS_A:
-                fd = f * (1.0 - f)
-                od = o * (1.0 - o)
-                j_cc = f + fd * c_f * (cp - z)
-                j_ch = fd * a0 * (cp - z) + (1.0 - f) * (1.0 - z * z) * a1
-                kk = od * c_o * tc + o * (1.0 - tc * tc)
-                j_hc = kk * j_cc
-                j_hh = od * tc * a2 + kk * j_ch
-                # Q <- J^T Q
-                n_cc = j_cc * q_cc + j_hc * q_hc
-                n_ch = j_cc * q_ch + j_hc * q_hh
-                q_hc = j_ch * q_cc + j_hh * q_hc
-                q_hh = j_ch * q_ch + j_hh * q_hh
-                q_cc = n_cc
-                q_ch = n_ch
-            else:
-                tl.store(pdu, dpf.to(DU.dtype.element_ty), mask=dm)
-                tl.store(pdu + D, dpz.to(DU.dtype.element_ty), mask=dm)
-                tl.store(pdu + 2 * D, dpo.to(DU.dtype.element_ty), mask=dm)
-                acc0 += dpf * hp
-                acc1 += dpz * hp
-                acc2 += dpo * hp
-                acc3 += dpf * cp
-                acc4 += dpo * cn
-            if sm >= 0:
-                if not PASS_A:
-                    tl.store(DH0 + sm.to(tl.int64) * 2 * D + d, gcp, mask=dm)
-                    tl.store(DH0 + sm.to(tl.int64) * 2 * D + D + d, ghp, mask=dm)
-                mu_c = gcp * 0.0
-                mu_h = ghp * 0.0
-                q_cc = q_cc * 0.0
-                q_ch = q_cc
-                q_hc = q_cc
-                q_hh = q_cc
-            else:
-                mu_c = gcp
-                mu_h = ghp
-        else:
-            z = sigmoid_(a0 * hp + u0)
-            r = sigmoid_(a1 * hp + u1)
-            cg = tanh_(a2 * (hp * r) + u2)
-            gc = lh * z * (1.0 - cg * cg)
-            gz = lh * (cg - hp) * z * (1.0 - z)
-            gr = gc * a2 * hp * r * (1.0 - r)
-            ghp = lh * (1.0 - z) + gz * a0 + gr * a1 + gc * a2 * r
-            if PASS_A:
-                j = (1.0 - z) + z * (1.0 - z) * a0 * (cg - hp) + z * (1.0 - cg * cg) * a2 * (r + hp * r * (1.0 - r) * a1)
-                q_hh = j * q_hh
-            else:
-                tl.store(pdu, gz.to(DU.dtype.element_ty), mask=dm)
-                tl.store(pdu + D, gr.to(DU.dtype.element_ty), mask=dm)
-                tl.store(pdu + 2 * D, gc.to(DU.dtype.element_ty), mask=dm)
-                acc0 += gz * hp
-                acc1 += gr * hp
-                acc2 += gc * hp * r
-            if sm >= 0:
-                if not PASS_A:
-                    tl.store(DH0 + sm.to(tl.int64) * D + d, ghp, mask=dm)
-                mu_h = ghp * 0.0
-                q_hh = q_hh * 0.0
-            else:
-                mu_h = ghp
+    # Reverse walk, 4 steps per block, the next block's loads issued before this block's chain.
+    w0, w1, w2, w3, x0, x1, x2, x3, y0, y1, y2, y3, gh0, gh1, gh2, gh3, gc0, gc1, gc2, gc3, \
+        hh0, hh1, hh2, hh3, hk0, hk1, hk2, hk3, m0, m1, m2, m3 = _bload4(
+            ub, sUt, sUg, gb, sGt, sGk, hb, SMAP + b * T, t1 - 1, t0, dm, d, D, LSTM)
+    for tt in range(0, t1 - t0, 4):
+        tb = t1 - 1 - tt
+        a_0, a_1, a_2, a_3, b_0, b_1, b_2, b_3, c_0, c_1, c_2, c_3, q0, q1, q2, q3, r0, r1, r2, r3, \
+            v0, v1, v2, v3, k0, k1, k2, k3, s0, s1, s2, s3 = (
+                w0, w1, w2, w3, x0, x1, x2, x3, y0, y1, y2, y3, gh0, gh1, gh2, gh3, gc0, gc1, gc2, gc3,
+                hh0, hh1, hh2, hh3, hk0, hk1, hk2, hk3, m0, m1, m2, m3)
+        w0, w1, w2, w3, x0, x1, x2, x3, y0, y1, y2, y3, gh0, gh1, gh2, gh3, gc0, gc1, gc2, gc3, \
+            hh0, hh1, hh2, hh3, hk0, hk1, hk2, hk3, m0, m1, m2, m3 = _bload4(
+                ub, sUt, sUg, gb, sGt, sGk, hb, SMAP + b * T, tb - 4, t0, dm, d, D, LSTM)
+        mu_c, mu_h, q_cc, q_ch, q_hc, q_hh, acc0, acc1, acc2, acc3, acc4 = _bwd_step(
+            tb, t0, s0, a_0, b_0, c_0, q0, r0, v0, k0, mu_c, mu_h, q_cc, q_ch, q_hc, q_hh,
+            acc0, acc1, acc2, acc3, acc4, H0, dub, DH0, DU, d, dm, D, a0, a1, a2, c_f, c_o, LSTM, PASS_A)
+        mu_c, mu_h, q_cc, q_ch, q_hc, q_hh, acc0, acc1, acc2, acc3, acc4 = _bwd_step(
+            tb - 1, t0, s1, a_1, b_1, c_1, q1, r1, v1, k1, mu_c, mu_h, q_cc, q_ch, q_hc, q_hh,
+            acc0, acc1, acc2, acc3, acc4, H0, dub, DH0, DU, d, dm, D, a0, a1, a2, c_f, c_o, LSTM, PASS_A)
+        mu_c, mu_h, q_cc, q_ch, q_hc, q_hh, acc0, acc1, acc2, acc3, acc4 = _bwd_step(
+            tb - 2, t0, s2, a_2, b_2, c_2, q2, r2, v2, k2, mu_c, mu_h, q_cc, q_ch, q_hc, q_hh,
+            acc0, acc1, acc2, acc3, acc4, H0, dub, DH0, DU, d, dm, D, a0, a1, a2, c_f, c_o, LSTM, PASS_A)
+        mu_c, mu_h, q_cc, q_ch, q_hc, q_hh, acc0, acc1, acc2, acc3, acc4 = _bwd_step(
+            tb - 3, t0, s3, a_3, b_3, c_3, q3, r3, v3, k3, mu_c, mu_h, q_cc, q_ch, q_hc, q_hh,
+            acc0, acc1, acc2, acc3, acc4, H0, dub, DH0, DU, d, dm, D, a0, a1, a2, c_f, c_o, LSTM, PASS_A)
     if PASS_A:
         # c_s = the carry this segment hands to the previous one from a zero carry-in; M_s = Q.
         tl.store(CM + (b * S + s) * (K + K * K) * D + (K - 1) * D + d, mu_h, mask=dm)
@@ -437,6 +560,10 @@ def _shoot_bwd_kernel(
 
 
 # ----------------------------------------------------------------------------- launch functions
+# Writing passes launched when unconverged channels may fall back to the exact sequential pass
+# (NewtonConfig.on_failure='fallback'): each launch costs CPU time even when it exits at once, and
+# contractive cells converge after the first. 'raise' launches all max_iters passes.
+FALLBACK_PASS_CAP = 2
 TUNING: dict = {}  # bench / test overrides: {"segments": S, "BD": .., "num_warps": .., "threads_per_sm": ..}
 
 
@@ -454,15 +581,19 @@ def plan(B: int, T: int, D: int, device, which: str = "fwd") -> tuple[int, int, 
     """(S, L, BD, num_warps): enough (batch, channel, segment) threads to fill the GPU.
 
     S = 1 (the plain sequential recurrence, exact in one pass) once B x D channels alone give
-    ``threads_per_sm`` threads per SM; otherwise more segments, each at least 32 steps, at most 1024
+    ``threads_per_sm`` threads per SM; otherwise more segments, each at least 32 steps, at most 256
     segments (the coarse walk over segments is sequential per channel)."""
-    BD = TUNING.get("BD", 128 if D >= 128 else max(triton.next_power_of_2(D), 16))
+    BD = TUNING.get("BD", 256 if D >= 256 else max(triton.next_power_of_2(D), 16))
     num_warps = TUNING.get("num_warps", max(min(BD // 32, 4), 1))
     if "segments" in TUNING:
         S = max(1, min(int(TUNING["segments"]), T))
     else:
-        want = TUNING.get("threads_per_sm", 512 if which == "fwd" else 768) * _sm_count(device)
-        S = 1 if B * D >= want else min(triton.cdiv(want, B * D), max(T // 32, 1), 1024)
+        # H200 sweep (kernels/NOTES-perf.md): one segment once B x D gives 256 threads per SM; else
+        # segments up to ~1024 (forward) / ~2048 (backward) threads per SM.
+        sm = _sm_count(device)
+        single = TUNING.get("single_tps", 256) * sm
+        want = TUNING.get("threads_per_sm", 1024 if which == "fwd" else 2048) * sm
+        S = 1 if B * D >= single else min(triton.cdiv(want, B * D), max(T // 32, 1), 256)
     L = triton.cdiv(T, S) if T else 1
     S = triton.cdiv(T, L) if T else 1
     return S, L, BD, num_warps

@@ -22,7 +22,9 @@ def make_cell_layer(
 ) -> nn.Module:
     """The cell layer (block-diagonal input projection + recurrence) of a ParaRNN mixer."""
     return CELL_LAYERS[kind](
-        dim, num_heads, gain_bound=gain_bound, mode=mode, newton=NewtonConfig(**(newton or {})), bias=bias, name=name
+        # validate=False: the value checks sync the host once per layer; the trainer catches non-finite losses.
+        dim, num_heads, gain_bound=gain_bound, mode=mode, newton=NewtonConfig(**{"validate": False, **(newton or {})}),
+        bias=bias, name=name,
     )
 
 

@@ -289,12 +289,18 @@ def bench_training(run: Run) -> None:
             with torch.device(dev):
                 model = ParaRNNLMForCausalLM(cfg)
             model.train()
+            if a.compile:
+                from training.factory import compile_blocks
+                compile_blocks(model)
+                row["compiled"] = True
             fpt, n_total, n_ne = flops_per_token(model, cfg, a.seq_len)
             row.update(params=n_total, non_embedding_params=n_ne, flops_per_token=fpt,
                        fused_cross_entropy=a.fused_ce)
             opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=dev.type == "cuda")
-            mb = a.max_micro_batch
-            while mb >= 1:
+            # Upwards from 1 until the first OOM (an OOM can leave the allocator fragmented, so
+            # nothing is measured after one).
+            mb, best = 1, None
+            while mb <= a.max_micro_batch:
                 if time.time() - t_arch > a.train_cap:
                     row["attempts"].append({"micro_batch": mb, "skipped": "per-architecture time cap"})
                     break
@@ -307,18 +313,17 @@ def bench_training(run: Run) -> None:
                         raise
                     oom = True
                 if oom:  # outside the except block, so the traceback (and its activations) is gone
-                    opt.zero_grad(set_to_none=True)
-                    free_memory()
                     row["attempts"].append({"micro_batch": mb, "oom": True})
                     print(f"[train] {arch} micro-batch {mb}: OOM", flush=True)
-                    mb //= 2
-                    continue
+                    break
                 tok_s = mb * a.seq_len / (ms / 1e3)
-                row.update(micro_batch=mb, step_ms=ms, tokens_per_s=tok_s,
-                           peak_GiB=None if peak is None else peak / 2**30,
-                           mfu=fpt * tok_s / PEAK_FLOPS)
-                row["attempts"].append({"micro_batch": mb, "step_ms": ms})
-                break
+                row["attempts"].append({"micro_batch": mb, "step_ms": ms, "tokens_per_s": tok_s})
+                if best is None or tok_s > best["tokens_per_s"]:
+                    best = dict(micro_batch=mb, step_ms=ms, tokens_per_s=tok_s,
+                                peak_GiB=None if peak is None else peak / 2**30, mfu=fpt * tok_s / PEAK_FLOPS)
+                mb *= 2
+            if best:
+                row.update(best)
             model = opt = None
         except Exception as err:
             row["error"] = f"{type(err).__name__}: {err}"[:500]
@@ -476,6 +481,7 @@ def parse_args(argv=None):
     ap.add_argument("--mamba-headdim", type=int, default=64)
     ap.add_argument("--mamba-chunk", type=int, default=64)
     ap.add_argument("--train-archs", default=",".join(ARCHS))
+    ap.add_argument("--compile", action="store_true", help="torch.compile every decoder block (train.compile)")
     ap.add_argument("--train-size", default="400m")
     ap.add_argument("--seq-len", type=int, default=2048)
     ap.add_argument("--max-micro-batch", type=int, default=32)

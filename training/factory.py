@@ -126,6 +126,15 @@ def build_model(cfg: TrainConfig, vocab_size: int) -> nn.Module:
     return model
 
 
+def compile_blocks(model: nn.Module) -> nn.Module:
+    """torch.compile each decoder block in place (torchtitan style): the norms, gates, conv, RoPE and
+    SwiGLU elementwise work fuses; the Triton cell kernels are torch.library ops with fake kernels,
+    so they stay single graph nodes. Embedding, head and loss stay eager."""
+    for block in model.model.layers:
+        block.compile()
+    return model
+
+
 def flops_terms(model: nn.Module) -> tuple[int, int, int]:
     """(non-embedding parameters, attention layers, hidden size) for the FLOPs-per-token estimate."""
     config = model.config

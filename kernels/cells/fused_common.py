@@ -120,6 +120,10 @@ def finish_stats(iters: torch.Tensor, res: torch.Tensor, fail: torch.Tensor, new
                 f"{newton.max_iters} iteration(s) in at least one time chunk (fused kernel). The "
                 "recurrence is probably not contractive: bound the recurrent gains, raise max_iters, "
                 "or use on_failure='fallback'.")
+    if stats is not None and stats.lazy:
+        stats.mode, stats.who = mode, who
+        stats.device = {"iterations": iters, "residual": res, "failed": fail}
+        return
     if stats is not None:
         stats.mode = mode
         stats.iterations = int(iters.max()) if iters.numel() else 0
@@ -143,8 +147,11 @@ class FusedCellOps:
     shared here so the two cells cannot drift apart.
     """
 
-    def __init__(self, op_name: str, label: str, K: int, G: int, P: int, forward, backward, num_programs):
-        self.label, self.K, self.G, self.P = label, K, G, P
+    def __init__(self, op_name: str, label: str, K: int, G: int, P: int, forward, backward, num_programs,
+                 pass_cap: int | None = None):
+        # pass_cap: at most this many Newton iterations under on_failure='fallback' (kernels whose
+        # iterations are kernel launches; the exact fallback finishes whatever is left).
+        self.label, self.K, self.G, self.P, self.pass_cap = label, K, G, P, pass_cap
 
         def fwd_impl(u, p, h0_rows, smap, max_iters, tol, damping):
             with torch.cuda.device(u.device) if u.is_cuda else contextlib.nullcontext():
@@ -192,8 +199,11 @@ class FusedCellOps:
         if p.shape != (self.P, D):
             raise ValueError(f"fused {self.label}: p must be ({self.P}, {D}), got {tuple(p.shape)}")
         tol = newton.tolerance_for(torch.float32)
+        max_iters = newton.max_iters
+        if self.pass_cap is not None and newton.on_failure == "fallback":
+            max_iters = min(max_iters, self.pass_cap)
         h, iters, res, fail = self.fwd(u, p.float().contiguous(), h0_rows, smap,
-                                       newton.max_iters, float(tol), float(newton.damping))
+                                       max_iters, float(tol), float(newton.damping))
         finish_stats(iters, res, fail, newton, stats, who, "fused")
         if stats is not None:
             stats.device = {"iterations": iters, "residual": res, "failed": fail}

@@ -41,7 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ...shooting import sequential_forward, shoot_backward, shoot_forward
+from ...shooting import FALLBACK_PASS_CAP, sequential_forward, shoot_backward, shoot_forward
 from ...scan.triton import _combine1
 from ..fused_common import FusedCellOps, max_scaled_residual, row_of, shift_down, sigmoid_, tanh_
 
@@ -274,7 +274,8 @@ def _shoot_stats_size(u: torch.Tensor) -> int:
 
 # The ``fused`` mode: multiple-shooting Newton (kernels/shooting.py).
 _OPS = FusedCellOps("paragru", "ParaGRU", K=1, G=3, P=3, forward=functools.partial(shoot_forward, False),
-                    backward=functools.partial(shoot_backward, False), num_programs=_shoot_stats_size)
+                    backward=functools.partial(shoot_backward, False), num_programs=_shoot_stats_size,
+                    pass_cap=FALLBACK_PASS_CAP)
 paragru_fused_fwd, paragru_fused_bwd = _OPS.fwd, _OPS.bwd  # pararnn::paragru_fused_fwd / _bwd
 fused_paragru = _OPS.fused  # (u, p, h0=None, cu_seqlens=None, newton=..., stats=None, name=None) -> h (B, T, 1, D)
 paragru_fused_mode = _OPS.mode  # the engine's mode "fused" for this cell

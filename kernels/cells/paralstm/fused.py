@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ...shooting import sequential_forward, shoot_backward, shoot_forward
+from ...shooting import FALLBACK_PASS_CAP, sequential_forward, shoot_backward, shoot_forward
 from ...scan.triton import _combine2
 from ..fused_common import FusedCellOps, max_scaled_residual, row_of, shift_down, sigmoid_, tanh_
 
@@ -325,7 +325,8 @@ def _shoot_stats_size(u: torch.Tensor) -> int:
 
 # The ``fused`` mode: multiple-shooting Newton (kernels/shooting.py).
 _OPS = FusedCellOps("paralstm", "ParaLSTM", K=2, G=3, P=5, forward=functools.partial(shoot_forward, True),
-                    backward=functools.partial(shoot_backward, True), num_programs=_shoot_stats_size)
+                    backward=functools.partial(shoot_backward, True), num_programs=_shoot_stats_size,
+                    pass_cap=FALLBACK_PASS_CAP)
 paralstm_fused_fwd, paralstm_fused_bwd = _OPS.fwd, _OPS.bwd  # pararnn::paralstm_fused_fwd / _bwd
 fused_paralstm = _OPS.fused  # (u, p, h0=None, cu_seqlens=None, newton=..., stats=None, name=None) -> h (B, T, 2, D)
 paralstm_fused_mode = _OPS.mode  # the engine's mode "fused" for this cell
