@@ -588,10 +588,10 @@ def plan(B: int, T: int, D: int, device, which: str = "fwd") -> tuple[int, int, 
     if "segments" in TUNING:
         S = max(1, min(int(TUNING["segments"]), T))
     else:
-        # H200 sweep (kernels/NOTES-perf.md): one segment once B x D gives 256 threads per SM; else
+        # H100/H200 sweeps (kernels/NOTES-perf.md): one segment once B x D gives 200 threads per SM; else
         # segments up to ~1024 (forward) / ~2048 (backward) threads per SM.
         sm = _sm_count(device)
-        single = TUNING.get("single_tps", 256) * sm
+        single = TUNING.get("single_tps", 200) * sm
         want = TUNING.get("threads_per_sm", 1024 if which == "fwd" else 2048) * sm
         S = 1 if B * D >= single else min(triton.cdiv(want, B * D), max(T // 32, 1), 256)
     L = triton.cdiv(T, S) if T else 1

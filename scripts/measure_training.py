@@ -55,6 +55,7 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--vocab-size", type=int, default=50277, help="model vocabulary (paper: GPT-NeoX 50,277)")
     parser.add_argument("--nproc", type=int, default=1, help="GPUs (processes) through torchrun")
+    parser.add_argument("--compile", action="store_true", help="train.compile=true (torch.compile each block)")
     parser.add_argument("--smoke", action="store_true", help="debug size on the CPU, to test this script")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
@@ -68,6 +69,7 @@ def main() -> None:
         f"data.seq_len={args.seq_len}", f"+model.overrides.vocab_size={args.vocab_size}",
         f"checkpoint.every={args.checkpoint_every}", "eval.every=0", "eval.at_end=false", "export.at_end=false",
         "logging.wandb_mode=disabled", "logging.progress_bar=false", "train.log_every=1",
+        f"train.compile={str(args.compile).lower()}",
     ]
     reference, resumed = args.out / "reference", args.out / "resumed"
     wall = {"reference": run(reference, overrides, nproc=args.nproc)}
@@ -80,7 +82,7 @@ def main() -> None:
     resumed_steps = [s for s in range(args.checkpoint_every + 1, args.steps + 1)]
     summary = {
         "arch": args.arch, "size": args.size, "deepspeed": args.deepspeed, "seq_len": args.seq_len,
-        "micro_batch": args.micro_batch, "steps": args.steps, "gpus": args.nproc,
+        "micro_batch": args.micro_batch, "steps": args.steps, "gpus": args.nproc, "compile": args.compile,
         "tokens_per_s": statistics.median(r["tokens_per_s"] for r in warm),
         "mfu": statistics.median(r["mfu"] for r in warm) if warm[0].get("mfu") is not None else None,
         "peak_memory_gib": max((r.get("mem_peak_gib", 0.0) for r in warm), default=None),
