@@ -47,15 +47,29 @@ from .cells.fused_common import sigmoid_, tanh_
 
 
 @triton.jit
+def _gru_jac(hp, z, r, c, a0, a1, a2):
+    """dh/dh_prev of ParaGRU from its gates at h_prev."""
+    return (1.0 - z) + z * (1.0 - z) * a0 * (c - hp) + z * (1.0 - c * c) * a2 * (r + hp * r * (1.0 - r) * a1)
+
+
+@triton.jit
 def _gru_step(hp, u0, u1, u2, a0, a1, a2):
     """ParaGRU step and its derivative dh/dh_prev."""
     z = sigmoid_(a0 * hp + u0)
     r = sigmoid_(a1 * hp + u1)
     c = tanh_(a2 * (hp * r) + u2)
-    h = hp + z * (c - hp)
-    dr = r * (1.0 - r) * a1
-    J = (1.0 - z) + z * (1.0 - z) * a0 * (c - hp) + z * (1.0 - c * c) * a2 * (r + hp * dr)
-    return h, J
+    return hp + z * (c - hp), _gru_jac(hp, z, r, c, a0, a1, a2)
+
+
+@triton.jit
+def _lstm_jac(cp, f, z, o, tc, a0, a1, a2, c_f, c_o):
+    """2x2 Jacobian of ParaLSTM (rows c', h'; columns c, h) from its gates and tanh(c')."""
+    fd = f * (1.0 - f)
+    od = o * (1.0 - o)
+    j_cc = f + fd * c_f * (cp - z)
+    j_ch = fd * a0 * (cp - z) + (1.0 - f) * (1.0 - z * z) * a1
+    k = od * c_o * tc + o * (1.0 - tc * tc)
+    return j_cc, j_ch, k * j_cc, od * tc * a2 + k * j_ch
 
 
 @triton.jit
@@ -66,15 +80,22 @@ def _lstm_step(cp, hp, u0, u1, u2, a0, a1, a2, c_f, c_o):
     c = f * cp + (1.0 - f) * z
     o = sigmoid_(a2 * hp + u2 + c_o * c)
     tc = tanh_(c)
-    h = o * tc
-    fd = f * (1.0 - f)
-    od = o * (1.0 - o)
-    j_cc = f + fd * c_f * (cp - z)
-    j_ch = fd * a0 * (cp - z) + (1.0 - f) * (1.0 - z * z) * a1
-    k = od * c_o * tc + o * (1.0 - tc * tc)
-    j_hc = k * j_cc
-    j_hh = od * tc * a2 + k * j_ch
-    return c, h, j_cc, j_ch, j_hc, j_hh
+    j_cc, j_ch, j_hc, j_hh = _lstm_jac(cp, f, z, o, tc, a0, a1, a2, c_f, c_o)
+    return c, o * tc, j_cc, j_ch, j_hc, j_hh
+
+
+@triton.jit
+def _load_params(P, d, dm, D, LSTM: tl.constexpr):
+    """Per-channel recurrent parameters: a_0..a_2 and, for ParaLSTM, the peepholes c_f, c_o."""
+    a0 = tl.load(P + d, mask=dm, other=0.0)
+    a1 = tl.load(P + D + d, mask=dm, other=0.0)
+    a2 = tl.load(P + 2 * D + d, mask=dm, other=0.0)
+    c_f = a0 * 0.0
+    c_o = a0 * 0.0
+    if LSTM:
+        c_f = tl.load(P + 3 * D + d, mask=dm, other=0.0)
+        c_o = tl.load(P + 4 * D + d, mask=dm, other=0.0)
+    return a0, a1, a2, c_f, c_o
 
 
 @triton.jit
@@ -167,14 +188,7 @@ def _shoot_fwd_kernel(
     else:
         act = dm & (tl.load(DONE + col, mask=dm, other=1) == 0)
     if tl.max(act.to(tl.int32), axis=0) > 0:
-        a0 = tl.load(P + d, mask=dm, other=0.0)
-        a1 = tl.load(P + D + d, mask=dm, other=0.0)
-        a2 = tl.load(P + 2 * D + d, mask=dm, other=0.0)
-        c_f = a0 * 0.0
-        c_o = a0 * 0.0
-        if LSTM:
-            c_f = tl.load(P + 3 * D + d, mask=dm, other=0.0)
-            c_o = tl.load(P + 4 * D + d, mask=dm, other=0.0)
+        a0, a1, a2, c_f, c_o = _load_params(P, d, dm, D, LSTM)
         t0 = s * L
         t1 = tl.minimum(t0 + L, T)
         seg = (b * S + s) * K * D + d  # START / END row of this segment, state k at + k * D
@@ -365,13 +379,7 @@ def _bwd_step(t, t0, sm, n0, n1, n2, g_h, g_c, hp, cp, mu_c, mu_h, q_cc, q_ch, q
         gcp = dcn * f + dpf * c_f
         ghp = dpo * a2 + dpf * a0 + dpz * a1
         if PASS_A:
-            fd = f * (1.0 - f)
-            od = o * (1.0 - o)
-            j_cc = f + fd * c_f * (cp - z)
-            j_ch = fd * a0 * (cp - z) + (1.0 - f) * (1.0 - z * z) * a1
-            kk = od * c_o * tc + o * (1.0 - tc * tc)
-            j_hc = kk * j_cc
-            j_hh = od * tc * a2 + kk * j_ch
+            j_cc, j_ch, j_hc, j_hh = _lstm_jac(cp, f, z, o, tc, a0, a1, a2, c_f, c_o)
             # Q <- J^T Q
             n_cc = j_cc * q_cc + j_hc * q_hc
             n_ch = j_cc * q_ch + j_hc * q_hh
@@ -411,7 +419,7 @@ def _bwd_step(t, t0, sm, n0, n1, n2, g_h, g_c, hp, cp, mu_c, mu_h, q_cc, q_ch, q
         gr = gc * a2 * hp * r * (1.0 - r)
         ghp = lh * (1.0 - z) + gz * a0 + gr * a1 + gc * a2 * r
         if PASS_A:
-            j = (1.0 - z) + z * (1.0 - z) * a0 * (cg - hp) + z * (1.0 - cg * cg) * a2 * (r + hp * r * (1.0 - r) * a1)
+            j = _gru_jac(hp, z, r, cg, a0, a1, a2)
             q_hh = tl.where(ok, j * q_hh, q_hh)
         else:
             tl.store(pdu, gz.to(DU.dtype.element_ty), mask=w)
@@ -447,14 +455,7 @@ def _shoot_bwd_kernel(
     s = tl.program_id(2)
     d = pid_d * BD + tl.arange(0, BD)
     dm = d < D
-    a0 = tl.load(P + d, mask=dm, other=0.0)
-    a1 = tl.load(P + D + d, mask=dm, other=0.0)
-    a2 = tl.load(P + 2 * D + d, mask=dm, other=0.0)
-    c_f = a0 * 0.0
-    c_o = a0 * 0.0
-    if LSTM:
-        c_f = tl.load(P + 3 * D + d, mask=dm, other=0.0)
-        c_o = tl.load(P + 4 * D + d, mask=dm, other=0.0)
+    a0, a1, a2, c_f, c_o = _load_params(P, d, dm, D, LSTM)
     t0 = s * L
     t1 = tl.minimum(t0 + L, T)
     seg = (b * S + s) * K * D + d
@@ -545,7 +546,7 @@ def _shoot_bwd_kernel(
                     tl.store(CARRY + (b * S + s2 - 1) * 2 * D + D + d, m_h, mask=last)
                 else:
                     cm = (b * S + s2) * 2 * D + d
-                    c_h = tl.load(CM + cm + D * 0, mask=last, other=0.0, cache_modifier=".cg")
+                    c_h = tl.load(CM + cm, mask=last, other=0.0, cache_modifier=".cg")
                     m_hh = tl.load(CM + cm + D, mask=last, other=0.0, cache_modifier=".cg")
                     m_h = c_h + m_hh * m_h
                     tl.store(CARRY + (b * S + s2 - 1) * D + d, m_h, mask=last)

@@ -41,7 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ...shooting import FALLBACK_PASS_CAP, sequential_forward, shoot_backward, shoot_forward
+from ...shooting import FALLBACK_PASS_CAP, _gru_jac, _gru_step, sequential_forward, shoot_backward, shoot_forward
 from ...scan.triton import _combine1
 from ..fused_common import FusedCellOps, max_scaled_residual, row_of, shift_down, sigmoid_, tanh_
 
@@ -53,18 +53,6 @@ def _gru_f(hp, uz, ur, uc, az, ar, ac):
     r = sigmoid_(ar * hp + ur)
     c = tanh_(ac * (hp * r) + uc)
     return hp + z * (c - hp)
-
-
-@triton.jit
-def _gru_f_jac(hp, uz, ur, uc, az, ar, ac):
-    z = sigmoid_(az * hp + uz)
-    r = sigmoid_(ar * hp + ur)
-    c = tanh_(ac * (hp * r) + uc)
-    f = hp + z * (c - hp)
-    dr = r * (1.0 - r) * ar
-    dc = (1.0 - c * c) * ac * (r + hp * dr)
-    J = (1.0 - z) + z * (1.0 - z) * az * (c - hp) + z * dc
-    return f, J
 
 
 @triton.jit
@@ -109,7 +97,7 @@ def _gru_fwd_kernel(
         hp = tl.where(st, h0v, tl.where(first, carry[None, :], 0.0))
         h = _gru_f(hp, uz, ur, uc, az, ar, ac)
         hp = tl.where(st, h0v, shift_down(h, rows, carry))
-        f, J = _gru_f_jac(hp, uz, ur, uc, az, ar, ac)
+        f, J = _gru_step(hp, uz, ur, uc, az, ar, ac)
         res = max_scaled_residual(f - h, h, m)
         k = tl.program_id(0) * 0
         while (res > tol) & (k < max_iters):
@@ -117,7 +105,7 @@ def _gru_fwd_kernel(
             _, dh = tl.associative_scan((Jm, f - h), 0, _combine1)
             h = h + damping * dh
             hp = tl.where(st, h0v, shift_down(h, rows, carry))
-            f, J = _gru_f_jac(hp, uz, ur, uc, az, ar, ac)
+            f, J = _gru_step(hp, uz, ur, uc, az, ar, ac)
             res = max_scaled_residual(f - h, h, m)
             k += 1
         failed = res > tol
@@ -187,8 +175,7 @@ def _gru_bwd_kernel(
         z = sigmoid_(az * hp + uz)
         r = sigmoid_(ar * hp + ur)
         cg = tanh_(ac * (hp * r) + uc)
-        dr_dh = r * (1.0 - r) * ar
-        J = (1.0 - z) + z * (1.0 - z) * az * (cg - hp) + z * (1.0 - cg * cg) * ac * (r + hp * dr_dh)
+        J = _gru_jac(hp, z, r, cg, az, ar, ac)
         Jm = tl.where(st | (~m), 0.0, J)
         first = rows[:, None] == 0
         _, mu = tl.associative_scan((Jm, Jm * (g + tl.where(first, carry[None, :], 0.0))), 0, _combine1)

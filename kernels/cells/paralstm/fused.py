@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ...shooting import FALLBACK_PASS_CAP, sequential_forward, shoot_backward, shoot_forward
+from ...shooting import FALLBACK_PASS_CAP, _lstm_jac, _lstm_step, sequential_forward, shoot_backward, shoot_forward
 from ...scan.triton import _combine2
 from ..fused_common import FusedCellOps, max_scaled_residual, row_of, shift_down, sigmoid_, tanh_
 
@@ -43,24 +43,6 @@ def _lstm_f(cp, hp, uf, uz, uo, af, az, ao, cf, co):
     cn = f * cp + (1.0 - f) * z
     o = sigmoid_(ao * hp + uo + co * cn)
     return cn, o * tanh_(cn)
-
-
-@triton.jit
-def _lstm_f_jac(cp, hp, uf, uz, uo, af, az, ao, cf, co):
-    f = sigmoid_(af * hp + uf + cf * cp)
-    z = tanh_(az * hp + uz)
-    cn = f * cp + (1.0 - f) * z
-    o = sigmoid_(ao * hp + uo + co * cn)
-    tc = tanh_(cn)
-    hn = o * tc
-    df = f * (1.0 - f) * (cp - z)
-    jcc = f + df * cf
-    jch = df * af + (1.0 - f) * (1.0 - z * z) * az
-    do = tc * o * (1.0 - o)
-    s = do * co + o * (1.0 - tc * tc)
-    jhc = s * jcc
-    jhh = s * jch + do * ao
-    return cn, hn, jcc, jch, jhc, jhh
 
 
 @triton.jit
@@ -113,7 +95,7 @@ def _lstm_fwd_kernel(
         c, h = _lstm_f(cp, hp, uf, uz, uo, af, az, ao, cf, co)
         cp = tl.where(st, h0c, shift_down(c, rows, carry_c))
         hp = tl.where(st, h0h, shift_down(h, rows, carry_h))
-        fc, fh, jcc, jch, jhc, jhh = _lstm_f_jac(cp, hp, uf, uz, uo, af, az, ao, cf, co)
+        fc, fh, jcc, jch, jhc, jhh = _lstm_step(cp, hp, uf, uz, uo, af, az, ao, cf, co)
         res = tl.maximum(max_scaled_residual(fc - c, c, m), max_scaled_residual(fh - h, h, m))
         k = tl.program_id(0) * 0
         while (res > tol) & (k < max_iters):
@@ -126,7 +108,7 @@ def _lstm_fwd_kernel(
             h = h + damping * dh
             cp = tl.where(st, h0c, shift_down(c, rows, carry_c))
             hp = tl.where(st, h0h, shift_down(h, rows, carry_h))
-            fc, fh, jcc, jch, jhc, jhh = _lstm_f_jac(cp, hp, uf, uz, uo, af, az, ao, cf, co)
+            fc, fh, jcc, jch, jhc, jhh = _lstm_step(cp, hp, uf, uz, uo, af, az, ao, cf, co)
             res = tl.maximum(max_scaled_residual(fc - c, c, m), max_scaled_residual(fh - h, h, m))
             k += 1
         failed = res > tol
@@ -219,12 +201,8 @@ def _lstm_bwd_kernel(
         o = sigmoid_(ao * hp + uo + co * cn)
         tc = tanh_(cn)
         dfp = f * (1.0 - f) * (cp - z)
-        jcc = f + dfp * cf
-        jch = dfp * af + (1.0 - f) * (1.0 - z * z) * az
         do = tc * o * (1.0 - o)
-        s = do * co + o * (1.0 - tc * tc)
-        jhc = s * jcc
-        jhh = s * jch + do * ao
+        jcc, jch, jhc, jhh = _lstm_jac(cp, f, z, o, tc, af, az, ao, cf, co)
         zero = st | (~m)
         # mu_t = J_t^T (g_t + mu_{t+1}): scan blocks are the transposed Jacobians.
         a00 = tl.where(zero, 0.0, jcc)
