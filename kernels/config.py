@@ -2,8 +2,7 @@
 from __future__ import annotations
 
 import logging
-
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -76,10 +75,19 @@ class NewtonStats:
     device: dict | None = None  # fused modes: raw per-program device tensors (no host sync needed)
     lazy: bool = False
     who: str = ""
+    pending: bool = field(default=False, repr=False)  # device numbers not yet read
+
+    def record_device(self, mode: str, who: str, iterations: torch.Tensor, residual: torch.Tensor,
+                      failed: torch.Tensor) -> None:
+        """Keep the fused kernels' per-channel device tensors; read them now unless ``lazy``."""
+        self.mode, self.who, self.pending = mode, who, True
+        self.device = {"iterations": iterations, "residual": residual, "failed": failed}
+        if not self.lazy:
+            self.resolve()
 
     def resolve(self) -> "NewtonStats":
         """Fill the numbers from ``device`` (one host sync) if they were left there; returns self."""
-        if self.lazy and self.device is not None:
+        if self.pending:
             iters, res, fail = (self.device[k] for k in ("iterations", "residual", "failed"))
             self.iterations = int(iters.max()) if iters.numel() else 0
             self.residual = float(res.max()) if res.numel() else 0.0
@@ -90,5 +98,5 @@ class NewtonStats:
                 logging.getLogger("kernels").warning(
                     "Newton did not converge for %s in some time chunks; those chunks were finished by "
                     "the exact sequential recurrence inside the kernel.", self.who)
-            self.lazy = False
+            self.pending = False
         return self

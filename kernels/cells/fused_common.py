@@ -8,16 +8,12 @@ with no host sync from either the batch layout (t = 0 starts row b) or cu_seqlen
 from __future__ import annotations
 
 import contextlib
-import logging
 
 import torch
 import triton
 import triton.language as tl
 
 from ..config import NewtonConfig, NewtonConvergenceError, NewtonStats
-
-logger = logging.getLogger(__name__)
-_warned: set[str] = set()
 
 
 # ----------------------------------------------------------------------------- Triton helpers
@@ -120,21 +116,8 @@ def finish_stats(iters: torch.Tensor, res: torch.Tensor, fail: torch.Tensor, new
                 f"{newton.max_iters} iteration(s) in at least one time chunk (fused kernel). The "
                 "recurrence is probably not contractive: bound the recurrent gains, raise max_iters, "
                 "or use on_failure='fallback'.")
-    if stats is not None and stats.lazy:
-        stats.mode, stats.who = mode, who
-        stats.device = {"iterations": iters, "residual": res, "failed": fail}
-        return
     if stats is not None:
-        stats.mode = mode
-        stats.iterations = int(iters.max()) if iters.numel() else 0
-        stats.residual = float(res.max()) if res.numel() else 0.0
-        failed = bool(fail.any()) if fail.numel() else False
-        stats.converged = not failed
-        stats.fell_back = failed
-        if failed and who not in _warned:
-            _warned.add(who)
-            logger.warning("Newton did not converge for %s in some time chunks; those chunks were "
-                           "finished by the exact sequential recurrence inside the kernel.", who)
+        stats.record_device(mode, who, iters, res, fail)
 
 
 # ----------------------------------------------------------------------------- public ops per cell
@@ -205,8 +188,6 @@ class FusedCellOps:
         h, iters, res, fail = self.fwd(u, p.float().contiguous(), h0_rows, smap,
                                        max_iters, float(tol), float(newton.damping))
         finish_stats(iters, res, fail, newton, stats, who, "fused")
-        if stats is not None:
-            stats.device = {"iterations": iters, "residual": res, "failed": fail}
         return h
 
     def fused(self, u: torch.Tensor, p: torch.Tensor, h0: torch.Tensor | None = None,
