@@ -1,7 +1,7 @@
 """The causal LM shared by all architectures: embeddings -> blocks (pre-norm mixer + pre-norm SwiGLU) -> norm -> head.
 
 Sequence structure (padding, packed documents, decoding) is reduced once per forward to per-token
-positions (``models.packing.SequenceInfo``) that every mixer consumes, see ``_positions``.
+positions (``models.packing.SequenceInfo``) that every mixer consumes, see ``_sequence``.
 """
 from __future__ import annotations
 
@@ -161,21 +161,26 @@ class ParaRNNLMModel(ParaRNNLMPreTrainedModel):
         self.embed_tokens = value
 
     @staticmethod
-    def _positions(B, T, device, attention_mask, position_ids, cu_seqlens, cache) -> torch.Tensor:
-        """Per-token positions inside documents (B, T): the one description of sequence structure."""
+    def _sequence(B, T, device, attention_mask, position_ids, cu_seqlens, cache) -> SequenceInfo:
+        """Per-token positions inside documents (B, T): the one description of sequence structure.
+
+        Where the positions are built here as one document per row (no position_ids, cu_seqlens or
+        padding mask), the absence of document starts inside a row is known without looking at the
+        values: no host sync, so a training step stays capturable in a CUDA graph.
+        """
         if cu_seqlens is not None:
             if B != 1:
                 raise ValueError(f"cu_seqlens needs a packed batch of one row, got batch size {B}")
-            return positions_from_cu_seqlens(cu_seqlens.to(device), T)
+            return SequenceInfo(positions_from_cu_seqlens(cu_seqlens.to(device), T))
         if position_ids is not None:
             if position_ids.shape[-1] != T:
                 raise ValueError(f"position_ids has length {position_ids.shape[-1]} but the input has {T} tokens")
-            return position_ids.to(device=device, dtype=torch.long).expand(B, T)
+            return SequenceInfo(position_ids.to(device=device, dtype=torch.long).expand(B, T))
         if cache is not None and cache.last_positions is not None:  # continue each row's document
-            return cache.last_positions[:, None] + 1 + torch.arange(T, device=device)
+            return SequenceInfo.one_document_per_row(cache.last_positions[:, None] + 1 + torch.arange(T, device=device))
         if attention_mask is not None and attention_mask.dim() == 2 and not bool(attention_mask.all()):
-            return positions_from_attention_mask(attention_mask.to(device))[:, -T:]
-        return torch.arange(T, device=device).expand(B, T)
+            return SequenceInfo(positions_from_attention_mask(attention_mask.to(device))[:, -T:])
+        return SequenceInfo.one_document_per_row(torch.arange(T, device=device).expand(B, T))
 
     @staticmethod
     def _attention_mask(seq: SequenceInfo, cache) -> tuple[torch.Tensor | None, torch.Tensor]:
@@ -214,8 +219,7 @@ class ParaRNNLMModel(ParaRNNLMPreTrainedModel):
             cache = ParaRNNCache(self.config)
         if cache is not None and not isinstance(cache, ParaRNNCache):
             raise TypeError(f"cache must be a ParaRNNCache (built by the model), got {type(cache).__name__}")
-        positions = self._positions(B, T, x.device, attention_mask, position_ids, cu_seqlens, cache)
-        seq = SequenceInfo(positions)
+        seq = self._sequence(B, T, x.device, attention_mask, position_ids, cu_seqlens, cache)
         attn_mask, doc_ids = self._attention_mask(seq, cache) if (self.has_attention or cache is not None) else (None, None)
         hidden = [x] if output_hidden_states else None
         for layer in self.layers:
@@ -226,7 +230,7 @@ class ParaRNNLMModel(ParaRNNLMPreTrainedModel):
             if hidden is not None:
                 hidden.append(x)
         if cache is not None:
-            cache.advance(positions, doc_ids)
+            cache.advance(seq.positions, doc_ids)
         x = self.norm(x)
         return ParaRNNLMModelOutput(last_hidden_state=x, cache=cache,
                                     hidden_states=tuple(hidden) if hidden is not None else None)

@@ -42,6 +42,14 @@ class SequenceInfo:
     def __post_init__(self) -> None:
         self.resets = self.positions == 0
 
+    @classmethod
+    def one_document_per_row(cls, positions: torch.Tensor) -> "SequenceInfo":
+        """Positions known to continue one document along each row (no document starts after the first
+        token), so ``has_inner_resets`` needs no look at the values."""
+        info = cls(positions)
+        info._any_inner_reset = False
+        return info
+
     @property
     def shape(self) -> tuple[int, int]:
         return tuple(self.positions.shape)  # type: ignore[return-value]

@@ -76,3 +76,26 @@ def test_cli_single_task_and_config(tiny_gru, tmp_path, capsys):
                 "--out", str(tmp_path), "--no-progress", "--device", "cpu"])
     assert res["best_seed"] == 3 and res["config"]["seq_len"] == 30 and res["config"]["lr"] == 5e-4
     assert (tmp_path / "tinygru__hop2.json").exists() and '"accuracy"' in capsys.readouterr().out
+
+
+def test_interleaved_runs_equal_one_after_another(tiny_gru):
+    from eval.synthetic.train import train_runs
+
+    base = dict(arch=tiny_gru, seq_len=20, n_train=48, n_test=64, n_val=32, batch_size=16, max_epochs=2,
+                d_model=16, progress=False)
+    jobs = [(SyntheticTrainConfig(task=t, **base), s) for t in ("parity", "hop1") for s in (0, 1)]
+    seq = train_runs(jobs, concurrent_runs=1, progress=False)
+    inter = train_runs(jobs, concurrent_runs=3, progress=False)
+    assert [r["seed"] for r in inter] == [0, 1, 0, 1] and all(r["steps"] == 6 for r in inter)
+    assert [r["test_acc"] for r in inter] == [r["test_acc"] for r in seq]  # same ops, same order per run
+
+
+def test_time_budget_reports_best_so_far_and_unstarted_runs(tiny_gru):
+    from eval.synthetic.train import train_runs
+
+    cfg = SyntheticTrainConfig(task="parity", arch=tiny_gru, seq_len=20, n_train=64, n_test=64, n_val=32,
+                               batch_size=16, max_epochs=10_000, d_model=16, progress=False)
+    res = train_runs([(cfg, 0), (cfg, 1)], concurrent_runs=1, time_budget_s=0.0, progress=False)
+    assert res[0]["stopped"] == "time budget" and 0 < res[0]["steps"] < 10_000 * 4
+    assert res[0]["test_acc"] is not None and res[1] == {"seed": 1, "test_acc": None,
+                                                         "error": "not started (time budget)"}
