@@ -49,6 +49,10 @@ class ParaRNNLMConfig(PretrainedConfig):
         ce_chunk_size: tokens per chunk of the fused cross-entropy.
         init_std: base std of DCLM-style init; None = 1/sqrt(fan_in) per matrix (see modeling.py).
         tokenizer_vocab_size: if given (e.g. ``len(tokenizer)``), must be <= vocab_size.
+        pad_vocab_size_multiple: round vocab_size up to a multiple of this (the extra rows are never
+            targets). An odd vocabulary (GPT-NeoX's 50,277) makes cuBLAS pick slow unaligned kernels for
+            the embedding-gradient and LM-head GEMMs (~4 ms each at 400M, batch 4 x 2048 on an H200);
+            the paper-size presets pad to 64. Idempotent, so a saved config reloads unchanged.
     """
 
     model_type = "pararnn_lm"
@@ -97,9 +101,13 @@ class ParaRNNLMConfig(PretrainedConfig):
         pad_token_id: int | None = None,
         bos_token_id: int | None = None,
         eos_token_id: int | None = None,
+        pad_vocab_size_multiple: int = 1,
         **kwargs: Any,
     ) -> None:
-        self.vocab_size = vocab_size
+        if not isinstance(pad_vocab_size_multiple, int) or pad_vocab_size_multiple < 1:
+            raise ValueError(f"pad_vocab_size_multiple must be a positive integer, got {pad_vocab_size_multiple!r}")
+        self.pad_vocab_size_multiple = pad_vocab_size_multiple
+        self.vocab_size = -(-vocab_size // pad_vocab_size_multiple) * pad_vocab_size_multiple
         self.hidden_size = hidden_size
         self.num_hidden_layers = num_hidden_layers
         self.intermediate_size = intermediate_size

@@ -34,6 +34,8 @@ def preset_fields(arch: str, size: str) -> tuple[dict[str, Any], float | None]:
         raise ValueError(f"unknown architecture {arch!r}; known: {', '.join(KNOWN_MIXERS)} (or 'transformer')")
     table = load_preset(size)
     fields = {"vocab_size": table["vocab_size"], **table.get("common", {}), **table[arch], "mixer": arch}
+    if "pad_vocab_size_multiple" in table:
+        fields["pad_vocab_size_multiple"] = table["pad_vocab_size_multiple"]
     paper = fields.pop("paper_params", None)
     return fields, paper
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from models import config_for, count_parameters
+from models import ParaRNNLMConfig, config_for, count_parameters
 from models.presets import PRESET_SIZES, preset_fields
 
 ARCHS = ("paragru", "paralstm", "mamba2", "attention")
@@ -55,3 +55,15 @@ def test_every_preset_builds_a_valid_config(arch, size):
 def test_overrides_and_alias():
     cfg = config_for("transformer", "tiny", vocab_size=1000, num_hidden_layers=2)
     assert cfg.mixer == "attention" and cfg.vocab_size == 1000 and cfg.num_hidden_layers == 2
+
+
+def test_paper_presets_pad_the_vocabulary_for_aligned_gemms(tmp_path):
+    cfg = config_for("paragru", "400m")
+    assert (cfg.vocab_size, cfg.pad_vocab_size_multiple) == (50304, 64)  # GPT-NeoX's 50,277 rounded up
+    tok = config_for("paragru", "400m", vocab_size=50277, tokenizer_vocab_size=50277)
+    assert tok.vocab_size == 50304 and tok.tokenizer_vocab_size == 50277
+    cfg.save_pretrained(tmp_path)
+    assert ParaRNNLMConfig.from_pretrained(tmp_path).vocab_size == 50304  # padding is idempotent
+    assert ParaRNNLMConfig(vocab_size=10).vocab_size == 10  # off by default (small task vocabularies)
+    with pytest.raises(ValueError, match="pad_vocab_size_multiple"):
+        ParaRNNLMConfig(vocab_size=10, pad_vocab_size_multiple=0)
