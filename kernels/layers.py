@@ -137,9 +137,12 @@ class ParaRNNLayer(CellLayerBase):
         """y (B, T, dim) and the final states (B, K, dim), or (N_docs, K, dim) with cu_seqlens."""
         self._check_input(x, 3)
         stats = NewtonStats(lazy=True)
+        # Under torch.compile the per-layer name would be a guarded constant: every layer of a stack of
+        # compiled blocks would recompile (and past the recompile limit, silently run eagerly).
+        name = None if torch.compiler.is_compiling() else self.name
         y, h_last = parallel_rnn(
             self.cell, self.project(x), self.recurrent_params(), h0, cu_seqlens,
-            mode=self.mode, newton=self.newton, stats=stats, name=self.name,
+            mode=self.mode, newton=self.newton, stats=stats, name=name,
         )
         self._last_stats = stats
         return y, h_last

@@ -50,3 +50,28 @@ def test_packed_position_ids_still_detect_document_starts():
         packed = model(ids, position_ids=pos).logits
         first, second = model(ids[:, :5]).logits, model(ids[:, 5:]).logits
     torch.testing.assert_close(packed, torch.cat([first, second], 1), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mixer", ["paragru", "attention"])
+def test_compiled_blocks_share_one_graph(mixer):
+    # train.compile compiles every decoder block; a per-layer constant reaching the trace (the cell's
+    # name once did) recompiles each layer, and past dynamo's recompile limit the rest run eagerly.
+    import torch._dynamo
+
+    from models import ParaRNNLMForCausalLM, config_for
+
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    mode = {"rnn_mode": "fused"} if mixer.startswith("para") else {}
+    model = ParaRNNLMForCausalLM(config_for(mixer, "debug", num_hidden_layers=3, **mode))
+    for block in model.model.layers:
+        block.compile(backend=counting_backend)
+    ids = torch.randint(0, model.config.vocab_size, (2, 16))
+    model(ids, labels=ids).loss.backward()
+    torch._dynamo.reset()
+    assert len(graphs) == 1, f"{len(graphs)} graphs for 3 identical blocks"
