@@ -291,6 +291,10 @@ def bench_training(run: Run) -> None:
             model.train()
             if a.compile:
                 from training.factory import compile_blocks
+                # Every architecture's blocks share one forward code object: without a reset the
+                # architectures measured later inherit the earlier ones' cache entries and can hit
+                # dynamo's recompile limit, silently running eagerly.
+                torch._dynamo.reset()
                 compile_blocks(model)
                 row["compiled"] = True
             fpt, n_total, n_ne = flops_per_token(model, cfg, a.seq_len)
