@@ -54,7 +54,7 @@ def train(cfg: TrainConfig) -> dict:
     data = factory.build_data(cfg, info)
     model = factory.build_model(cfg, vocab_size=data.vocab_size).to(info.device)
     if cfg.train.compile:
-        factory.compile_blocks(model, cfg.train.compile_mode)
+        factory.compile_blocks(model)
     grad_accum = factory.grad_accum_steps(cfg, info.world_size)
     optimizer = torch.optim.AdamW(
         parameter_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,

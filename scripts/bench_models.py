@@ -295,8 +295,8 @@ def bench_training(run: Run) -> None:
                 # architectures measured later inherit the earlier ones' cache entries and can hit
                 # dynamo's recompile limit, silently running eagerly.
                 torch._dynamo.reset()
-                compile_blocks(model, a.compile_mode)
-                row["compiled"] = a.compile_mode
+                compile_blocks(model)
+                row["compiled"] = True
             fpt, n_total, n_ne = flops_per_token(model, cfg, a.seq_len)
             row.update(params=n_total, non_embedding_params=n_ne, flops_per_token=fpt,
                        fused_cross_entropy=a.fused_ce)
@@ -486,9 +486,6 @@ def parse_args(argv=None):
     ap.add_argument("--mamba-chunk", type=int, default=64)
     ap.add_argument("--train-archs", default=",".join(ARCHS))
     ap.add_argument("--compile", action="store_true", help="torch.compile every decoder block (train.compile)")
-    ap.add_argument("--compile-mode", default="default",
-                    choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
-                    help="torch.compile mode of the blocks (train.compile_mode)")
     ap.add_argument("--train-size", default="400m")
     ap.add_argument("--seq-len", type=int, default=2048)
     ap.add_argument("--max-micro-batch", type=int, default=32)

@@ -44,7 +44,6 @@ class TrainerConfig:
     device: str = "auto"  # auto | cpu | cuda
     seed: int = 0
     compile: bool = False  # torch.compile every decoder block (fuses norms, gates, conv, MLP); not with ZeRO-3
-    compile_mode: str = "default"  # torch.compile mode of the blocks; reduce-overhead = CUDA graphs per block
     on_nonfinite: str = "skip"  # skip | stop: what a NaN/Inf loss does (the step is recorded either way)
     log_every: int = 10
     max_time_minutes: Optional[float] = None  # stop (with a checkpoint) after this wall time
@@ -122,7 +121,6 @@ CHOICES = {
     "train.precision": ("auto", "fp32", "bf16"),
     "train.device": ("auto", "cpu", "cuda"),
     "train.on_nonfinite": ("skip", "stop"),
-    "train.compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
     "logging.wandb_mode": ("offline", "online", "disabled"),
     "cluster.name": ("local", "slurm"),
 }

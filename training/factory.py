@@ -126,15 +126,12 @@ def build_model(cfg: TrainConfig, vocab_size: int) -> nn.Module:
     return model
 
 
-def compile_blocks(model: nn.Module, mode: str = "default") -> nn.Module:
+def compile_blocks(model: nn.Module) -> nn.Module:
     """torch.compile each decoder block in place (torchtitan style): the norms, gates, conv, RoPE and
     SwiGLU elementwise work fuses; the Triton cell kernels are torch.library ops with fake kernels,
-    so they stay single graph nodes. Embedding, head and loss stay eager. All blocks share one
-    compiled graph (nothing per layer reaches the trace). ``mode="reduce-overhead"`` also replays
-    each block's forward and backward as CUDA graphs (no host sync in a step makes that possible),
-    removing the launch gaps of small per-layer kernels."""
+    so they stay single graph nodes. Embedding, head and loss stay eager."""
     for block in model.model.layers:
-        block.compile(mode=None if mode == "default" else mode)
+        block.compile()
     return model
 
 
