@@ -38,3 +38,15 @@ def test_concurrent_runs_match_sequential_runs():
     assert [r["steps"] for r in together] == [12] * 4 and all(r["cuda_graph"] for r in together)
     for a, b in zip(one_by_one, together):
         assert a["seed"] == b["seed"] and a["test_acc"] == pytest.approx(b["test_acc"], abs=2 / 256)
+
+
+def test_graphed_run_resumes_exactly(tmp_path):
+    cfg = SyntheticTrainConfig(task="parity", arch="paragru", **{**SMALL, "max_steps": None, "max_epochs": 40})
+    whole = train_runs([(cfg, 0)], progress=False)[0]
+    part = train_runs([(cfg, 0)], time_budget_s=0.0, progress=False, state_dir=tmp_path)[0]
+    assert part["stopped"] == "time budget" and part["steps"] == 64 and part["cuda_graph"]
+    rest = train_runs([(cfg, 0)], progress=False, state_dir=tmp_path, resume=True)[0]
+    assert (rest["steps"], rest["cuda_graph"]) == (160, True)
+    # the resumed run re-captures after 3 eager steps: same ops, so the same trajectory
+    assert rest["final_train_loss"] == pytest.approx(whole["final_train_loss"], rel=1e-5, abs=1e-6)
+    assert rest["best_val_acc"] == pytest.approx(whole["best_val_acc"], abs=1 / 64)

@@ -99,3 +99,23 @@ def test_time_budget_reports_best_so_far_and_unstarted_runs(tiny_gru):
     assert res[0]["stopped"] == "time budget" and 0 < res[0]["steps"] < 10_000 * 4
     assert res[0]["test_acc"] is not None and res[1] == {"seed": 1, "test_acc": None,
                                                          "error": "not started (time budget)"}
+
+
+def test_stopped_runs_resume_exactly(tiny_gru, tmp_path):
+    from eval.synthetic.train import train_runs
+
+    cfg = SyntheticTrainConfig(task="hop1", arch=tiny_gru, seq_len=20, n_train=48, n_test=64, n_val=32,
+                               batch_size=16, max_epochs=40, d_model=16, progress=False)
+    whole = train_runs([(cfg, 0), (cfg, 1)], progress=False)
+    # budget 0: stops after the first 64 rounds (step 64 = epoch 21 + one batch), mid-epoch
+    part = train_runs([(cfg, 0), (cfg, 1)], time_budget_s=0.0, progress=False, state_dir=tmp_path)
+    assert part[0]["stopped"] == "time budget" and part[0]["steps"] == 64
+    assert (tmp_path / "tinygru__hop1__s0.pt").exists() and part[1]["error"] == "not started (time budget)"
+    rest = train_runs([(cfg, 0), (cfg, 1)], progress=False, state_dir=tmp_path, resume=True)
+    for a, b in zip(whole, rest):
+        assert (b["steps"], b["epochs"], b["stopped"]) == (120, 40, "budget")
+        assert (b["test_acc"], b["best_val_acc"], b["final_train_loss"]) == (
+            a["test_acc"], a["best_val_acc"], a["final_train_loss"])  # the same trajectory, bit for bit
+    assert not (tmp_path / "tinygru__hop1__s0.pt").exists() and (tmp_path / "tinygru__hop1__s0.result.json").exists()
+    again = train_runs([(cfg, 0)], progress=False, state_dir=tmp_path, resume=True)  # finished: read back
+    assert again[0] == rest[0]

@@ -60,6 +60,7 @@ class SyntheticTrainConfig:
     cuda_graph: bool = True  # on CUDA: capture each training step once, replay it (launch-bound otherwise)
     concurrent_runs: int = 1  # seeds/cells advanced together (each on its own CUDA stream); 1 = one after another
     time_budget_s: float | None = None  # wall-clock cap of one train call; unfinished runs report their best so far
+    resume: bool = False  # continue the runs saved in OUT/runs by an earlier call (finished ones are read back)
     progress: bool = True
     task_kwargs: dict[str, Any] = field(default_factory=dict)  # generator overrides (e.g. all_positions)
     model_kwargs: dict[str, Any] = field(default_factory=dict)
@@ -131,6 +132,7 @@ class SeedRun:
         self.perm: torch.Tensor | None = None
         self.graph: torch.cuda.CUDAGraph | None = None
         self.static_ids = self.static_targets = None
+        self.last_loss: torch.Tensor | None = None  # the latest step's loss, still on the device
         if self.stream is not None:  # the model and data were made on the current stream
             self.stream.wait_stream(torch.cuda.current_stream(self.device))
         self.t0 = time.time()
@@ -155,9 +157,9 @@ class SeedRun:
         torch.index_select(self.train.targets, 0, idx, out=self.static_targets)
         self.lr_tensor.fill_(self.lr_at(self.step))
         if self.graph is not None:
-            self.graph.replay()
+            self.graph.replay()  # refreshes self.last_loss, the graph's static loss output
             return
-        self._eager_step(self.static_ids, self.static_targets)
+        self.last_loss = self._eager_step(self.static_ids, self.static_targets)
         if self.step + 1 == self.GRAPH_WARMUP:
             self._capture()
 
@@ -166,14 +168,14 @@ class SeedRun:
         self.opt.zero_grad(set_to_none=True)  # grads are then allocated inside the graph's pool
         try:
             with torch.cuda.graph(graph, stream=self.stream):
-                self._eager_step(self.static_ids, self.static_targets)
+                static_loss = self._eager_step(self.static_ids, self.static_targets)
         except Exception as err:  # an op that cannot be captured: keep training eagerly
             log.warning("%s/%s seed %d: CUDA graph capture failed (%s); running eagerly",
                         self.cfg.arch, self.cfg.task, self.seed, err)
             self.graph = None
             self.graphed = False
             return
-        self.graph = graph
+        self.graph, self.last_loss = graph, static_loss
 
     def advance(self) -> None:
         """Enqueue one training step; validate and decide stopping at an epoch end."""
@@ -193,7 +195,7 @@ class SeedRun:
                 for group in self.opt.param_groups:
                     group["lr"] = self.lr_at(self.step)
                 b = self.train[idx]
-                self._eager_step(b.input_ids, b.targets)
+                self.last_loss = self._eager_step(b.input_ids, b.targets)
             self.step += 1
             self.batch_in_epoch += 1
             if self.batch_in_epoch == self.batches_per_epoch or self.step >= self.horizon:
@@ -223,6 +225,37 @@ class SeedRun:
     def finish_early(self, reason: str) -> None:
         self.done, self.stop_reason = True, reason
 
+    # -- checkpoint (to continue after a time budget, e.g. a SLURM time limit) ------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything to continue this run exactly: weights, AdamW, schedule position, epoch order."""
+        return {"model": self.model.state_dict(), "opt": self.opt.state_dict(), "step": self.step,
+                "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+                "perm": None if self.perm is None else self.perm.cpu(), "shuffler": self.shuffler.get_state(),
+                "best_val": self.best_val, "best_state": self.best_state, "evals_since_best": self.evals_since_best,
+                "elapsed": self.elapsed()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["opt"])
+        for group in self.opt.param_groups:  # this run's mode wins over the saved one (graphed or not)
+            group["capturable"] = self.graphed
+            if self.graphed:
+                group["lr"] = self.lr_tensor
+        if self.graphed:  # a captured AdamW reads its step counters on the device
+            for st in self.opt.state.values():
+                if "step" in st:
+                    st["step"] = st["step"].to(self.device, torch.float32)
+        self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+        self.perm = None if state["perm"] is None else state["perm"].to(self.device)
+        self.shuffler.set_state(state["shuffler"])
+        self.best_val, self.evals_since_best = state["best_val"], state["evals_since_best"]
+        self.best_state = None if state["best_state"] is None else {
+            k: v.to(self.device) for k, v in state["best_state"].items()}
+        self.t0 = time.time() - state["elapsed"]
+
+    def elapsed(self) -> float:
+        return time.time() - self.t0
+
     # -- result ------------------------------------------------------------------------------------
     def result(self) -> dict[str, Any]:
         """Test accuracy of the best-validation weights (validates first if no epoch has ended)."""
@@ -238,7 +271,8 @@ class SeedRun:
         cfg = self.cfg
         res = {"seed": self.seed, "test_acc": test_acc, "best_val_acc": self.best_val, "epochs": self.epoch,
                "steps": self.step, "stopped": self.stop_reason or "time budget", "cuda_graph": self.graph is not None,
-               "train_seconds": round(time.time() - self.t0, 2),
+               "final_train_loss": None if self.last_loss is None else float(self.last_loss.detach()),
+               "train_seconds": round(self.elapsed(), 2),
                "params": sum(p.numel() for p in self.model.parameters())}
         log.info("%s/%s seed %d: test acc %.4f (val %.4f, %d epochs, %d steps, stopped: %s)", cfg.arch, cfg.task,
                  self.seed, test_acc, self.best_val, self.epoch, self.step, res["stopped"])
@@ -252,9 +286,14 @@ def planned_steps(cfg: SyntheticTrainConfig) -> int:
     return cfg.max_steps or cfg.max_epochs * max(per_epoch, 1)
 
 
+def _run_key(cfg: SyntheticTrainConfig, seed: int) -> str:
+    return f"{cfg.arch}__{cfg.task}__s{seed}"
+
+
 def train_runs(jobs: Sequence[tuple[SyntheticTrainConfig, int]],
                model_factory: Callable[..., nn.Module] | None = None, *, concurrent_runs: int = 1,
-               time_budget_s: float | None = None, progress: bool = True) -> list[dict[str, Any]]:
+               time_budget_s: float | None = None, progress: bool = True,
+               state_dir: str | Path | None = None, resume: bool = False) -> list[dict[str, Any]]:
     """Train ``(cfg, seed)`` jobs, at most ``concurrent_runs`` at a time, advanced round-robin.
 
     On a GPU each run enqueues on its own stream, so graphed runs overlap; on a CPU interleaving gains
@@ -263,8 +302,16 @@ def train_runs(jobs: Sequence[tuple[SyntheticTrainConfig, int]],
     Returns one result per job, in order; a job that raised records ``error`` instead of ``test_acc``.
     When the wall-clock budget ends, running jobs report their best weights so far and queued jobs
     report ``error: "not started (time budget)"``.
+
+    ``state_dir``: each finished run writes ``KEY.result.json`` there and a run stopped by the budget
+    writes ``KEY.pt`` (weights, AdamW, position in the schedule and the epoch order); with ``resume``
+    finished runs are read back and stopped runs continue exactly where they were, so the paper's long
+    budget can be spread over several jobs (SLURM time limits, the device's 10-minute calls).
     """
     t0 = time.time()
+    state = Path(state_dir) if state_dir is not None else None
+    if state is not None:
+        state.mkdir(parents=True, exist_ok=True)
     results: list[dict[str, Any] | None] = [None] * len(jobs)
     queue = list(range(len(jobs)))
     active: list[tuple[int, SeedRun]] = []
@@ -278,19 +325,43 @@ def train_runs(jobs: Sequence[tuple[SyntheticTrainConfig, int]],
 
     def finish(i: int, run: SeedRun) -> None:
         bar.update(run.horizon - run.step)  # the unused remainder of its budget
+        key = _run_key(*jobs[i])
         try:
+            if state is not None and not run.done:  # before result(), which loads the best weights
+                torch.save(run.state_dict(), state / f"{key}.pt")
             results[i] = run.result()
+            if state is not None and run.done:
+                (state / f"{key}.result.json").write_text(json.dumps(results[i], indent=2))
+                (state / f"{key}.pt").unlink(missing_ok=True)
         except Exception as err:
             fail(i, err)
+
+    def start(i: int) -> SeedRun | None:
+        cfg, seed = jobs[i]
+        key = _run_key(cfg, seed)
+        if resume and state is not None and (state / f"{key}.result.json").exists():
+            results[i] = json.loads((state / f"{key}.result.json").read_text())
+            bar.update(planned_steps(cfg))
+            log.info("%s: finished earlier (test acc %.4f)", key, results[i]["test_acc"])
+            return None
+        run = SeedRun(cfg, seed, model_factory)
+        if resume and state is not None and (state / f"{key}.pt").exists():
+            run.load_state_dict(torch.load(state / f"{key}.pt", map_location="cpu", weights_only=False))
+            bar.update(run.step)
+            log.info("%s: resumed at epoch %d, step %d", key, run.epoch, run.step)
+        return run
 
     rounds, out_of_time, steps_done, last_log = 0, False, 0, t0
     while queue or active:
         while queue and len(active) < max(concurrent_runs, 1) and not out_of_time:
             i = queue.pop(0)
             try:
-                active.append((i, SeedRun(jobs[i][0], jobs[i][1], model_factory)))
+                run = start(i)
             except Exception as err:
                 fail(i, err)
+                continue
+            if run is not None:
+                active.append((i, run))
         if out_of_time or not active:
             break
         still = []
@@ -358,7 +429,8 @@ def run_task(cfg: SyntheticTrainConfig, model_factory: Callable[..., nn.Module] 
              out_dir: str | Path | None = None) -> dict[str, Any]:
     """All seeds of one (arch, task); ``accuracy`` is the best test accuracy over seeds (paper)."""
     runs = train_runs([(cfg, s) for s in cfg.seeds], model_factory, concurrent_runs=cfg.concurrent_runs,
-                      time_budget_s=cfg.time_budget_s, progress=cfg.progress)
+                      time_budget_s=cfg.time_budget_s, progress=cfg.progress,
+                      state_dir=None if out_dir is None else Path(out_dir) / "runs", resume=cfg.resume)
     errors = [r["error"] for r in runs if r.get("error")]
     if len(errors) == len(runs):
         raise RuntimeError(f"{cfg.arch}/{cfg.task}: every seed failed: {errors}")
@@ -377,7 +449,8 @@ def run_grid(base: SyntheticTrainConfig, archs: Sequence[str] = ARCHS, tasks: Se
     jobs = [(cfg, seed) for cfg in cells for seed in cfg.seeds]
     t0 = time.time()
     runs = train_runs(jobs, model_factory, concurrent_runs=base.concurrent_runs,
-                      time_budget_s=base.time_budget_s, progress=base.progress)
+                      time_budget_s=base.time_budget_s, progress=base.progress,
+                      state_dir=None if out_dir is None else Path(out_dir) / "runs", resume=base.resume)
     results, k = [], 0
     for cfg in cells:
         results.append(_cell_result(cfg, runs[k:k + len(cfg.seeds)], out_dir))
@@ -439,6 +512,8 @@ def _parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--time-budget-min", type=float, default=None,
                    help="wall-clock cap; unfinished runs report their best-validation weights")
     p.add_argument("--no-cuda-graph", action="store_true", help="eager steps on CUDA (default: one graph per run)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the runs a previous call (same --out) stopped at its time budget")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("-v", "--verbose", action="store_true")
     return p.parse_args(argv)
@@ -452,7 +527,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                  n_val=a.n_val, max_epochs=a.max_epochs, max_steps=a.max_steps, eval_every=a.eval_every, lr=a.lr,
                  batch_size=a.batch_size, concurrent_runs=a.concurrent_runs,
                  time_budget_s=None if a.time_budget_min is None else 60 * a.time_budget_min,
-                 cuda_graph=False if a.no_cuda_graph else None)
+                 cuda_graph=False if a.no_cuda_graph else None, resume=True if a.resume else None)
     cfg = dataclasses.replace(cfg, task=a.task or cfg.task, arch=a.arch, device=a.device, progress=not a.no_progress,
                               **{k: v for k, v in flags.items() if v is not None})
     if a.grid:
