@@ -133,6 +133,7 @@ class SeedRun:
         self.graph: torch.cuda.CUDAGraph | None = None
         self.static_ids = self.static_targets = None
         self.last_loss: torch.Tensor | None = None  # the latest step's loss, still on the device
+        self.warmup_steps = 0
         if self.stream is not None:  # the model and data were made on the current stream
             self.stream.wait_stream(torch.cuda.current_stream(self.device))
         self.t0 = time.time()
@@ -160,7 +161,8 @@ class SeedRun:
             self.graph.replay()  # refreshes self.last_loss, the graph's static loss output
             return
         self.last_loss = self._eager_step(self.static_ids, self.static_targets)
-        if self.step + 1 == self.GRAPH_WARMUP:
+        self.warmup_steps += 1  # counted from this process's start: a resumed run warms up again
+        if self.warmup_steps == self.GRAPH_WARMUP:
             self._capture()
 
     def _capture(self) -> None:
