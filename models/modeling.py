@@ -320,6 +320,7 @@ def build_synthetic_model(mixer: str, *, vocab_size: int, bare_mixer: bool, d_mo
         vocab_size=vocab_size, hidden_size=d_model, num_hidden_layers=1, num_attention_heads=num_heads,
         mixer=mixer, bare_mixer=bare_mixer, intermediate_size=0 if bare_mixer else 64 * math.ceil(8 * d_model / 3 / 64),
         rnn_gain_bound=0.9, mamba_headdim=16, mamba_d_state=16, max_position_embeddings=4096,
+        use_cache=False,  # scored by full forwards; generate() still builds its cache
     )
     kw.update(extra)
     return ParaRNNLMForCausalLM(ParaRNNLMConfig(**kw))
