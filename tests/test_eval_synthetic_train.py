@@ -119,3 +119,17 @@ def test_stopped_runs_resume_exactly(tiny_gru, tmp_path):
     assert not (tmp_path / "tinygru__hop1__s0.pt").exists() and (tmp_path / "tinygru__hop1__s0.result.json").exists()
     again = train_runs([(cfg, 0)], progress=False, state_dir=tmp_path, resume=True)  # finished: read back
     assert again[0] == rest[0]
+
+
+def test_cli_budget_then_resume(tiny_gru, tmp_path):
+    from eval.synthetic.train import main
+
+    args = ["--grid", "--archs", tiny_gru, "--tasks", "parity", "--seeds", "0", "1", "--seq-len", "20",
+            "--n-train", "48", "--n-test", "32", "--n-val", "16", "--max-epochs", "40", "--concurrent-runs", "2",
+            "--out", str(tmp_path), "--no-progress", "--device", "cpu"]
+    first = main(args + ["--time-budget-min", "0"])
+    assert [s["stopped"] for s in first["results"][0]["seeds"]] == ["time budget"] * 2
+    assert len(list((tmp_path / "runs").glob("*.pt"))) == 2
+    done = main(args + ["--resume"])
+    assert [(s["stopped"], s["steps"]) for s in done["results"][0]["seeds"]] == [("budget", 120)] * 2
+    assert (tmp_path / "table6.md").exists() and not list((tmp_path / "runs").glob("*.pt"))
