@@ -91,7 +91,7 @@ class SeedRun:
     ``advance()`` enqueues one optimiser step and, at an epoch end, validates (the only host sync) and
     decides whether to stop. With ``cuda_graph`` the whole step (forward, backward, AdamW with a device-side
     learning rate) is captured once after ``GRAPH_WARMUP`` eager steps and replayed on the run's own CUDA
-    stream, so many runs advanced round-robin (:func:`train_concurrently`) overlap on one GPU: a
+    stream, so many runs advanced round-robin (:func:`train_runs`) overlap on one GPU: a
     one-layer d=64 model is far too small to fill an H100, and without graphs every step is launch bound.
     A graph needs equal batches, so the last partial batch of an epoch is dropped in graph mode; if the
     capture fails (an op that syncs the host), the run logs why and continues eagerly.
