@@ -295,6 +295,8 @@ def bench_training(run: Run) -> None:
                 # architectures measured later inherit the earlier ones' cache entries and can hit
                 # dynamo's recompile limit, silently running eagerly.
                 torch._dynamo.reset()
+                if hasattr(torch._dynamo.config, "fail_on_recompile_limit_hit"):  # never time a silent eager fallback
+                    torch._dynamo.config.fail_on_recompile_limit_hit = True
                 compile_blocks(model)
                 row["compiled"] = True
             fpt, n_total, n_ne = flops_per_token(model, cfg, a.seq_len)
