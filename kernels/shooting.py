@@ -53,11 +53,25 @@ def _gru_jac(hp, z, r, c, a0, a1, a2):
 
 
 @triton.jit
-def _gru_step(hp, u0, u1, u2, a0, a1, a2):
-    """ParaGRU step and its derivative dh/dh_prev."""
+def _gru_gates(hp, u0, u1, u2, a0, a1, a2):
+    """ParaGRU gates (z, r, candidate c) at h_prev."""
     z = sigmoid_(a0 * hp + u0)
     r = sigmoid_(a1 * hp + u1)
     c = tanh_(a2 * (hp * r) + u2)
+    return z, r, c
+
+
+@triton.jit
+def _gru_value(hp, u0, u1, u2, a0, a1, a2):
+    """ParaGRU step, value only."""
+    z, r, c = _gru_gates(hp, u0, u1, u2, a0, a1, a2)
+    return hp + z * (c - hp)
+
+
+@triton.jit
+def _gru_step(hp, u0, u1, u2, a0, a1, a2):
+    """ParaGRU step and its derivative dh/dh_prev."""
+    z, r, c = _gru_gates(hp, u0, u1, u2, a0, a1, a2)
     return hp + z * (c - hp), _gru_jac(hp, z, r, c, a0, a1, a2)
 
 
@@ -73,15 +87,35 @@ def _lstm_jac(cp, f, z, o, tc, a0, a1, a2, c_f, c_o):
 
 
 @triton.jit
-def _lstm_step(cp, hp, u0, u1, u2, a0, a1, a2, c_f, c_o):
-    """ParaLSTM step on the state [c; h] and its 2x2 Jacobian (rows c', h'; columns c, h)."""
+def _lstm_gates(cp, hp, u0, u1, u2, a0, a1, a2, c_f, c_o):
+    """ParaLSTM gates at [c_prev; h_prev]: f, z, the new c, o and tanh(c)."""
     f = sigmoid_(a0 * hp + u0 + c_f * cp)
     z = tanh_(a1 * hp + u1)
     c = f * cp + (1.0 - f) * z
     o = sigmoid_(a2 * hp + u2 + c_o * c)
-    tc = tanh_(c)
+    return f, z, c, o, tanh_(c)
+
+
+@triton.jit
+def _lstm_value(cp, hp, u0, u1, u2, a0, a1, a2, c_f, c_o):
+    """ParaLSTM step on the state [c; h], value only."""
+    f, z, c, o, tc = _lstm_gates(cp, hp, u0, u1, u2, a0, a1, a2, c_f, c_o)
+    return c, o * tc
+
+
+@triton.jit
+def _lstm_step(cp, hp, u0, u1, u2, a0, a1, a2, c_f, c_o):
+    """ParaLSTM step on the state [c; h] and its 2x2 Jacobian (rows c', h'; columns c, h)."""
+    f, z, c, o, tc = _lstm_gates(cp, hp, u0, u1, u2, a0, a1, a2, c_f, c_o)
     j_cc, j_ch, j_hc, j_hh = _lstm_jac(cp, f, z, o, tc, a0, a1, a2, c_f, c_o)
     return c, o * tc, j_cc, j_ch, j_hc, j_hh
+
+
+@triton.jit
+def _left_mul2(ok, a_cc, a_ch, a_hc, a_hh, b_cc, b_ch, b_hc, b_hh):
+    """2x2 product A B where ``ok``, B elsewhere (matrices as their cc, ch, hc, hh entries)."""
+    return (tl.where(ok, a_cc * b_cc + a_ch * b_hc, b_cc), tl.where(ok, a_cc * b_ch + a_ch * b_hh, b_ch),
+            tl.where(ok, a_hc * b_cc + a_hh * b_hc, b_hc), tl.where(ok, a_hc * b_ch + a_hh * b_hh, b_hh))
 
 
 @triton.jit
@@ -139,15 +173,8 @@ def _fwd_step(t, t1, sm, n0, n1, n2, cc, hc, p_cc, p_ch, p_hc, p_hh, H0, hb, d, 
         p_hh = p_cc
     if LSTM:
         c2, h2, j_cc, j_ch, j_hc, j_hh = _lstm_step(cc, hc, u0, u1, u2, a0, a1, a2, c_f, c_o)
-        if COARSE:
-            q_cc = j_cc * p_cc + j_ch * p_hc
-            q_ch = j_cc * p_ch + j_ch * p_hh
-            q_hc = j_hc * p_cc + j_hh * p_hc
-            q_hh = j_hc * p_ch + j_hh * p_hh
-            p_cc = tl.where(ok, q_cc, p_cc)
-            p_ch = tl.where(ok, q_ch, p_ch)
-            p_hc = tl.where(ok, q_hc, p_hc)
-            p_hh = tl.where(ok, q_hh, p_hh)
+        if COARSE:  # P <- J P
+            p_cc, p_ch, p_hc, p_hh = _left_mul2(ok, j_cc, j_ch, j_hc, j_hh, p_cc, p_ch, p_hc, p_hh)
         cc = tl.where(ok, c2, cc)
         hc = tl.where(ok, h2, hc)
         if WRITE:
@@ -367,11 +394,7 @@ def _bwd_step(t, t0, sm, n0, n1, n2, g_h, g_c, hp, cp, mu_c, mu_h, q_cc, q_ch, q
     pdu = dub + t * 3 * D
     if LSTM:
         lc = g_c + mu_c
-        f = sigmoid_(a0 * hp + u0 + c_f * cp)
-        z = tanh_(a1 * hp + u1)
-        cn = f * cp + (1.0 - f) * z
-        o = sigmoid_(a2 * hp + u2 + c_o * cn)
-        tc = tanh_(cn)
+        f, z, cn, o, tc = _lstm_gates(cp, hp, u0, u1, u2, a0, a1, a2, c_f, c_o)
         dpo = lh * tc * o * (1.0 - o)
         dcn = lc + lh * o * (1.0 - tc * tc) + dpo * c_o
         dpf = dcn * f * (1.0 - f) * (cp - z)
@@ -380,15 +403,8 @@ def _bwd_step(t, t0, sm, n0, n1, n2, g_h, g_c, hp, cp, mu_c, mu_h, q_cc, q_ch, q
         ghp = dpo * a2 + dpf * a0 + dpz * a1
         if PASS_A:
             j_cc, j_ch, j_hc, j_hh = _lstm_jac(cp, f, z, o, tc, a0, a1, a2, c_f, c_o)
-            # Q <- J^T Q
-            n_cc = j_cc * q_cc + j_hc * q_hc
-            n_ch = j_cc * q_ch + j_hc * q_hh
-            n_hc = j_ch * q_cc + j_hh * q_hc
-            n_hh = j_ch * q_ch + j_hh * q_hh
-            q_cc = tl.where(ok, n_cc, q_cc)
-            q_ch = tl.where(ok, n_ch, q_ch)
-            q_hc = tl.where(ok, n_hc, q_hc)
-            q_hh = tl.where(ok, n_hh, q_hh)
+            # Q <- J^T Q (J transposed: its ch and hc entries swap)
+            q_cc, q_ch, q_hc, q_hh = _left_mul2(ok, j_cc, j_hc, j_ch, j_hh, q_cc, q_ch, q_hc, q_hh)
         else:
             tl.store(pdu, dpf.to(DU.dtype.element_ty), mask=w)
             tl.store(pdu + D, dpz.to(DU.dtype.element_ty), mask=w)
@@ -411,9 +427,7 @@ def _bwd_step(t, t0, sm, n0, n1, n2, g_h, g_c, hp, cp, mu_c, mu_h, q_cc, q_ch, q
         mu_c = tl.where(ok, gcp, mu_c)
         mu_h = tl.where(ok, ghp, mu_h)
     else:
-        z = sigmoid_(a0 * hp + u0)
-        r = sigmoid_(a1 * hp + u1)
-        cg = tanh_(a2 * (hp * r) + u2)
+        z, r, cg = _gru_gates(hp, u0, u1, u2, a0, a1, a2)
         gc = lh * z * (1.0 - cg * cg)
         gz = lh * (cg - hp) * z * (1.0 - z)
         gr = gc * a2 * hp * r * (1.0 - r)

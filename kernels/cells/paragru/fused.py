@@ -41,20 +41,13 @@ import torch
 import triton
 import triton.language as tl
 
-from ...shooting import FALLBACK_PASS_CAP, _gru_jac, _gru_step, sequential_forward, shoot_backward, shoot_forward
+from ...shooting import (FALLBACK_PASS_CAP, _gru_gates, _gru_jac, _gru_step, _gru_value, sequential_forward,
+                         shoot_backward, shoot_forward)
 from ...scan.triton import _combine1
-from ..fused_common import FusedCellOps, max_scaled_residual, row_of, shift_down, sigmoid_, tanh_
+from ..fused_common import FusedCellOps, max_scaled_residual, row_of, shift_down
 
 
 # ----------------------------------------------------------------------------- raw Triton kernels
-@triton.jit
-def _gru_f(hp, uz, ur, uc, az, ar, ac):
-    z = sigmoid_(az * hp + uz)
-    r = sigmoid_(ar * hp + ur)
-    c = tanh_(ac * (hp * r) + uc)
-    return hp + z * (c - hp)
-
-
 @triton.jit
 def _gru_fwd_kernel(
     U, P, H0, SMAP, H, ITERS, RES, FAIL,
@@ -95,7 +88,7 @@ def _gru_fwd_kernel(
         first = rows[:, None] == 0
         # Initial guess: exact at sequence starts and at the chunk's first step, f(0, u_t) elsewhere.
         hp = tl.where(st, h0v, tl.where(first, carry[None, :], 0.0))
-        h = _gru_f(hp, uz, ur, uc, az, ar, ac)
+        h = _gru_value(hp, uz, ur, uc, az, ar, ac)
         hp = tl.where(st, h0v, shift_down(h, rows, carry))
         f, J = _gru_step(hp, uz, ur, uc, az, ar, ac)
         res = max_scaled_residual(f - h, h, m)
@@ -115,7 +108,7 @@ def _gru_fwd_kernel(
             stf = tl.where(st, 1.0, 0.0) + tl.zeros_like(h)
             for j in range(0, CT):
                 hprev = tl.where(row_of(stf, rows, j) > 0.5, row_of(h0v, rows, j), hc)
-                hc = _gru_f(hprev, row_of(uz, rows, j), row_of(ur, rows, j), row_of(uc, rows, j),
+                hc = _gru_value(hprev, row_of(uz, rows, j), row_of(ur, rows, j), row_of(uc, rows, j),
                             az1, ar1, ac1)
                 h = tl.where(rows[:, None] == j, hc[None, :], h)
             n_fail += 1
@@ -172,9 +165,7 @@ def _gru_bwd_kernel(
         h0v = tl.load(H0 + srow[:, None].to(tl.int64) * D + d[None, :], mask=st & dmask[None, :], other=0.0)
         hprev = tl.load(hb + (t64[:, None] - 1) * D, mask=m & (t64[:, None] >= 1) & (~st), other=0.0)
         hp = tl.where(st, h0v, hprev)
-        z = sigmoid_(az * hp + uz)
-        r = sigmoid_(ar * hp + ur)
-        cg = tanh_(ac * (hp * r) + uc)
+        z, r, cg = _gru_gates(hp, uz, ur, uc, az, ar, ac)
         J = _gru_jac(hp, z, r, cg, az, ar, ac)
         Jm = tl.where(st | (~m), 0.0, J)
         first = rows[:, None] == 0

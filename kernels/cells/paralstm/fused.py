@@ -30,21 +30,13 @@ import torch
 import triton
 import triton.language as tl
 
-from ...shooting import FALLBACK_PASS_CAP, _lstm_jac, _lstm_step, sequential_forward, shoot_backward, shoot_forward
+from ...shooting import (FALLBACK_PASS_CAP, _lstm_gates, _lstm_jac, _lstm_step, _lstm_value, sequential_forward,
+                         shoot_backward, shoot_forward)
 from ...scan.triton import _combine2
-from ..fused_common import FusedCellOps, max_scaled_residual, row_of, shift_down, sigmoid_, tanh_
+from ..fused_common import FusedCellOps, max_scaled_residual, row_of, shift_down
 
 
 # ----------------------------------------------------------------------------- raw Triton kernels
-@triton.jit
-def _lstm_f(cp, hp, uf, uz, uo, af, az, ao, cf, co):
-    f = sigmoid_(af * hp + uf + cf * cp)
-    z = tanh_(az * hp + uz)
-    cn = f * cp + (1.0 - f) * z
-    o = sigmoid_(ao * hp + uo + co * cn)
-    return cn, o * tanh_(cn)
-
-
 @triton.jit
 def _lstm_fwd_kernel(
     U, P, H0, SMAP, H, ITERS, RES, FAIL,
@@ -92,7 +84,7 @@ def _lstm_fwd_kernel(
         first = rows[:, None] == 0
         cp = tl.where(st, h0c, tl.where(first, carry_c[None, :], 0.0))
         hp = tl.where(st, h0h, tl.where(first, carry_h[None, :], 0.0))
-        c, h = _lstm_f(cp, hp, uf, uz, uo, af, az, ao, cf, co)
+        c, h = _lstm_value(cp, hp, uf, uz, uo, af, az, ao, cf, co)
         cp = tl.where(st, h0c, shift_down(c, rows, carry_c))
         hp = tl.where(st, h0h, shift_down(h, rows, carry_h))
         fc, fh, jcc, jch, jhc, jhh = _lstm_step(cp, hp, uf, uz, uo, af, az, ao, cf, co)
@@ -121,7 +113,7 @@ def _lstm_fwd_kernel(
                 sj = row_of(stf, rows, j) > 0.5
                 cprev = tl.where(sj, row_of(h0c, rows, j), cc)
                 hprev = tl.where(sj, row_of(h0h, rows, j), hc)
-                cc, hc = _lstm_f(cprev, hprev, row_of(uf, rows, j), row_of(uz, rows, j), row_of(uo, rows, j),
+                cc, hc = _lstm_value(cprev, hprev, row_of(uf, rows, j), row_of(uz, rows, j), row_of(uo, rows, j),
                                  af1, az1, ao1, cf1, co1)
                 c = tl.where(rows[:, None] == j, cc[None, :], c)
                 h = tl.where(rows[:, None] == j, hc[None, :], h)
@@ -195,11 +187,7 @@ def _lstm_bwd_kernel(
         mprev = m & (t64[:, None] >= 1) & (~st)
         cp = tl.where(st, h0c, tl.load(pprev, mask=mprev, other=0.0))
         hp = tl.where(st, h0h, tl.load(pprev + D, mask=mprev, other=0.0))
-        f = sigmoid_(af * hp + uf + cf * cp)
-        z = tanh_(az * hp + uz)
-        cn = f * cp + (1.0 - f) * z
-        o = sigmoid_(ao * hp + uo + co * cn)
-        tc = tanh_(cn)
+        f, z, cn, o, tc = _lstm_gates(cp, hp, uf, uz, uo, af, az, ao, cf, co)
         dfp = f * (1.0 - f) * (cp - z)
         do = tc * o * (1.0 - o)
         jcc, jch, jhc, jhh = _lstm_jac(cp, f, z, o, tc, af, az, ao, cf, co)
