@@ -119,7 +119,7 @@ class SeedRun:
                                      betas=cfg.betas, weight_decay=cfg.weight_decay,
                                      **({"capturable": True} if self.graphed else {}))
         train = self.splits["train"]
-        self.batches_per_epoch = len(train) // cfg.batch_size if self.graphed else math.ceil(len(train) / cfg.batch_size)
+        self.batches_per_epoch = batches_per_epoch(cfg)
         if self.batches_per_epoch < 1:
             raise ValueError(f"n_train={len(train)} < batch_size={cfg.batch_size} in graph mode")
         self.horizon = planned_steps(cfg)
@@ -154,6 +154,9 @@ class SeedRun:
         return loss
 
     def _graph_step(self, idx: torch.Tensor) -> None:
+        if self.static_ids is None:  # the graph's input buffers, filled in place before every replay
+            self.static_ids = torch.empty_like(self.train.input_ids[:len(idx)])
+            self.static_targets = torch.empty_like(self.train.targets[:len(idx)])
         torch.index_select(self.train.input_ids, 0, idx, out=self.static_ids)
         torch.index_select(self.train.targets, 0, idx, out=self.static_targets)
         self.lr_tensor.fill_(self.lr_at(self.step))
@@ -188,9 +191,6 @@ class SeedRun:
             if self.batch_in_epoch == 0:
                 self.perm = torch.randperm(len(self.train), generator=self.shuffler).to(self.device)
             idx = self.perm[self.batch_in_epoch * cfg.batch_size:(self.batch_in_epoch + 1) * cfg.batch_size]
-            if self.graphed and self.static_ids is None:
-                self.static_ids = self.train.input_ids[idx].clone()
-                self.static_targets = self.train.targets[idx].clone()
             if self.graphed:
                 self._graph_step(idx)
             else:
@@ -281,11 +281,15 @@ class SeedRun:
         return res
 
 
+def batches_per_epoch(cfg: SyntheticTrainConfig) -> int:
+    """Optimiser steps per epoch; a CUDA graph needs equal batches, so graph mode drops the last partial one."""
+    graphed = cfg.cuda_graph and torch.device(cfg.device).type == "cuda"
+    return cfg.n_train // cfg.batch_size if graphed else math.ceil(cfg.n_train / cfg.batch_size)
+
+
 def planned_steps(cfg: SyntheticTrainConfig) -> int:
     """The step budget (cosine horizon) of one seed under ``cfg``."""
-    graphed = cfg.cuda_graph and torch.device(cfg.device).type == "cuda"
-    per_epoch = cfg.n_train // cfg.batch_size if graphed else math.ceil(cfg.n_train / cfg.batch_size)
-    return cfg.max_steps or cfg.max_epochs * max(per_epoch, 1)
+    return cfg.max_steps or cfg.max_epochs * max(batches_per_epoch(cfg), 1)
 
 
 def _run_key(cfg: SyntheticTrainConfig, seed: int) -> str:
