@@ -21,13 +21,14 @@ class SequenceLayout:
     end_b: torch.Tensor  # (num_rows,) batch index of each row's last step
     end_t: torch.Tensor  # (num_rows,) time index of each row's last step (clamped for empty docs)
     empty: torch.Tensor | None  # (num_rows,) bool: documents of length 0 (h_last = h0), or None
+    rows_only: bool = False  # True: row b starts at t = 0 from state row b, nowhere else (no cu_seqlens)
 
     @staticmethod
     def build(batch: int, length: int, device: torch.device, cu_seqlens: torch.Tensor | None) -> SequenceLayout:
         if cu_seqlens is None:
             rows = torch.arange(batch, device=device)
             zeros = torch.zeros(batch, dtype=torch.long, device=device)
-            return SequenceLayout(batch, length, batch, rows, zeros, rows, rows, zeros + length - 1, None)
+            return SequenceLayout(batch, length, batch, rows, zeros, rows, rows, zeros + length - 1, None, True)
         cu = cu_seqlens.to(device=device, dtype=torch.long)
         num_docs = cu.numel() - 1
         lengths = cu[1:] - cu[:-1]

@@ -133,44 +133,42 @@ def _load_params(P, d, dm, D, LSTM: tl.constexpr):
 
 
 @triton.jit
-def _load4(ub, sUt, sUg, smap_row, t, t1, act, d):
-    """Pre-activations (3 gates) and start-map entries of steps t .. t+3 (masked past t1)."""
-    k0 = act & ((d * 0 + t) < t1)
-    k1 = act & ((d * 0 + t + 1) < t1)
-    k2 = act & ((d * 0 + t + 2) < t1)
-    k3 = act & ((d * 0 + t + 3) < t1)
-    p0 = ub + t * sUt
-    p1 = p0 + sUt
-    p2 = p1 + sUt
-    p3 = p2 + sUt
-    return (tl.load(p0, mask=k0, other=0.0), tl.load(p1, mask=k1, other=0.0),
-            tl.load(p2, mask=k2, other=0.0), tl.load(p3, mask=k3, other=0.0),
-            tl.load(p0 + sUg, mask=k0, other=0.0), tl.load(p1 + sUg, mask=k1, other=0.0),
-            tl.load(p2 + sUg, mask=k2, other=0.0), tl.load(p3 + sUg, mask=k3, other=0.0),
-            tl.load(p0 + 2 * sUg, mask=k0, other=0.0), tl.load(p1 + 2 * sUg, mask=k1, other=0.0),
-            tl.load(p2 + 2 * sUg, mask=k2, other=0.0), tl.load(p3 + 2 * sUg, mask=k3, other=0.0),
-            tl.load(smap_row + t, mask=t < t1, other=-1), tl.load(smap_row + t + 1, mask=t + 1 < t1, other=-1),
-            tl.load(smap_row + t + 2, mask=t + 2 < t1, other=-1), tl.load(smap_row + t + 3, mask=t + 3 < t1, other=-1))
+def _load_block(ub, sUt, sUg, t, t1, act, d, NB: tl.constexpr):
+    """Steps t .. t+NB-1 (masked at t1): three NB-tuples of [BD] pre-activation vectors in u's dtype.
+    Tuples of 1-D loads, not an [NB, BD] tile: a tile's layout is the compiler's choice, and with
+    vectorised channels it spreads the steps over warps (a cross-warp exchange per step)."""
+    u0 = ()
+    u1 = ()
+    u2 = ()
+    for j in tl.static_range(NB):
+        k = act & ((d * 0 + t + j) < t1)
+        p = ub + (t + j) * sUt
+        u0 = u0 + (tl.load(p, mask=k, other=0.0),)
+        u1 = u1 + (tl.load(p + sUg, mask=k, other=0.0),)
+        u2 = u2 + (tl.load(p + 2 * sUg, mask=k, other=0.0),)
+    return u0, u1, u2
 
 
 @triton.jit
-def _fwd_step(t, t1, sm, n0, n1, n2, cc, hc, p_cc, p_ch, p_hc, p_hh, H0, hb, d, act, D,
-              a0, a1, a2, c_f, c_o, LSTM: tl.constexpr, COARSE: tl.constexpr, WRITE: tl.constexpr):
-    """One step (a no-op past the segment end t1): state, Jacobian product, optional store of h."""
+def _fwd_step(t, t1, sm, u0, u1, u2, cc, hc, p_cc, p_ch, p_hc, p_hh, H0, hb, d, act, D,
+              a0, a1, a2, c_f, c_o, LSTM: tl.constexpr, COARSE: tl.constexpr, WRITE: tl.constexpr,
+              DOCS: tl.constexpr):
+    """One step (a no-op past the segment end t1): state, Jacobian product, optional store of h.
+    With DOCS, ``sm`` >= 0 where a document starts at t: the state restarts from that h0 row and
+    nothing depends on the steps before (the Jacobian product restarts at zero)."""
     K: tl.constexpr = 2 if LSTM else 1
     ok = (d * 0 + t) < t1
-    u0 = n0.to(tl.float32)
-    u1 = n1.to(tl.float32)
-    u2 = n2.to(tl.float32)
-    if sm >= 0:  # a sequence / document starts here: its initial state, no dependence before
-        h0p = H0 + sm.to(tl.int64) * K * D + d
-        hc = tl.load(h0p + (K - 1) * D, mask=act, other=0.0)
+    if DOCS:
+        st = (d * 0 + sm) >= 0
+        h0p = H0 + tl.where(st, sm, 0).to(tl.int64) * K * D + d
+        hc = tl.where(st, tl.load(h0p + (K - 1) * D, mask=act & st, other=0.0), hc)
         if LSTM:
-            cc = tl.load(h0p, mask=act, other=0.0)
-        p_cc = p_cc * 0.0
-        p_ch = p_cc
-        p_hc = p_cc
-        p_hh = p_cc
+            cc = tl.where(st, tl.load(h0p, mask=act & st, other=0.0), cc)
+        if COARSE:
+            p_cc = tl.where(st, 0.0, p_cc)
+            p_ch = tl.where(st, 0.0, p_ch)
+            p_hc = tl.where(st, 0.0, p_hc)
+            p_hh = tl.where(st, 0.0, p_hh)
     if LSTM:
         c2, h2, j_cc, j_ch, j_hc, j_hh = _lstm_step(cc, hc, u0, u1, u2, a0, a1, a2, c_f, c_o)
         if COARSE:  # P <- J P
@@ -181,9 +179,11 @@ def _fwd_step(t, t1, sm, n0, n1, n2, cc, hc, p_cc, p_ch, p_hc, p_hh, H0, hb, d, 
             tl.store(hb + t * 2 * D, cc, mask=act & ok)
             tl.store(hb + t * 2 * D + D, hc, mask=act & ok)
     else:
-        h2, j = _gru_step(hc, u0, u1, u2, a0, a1, a2)
         if COARSE:
+            h2, j = _gru_step(hc, u0, u1, u2, a0, a1, a2)
             p_hh = tl.where(ok, j * p_hh, p_hh)
+        else:  # no Jacobian needed: the value-only step
+            h2 = _gru_value(hc, u0, u1, u2, a0, a1, a2)
         hc = tl.where(ok, h2, hc)
         if WRITE:
             tl.store(hb + t * D, hc, mask=act & ok)
@@ -196,9 +196,9 @@ def _fwd_step(t, t1, sm, n0, n1, n2, cc, hc, p_cc, p_ch, p_hc, p_hh, H0, hb, d, 
 @triton.jit
 def _shoot_fwd_kernel(
     U, P, H0, SMAP, H, START, END, PROD, CNT, DONE, ITERS, RES,
-    T, D, S, L, sUb, sUt, sUg, sUd, max_iters, tol, damping,
+    T, D, S, L, sUb, sUt, sUg, max_iters, tol, damping,
     LSTM: tl.constexpr, FIRST: tl.constexpr, WRITE: tl.constexpr, COARSE: tl.constexpr,
-    BD: tl.constexpr,
+    BD: tl.constexpr, NB: tl.constexpr, DOCS: tl.constexpr,
 ):
     """One pass over segment s (program axis 2) of L steps. FIRST: no convergence flags yet.
     WRITE: store h. COARSE: record (e_s, P_s) and let the last thread per channel do the coarse
@@ -228,25 +228,34 @@ def _shoot_fwd_kernel(
         p_ch = p_cc * 0.0
         p_hc = p_cc * 0.0
         p_hh = p_cc
-        ub = U + b * sUb + d * sUd
+        ub = U + b * sUb + d  # u is contiguous along channels
         hb = H + b * T * K * D + d
-        # Steps go 4 at a time; the loads of the next 4 steps are issued before this block's
-        # dependent chain, so memory latency overlaps 4 step evaluations (software pipelining).
-        x0, x1, x2, x3, y0, y1, y2, y3, z0, z1, z2, z3, m0, m1, m2, m3 = _load4(
-            ub, sUt, sUg, SMAP + b * T, t0, t1, act, d)
-        for tb in range(t0, t1, 4):
-            c0, c1, c2, c3, e0, e1, e2, e3, f0, f1, f2, f3, s0, s1, s2, s3 = (
-                x0, x1, x2, x3, y0, y1, y2, y3, z0, z1, z2, z3, m0, m1, m2, m3)
-            x0, x1, x2, x3, y0, y1, y2, y3, z0, z1, z2, z3, m0, m1, m2, m3 = _load4(
-                ub, sUt, sUg, SMAP + b * T, tb + 4, t1, act, d)
-            cc, hc, p_cc, p_ch, p_hc, p_hh = _fwd_step(tb, t1, s0, c0, e0, f0, cc, hc, p_cc, p_ch, p_hc, p_hh,
-                                                       H0, hb, d, act, D, a0, a1, a2, c_f, c_o, LSTM, COARSE, WRITE)
-            cc, hc, p_cc, p_ch, p_hc, p_hh = _fwd_step(tb + 1, t1, s1, c1, e1, f1, cc, hc, p_cc, p_ch, p_hc, p_hh,
-                                                       H0, hb, d, act, D, a0, a1, a2, c_f, c_o, LSTM, COARSE, WRITE)
-            cc, hc, p_cc, p_ch, p_hc, p_hh = _fwd_step(tb + 2, t1, s2, c2, e2, f2, cc, hc, p_cc, p_ch, p_hc, p_hh,
-                                                       H0, hb, d, act, D, a0, a1, a2, c_f, c_o, LSTM, COARSE, WRITE)
-            cc, hc, p_cc, p_ch, p_hc, p_hh = _fwd_step(tb + 3, t1, s3, c3, e3, f3, cc, hc, p_cc, p_ch, p_hc, p_hh,
-                                                       H0, hb, d, act, D, a0, a1, a2, c_f, c_o, LSTM, COARSE, WRITE)
+        smap_row = SMAP + b * T if DOCS else SMAP + b  # the compact map has one entry per row
+        if not DOCS:
+            # The start map is compact (B, 1): each row starts at t = 0 from h0 row SMAP[b], nowhere else.
+            if t0 == 0:
+                h0p = H0 + tl.load(smap_row).to(tl.int64) * K * D + d
+                hc = tl.load(h0p + (K - 1) * D, mask=act, other=0.0)
+                if LSTM:
+                    cc = tl.load(h0p, mask=act, other=0.0)
+                p_cc = p_cc * 0.0
+                p_ch = p_cc
+                p_hc = p_cc
+                p_hh = p_cc
+        # Steps go NB at a time as register tiles; the next block's loads are issued before this
+        # block's dependent chain, so memory latency overlaps NB step evaluations (prefetch depth NB).
+        n0, n1, n2 = _load_block(ub, sUt, sUg, t0, t1, act, d, NB)
+        for tb in range(t0, t1, NB):
+            x0, x1, x2 = n0, n1, n2
+            n0, n1, n2 = _load_block(ub, sUt, sUg, tb + NB, t1, act, d, NB)
+            for j in tl.static_range(NB):
+                sm_j = -1
+                if DOCS:  # a scalar load (every thread, same address): an L1 hit, off the chain
+                    sm_j = tl.load(smap_row + tb + j, mask=tb + j < t1, other=-1)
+                cc, hc, p_cc, p_ch, p_hc, p_hh = _fwd_step(
+                    tb + j, t1, sm_j, x0[j].to(tl.float32), x1[j].to(tl.float32), x2[j].to(tl.float32),
+                    cc, hc, p_cc, p_ch, p_hc, p_hh, H0, hb, d, act, D, a0, a1, a2, c_f, c_o,
+                    LSTM, COARSE, WRITE, DOCS)
         if COARSE:
             tl.store(END + seg + (K - 1) * D, hc, mask=act)
             if LSTM:
@@ -320,76 +329,54 @@ def _coarse_update(START, END, PROD, DONE, ITERS, RES, b, d, last, S, D, max_ite
 
 
 @triton.jit
-def _bload4(ub, sUt, sUg, gb, sGt, sGk, hb, smap_row, t, t0, dm, d, D, LSTM: tl.constexpr):
-    """Steps t, t-1, t-2, t-3 (masked below t0): u (3 gates), dh (h and c rows), the previous
-    state h_{t-1} (h and c rows; the initial state replaces it at a start), start-map entries."""
+def _bload_block(ub, sUt, sUg, gb, sGt, sGk, hb, t, t0, dm, d, D, NB: tl.constexpr, LSTM: tl.constexpr):
+    """Steps t, t-1, .., t-NB+1 (entry i = step t - i, masked below t0) as NB-tuples of [BD] vectors:
+    u (3 gates, u's dtype), dh (h and c rows, fp32) and the previous state h_{t-1} (h and c rows;
+    zero at t = 0). Tuples of 1-D loads for the reason given at ``_load_block``."""
     K: tl.constexpr = 2 if LSTM else 1
-    tv = d * 0 + t
-    k0 = dm & (tv >= t0)
-    k1 = dm & (tv - 1 >= t0)
-    k2 = dm & (tv - 2 >= t0)
-    k3 = dm & (tv - 3 >= t0)
-    pu0 = ub + t * sUt
-    pg0 = gb + t * sGt
-    ph0 = hb + (t - 1) * K * D
-    zero = d * 0.0
-    gc0 = zero
-    gc1 = zero
-    gc2 = zero
-    gc3 = zero
-    hc0 = zero
-    hc1 = zero
-    hc2 = zero
-    hc3 = zero
-    if LSTM:
-        gc0 = tl.load(pg0, mask=k0, other=0.0).to(tl.float32)
-        gc1 = tl.load(pg0 - sGt, mask=k1, other=0.0).to(tl.float32)
-        gc2 = tl.load(pg0 - 2 * sGt, mask=k2, other=0.0).to(tl.float32)
-        gc3 = tl.load(pg0 - 3 * sGt, mask=k3, other=0.0).to(tl.float32)
-        hc0 = tl.load(ph0, mask=k0 & (tv >= 1), other=0.0)
-        hc1 = tl.load(ph0 - K * D, mask=k1 & (tv >= 2), other=0.0)
-        hc2 = tl.load(ph0 - 2 * K * D, mask=k2 & (tv >= 3), other=0.0)
-        hc3 = tl.load(ph0 - 3 * K * D, mask=k3 & (tv >= 4), other=0.0)
-    return (tl.load(pu0, mask=k0, other=0.0), tl.load(pu0 - sUt, mask=k1, other=0.0),
-            tl.load(pu0 - 2 * sUt, mask=k2, other=0.0), tl.load(pu0 - 3 * sUt, mask=k3, other=0.0),
-            tl.load(pu0 + sUg, mask=k0, other=0.0), tl.load(pu0 - sUt + sUg, mask=k1, other=0.0),
-            tl.load(pu0 - 2 * sUt + sUg, mask=k2, other=0.0), tl.load(pu0 - 3 * sUt + sUg, mask=k3, other=0.0),
-            tl.load(pu0 + 2 * sUg, mask=k0, other=0.0), tl.load(pu0 - sUt + 2 * sUg, mask=k1, other=0.0),
-            tl.load(pu0 - 2 * sUt + 2 * sUg, mask=k2, other=0.0),
-            tl.load(pu0 - 3 * sUt + 2 * sUg, mask=k3, other=0.0),
-            tl.load(pg0 + (K - 1) * sGk, mask=k0, other=0.0).to(tl.float32),
-            tl.load(pg0 - sGt + (K - 1) * sGk, mask=k1, other=0.0).to(tl.float32),
-            tl.load(pg0 - 2 * sGt + (K - 1) * sGk, mask=k2, other=0.0).to(tl.float32),
-            tl.load(pg0 - 3 * sGt + (K - 1) * sGk, mask=k3, other=0.0).to(tl.float32),
-            gc0, gc1, gc2, gc3,
-            tl.load(ph0 + (K - 1) * D, mask=k0 & (tv >= 1), other=0.0),
-            tl.load(ph0 - K * D + (K - 1) * D, mask=k1 & (tv >= 2), other=0.0),
-            tl.load(ph0 - 2 * K * D + (K - 1) * D, mask=k2 & (tv >= 3), other=0.0),
-            tl.load(ph0 - 3 * K * D + (K - 1) * D, mask=k3 & (tv >= 4), other=0.0),
-            hc0, hc1, hc2, hc3,
-            tl.load(smap_row + t, mask=(t >= t0) & (t >= 0), other=-1),
-            tl.load(smap_row + t - 1, mask=(t - 1 >= t0) & (t >= 1), other=-1),
-            tl.load(smap_row + t - 2, mask=(t - 2 >= t0) & (t >= 2), other=-1),
-            tl.load(smap_row + t - 3, mask=(t - 3 >= t0) & (t >= 3), other=-1))
+    u0 = ()
+    u1 = ()
+    u2 = ()
+    g_h = ()
+    g_c = ()
+    h_h = ()
+    h_c = ()
+    for i in tl.static_range(NB):
+        ti = t - i
+        tv = d * 0 + ti
+        k = dm & (tv >= t0)
+        kh = k & (tv >= 1)
+        pu = ub + ti * sUt
+        pg = gb + ti * sGt
+        ph = hb + (ti - 1) * K * D
+        u0 = u0 + (tl.load(pu, mask=k, other=0.0),)
+        u1 = u1 + (tl.load(pu + sUg, mask=k, other=0.0),)
+        u2 = u2 + (tl.load(pu + 2 * sUg, mask=k, other=0.0),)
+        g_h = g_h + (tl.load(pg + (K - 1) * sGk, mask=k, other=0.0).to(tl.float32),)
+        h_h = h_h + (tl.load(ph + (K - 1) * D, mask=kh, other=0.0),)
+        if LSTM:
+            g_c = g_c + (tl.load(pg, mask=k, other=0.0).to(tl.float32),)
+            h_c = h_c + (tl.load(ph, mask=kh, other=0.0),)
+        else:  # placeholders, never read
+            g_c = g_c + (dm.to(tl.float32),)
+            h_c = h_c + (dm.to(tl.float32),)
+    return u0, u1, u2, g_h, g_c, h_h, h_c
 
 
 @triton.jit
-def _bwd_step(t, t0, sm, n0, n1, n2, g_h, g_c, hp, cp, mu_c, mu_h, q_cc, q_ch, q_hc, q_hh,
+def _bwd_step(t, t0, st, sm, u0, u1, u2, g_h, g_c, hp, cp, mu_c, mu_h, q_cc, q_ch, q_hc, q_hh,
               acc0, acc1, acc2, acc3, acc4, H0, dub, DH0, DU, d, dm, D, a0, a1, a2, c_f, c_o,
               LSTM: tl.constexpr, PASS_A: tl.constexpr):
-    """One reverse step of the adjoint (a no-op below the segment start t0)."""
+    """One reverse step of the adjoint (a no-op below the segment start t0). ``st``: a sequence /
+    document starts at t (a [BD] mask, or a scalar when starts are only at t = 0), from h0 row ``sm``."""
     ok = (d * 0 + t) >= t0
     w = dm & ok
-    u0 = n0.to(tl.float32)
-    u1 = n1.to(tl.float32)
-    u2 = n2.to(tl.float32)
-    if sm >= 0:
-        h0p = H0 + sm.to(tl.int64) * (2 if LSTM else 1) * D + d
-        if LSTM:
-            cp = tl.load(h0p, mask=dm, other=0.0)
-            hp = tl.load(h0p + D, mask=dm, other=0.0)
-        else:
-            hp = tl.load(h0p, mask=dm, other=0.0)
+    K: tl.constexpr = 2 if LSTM else 1
+    row = tl.where(st, sm, 0).to(tl.int64) * K * D + d
+    h0p = H0 + row
+    hp = tl.where(st, tl.load(h0p + (K - 1) * D, mask=dm & st, other=0.0), hp)
+    if LSTM:
+        cp = tl.where(st, tl.load(h0p, mask=dm & st, other=0.0), cp)
     lh = g_h + mu_h
     pdu = dub + t * 3 * D
     if LSTM:
@@ -414,16 +401,16 @@ def _bwd_step(t, t0, sm, n0, n1, n2, g_h, g_c, hp, cp, mu_c, mu_h, q_cc, q_ch, q
             acc2 += tl.where(ok, dpo * hp, 0.0)
             acc3 += tl.where(ok, dpf * cp, 0.0)
             acc4 += tl.where(ok, dpo * cn, 0.0)
-        if sm >= 0:
-            if not PASS_A:
-                tl.store(DH0 + sm.to(tl.int64) * 2 * D + d, gcp, mask=dm)
-                tl.store(DH0 + sm.to(tl.int64) * 2 * D + D + d, ghp, mask=dm)
-            gcp = gcp * 0.0
-            ghp = ghp * 0.0
-            q_cc = q_cc * 0.0
-            q_ch = q_cc
-            q_hc = q_cc
-            q_hh = q_cc
+        # At a start the gradient goes to h0 (pass B) and nothing flows to the steps before it.
+        if not PASS_A:
+            tl.store(DH0 + row, gcp, mask=w & st)
+            tl.store(DH0 + row + D, ghp, mask=w & st)
+        gcp = tl.where(st, 0.0, gcp)
+        ghp = tl.where(st, 0.0, ghp)
+        q_cc = tl.where(st, 0.0, q_cc)
+        q_ch = tl.where(st, 0.0, q_ch)
+        q_hc = tl.where(st, 0.0, q_hc)
+        q_hh = tl.where(st, 0.0, q_hh)
         mu_c = tl.where(ok, gcp, mu_c)
         mu_h = tl.where(ok, ghp, mu_h)
     else:
@@ -442,11 +429,10 @@ def _bwd_step(t, t0, sm, n0, n1, n2, g_h, g_c, hp, cp, mu_c, mu_h, q_cc, q_ch, q
             acc0 += tl.where(ok, gz * hp, 0.0)
             acc1 += tl.where(ok, gr * hp, 0.0)
             acc2 += tl.where(ok, gc * hp * r, 0.0)
-        if sm >= 0:
-            if not PASS_A:
-                tl.store(DH0 + sm.to(tl.int64) * D + d, ghp, mask=dm)
-            ghp = ghp * 0.0
-            q_hh = q_hh * 0.0
+        if not PASS_A:
+            tl.store(DH0 + row, ghp, mask=w & st)
+        ghp = tl.where(st, 0.0, ghp)
+        q_hh = tl.where(st, 0.0, q_hh)
         mu_h = tl.where(ok, ghp, mu_h)
     return mu_c, mu_h, q_cc, q_ch, q_hc, q_hh, acc0, acc1, acc2, acc3, acc4
 
@@ -457,8 +443,8 @@ def _bwd_step(t, t0, sm, n0, n1, n2, g_h, g_c, hp, cp, mu_c, mu_h, q_cc, q_ch, q
 @triton.jit
 def _shoot_bwd_kernel(
     U, P, H0, SMAP, H, G, DU, DP, DH0, CARRY, CM, CNT,
-    T, D, S, L, sUb, sUt, sUg, sUd, sGb, sGt, sGk, sGd,
-    LSTM: tl.constexpr, PASS_A: tl.constexpr, BD: tl.constexpr,
+    T, D, S, L, sUb, sUt, sUg, sGb, sGt, sGk,
+    LSTM: tl.constexpr, PASS_A: tl.constexpr, BD: tl.constexpr, NB: tl.constexpr, DOCS: tl.constexpr,
 ):
     """Reverse walk over segment s. PASS_A: from a zero carry, record (c_s, M_s) and let the last
     thread per channel solve the carries; else from CARRY[s] (zero if S == 1) write du, dp, dh0."""
@@ -490,35 +476,29 @@ def _shoot_bwd_kernel(
     acc2 = a0 * 0.0
     acc3 = a0 * 0.0
     acc4 = a0 * 0.0
-    ub = U + b * sUb + d * sUd
+    ub = U + b * sUb + d  # u and g are contiguous along channels
     dub = DU + b * T * 3 * D + d
     hb = H + b * T * K * D + d
-    gb = G + b * sGb + d * sGd
-    # Reverse walk, 4 steps per block, the next block's loads issued before this block's chain.
-    w0, w1, w2, w3, x0, x1, x2, x3, y0, y1, y2, y3, gh0, gh1, gh2, gh3, gc0, gc1, gc2, gc3, \
-        hh0, hh1, hh2, hh3, hk0, hk1, hk2, hk3, m0, m1, m2, m3 = _bload4(
-            ub, sUt, sUg, gb, sGt, sGk, hb, SMAP + b * T, t1 - 1, t0, dm, d, D, LSTM)
-    for tt in range(0, t1 - t0, 4):
+    gb = G + b * sGb + d
+    # Reverse walk, NB steps per register tile, the next tile's loads issued before this tile's chain.
+    smap_row = SMAP + b * T if DOCS else SMAP + b  # the compact map has one entry per row
+    sm0 = tl.load(smap_row) if not DOCS else 0  # compact map: the h0 row of this batch row (start at t = 0)
+    n0, n1, n2, ngh, ngc, nhh, nhc = _bload_block(ub, sUt, sUg, gb, sGt, sGk, hb, t1 - 1, t0, dm, d, D, NB, LSTM)
+    for tt in range(0, t1 - t0, NB):
         tb = t1 - 1 - tt
-        a_0, a_1, a_2, a_3, b_0, b_1, b_2, b_3, c_0, c_1, c_2, c_3, q0, q1, q2, q3, r0, r1, r2, r3, \
-            v0, v1, v2, v3, k0, k1, k2, k3, s0, s1, s2, s3 = (
-                w0, w1, w2, w3, x0, x1, x2, x3, y0, y1, y2, y3, gh0, gh1, gh2, gh3, gc0, gc1, gc2, gc3,
-                hh0, hh1, hh2, hh3, hk0, hk1, hk2, hk3, m0, m1, m2, m3)
-        w0, w1, w2, w3, x0, x1, x2, x3, y0, y1, y2, y3, gh0, gh1, gh2, gh3, gc0, gc1, gc2, gc3, \
-            hh0, hh1, hh2, hh3, hk0, hk1, hk2, hk3, m0, m1, m2, m3 = _bload4(
-                ub, sUt, sUg, gb, sGt, sGk, hb, SMAP + b * T, tb - 4, t0, dm, d, D, LSTM)
-        mu_c, mu_h, q_cc, q_ch, q_hc, q_hh, acc0, acc1, acc2, acc3, acc4 = _bwd_step(
-            tb, t0, s0, a_0, b_0, c_0, q0, r0, v0, k0, mu_c, mu_h, q_cc, q_ch, q_hc, q_hh,
-            acc0, acc1, acc2, acc3, acc4, H0, dub, DH0, DU, d, dm, D, a0, a1, a2, c_f, c_o, LSTM, PASS_A)
-        mu_c, mu_h, q_cc, q_ch, q_hc, q_hh, acc0, acc1, acc2, acc3, acc4 = _bwd_step(
-            tb - 1, t0, s1, a_1, b_1, c_1, q1, r1, v1, k1, mu_c, mu_h, q_cc, q_ch, q_hc, q_hh,
-            acc0, acc1, acc2, acc3, acc4, H0, dub, DH0, DU, d, dm, D, a0, a1, a2, c_f, c_o, LSTM, PASS_A)
-        mu_c, mu_h, q_cc, q_ch, q_hc, q_hh, acc0, acc1, acc2, acc3, acc4 = _bwd_step(
-            tb - 2, t0, s2, a_2, b_2, c_2, q2, r2, v2, k2, mu_c, mu_h, q_cc, q_ch, q_hc, q_hh,
-            acc0, acc1, acc2, acc3, acc4, H0, dub, DH0, DU, d, dm, D, a0, a1, a2, c_f, c_o, LSTM, PASS_A)
-        mu_c, mu_h, q_cc, q_ch, q_hc, q_hh, acc0, acc1, acc2, acc3, acc4 = _bwd_step(
-            tb - 3, t0, s3, a_3, b_3, c_3, q3, r3, v3, k3, mu_c, mu_h, q_cc, q_ch, q_hc, q_hh,
-            acc0, acc1, acc2, acc3, acc4, H0, dub, DH0, DU, d, dm, D, a0, a1, a2, c_f, c_o, LSTM, PASS_A)
+        x0, x1, x2, xgh, xgc, xhh, xhc = n0, n1, n2, ngh, ngc, nhh, nhc
+        n0, n1, n2, ngh, ngc, nhh, nhc = _bload_block(ub, sUt, sUg, gb, sGt, sGk, hb, tb - NB, t0, dm, d, D, NB, LSTM)
+        for j in tl.static_range(NB):
+            if DOCS:  # a scalar load (every thread, same address): an L1 hit, off the chain
+                sm_j = tl.load(smap_row + tb - j, mask=tb - j >= t0, other=-1)
+                st = (d * 0 + sm_j) >= 0
+            else:
+                sm_j = sm0
+                st = ((d * 0 + (tb - j)) == 0) & ((d * 0 + t0) == 0)  # t = 0 may lie in a block, below t0
+            mu_c, mu_h, q_cc, q_ch, q_hc, q_hh, acc0, acc1, acc2, acc3, acc4 = _bwd_step(
+                tb - j, t0, st, sm_j, x0[j].to(tl.float32), x1[j].to(tl.float32), x2[j].to(tl.float32),
+                xgh[j], xgc[j], xhh[j], xhc[j], mu_c, mu_h, q_cc, q_ch, q_hc, q_hh,
+                acc0, acc1, acc2, acc3, acc4, H0, dub, DH0, DU, d, dm, D, a0, a1, a2, c_f, c_o, LSTM, PASS_A)
     if PASS_A:
         # c_s = the carry this segment hands to the previous one from a zero carry-in; M_s = Q.
         tl.store(CM + (b * S + s) * (K + K * K) * D + (K - 1) * D + d, mu_h, mask=dm)
@@ -579,6 +559,17 @@ def _shoot_bwd_kernel(
 # (NewtonConfig.on_failure='fallback'): each launch costs CPU time even when it exits at once, and
 # contractive cells converge after the first. 'raise' launches all max_iters passes.
 FALLBACK_PASS_CAP = 2
+# Steps per register tile in the forward walk = prefetch depth (loads of the next NB steps are in
+# flight while this block's NB dependent steps run): enough to cover DRAM latency with few warps.
+# Steps per block (= prefetch depth: the next block's loads are in flight while this block's dependent
+# steps run). H200 measurements (kernels/NOTES-perf.md): one segment (few warps per SM, latency
+# exposed) wants 8 steps; many segments (the SMs full of warps) do best with 4 - deeper blocks only
+# cost registers there. The ParaLSTM backward keeps 4 (255 registers at 8).
+def _prefetch_steps(which: str, lstm: bool, segments: int) -> int:
+    key = "NB" if which == "fwd" else "NB_bwd"
+    if key in TUNING:
+        return TUNING[key]
+    return 8 if segments == 1 and not (lstm and which == "bwd") else 4
 TUNING: dict = {}  # bench / test overrides: {"segments": S, "BD": .., "num_warps": .., "threads_per_sm": ..}
 
 
@@ -598,8 +589,6 @@ def plan(B: int, T: int, D: int, device, which: str = "fwd") -> tuple[int, int, 
     S = 1 (the plain sequential recurrence, exact in one pass) once B x D channels alone give
     ``threads_per_sm`` threads per SM; otherwise more segments, each at least 32 steps, at most 256
     segments (the coarse walk over segments is sequential per channel)."""
-    BD = TUNING.get("BD", 256 if D >= 256 else max(triton.next_power_of_2(D), 16))
-    num_warps = TUNING.get("num_warps", max(min(BD // 32, 4), 1))
     if "segments" in TUNING:
         S = max(1, min(int(TUNING["segments"]), T))
     else:
@@ -611,6 +600,12 @@ def plan(B: int, T: int, D: int, device, which: str = "fwd") -> tuple[int, int, 
         S = 1 if B * D >= single else min(triton.cdiv(want, B * D), max(T // 32, 1), 256)
     L = triton.cdiv(T, S) if T else 1
     S = triton.cdiv(T, L) if T else 1
+    # Channels per program: 2 per thread (256 with 4 warps) when segments fill the GPU; 1 per thread
+    # with one segment, where twice the warps per SM hide more latency (H200: ParaGRU forward at
+    # (16, 2048, 2048) 0.41 -> 0.33 ms, backward 0.80 -> 0.76 ms).
+    width = 128 if S == 1 else 256
+    BD = TUNING.get("BD", width if D >= width else max(triton.next_power_of_2(D), 16))
+    num_warps = TUNING.get("num_warps", max(min(BD // 32, 4), 1))
     return S, L, BD, num_warps
 
 
@@ -619,6 +614,8 @@ def shoot_forward(lstm: bool, u, p, h0_rows, smap, max_iters: int, tol: float, d
     B, T, _, D = u.shape
     K = 2 if lstm else 1
     S, L, BD, nw = plan(B, T, D, u.device)
+    docs = smap.shape[1] > 1  # else the compact map: starts at t = 0 only
+    nb = _prefetch_steps("fwd", lstm, 1 if max_iters == 0 else S)
     dev = u.device
     h = torch.empty(B, T, K, D, device=dev, dtype=torch.float32)
     iters = torch.zeros(B * D, device=dev, dtype=torch.int32)
@@ -626,11 +623,13 @@ def shoot_forward(lstm: bool, u, p, h0_rows, smap, max_iters: int, tol: float, d
     if T == 0:
         return h, iters, res, torch.zeros_like(iters)
     nD = triton.cdiv(D, BD)
-    strides = (*u.stride(),)
+    if u.stride(-1) != 1:  # the kernels address channels contiguously
+        u = u.contiguous()
+    strides = u.stride()[:3]
     if S == 1 or max_iters == 0:
         _shoot_fwd_kernel[(nD, B, 1)](
             u, p, h0_rows, smap, h, h, h, h, iters, iters, iters, res, T, D, 1, T, *strides,
-            0, tol, damping, LSTM=lstm, FIRST=True, WRITE=True, COARSE=False, BD=BD, num_warps=nw)
+            0, tol, damping, LSTM=lstm, FIRST=True, WRITE=True, COARSE=False, BD=BD, NB=nb, DOCS=docs, num_warps=nw)
         return h, iters, res, torch.zeros_like(iters)
     start = torch.zeros(B, S, K, D, device=dev, dtype=torch.float32)
     end = torch.empty_like(start)
@@ -641,13 +640,13 @@ def shoot_forward(lstm: bool, u, p, h0_rows, smap, max_iters: int, tol: float, d
               max_iters, tol, damping)
     grid = (nD, B, S)
     # Pass 0 only finds the segment ends from the initial guess (zero starts); passes 1.. write h.
-    _shoot_fwd_kernel[grid](*common, LSTM=lstm, FIRST=True, WRITE=False, COARSE=True, BD=BD, num_warps=nw)
+    _shoot_fwd_kernel[grid](*common, LSTM=lstm, FIRST=True, WRITE=False, COARSE=True, BD=BD, NB=nb, DOCS=docs, num_warps=nw)
     for _ in range(max(max_iters, 1)):
-        _shoot_fwd_kernel[grid](*common, LSTM=lstm, FIRST=False, WRITE=True, COARSE=True, BD=BD, num_warps=nw)
+        _shoot_fwd_kernel[grid](*common, LSTM=lstm, FIRST=False, WRITE=True, COARSE=True, BD=BD, NB=nb, DOCS=docs, num_warps=nw)
     # Channels still above tol: the exact sequential recurrence over the whole sequence.
     _shoot_fwd_kernel[(nD, B, 1)](
         u, p, h0_rows, smap, h, start, end, prod, cnt, done, iters, res, T, D, 1, T, *strides,
-        max_iters, tol, damping, LSTM=lstm, FIRST=False, WRITE=True, COARSE=False, BD=BD, num_warps=nw)
+        max_iters, tol, damping, LSTM=lstm, FIRST=False, WRITE=True, COARSE=False, BD=BD, NB=nb, DOCS=docs, num_warps=nw)
     return h, iters, res, 1 - done
 
 
@@ -671,6 +670,8 @@ def shoot_backward(lstm: bool, u, p, h0_rows, smap, h, g, segments: int | None =
     S, L, BD, nw = plan(B, T, D, u.device, "bwd")
     if segments is not None:
         L, S = max(T, 1), 1
+    docs = smap.shape[1] > 1  # else the compact map: starts at t = 0 only
+    nb = _prefetch_steps("bwd", lstm, S)
     dev = u.device
     du = torch.empty(B, T, 3, D, device=dev, dtype=u.dtype)
     dp = torch.zeros(B, S, NP, D, device=dev, dtype=torch.float32)
@@ -679,12 +680,16 @@ def shoot_backward(lstm: bool, u, p, h0_rows, smap, h, g, segments: int | None =
         return du, dp.sum((0, 1)), dh0
     nD = triton.cdiv(D, BD)
     carry = torch.zeros(B, S, K, D, device=dev, dtype=torch.float32)
-    strides = (T, D, S, L, *u.stride(), *g.stride())
+    if u.stride(-1) != 1:  # the kernels address channels contiguously
+        u = u.contiguous()
+    if g.stride(-1) != 1:
+        g = g.contiguous()
+    strides = (T, D, S, L, *u.stride()[:3], *g.stride()[:3])
     if S > 1:
         cm = torch.empty(B, S, K + K * K, D, device=dev, dtype=torch.float32)
         cnt = torch.zeros(B * D, device=dev, dtype=torch.int32)
         _shoot_bwd_kernel[(nD, B, S)](u, p, h0_rows, smap, h, g, du, dp, dh0, carry, cm, cnt, *strides,
-                                      LSTM=lstm, PASS_A=True, BD=BD, num_warps=nw)
+                                      LSTM=lstm, PASS_A=True, BD=BD, NB=nb, DOCS=docs, num_warps=nw)
     _shoot_bwd_kernel[(nD, B, S)](u, p, h0_rows, smap, h, g, du, dp, dh0, carry, carry, carry, *strides,
-                                  LSTM=lstm, PASS_A=False, BD=BD, num_warps=nw)
+                                  LSTM=lstm, PASS_A=False, BD=BD, NB=nb, DOCS=docs, num_warps=nw)
     return du, dp.sum((0, 1)), dh0

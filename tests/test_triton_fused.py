@@ -103,6 +103,30 @@ def test_stepwise_forward_dispatch_to_sequential_kernel(cell):
 
 
 @pytest.mark.parametrize("cell", ["gru", "lstm"])
+@pytest.mark.parametrize("segments", [1, 4])
+def test_compact_start_map_equals_full_map(cell, segments):
+    # Batches without documents pass the (B, 1) map (start at t = 0 only; no per-step start test in
+    # the kernels). The full (B, T) map of the same batch takes the per-step path: both must agree
+    # exactly, forward and backward, one segment and several (T = 21: blocks cross segment starts).
+    from kernels.cells.fused_common import compact_start_map
+    obj, u, p, h0, _ = _problem(cell, 21, False, seed=5)
+    K = CELLS[cell][1]
+    shooting.TUNING.update(segments=segments)
+    uf, pf, hf = u.float(), p.float().contiguous(), h0.float().contiguous()
+    g = torch.randn(u.shape[0], 21, K, u.shape[-1], generator=torch.Generator().manual_seed(1))
+    lstm = cell == "lstm"
+    full, compact = start_map_batch(u.shape[0], 21, "cpu"), compact_start_map(u.shape[0], "cpu")
+    h_full, it_full, _, _ = shooting.shoot_forward(lstm, uf, pf, hf, full, 2, 1e-5, 1.0)
+    h_comp, it_comp, _, _ = shooting.shoot_forward(lstm, uf, pf, hf, compact, 2, 1e-5, 1.0)
+    assert torch.equal(h_full, h_comp) and torch.equal(it_full, it_comp)
+    y, _ = parallel_rnn(obj, u, p, h0, None, mode="sequential")
+    _close(h_comp[:, :, -1], y, 3e-5, "y")
+    for a, b, what in zip(shooting.shoot_backward(lstm, uf, pf, hf, full, h_full, g),
+                          shooting.shoot_backward(lstm, uf, pf, hf, compact, h_full, g), ("du", "dp", "dh0")):
+        assert torch.equal(a, b), what
+
+
+@pytest.mark.parametrize("cell", ["gru", "lstm"])
 def test_final_states_through_engine_layout(cell):
     obj, u, p, h0, cu = _problem(cell, 40, True, seed=3)
     _, hl = parallel_rnn(obj, u, p, h0, cu, mode="sequential")

@@ -68,6 +68,12 @@ def start_map_batch(B: int, T: int, device) -> torch.Tensor:
     return smap
 
 
+def compact_start_map(B: int, device) -> torch.Tensor:
+    """(B, 1): row b starts at t = 0 from h0 row b and nowhere else. Kernels that accept it skip the
+    per-step start test (the shooting kernels); its meaning equals the full map's at T = 1."""
+    return torch.arange(B, dtype=torch.int32, device=device).unsqueeze(1)
+
+
 def start_map_from_layout(layout) -> torch.Tensor:
     """The start map of the engine's SequenceLayout (kernels/layout.py)."""
     smap = torch.full((layout.batch, layout.length), -1, dtype=torch.int32, device=layout.start_t.device)
@@ -131,10 +137,12 @@ class FusedCellOps:
     """
 
     def __init__(self, op_name: str, label: str, K: int, G: int, P: int, forward, backward, num_programs,
-                 pass_cap: int | None = None):
+                 pass_cap: int | None = None, compact_start_map: bool = False):
         # pass_cap: at most this many Newton iterations under on_failure='fallback' (kernels whose
         # iterations are kernel launches; the exact fallback finishes whatever is left).
+        # compact_start_map: the kernels accept the (B, 1) map of batches without document starts.
         self.label, self.K, self.G, self.P, self.pass_cap = label, K, G, P, pass_cap
+        self.compact = compact_start_map
 
         def fwd_impl(u, p, h0_rows, smap, max_iters, tol, damping):
             with torch.cuda.device(u.device) if u.is_cuda else contextlib.nullcontext():
@@ -201,12 +209,15 @@ class FusedCellOps:
             smap = start_map_from_cu_seqlens(cu_seqlens.to(u.device), T)
             R = cu_seqlens.numel() - 1
         else:
-            smap = start_map_batch(B, T, u.device)
+            smap = compact_start_map(B, u.device) if self.compact else start_map_batch(B, T, u.device)
             R = B
         h0_rows = prepare_h0(h0, R, self.K, D, u.device)
         return self.run(u, p, h0_rows, smap, newton, stats, name or self.label)
 
     def mode(self, cell, u, p, h0_rows, layout, newton, stats, name) -> torch.Tensor:
         """Engine adapter: run(cell, u, p, h0_rows, layout, newton, stats, name) -> h (B, T, K, D)."""
-        smap = start_map_from_layout(layout)
+        if self.compact and layout.rows_only:
+            smap = compact_start_map(layout.batch, u.device)
+        else:
+            smap = start_map_from_layout(layout)
         return self.run(u, p, h0_rows.float().contiguous(), smap, newton, stats, name or self.label)
