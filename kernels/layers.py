@@ -27,8 +27,14 @@ class CellLayerBase(nn.Module):
         cell: the channelwise cell (its ``step`` defines the recurrence).
         dim: channels (input width = state width per state row).
         num_heads: blocks of the input projection; ``dim`` must be divisible by it.
-        gain_bound: max L2 norm of each recurrent parameter row, enforced by a differentiable
-            rescale in every forward (None disables it).
+        gain_bound: bound on the recurrent gains, enforced by a differentiable rescale in every
+            forward (None disables it).
+        gain_norm: what is bounded. "channel" (default): every gain, |a_i| <= gain_bound - the norm
+            of the diagonal recurrence matrix diag(a), which is what keeps each channel's Jacobian
+            small whatever the width (the reference implementation truncates its Gaussian gain init
+            elementwise at the same bound). "row": the L2 norm of each parameter row over all
+            channels (this project's behaviour before 2026-11-26; per-channel gains then shrink as
+            bound / sqrt(dim)).
         name: how errors and warnings name this layer (e.g. "model.layers.3.mixer").
     """
 
@@ -39,6 +45,7 @@ class CellLayerBase(nn.Module):
         num_heads: int,
         *,
         gain_bound: float | None = 0.5,
+        gain_norm: str = "channel",
         bias: bool = True,
         name: str | None = None,
         device: torch.device | str | None = None,
@@ -49,9 +56,11 @@ class CellLayerBase(nn.Module):
             raise ValueError(f"dim ({dim}) must be a positive multiple of num_heads ({num_heads})")
         if gain_bound is not None and not gain_bound > 0:
             raise ValueError(f"gain_bound must be > 0 or None, got {gain_bound}")
+        if gain_norm not in self.GAIN_NORMS:
+            raise ValueError(f"gain_norm must be one of {sorted(self.GAIN_NORMS)}, got {gain_norm!r}")
         self.cell, self.dim, self.num_heads = cell, dim, num_heads
         self.head_dim = dim // num_heads
-        self.gain_bound = gain_bound
+        self.gain_bound, self.gain_norm = gain_bound, gain_norm
         self.name = name or type(self).__name__  # shown in Newton errors/warnings; models set the module path
         factory = {"device": device, "dtype": dtype}
         G = cell.num_inputs
@@ -77,13 +86,19 @@ class CellLayerBase(nn.Module):
             with torch.no_grad():
                 self.recurrent.copy_(self.recurrent_params())
 
+    # gain_norm -> the size that is bounded, broadcastable to the (P, dim) parameters.
+    GAIN_NORMS = {
+        "channel": lambda p: p.abs(),
+        "row": lambda p: p.norm(dim=1, keepdim=True),
+    }
+
     def recurrent_params(self) -> torch.Tensor:
-        """The (P, dim) parameters the cell sees: each row rescaled to norm <= gain_bound."""
+        """The (P, dim) parameters the cell sees, rescaled so their size (``gain_norm``) is <= gain_bound."""
         p = self.recurrent
         if self.gain_bound is None or p.numel() == 0:
             return p
-        norms = p.norm(dim=1, keepdim=True)
-        return p * (self.gain_bound / norms.clamp_min(1e-12)).clamp(max=1.0)
+        size = self.GAIN_NORMS[self.gain_norm](p)
+        return p * (self.gain_bound / size.clamp_min(1e-12)).clamp(max=1.0)
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
         """(..., dim) -> pre-activations (..., G, dim) through the block-diagonal heads."""
@@ -109,7 +124,8 @@ class CellLayerBase(nn.Module):
         return self.cell.output(h).to(x_t.dtype), h
 
     def extra_repr(self) -> str:
-        return f"cell={self.cell.name}, dim={self.dim}, num_heads={self.num_heads}, gain_bound={self.gain_bound}"
+        return (f"cell={self.cell.name}, dim={self.dim}, num_heads={self.num_heads}, gain_bound={self.gain_bound}, "
+                f"gain_norm={self.gain_norm!r}")
 
 
 class ParaRNNLayer(CellLayerBase):

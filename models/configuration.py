@@ -30,7 +30,9 @@ class ParaRNNLMConfig(PretrainedConfig):
             ParaRNN cells' block-diagonal input projection (the paper's "heads" column for RNNs).
         rnn_num_heads: ParaRNN heads when they differ from the attention heads (hybrid stacks).
         rnn_expand: ParaRNN inner width = rnn_expand * hidden_size.
-        rnn_gain_bound: max norm of the cell's recurrent parameter rows (paper: 0.5 for LMs); None = no bound.
+        rnn_gain_bound: bound on the cell's recurrent gains (paper: 0.5 for LMs, 0.9 synthetic); None = no bound.
+        rnn_gain_norm: "channel" (each gain |a_i| <= bound; default) or "row" (L2 norm of each parameter row
+            over all channels: checkpoints made before 2026-11-26 were trained with it).
         rnn_mode: ``kernels.parallel_rnn`` mode (``auto``, ``sequential``, ``newton_torch``, ...).
         rnn_newton: dict of ``kernels.NewtonConfig`` fields (max_iters, tol, damping, on_failure, validate).
         conv_kernel: width of the short causal depthwise conv (ParaRNN and Mamba2 mixers).
@@ -76,6 +78,7 @@ class ParaRNNLMConfig(PretrainedConfig):
         rnn_num_heads: int | None = None,
         rnn_expand: int = 1,
         rnn_gain_bound: float | None = 0.5,
+        rnn_gain_norm: str = "channel",
         rnn_mode: str = "auto",
         rnn_newton: dict[str, Any] | None = None,
         rnn_bias: bool = True,
@@ -123,6 +126,7 @@ class ParaRNNLMConfig(PretrainedConfig):
         self.rnn_num_heads = rnn_num_heads
         self.rnn_expand = rnn_expand
         self.rnn_gain_bound = rnn_gain_bound
+        self.rnn_gain_norm = rnn_gain_norm
         self.rnn_mode = rnn_mode
         self.rnn_newton = dict(rnn_newton or {})
         self.rnn_bias = rnn_bias
@@ -208,6 +212,8 @@ class ParaRNNLMConfig(PretrainedConfig):
                  f"{self.rnn_inner_size} (= rnn_expand * hidden_size)")
             need(self.rnn_gain_bound is None or self.rnn_gain_bound > 0,
                  f"rnn_gain_bound must be > 0 or None, got {self.rnn_gain_bound}")
+            need(self.rnn_gain_norm in ("channel", "row"),
+                 f"rnn_gain_norm must be 'channel' or 'row', got {self.rnn_gain_norm!r}")
         if "mamba2" in used:
             need(self.mamba_inner_size % self.mamba_headdim == 0,
                  f"mamba_headdim={self.mamba_headdim} does not divide mamba_expand*hidden_size={self.mamba_inner_size}")

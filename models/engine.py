@@ -18,12 +18,12 @@ ENGINE = "kernels"
 
 def make_cell_layer(
     kind: str, dim: int, num_heads: int, *, gain_bound: float | None, mode: str,
-    newton: dict[str, Any] | None, bias: bool, name: str,
+    newton: dict[str, Any] | None, bias: bool, name: str, gain_norm: str = "channel",
 ) -> nn.Module:
     """The cell layer (block-diagonal input projection + recurrence) of a ParaRNN mixer."""
     return CELL_LAYERS[kind](
         # validate=False: the value checks sync the host once per layer; the trainer catches non-finite losses.
-        dim, num_heads, gain_bound=gain_bound, mode=mode, newton=NewtonConfig(**{"validate": False, **(newton or {})}),
+        dim, num_heads, gain_bound=gain_bound, gain_norm=gain_norm, mode=mode, newton=NewtonConfig(**{"validate": False, **(newton or {})}),
         bias=bias, name=name,
     )
 

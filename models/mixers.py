@@ -39,7 +39,8 @@ class ParaRNNMixer(nn.Module):
         d = config.hidden_size
         di = d if self.bare else config.rnn_inner_size
         self.cell = make_cell_layer(
-            kind, di, config.rnn_heads, gain_bound=config.rnn_gain_bound, mode=config.rnn_mode,
+            kind, di, config.rnn_heads, gain_bound=config.rnn_gain_bound, gain_norm=config.rnn_gain_norm,
+            mode=config.rnn_mode,
             newton=config.rnn_newton, bias=config.rnn_bias, name=f"model.layers.{layer_idx}.mixer.cell",
         )
         if not self.bare:

@@ -38,8 +38,8 @@ class SequentialCellLayer(CellLayerBase):
     """``kernels.ParaRNNLayer``'s parameters, init and step (the same class, inlined); sequential in time."""
 
     def __init__(self, cell: Cell, dim: int, num_heads: int, *, gain_bound: float | None = 0.5,
-                 bias: bool = True, name: str | None = None, **_: Any) -> None:
-        super().__init__(cell, dim, num_heads, gain_bound=gain_bound, bias=bias, name=name)
+                 gain_norm: str = "channel", bias: bool = True, name: str | None = None, **_: Any) -> None:
+        super().__init__(cell, dim, num_heads, gain_bound=gain_bound, gain_norm=gain_norm, bias=bias, name=name)
         self.last_stats = LastStats()
 
     def forward(self, x: torch.Tensor, h0: torch.Tensor | None = None,
@@ -86,12 +86,13 @@ CELLS = {"paragru": ParaGRU, "paralstm": ParaLSTM}
 
 
 def make_cell_layer(kind: str, dim: int, num_heads: int, *, gain_bound: float | None, mode: str,
-                    newton: dict[str, Any] | None, bias: bool, name: str) -> nn.Module:
+                    newton: dict[str, Any] | None, bias: bool, name: str, gain_norm: str = "channel") -> nn.Module:
     if _KERNELS is not None:
         layer_cls = {"paragru": _KERNELS.ParaGRULayer, "paralstm": _KERNELS.ParaLSTMLayer}[kind]
-        return layer_cls(dim, num_heads, gain_bound=gain_bound, mode=mode,
+        return layer_cls(dim, num_heads, gain_bound=gain_bound, gain_norm=gain_norm, mode=mode,
                          newton=_KERNELS.NewtonConfig(**(newton or {})), bias=bias, name=name)
-    return SequentialCellLayer(CELLS[kind](), dim, num_heads, gain_bound=gain_bound, bias=bias, name=name)
+    return SequentialCellLayer(CELLS[kind](), dim, num_heads, gain_bound=gain_bound, gain_norm=gain_norm,
+                               bias=bias, name=name)
 
 
 def is_cell_layer(module: nn.Module) -> bool:

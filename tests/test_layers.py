@@ -26,14 +26,30 @@ def test_projection_is_block_diagonal_per_head(layer):
 
 
 def test_gain_bound_holds_for_any_raw_parameters(layer):
-    assert torch.allclose(layer.recurrent.norm(dim=1), torch.full((layer.cell.num_params,), 0.5, dtype=torch.float64))
+    # Default: every gain |a_i| <= bound (the norm of diag(a)); gains within it pass unchanged.
+    assert (layer.recurrent.abs() <= 0.5 + 1e-12).all()
+    raw = torch.linspace(-2, 2, layer.recurrent.numel(), dtype=torch.float64).view_as(layer.recurrent)
     with torch.no_grad():
-        layer.recurrent.mul_(100)  # e.g. a large optimiser step
-    assert (layer.recurrent_params().norm(dim=1) <= 0.5 + 1e-12).all()
+        layer.recurrent.copy_(raw)  # e.g. a large optimiser step
+    torch.testing.assert_close(layer.recurrent_params(), raw.clamp(-0.5, 0.5), rtol=0, atol=1e-15)
     unbounded = LAYERS["paragru"](16, 4, gain_bound=None)
     with torch.no_grad():
         unbounded.recurrent.fill_(3.0)
     assert torch.equal(unbounded.recurrent_params(), unbounded.recurrent)
+
+
+def test_row_gain_norm_bounds_each_parameter_row():
+    torch.manual_seed(0)
+    layer = ParaGRULayer(16, 4, gain_norm="row", dtype=torch.float64)
+    assert torch.allclose(layer.recurrent.norm(dim=1), torch.full((3,), 0.5, dtype=torch.float64))
+    raw = torch.randn(3, 16, dtype=torch.float64) * torch.tensor([[10.0], [0.01], [1.0]], dtype=torch.float64)
+    with torch.no_grad():
+        layer.recurrent.copy_(raw)
+    row_norm = raw.pow(2).sum(1, keepdim=True).sqrt()
+    expected = raw * torch.where(row_norm > 0.5, 0.5 / row_norm, torch.ones_like(row_norm))
+    torch.testing.assert_close(layer.recurrent_params(), expected)
+    with pytest.raises(ValueError, match="gain_norm"):
+        ParaGRULayer(16, 4, gain_norm="spectral")
 
 
 def test_chunked_processing_equals_one_pass(layer):

@@ -284,6 +284,7 @@ def test_dclm_init_scales():
     (dict(layer_pattern=["paragru", "gru"], num_hidden_layers=2), r"unknown mixer\(s\) \['gru'\]"),
     (dict(layer_pattern=["paragru"], num_hidden_layers=2), "layer_pattern has 1 entries"),
     (dict(vocab_size=100, tokenizer_vocab_size=101), "tokenizer has 101 tokens but vocab_size=100"),
+    (dict(mixer="paragru", rnn_gain_norm="spectral"), "rnn_gain_norm must be 'channel' or 'row'"),
 ])
 def test_bad_configs_raise(kwargs, match):
     with pytest.raises(ValueError, match=match):
