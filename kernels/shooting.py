@@ -242,8 +242,8 @@ def _shoot_fwd_kernel(
                 p_ch = p_cc
                 p_hc = p_cc
                 p_hh = p_cc
-        # Steps go NB at a time as register tiles; the next block's loads are issued before this
-        # block's dependent chain, so memory latency overlaps NB step evaluations (prefetch depth NB).
+        # Steps go NB at a time; the next block's loads are issued before this block's dependent
+        # chain, so memory latency overlaps NB step evaluations (prefetch depth NB).
         n0, n1, n2 = _load_block(ub, sUt, sUg, t0, t1, act, d, NB)
         for tb in range(t0, t1, NB):
             x0, x1, x2 = n0, n1, n2
@@ -367,8 +367,8 @@ def _bload_block(ub, sUt, sUg, gb, sGt, sGk, hb, t, t0, dm, d, D, NB: tl.constex
 def _bwd_step(t, t0, st, sm, u0, u1, u2, g_h, g_c, hp, cp, mu_c, mu_h, q_cc, q_ch, q_hc, q_hh,
               acc0, acc1, acc2, acc3, acc4, H0, dub, DH0, DU, d, dm, D, a0, a1, a2, c_f, c_o,
               LSTM: tl.constexpr, PASS_A: tl.constexpr):
-    """One reverse step of the adjoint (a no-op below the segment start t0). ``st``: a sequence /
-    document starts at t (a [BD] mask, or a scalar when starts are only at t = 0), from h0 row ``sm``."""
+    """One reverse step of the adjoint (a no-op below the segment start t0). ``st`` ([BD] mask): a
+    sequence / document starts at t, from h0 row ``sm``."""
     ok = (d * 0 + t) >= t0
     w = dm & ok
     K: tl.constexpr = 2 if LSTM else 1
@@ -480,7 +480,7 @@ def _shoot_bwd_kernel(
     dub = DU + b * T * 3 * D + d
     hb = H + b * T * K * D + d
     gb = G + b * sGb + d
-    # Reverse walk, NB steps per register tile, the next tile's loads issued before this tile's chain.
+    # Reverse walk, NB steps per block, the next block's loads issued before this block's chain.
     smap_row = SMAP + b * T if DOCS else SMAP + b  # the compact map has one entry per row
     sm0 = tl.load(smap_row) if not DOCS else 0  # compact map: the h0 row of this batch row (start at t = 0)
     n0, n1, n2, ngh, ngc, nhh, nhc = _bload_block(ub, sUt, sUg, gb, sGt, sGk, hb, t1 - 1, t0, dm, d, D, NB, LSTM)
@@ -559,8 +559,9 @@ def _shoot_bwd_kernel(
 # (NewtonConfig.on_failure='fallback'): each launch costs CPU time even when it exits at once, and
 # contractive cells converge after the first. 'raise' launches all max_iters passes.
 FALLBACK_PASS_CAP = 2
-# Steps per register tile in the forward walk = prefetch depth (loads of the next NB steps are in
-# flight while this block's NB dependent steps run): enough to cover DRAM latency with few warps.
+TUNING: dict = {}  # bench / test overrides: segments, BD, num_warps, threads_per_sm, single_tps, NB, NB_bwd
+
+
 # Steps per block (= prefetch depth: the next block's loads are in flight while this block's dependent
 # steps run). H200 measurements (kernels/NOTES-perf.md): one segment (few warps per SM, latency
 # exposed) wants 8 steps; many segments (the SMs full of warps) do best with 4 - deeper blocks only
@@ -570,7 +571,6 @@ def _prefetch_steps(which: str, lstm: bool, segments: int) -> int:
     if key in TUNING:
         return TUNING[key]
     return 8 if segments == 1 and not (lstm and which == "bwd") else 4
-TUNING: dict = {}  # bench / test overrides: {"segments": S, "BD": .., "num_warps": .., "threads_per_sm": ..}
 
 
 def _dev(u):
