@@ -194,15 +194,71 @@ def _fwd_step(t, t1, sm, u0, u1, u2, cc, hc, p_cc, p_ch, p_hc, p_hh, H0, hb, d, 
 
 
 @triton.jit
+def _fwd_walk(ub, hb, smap_row, H0, sUt, sUg, ts, t1, cc, hc, p_cc, p_ch, p_hc, p_hh, d, act, D,
+              a0, a1, a2, c_f, c_o, LSTM: tl.constexpr, COARSE: tl.constexpr, WRITE: tl.constexpr,
+              DOCS: tl.constexpr, NB: tl.constexpr):
+    """Steps ts .. t1-1 from the given state and Jacobian product. Steps go NB at a time; the next
+    block's loads are issued before this block's dependent chain, so memory latency overlaps NB step
+    evaluations (prefetch depth NB)."""
+    n0, n1, n2 = _load_block(ub, sUt, sUg, ts, t1, act, d, NB)
+    for tb in range(ts, t1, NB):
+        x0, x1, x2 = n0, n1, n2
+        n0, n1, n2 = _load_block(ub, sUt, sUg, tb + NB, t1, act, d, NB)
+        for j in tl.static_range(NB):
+            sm_j = -1
+            if DOCS:  # a scalar load (every thread, same address): an L1 hit, off the chain
+                sm_j = tl.load(smap_row + tb + j, mask=tb + j < t1, other=-1)
+            cc, hc, p_cc, p_ch, p_hc, p_hh = _fwd_step(
+                tb + j, t1, sm_j, x0[j].to(tl.float32), x1[j].to(tl.float32), x2[j].to(tl.float32),
+                cc, hc, p_cc, p_ch, p_hc, p_hh, H0, hb, d, act, D, a0, a1, a2, c_f, c_o,
+                LSTM, COARSE, WRITE, DOCS)
+    return cc, hc, p_cc, p_ch, p_hc, p_hh
+
+
+@triton.jit
+def _fwd_start(START, H0, smap_row, seg, ts, d, act, D, LSTM: tl.constexpr, DOCS: tl.constexpr):
+    """State and Jacobian product at step ts: the segment's start row, or h0 where the (compact) start
+    map puts a sequence start at ts = 0; the product is the identity, zero at a sequence start."""
+    K: tl.constexpr = 2 if LSTM else 1
+    hc = tl.load(START + seg + (K - 1) * D, mask=act, other=0.0)
+    cc = hc * 0.0
+    if LSTM:
+        cc = tl.load(START + seg, mask=act, other=0.0)
+    # d(end)/d(start): identity, zeroed at a document start inside the segment.
+    p_cc = tl.where(act, 1.0, 0.0)
+    p_ch = p_cc * 0.0
+    p_hc = p_cc * 0.0
+    p_hh = p_cc
+    if not DOCS:
+        # The start map is compact (B, 1): each row starts at t = 0 from h0 row SMAP[b], nowhere else.
+        if ts == 0:
+            h0p = H0 + tl.load(smap_row).to(tl.int64) * K * D + d
+            hc = tl.load(h0p + (K - 1) * D, mask=act, other=0.0)
+            if LSTM:
+                cc = tl.load(h0p, mask=act, other=0.0)
+            p_cc = p_cc * 0.0
+            p_ch = p_cc
+            p_hc = p_cc
+            p_hh = p_cc
+    return cc, hc, p_cc, p_ch, p_hc, p_hh
+
+
+@triton.jit
 def _shoot_fwd_kernel(
     U, P, H0, SMAP, H, START, END, PROD, CNT, DONE, ITERS, RES,
-    T, D, S, L, sUb, sUt, sUg, max_iters, tol, damping,
+    T, D, S, L, sUb, sUt, sUg, max_iters, tol, damping, tail, tail_eps,
     LSTM: tl.constexpr, FIRST: tl.constexpr, WRITE: tl.constexpr, COARSE: tl.constexpr,
     BD: tl.constexpr, NB: tl.constexpr, DOCS: tl.constexpr,
 ):
     """One pass over segment s (program axis 2) of L steps. FIRST: no convergence flags yet.
     WRITE: store h. COARSE: record (e_s, P_s) and let the last thread per channel do the coarse
-    update (S > 1). Without COARSE it is the exact sequential recurrence (S == 1 or the fallback)."""
+    update (S > 1). Without COARSE it is the exact sequential recurrence (S == 1 or the fallback).
+
+    The first coarse pass (FIRST and COARSE, starts all zero) runs only the last ``tail`` steps of
+    each segment from a zero state: on a contractive cell the end state forgets where the walk began,
+    and the tail's Jacobian product bounds how much (|e_tail - e_full| <= |P_tail| |h_ts - 0|). A
+    program whose channels' |P_tail| exceeds ``tail_eps`` walks the whole segment instead. Either way
+    the pass only proposes starts: the next pass writes h from them and checks their residual."""
     K: tl.constexpr = 2 if LSTM else 1
     pid_d = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
@@ -219,43 +275,28 @@ def _shoot_fwd_kernel(
         t0 = s * L
         t1 = tl.minimum(t0 + L, T)
         seg = (b * S + s) * K * D + d  # START / END row of this segment, state k at + k * D
-        hc = tl.load(START + seg + (K - 1) * D, mask=act, other=0.0)
-        cc = hc * 0.0
-        if LSTM:
-            cc = tl.load(START + seg, mask=act, other=0.0)
-        # d(end)/d(start): identity, zeroed at a document start inside the segment.
-        p_cc = tl.where(act, 1.0, 0.0)
-        p_ch = p_cc * 0.0
-        p_hc = p_cc * 0.0
-        p_hh = p_cc
         ub = U + b * sUb + d  # u is contiguous along channels
         hb = H + b * T * K * D + d
         smap_row = SMAP + b * T if DOCS else SMAP + b  # the compact map has one entry per row
-        if not DOCS:
-            # The start map is compact (B, 1): each row starts at t = 0 from h0 row SMAP[b], nowhere else.
-            if t0 == 0:
-                h0p = H0 + tl.load(smap_row).to(tl.int64) * K * D + d
-                hc = tl.load(h0p + (K - 1) * D, mask=act, other=0.0)
+        ts = t0
+        if FIRST and COARSE:
+            ts = tl.maximum(t0, t1 - tail)
+        cc, hc, p_cc, p_ch, p_hc, p_hh = _fwd_start(START, H0, smap_row, seg, ts, d, act, D, LSTM, DOCS)
+        cc, hc, p_cc, p_ch, p_hc, p_hh = _fwd_walk(
+            ub, hb, smap_row, H0, sUt, sUg, ts, t1, cc, hc, p_cc, p_ch, p_hc, p_hh, d, act, D,
+            a0, a1, a2, c_f, c_o, LSTM, COARSE, WRITE, DOCS, NB)
+        if FIRST and COARSE:
+            if ts > t0:
+                big = tl.abs(p_hh)
                 if LSTM:
-                    cc = tl.load(h0p, mask=act, other=0.0)
-                p_cc = p_cc * 0.0
-                p_ch = p_cc
-                p_hc = p_cc
-                p_hh = p_cc
-        # Steps go NB at a time; the next block's loads are issued before this block's dependent
-        # chain, so memory latency overlaps NB step evaluations (prefetch depth NB).
-        n0, n1, n2 = _load_block(ub, sUt, sUg, t0, t1, act, d, NB)
-        for tb in range(t0, t1, NB):
-            x0, x1, x2 = n0, n1, n2
-            n0, n1, n2 = _load_block(ub, sUt, sUg, tb + NB, t1, act, d, NB)
-            for j in tl.static_range(NB):
-                sm_j = -1
-                if DOCS:  # a scalar load (every thread, same address): an L1 hit, off the chain
-                    sm_j = tl.load(smap_row + tb + j, mask=tb + j < t1, other=-1)
-                cc, hc, p_cc, p_ch, p_hc, p_hh = _fwd_step(
-                    tb + j, t1, sm_j, x0[j].to(tl.float32), x1[j].to(tl.float32), x2[j].to(tl.float32),
-                    cc, hc, p_cc, p_ch, p_hc, p_hh, H0, hb, d, act, D, a0, a1, a2, c_f, c_o,
-                    LSTM, COARSE, WRITE, DOCS)
+                    big = tl.maximum(tl.maximum(big, tl.abs(p_hc)), tl.maximum(tl.abs(p_cc), tl.abs(p_ch)))
+                ok = (big <= tail_eps) | (act == 0)  # NaN counts as too large
+                if tl.min(ok.to(tl.int32), axis=0) == 0:  # the start still matters: walk it all
+                    cc, hc, p_cc, p_ch, p_hc, p_hh = _fwd_start(START, H0, smap_row, seg, t0, d, act, D,
+                                                                LSTM, DOCS)
+                    cc, hc, p_cc, p_ch, p_hc, p_hh = _fwd_walk(
+                        ub, hb, smap_row, H0, sUt, sUg, t0, t1, cc, hc, p_cc, p_ch, p_hc, p_hh, d, act, D,
+                        a0, a1, a2, c_f, c_o, LSTM, COARSE, WRITE, DOCS, NB)
         if COARSE:
             tl.store(END + seg + (K - 1) * D, hc, mask=act)
             if LSTM:
@@ -559,7 +600,12 @@ def _shoot_bwd_kernel(
 # (NewtonConfig.on_failure='fallback'): each launch costs CPU time even when it exits at once, and
 # contractive cells converge after the first. 'raise' launches all max_iters passes.
 FALLBACK_PASS_CAP = 2
-TUNING: dict = {}  # bench / test overrides: segments, BD, num_warps, threads_per_sm, single_tps, NB, NB_bwd
+TUNING: dict = {}  # bench / test overrides: segments, BD, num_warps, threads_per_sm, single_tps, NB, NB_bwd,
+# tail, tail_eps
+# Steps of each segment the first forward pass walks (its end state from a zero start). At the
+# benchmark's default-like init the Jacobian product over 48 steps is <= 2e-9 (32 steps: up to 2e-5,
+# above tol/8 = 1.25e-6 for some channels); a larger product makes that program walk its whole segment.
+FIRST_PASS_TAIL = 48
 
 
 # Steps per block (= prefetch depth: the next block's loads are in flight while this block's dependent
@@ -629,24 +675,28 @@ def shoot_forward(lstm: bool, u, p, h0_rows, smap, max_iters: int, tol: float, d
     if S == 1 or max_iters == 0:
         _shoot_fwd_kernel[(nD, B, 1)](
             u, p, h0_rows, smap, h, h, h, h, iters, iters, iters, res, T, D, 1, T, *strides,
-            0, tol, damping, LSTM=lstm, FIRST=True, WRITE=True, COARSE=False, BD=BD, NB=nb, DOCS=docs, num_warps=nw)
+            0, tol, damping, T, 0.0, LSTM=lstm, FIRST=True, WRITE=True, COARSE=False, BD=BD, NB=nb, DOCS=docs, num_warps=nw)
         return h, iters, res, torch.zeros_like(iters)
     start = torch.zeros(B, S, K, D, device=dev, dtype=torch.float32)
     end = torch.empty_like(start)
     prod = torch.empty(B, S, K * K, D, device=dev, dtype=torch.float32)
     cnt = torch.zeros(B * D, device=dev, dtype=torch.int32)
     done = torch.zeros(B * D, device=dev, dtype=torch.int32)
+    # Pass 0 walks only each segment's last ``tail`` steps where that fixes its end state to well
+    # within tol (see _shoot_fwd_kernel): ~L/tail times less work than walking it all.
+    tail = int(TUNING.get("tail", FIRST_PASS_TAIL))
+    tail_eps = float(TUNING.get("tail_eps", tol / 8))
     common = (u, p, h0_rows, smap, h, start, end, prod, cnt, done, iters, res, T, D, S, L, *strides,
-              max_iters, tol, damping)
+              max_iters, tol, damping, tail, tail_eps)
     grid = (nD, B, S)
-    # Pass 0 only finds the segment ends from the initial guess (zero starts); passes 1.. write h.
+    # Pass 0 only proposes segment ends from zero starts (the tail of each segment); passes 1.. write h.
     _shoot_fwd_kernel[grid](*common, LSTM=lstm, FIRST=True, WRITE=False, COARSE=True, BD=BD, NB=nb, DOCS=docs, num_warps=nw)
     for _ in range(max(max_iters, 1)):
         _shoot_fwd_kernel[grid](*common, LSTM=lstm, FIRST=False, WRITE=True, COARSE=True, BD=BD, NB=nb, DOCS=docs, num_warps=nw)
     # Channels still above tol: the exact sequential recurrence over the whole sequence.
     _shoot_fwd_kernel[(nD, B, 1)](
         u, p, h0_rows, smap, h, start, end, prod, cnt, done, iters, res, T, D, 1, T, *strides,
-        max_iters, tol, damping, LSTM=lstm, FIRST=False, WRITE=True, COARSE=False, BD=BD, NB=nb, DOCS=docs, num_warps=nw)
+        max_iters, tol, damping, T, 0.0, LSTM=lstm, FIRST=False, WRITE=True, COARSE=False, BD=BD, NB=nb, DOCS=docs, num_warps=nw)
     return h, iters, res, 1 - done
 
 

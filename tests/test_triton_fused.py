@@ -127,6 +127,43 @@ def test_compact_start_map_equals_full_map(cell, segments):
 
 
 @pytest.mark.parametrize("cell", ["gru", "lstm"])
+@pytest.mark.parametrize("packed", [False, True])
+def test_first_pass_tail(cell, packed):
+    # The first forward pass walks only the last `tail` steps of each segment (T = 130, 4 segments
+    # of 33). (a) Tail product above tail_eps -> the program walks its whole segment: everything is
+    # bit-identical to a first pass that walks it all. (b) A tail accepted however poor (tail_eps =
+    # inf): the proposed starts are off, the next passes' residual check catches it, and the answer
+    # still matches the sequential reference. (c) A long tail on a contractive cell: accepted,
+    # converged in as many iterations as the full first pass.
+    lstm = cell == "lstm"
+    obj, u, p, h0, cu = _problem(cell, 130, packed, seed=3)
+    uf, pf, hf = u.float(), p.float().contiguous(), h0.float().contiguous()
+    from kernels.cells.fused_common import compact_start_map
+    smap = start_map_from_cu_seqlens(cu, 130) if packed else compact_start_map(u.shape[0], "cpu")
+    y, _ = parallel_rnn(obj, u, p, h0, cu, mode="sequential")
+
+    def run(**tuning):
+        shooting.TUNING.update(segments=4, **tuning)
+        out = shooting.shoot_forward(lstm, uf, pf, hf, smap, 8, 1e-5, 1.0)
+        for key in tuning:
+            del shooting.TUNING[key]
+        return out
+
+    h_ref, it_ref, _, fail_ref = run(tail=130)
+    assert int(fail_ref.sum()) == 0
+    _close(h_ref[:, :, -1], y, 3e-5, "y (full first pass)")
+    h_a, it_a, _, _ = run(tail=4)  # 4 steps cannot reach tol/8: every program walks its segment
+    assert torch.equal(h_a, h_ref) and torch.equal(it_a, it_ref)
+    h_b, it_b, _, fail_b = run(tail=2, tail_eps=float("inf"))
+    assert int(fail_b.sum()) == 0 and int(it_b.max()) > int(it_ref.max())
+    _close(h_b[:, :, -1], y, 3e-5, "y (poor tail accepted)")
+    h_c, it_c, _, fail_c = run(tail=30, tail_eps=1e-3)  # 30 steps of this cell: |P_tail| ~ 1e-7
+    assert int(fail_c.sum()) == 0 and torch.equal(it_c, it_ref)
+    assert packed or not torch.equal(h_c, h_ref)  # the starts came from the tails, not whole segments
+    _close(h_c[:, :, -1], y, 3e-5, "y (tail accepted)")
+
+
+@pytest.mark.parametrize("cell", ["gru", "lstm"])
 def test_final_states_through_engine_layout(cell):
     obj, u, p, h0, cu = _problem(cell, 40, True, seed=3)
     _, hl = parallel_rnn(obj, u, p, h0, cu, mode="sequential")
