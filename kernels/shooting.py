@@ -266,11 +266,15 @@ def _shoot_fwd_kernel(
     d = pid_d * BD + tl.arange(0, BD)
     dm = d < D
     col = b * D + d
-    if FIRST:
+    # A program reruns ALL its channels while any of them is unconverged: the masks then depend on
+    # the channel index only, so loads and stores vectorise (a per-channel flag in the mask splits
+    # them into scalar accesses). Rerunning a converged channel is harmless: its starts only had
+    # Newton updates since, so it rewrites h as accurately and its residual is checked again.
+    run = 1
+    if not FIRST:
+        run = tl.max((tl.load(DONE + col, mask=dm, other=1) == 0).to(tl.int32), axis=0)
+    if run > 0:
         act = dm
-    else:
-        act = dm & (tl.load(DONE + col, mask=dm, other=1) == 0)
-    if tl.max(act.to(tl.int32), axis=0) > 0:
         a0, a1, a2, c_f, c_o = _load_params(P, d, dm, D, LSTM)
         t0 = s * L
         t1 = tl.minimum(t0 + L, T)
