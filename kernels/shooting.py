@@ -614,13 +614,13 @@ FIRST_PASS_TAIL = 48
 
 # Steps per block (= prefetch depth: the next block's loads are in flight while this block's dependent
 # steps run). H200 measurements (kernels/NOTES-perf.md): one segment (few warps per SM, latency
-# exposed) wants 8 steps; many segments (the SMs full of warps) do best with 4 - deeper blocks only
-# cost registers there. The ParaLSTM backward keeps 4 (255 registers at 8).
+# exposed) wants 8 steps (ParaLSTM backward at (16, 2048, 2048): 0.97 -> 0.69 ms over 4); many
+# segments (the SMs full of warps) do best with 4 - deeper blocks only cost registers there.
 def _prefetch_steps(which: str, lstm: bool, segments: int) -> int:
     key = "NB" if which == "fwd" else "NB_bwd"
     if key in TUNING:
         return TUNING[key]
-    return 8 if segments == 1 and not (lstm and which == "bwd") else 4
+    return 8 if segments == 1 else 4
 
 
 def _dev(u):
@@ -633,7 +633,7 @@ def _sm_count(device) -> int:
     return 132
 
 
-def plan(B: int, T: int, D: int, device, which: str = "fwd") -> tuple[int, int, int, int]:
+def plan(B: int, T: int, D: int, device, which: str = "fwd", lstm: bool = False) -> tuple[int, int, int, int]:
     """(S, L, BD, num_warps): enough (batch, channel, segment) threads to fill the GPU.
 
     S = 1 (the plain sequential recurrence, exact in one pass) once B x D channels alone give
@@ -653,7 +653,9 @@ def plan(B: int, T: int, D: int, device, which: str = "fwd") -> tuple[int, int, 
     # Channels per program: 2 per thread (256 with 4 warps) when segments fill the GPU; 1 per thread
     # with one segment, where twice the warps per SM hide more latency (H200: ParaGRU forward at
     # (16, 2048, 2048) 0.41 -> 0.33 ms, backward 0.80 -> 0.76 ms).
-    width = 128 if S == 1 else 256
+    # The ParaLSTM backward keeps 1 per thread (184 registers at 2; H200 (8, 2048, 1024) bf16: 0.33 ->
+    # 0.30 ms).
+    width = 128 if S == 1 or (lstm and which == "bwd") else 256
     BD = TUNING.get("BD", width if D >= width else max(triton.next_power_of_2(D), 16))
     num_warps = TUNING.get("num_warps", max(min(BD // 32, 4), 1))
     return S, L, BD, num_warps
@@ -721,7 +723,7 @@ def shoot_backward(lstm: bool, u, p, h0_rows, smap, h, g, segments: int | None =
     B, T, _, D = u.shape
     K = 2 if lstm else 1
     NP = 5 if lstm else 3
-    S, L, BD, nw = plan(B, T, D, u.device, "bwd")
+    S, L, BD, nw = plan(B, T, D, u.device, "bwd", lstm)
     if segments is not None:
         L, S = max(T, 1), 1
     docs = smap.shape[1] > 1  # else the compact map: starts at t = 0 only
