@@ -16,6 +16,7 @@ from .api import parallel_rnn
 from .cell import Cell
 from .cells import ParaGRU, ParaLSTM
 from .config import NewtonConfig, NewtonStats
+from .projection import head_projection
 
 
 class CellLayerBase(nn.Module):
@@ -141,6 +142,12 @@ class ParaRNNLayer(CellLayerBase):
         self.mode = mode
         self.newton = newton or NewtonConfig()
         self._last_stats = NewtonStats()
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """As :meth:`CellLayerBase.project` (same values), through strided per-gate GEMMs that skip
+        the einsum's permute copies (kernels/projection.py)."""
+        u = head_projection(x, self.weight.to(x.dtype))
+        return u if self.bias is None else u + self.bias.to(x.dtype)
 
     @property
     def last_stats(self) -> NewtonStats:

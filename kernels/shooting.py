@@ -683,11 +683,15 @@ def shoot_forward(lstm: bool, u, p, h0_rows, smap, max_iters: int, tol: float, d
             u, p, h0_rows, smap, h, h, h, h, iters, iters, iters, res, T, D, 1, T, *strides,
             0, tol, damping, T, 0.0, LSTM=lstm, FIRST=True, WRITE=True, COARSE=False, BD=BD, NB=nb, DOCS=docs, num_warps=nw)
         return h, iters, res, torch.zeros_like(iters)
-    start = torch.zeros(B, S, K, D, device=dev, dtype=torch.float32)
+    # One zero fill for the internal zero-initialised arrays (host launch time matters at these
+    # sizes): the segment starts and, as int32 (same element size, zero bits), the per-channel
+    # arrival counters and converged flags.
+    n = B * D
+    zeros = torch.zeros(B * S * K * D + 2 * n, device=dev, dtype=torch.float32)
+    start = zeros[:B * S * K * D].view(B, S, K, D)
+    cnt, done = zeros[B * S * K * D:].view(torch.int32).split(n)
     end = torch.empty_like(start)
     prod = torch.empty(B, S, K * K, D, device=dev, dtype=torch.float32)
-    cnt = torch.zeros(B * D, device=dev, dtype=torch.int32)
-    done = torch.zeros(B * D, device=dev, dtype=torch.int32)
     # Pass 0 walks only each segment's last ``tail`` steps where that fixes its end state to well
     # within tol (see _shoot_fwd_kernel): ~L/tail times less work than walking it all.
     tail = int(TUNING.get("tail", FIRST_PASS_TAIL))
@@ -730,12 +734,12 @@ def shoot_backward(lstm: bool, u, p, h0_rows, smap, h, g, segments: int | None =
     nb = _prefetch_steps("bwd", lstm, S)
     dev = u.device
     du = torch.empty(B, T, 3, D, device=dev, dtype=u.dtype)
-    dp = torch.zeros(B, S, NP, D, device=dev, dtype=torch.float32)
-    dh0 = torch.zeros_like(h0_rows)
+    dh0 = torch.zeros_like(h0_rows)  # only the rows some sequence starts from are written
     if T == 0:
-        return du, dp.sum((0, 1)), dh0
+        return du, torch.zeros(NP, D, device=dev, dtype=torch.float32), dh0
+    dp = torch.empty(B, S, NP, D, device=dev, dtype=torch.float32)  # every (row, segment) writes its part
     nD = triton.cdiv(D, BD)
-    carry = torch.zeros(B, S, K, D, device=dev, dtype=torch.float32)
+    carry = torch.empty(B, S, K, D, device=dev, dtype=torch.float32)  # pass A writes all S (read only if S > 1)
     if u.stride(-1) != 1:  # the kernels address channels contiguously
         u = u.contiguous()
     if g.stride(-1) != 1:

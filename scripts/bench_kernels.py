@@ -31,6 +31,7 @@ from kernels.cells.fused_common import compact_start_map, start_map_batch  # noq
 from kernels.cells.paragru.fused import fused_paragru, fused_paragru_stepwise, paragru_fused_bwd  # noqa: E402
 from kernels.cells.paralstm.fused import fused_paralstm, fused_paralstm_stepwise, paralstm_fused_bwd  # noqa: E402
 from kernels.config import NewtonStats  # noqa: E402
+from kernels.projection import head_projection  # noqa: E402
 from kernels.sequential_triton import sequential_triton_rnn  # noqa: E402
 
 SHAPES = [(8, 2048, 1024, 16), (16, 2048, 2048, 32), (2, 16384, 1024, 16), (4, 4096, 4096, 64),
@@ -196,7 +197,7 @@ def bench_shape(cell, B, T, D, H, dtype_name, reps, do_module, do_seq, copy_bw):
         pm = p.clone().requires_grad_()
 
         def module_fwd():
-            uu = torch.einsum("bthi,higj->btghj", x.view(B, T, H, dh), W).reshape(B, T, 3, D)
+            uu = head_projection(x, W)  # the layers' projection (kernels/projection.py)
             return fused(uu, pm, None)[:, :, -1]
 
         def module_fwd_bwd():
