@@ -28,10 +28,14 @@ FAST_MATH = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") != "1" and torc
 
 
 @triton.jit
+def _ptx_f32(x, asm: tl.constexpr):
+    return tl.inline_asm_elementwise(asm, "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1)
+
+
+@triton.jit
 def exp2_(x):
     if FAST_MATH:
-        return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32,
-                                         is_pure=True, pack=1)
+        return _ptx_f32(x, "ex2.approx.ftz.f32 $0, $1;")
     else:
         return tl.exp2(x)
 
@@ -39,8 +43,7 @@ def exp2_(x):
 @triton.jit
 def rcp_(x):
     if FAST_MATH:
-        return tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32,
-                                         is_pure=True, pack=1)
+        return _ptx_f32(x, "rcp.approx.ftz.f32 $0, $1;")
     else:
         return 1.0 / x
 
