@@ -168,20 +168,23 @@ def reference_mamba2(a, d):
 
 
 def measure_layer(a, name, B, T, d, positions, dev, clock) -> dict:
-    """fwd and fwd+bwd ms (and peak memory on CUDA) of one bf16 layer; its tensors are freed on return."""
+    """fwd and fwd+bwd ms (and peak memory on CUDA) of one bf16 layer; its tensors are freed on return.
+    ``NAME_compiled``: the same mixer under ``torch.compile`` (as ``train.compile`` runs it)."""
     out = {}
     torch.manual_seed(0)
-    if name == "mamba2_ref":
+    base, compiled = name.removesuffix("_compiled"), name.endswith("_compiled")
+    if base == "mamba2_ref":
         mod = reference_mamba2(a, d)
 
         def call(x):
             return mod(x)
     else:
-        mod = build_mixer(name, layer_config(a, d), 0)
+        mod = build_mixer(base, layer_config(a, d), 0)
         seq = SequenceInfo(positions)
+        fn = torch.compile(mod) if compiled else mod
 
         def call(x):
-            return mod(x, seq)
+            return fn(x, seq)
     mod = mod.to(device=dev, dtype=torch.bfloat16)
     out["params"] = sum(p.numel() for p in mod.parameters())
     x = torch.randn(B, T, d, device=dev, dtype=torch.bfloat16, requires_grad=True)
@@ -202,7 +205,7 @@ def measure_layer(a, name, B, T, d, positions, dev, clock) -> dict:
         torch.cuda.reset_peak_memory_stats()
         fwd_bwd()
         out["peak_GiB"] = torch.cuda.max_memory_allocated() / 2**30
-    if name == "mamba2":
+    if base == "mamba2":
         out["ssd_backend"] = "fla" if mod._use_fla(x) else "torch"
     return out
 
@@ -218,7 +221,10 @@ def bench_layers(run: Run) -> None:
                  "peer-benchmarks.md numbers shown instead")
     for (B, T, d) in a.layer_shapes:
         positions = torch.arange(T, device=dev).expand(B, T)
-        for name in ["paragru", "paralstm", "mamba2", "mamba2_ref"]:
+        names = ["paragru", "paralstm", "mamba2", "mamba2_ref"]
+        if a.compile:  # the RNN layers also as a compiled training step runs them
+            names[2:2] = ["paragru_compiled", "paralstm_compiled"]
+        for name in names:
             if run.over_budget(f"layers {name} {(B, T, d)}"):
                 return
             row = {"layer": name, "B": B, "T": T, "d_model": d, "dtype": "bf16"}
