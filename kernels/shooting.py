@@ -119,6 +119,13 @@ def _left_mul2(ok, a_cc, a_ch, a_hc, a_hh, b_cc, b_ch, b_hc, b_hh):
 
 
 @triton.jit
+def _eye2(mask):
+    """The 2x2 identity (entries cc, ch, hc, hh) as [BD] vectors, zero where ``mask`` is off."""
+    one = tl.where(mask, 1.0, 0.0)
+    return one, one * 0.0, one * 0.0, one
+
+
+@triton.jit
 def _load_params(P, d, dm, D, LSTM: tl.constexpr):
     """Per-channel recurrent parameters: a_0..a_2 and, for ParaLSTM, the peepholes c_f, c_o."""
     a0 = tl.load(P + d, mask=dm, other=0.0)
@@ -225,10 +232,7 @@ def _fwd_start(START, H0, smap_row, seg, ts, d, act, D, LSTM: tl.constexpr, DOCS
     if LSTM:
         cc = tl.load(START + seg, mask=act, other=0.0)
     # d(end)/d(start): identity, zeroed at a document start inside the segment.
-    p_cc = tl.where(act, 1.0, 0.0)
-    p_ch = p_cc * 0.0
-    p_hc = p_cc * 0.0
-    p_hh = p_cc
+    p_cc, p_ch, p_hc, p_hh = _eye2(act)
     if not DOCS:
         # The start map is compact (B, 1): each row starts at t = 0 from h0 row SMAP[b], nowhere else.
         if ts == 0:
@@ -241,6 +245,16 @@ def _fwd_start(START, H0, smap_row, seg, ts, d, act, D, LSTM: tl.constexpr, DOCS
             p_hc = p_cc
             p_hh = p_cc
     return cc, hc, p_cc, p_ch, p_hc, p_hh
+
+
+@triton.jit
+def _fwd_run(START, H0, ub, hb, smap_row, seg, sUt, sUg, ts, t1, d, act, D, a0, a1, a2, c_f, c_o,
+             LSTM: tl.constexpr, COARSE: tl.constexpr, WRITE: tl.constexpr, DOCS: tl.constexpr,
+             NB: tl.constexpr):
+    """The walk over steps ts .. t1-1 from the state :func:`_fwd_start` gives at ts."""
+    cc, hc, p_cc, p_ch, p_hc, p_hh = _fwd_start(START, H0, smap_row, seg, ts, d, act, D, LSTM, DOCS)
+    return _fwd_walk(ub, hb, smap_row, H0, sUt, sUg, ts, t1, cc, hc, p_cc, p_ch, p_hc, p_hh, d, act, D,
+                     a0, a1, a2, c_f, c_o, LSTM, COARSE, WRITE, DOCS, NB)
 
 
 @triton.jit
@@ -285,10 +299,8 @@ def _shoot_fwd_kernel(
         ts = t0
         if FIRST and COARSE:
             ts = tl.maximum(t0, t1 - tail)
-        cc, hc, p_cc, p_ch, p_hc, p_hh = _fwd_start(START, H0, smap_row, seg, ts, d, act, D, LSTM, DOCS)
-        cc, hc, p_cc, p_ch, p_hc, p_hh = _fwd_walk(
-            ub, hb, smap_row, H0, sUt, sUg, ts, t1, cc, hc, p_cc, p_ch, p_hc, p_hh, d, act, D,
-            a0, a1, a2, c_f, c_o, LSTM, COARSE, WRITE, DOCS, NB)
+        cc, hc, p_cc, p_ch, p_hc, p_hh = _fwd_run(START, H0, ub, hb, smap_row, seg, sUt, sUg, ts, t1, d, act, D,
+                                                  a0, a1, a2, c_f, c_o, LSTM, COARSE, WRITE, DOCS, NB)
         if FIRST and COARSE:
             if ts > t0:
                 big = tl.abs(p_hh)
@@ -296,10 +308,8 @@ def _shoot_fwd_kernel(
                     big = tl.maximum(tl.maximum(big, tl.abs(p_hc)), tl.maximum(tl.abs(p_cc), tl.abs(p_ch)))
                 ok = (big <= tail_eps) | (act == 0)  # NaN counts as too large
                 if tl.min(ok.to(tl.int32), axis=0) == 0:  # the start still matters: walk it all
-                    cc, hc, p_cc, p_ch, p_hc, p_hh = _fwd_start(START, H0, smap_row, seg, t0, d, act, D,
-                                                                LSTM, DOCS)
-                    cc, hc, p_cc, p_ch, p_hc, p_hh = _fwd_walk(
-                        ub, hb, smap_row, H0, sUt, sUg, t0, t1, cc, hc, p_cc, p_ch, p_hc, p_hh, d, act, D,
+                    cc, hc, p_cc, p_ch, p_hc, p_hh = _fwd_run(
+                        START, H0, ub, hb, smap_row, seg, sUt, sUg, t0, t1, d, act, D,
                         a0, a1, a2, c_f, c_o, LSTM, COARSE, WRITE, DOCS, NB)
         if COARSE:
             tl.store(END + seg + (K - 1) * D, hc, mask=act)
@@ -512,10 +522,7 @@ def _shoot_bwd_kernel(
             if LSTM:
                 mu_c = tl.load(CARRY + seg, mask=dm, other=0.0)
     # Q = J_t^T ... J_last^T (PASS_A only), identity at the segment end.
-    q_cc = tl.where(dm, 1.0, 0.0)
-    q_ch = q_cc * 0.0
-    q_hc = q_cc * 0.0
-    q_hh = q_cc
+    q_cc, q_ch, q_hc, q_hh = _eye2(dm)
     acc0 = a0 * 0.0
     acc1 = a0 * 0.0
     acc2 = a0 * 0.0
