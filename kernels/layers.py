@@ -103,9 +103,14 @@ class CellLayerBase(nn.Module):
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
         """(..., dim) -> pre-activations (..., G, dim) through the block-diagonal heads."""
-        xh = x.unflatten(-1, (self.num_heads, self.head_dim))
-        u = torch.einsum("...hi,higj->...ghj", xh, self.weight.to(x.dtype)).flatten(-2)
+        u = self.head_matmul(x, self.weight.to(x.dtype))
         return u if self.bias is None else u + self.bias.to(x.dtype)
+
+    @staticmethod
+    def head_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """x (..., H * dh), weight (H, dh, G, dh) -> (..., G, H * dh), as one einsum."""
+        H, dh = weight.shape[:2]
+        return torch.einsum("...hi,higj->...ghj", x.unflatten(-1, (H, dh)), weight).flatten(-2)
 
     def _check_input(self, x: torch.Tensor, rank: int) -> None:
         if x.dim() != rank or x.shape[-1] != self.dim:
@@ -143,11 +148,9 @@ class ParaRNNLayer(CellLayerBase):
         self.newton = newton or NewtonConfig()
         self._last_stats = NewtonStats()
 
-    def project(self, x: torch.Tensor) -> torch.Tensor:
-        """As :meth:`CellLayerBase.project` (same values), through strided per-gate GEMMs that skip
-        the einsum's permute copies (kernels/projection.py)."""
-        u = head_projection(x, self.weight.to(x.dtype))
-        return u if self.bias is None else u + self.bias.to(x.dtype)
+    # Same values as the einsum, through strided per-gate GEMMs that skip its permute copies
+    # (kernels/projection.py). The base class keeps the einsum: exports inline it with torch only.
+    head_matmul = staticmethod(head_projection)
 
     @property
     def last_stats(self) -> NewtonStats:

@@ -58,8 +58,7 @@ def head_projection(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"head_projection: x (..., {H * dh}) and weight (H, dh, G, dh) expected, "
                          f"got x {tuple(x.shape)}, weight {tuple(weight.shape)}")
     if torch.compiler.is_compiling():
-        u = torch.einsum("...hi,higj->...ghj", x.unflatten(-1, (H, dh)), weight)
-        return u.flatten(-2)
+        return torch.einsum("...hi,higj->...ghj", x.unflatten(-1, (H, dh)), weight).flatten(-2)
     lead = x.shape[:-1]
     u = _HeadProjection.apply(x.reshape(-1, H * dh), weight)
     return u.view(*lead, G, H * dh)

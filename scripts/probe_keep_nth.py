@@ -23,23 +23,10 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from eval.synthetic.models import build_model, logits_of  # noqa: E402
+from eval.synthetic.models import DenseGRULM, build_model, logits_of  # noqa: E402
 from eval.synthetic.tasks import keep_nth  # noqa: E402
 
 log = logging.getLogger("probe_keep_nth")
-
-
-class DenseGRULM(nn.Module):
-    """embedding -> torch.nn.GRU (dense recurrence) -> head: the control."""
-
-    def __init__(self, vocab_size: int, d_model: int) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(vocab_size, d_model)
-        self.rnn = nn.GRU(d_model, d_model, batch_first=True)
-        self.head = nn.Linear(d_model, vocab_size)
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.head(self.rnn(self.embed(input_ids))[0])
 
 
 def main(argv: list[str] | None = None) -> float:

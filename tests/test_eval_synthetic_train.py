@@ -12,20 +12,9 @@ from eval.synthetic.train import SyntheticTrainConfig, evaluate, run_grid, run_t
 from eval.synthetic.tasks import TASKS
 
 
-class TinyGRULM(nn.Module):
-    def __init__(self, vocab_size: int, d_model: int, **_: object) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(vocab_size, d_model)
-        self.rnn = nn.GRU(d_model, d_model, batch_first=True)
-        self.head = nn.Linear(d_model, vocab_size)
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.head(self.rnn(self.embed(input_ids))[0])
-
-
 @pytest.fixture
 def tiny_gru():
-    synth_models.register_arch("tinygru", lambda vocab_size, d_model, **kw: TinyGRULM(vocab_size, d_model))
+    synth_models.register_arch("tinygru", synth_models.DenseGRULM)
     yield "tinygru"
     synth_models.unregister_arch("tinygru")
 

@@ -100,6 +100,21 @@ def _first_attr(mod: Any, names: tuple[str, ...]) -> Any:
     raise ImportError(f"models/ exports none of {names}")
 
 
+class DenseGRULM(nn.Module):
+    """Control: embedding -> ``torch.nn.GRU`` (a DENSE recurrent matrix, unlike the paper's diagonal
+    cells) -> head. Not in Table 6; register it with :func:`register_arch` to train it like the others
+    (``scripts/probe_keep_nth.py``, the trainer's tests)."""
+
+    def __init__(self, vocab_size: int, d_model: int, **_: Any) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab_size, d_model)
+        self.rnn = nn.GRU(d_model, d_model, batch_first=True)
+        self.head = nn.Linear(d_model, vocab_size)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.rnn(self.embed(input_ids))[0])
+
+
 class _KernelsRNNLM(nn.Module):
     """Fallback bare-mixer LM: embedding -> ParaGRU/ParaLSTM layer -> linear head (no norm, no MLP)."""
 
