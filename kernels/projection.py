@@ -45,9 +45,48 @@ class _HeadProjection(torch.autograd.Function):
             dx = torch.empty_like(x)
             torch.bmm(du_heads, weight.view(H, dh, G * dh).transpose(1, 2), out=_heads(dx, H))
         if ctx.needs_input_grad[1]:
-            dw = torch.empty_like(weight)
-            torch.bmm(_heads(x, H).transpose(1, 2), du_heads, out=dw.view(H, dh, G * dh))
+            splits = _k_splits(x.shape[0], H, dh, G * dh, x.device, x.dtype)
+            dw = _weight_grad(x, du_heads, H, splits).view_as(weight)
         return dx, dw
+
+
+def _k_splits(N: int, H: int, dh: int, width: int, device: torch.device, dtype: torch.dtype) -> int:
+    """Chunks of the token axis for the weight-gradient GEMM. dW of a head is (dh, G * dh) reduced
+    over all N tokens: with 16 heads of 64 that is ~32 output tiles for 132 SMs, each walking 16k
+    tokens (H100 fp32, (8, 2048, 1024): 0.6 ms, the largest kernel of the module's backward). Split
+    the reduction until there are ~4 tiles per SM, each chunk >= 512 tokens, a power of two dividing N
+    (H100, module fwd+bwd GPU time: (8, 2048, 1024) 2.06 -> 1.71 ms, (2, 16384, 1024) 4.01 -> 3.27).
+    fp32 only: cuBLAS's bf16 kernels already keep the SMs busy there, and the split's copy of x and
+    its reduction made the bf16 module 3-5% slower."""
+    if device.type != "cuda" or dtype != torch.float32:
+        return 1
+    tiles = H * -(-dh // 128) * -(-width // 128)
+    want = -(-4 * torch.cuda.get_device_properties(device).multi_processor_count // tiles)
+    splits = 1
+    while splits * 2 <= min(want, N // 512) and N % (splits * 2) == 0:
+        splits *= 2
+    return splits
+
+
+def _weight_grad(x: torch.Tensor, du_heads: torch.Tensor, H: int, splits: int) -> torch.Tensor:
+    """x (N, H * dh), du_heads (H, N, W) -> (H, dh, W) in x's dtype, accumulated in fp32; the token
+    axis in ``splits`` chunks (a divisor of N)."""
+    N, D = x.shape
+    dh, width = D // H, du_heads.shape[-1]
+    if splits == 1:
+        dw = x.new_empty(H, dh, width)
+        return torch.bmm(_heads(x, H).transpose(1, 2), du_heads, out=dw)
+    # Split-K by hand: (H * splits) GEMMs over N / splits tokens each, partial sums kept in fp32
+    # (bmm's out_dtype for 16-bit inputs), then one reduction. Needs x head-major: one copy of x.
+    xh = _heads(x, H).contiguous().view(H * splits, N // splits, dh).transpose(1, 2)
+    dub = du_heads.reshape(H * splits, N // splits, width)
+    if x.dtype in (torch.float32, torch.float64):
+        parts = torch.bmm(xh, dub)
+    elif x.is_cuda:
+        parts = torch.bmm(xh, dub, out_dtype=torch.float32)
+    else:  # bmm's out_dtype is CUDA-only
+        parts = torch.bmm(xh.float(), dub.float())
+    return parts.view(H, splits, dh, width).sum(1).to(x.dtype)
 
 
 def head_projection(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

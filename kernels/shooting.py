@@ -612,11 +612,14 @@ def _shoot_bwd_kernel(
 # contractive cells converge after the first. 'raise' launches all max_iters passes.
 FALLBACK_PASS_CAP = 2
 TUNING: dict = {}  # bench / test overrides: segments, BD, num_warps, threads_per_sm, single_tps, NB, NB_bwd,
-# tail, tail_eps
+# tail, tail_eps, maxnreg_bwd
 # Steps of each segment the first forward pass walks (its end state from a zero start). At the
 # benchmark's default-like init the Jacobian product over 48 steps is <= 2e-9 (32 steps: up to 2e-5,
 # above tol/8 = 1.25e-6 for some channels); a larger product makes that program walk its whole segment.
-FIRST_PASS_TAIL = 48
+# H100 (bf16 forward, GPU time): 40 steps with ~900 threads per SM beat 48 with 1024 at every
+# multi-segment shape ((8, 2048, 1024) ParaGRU 0.116 -> 0.108 ms, ParaLSTM 0.153 -> 0.144 ms;
+# (2, 16384, 1024) 0.215 -> 0.202 / 0.286 -> 0.276; (1, 131072, 1024) 0.627 -> 0.621 / 0.880 -> 0.870).
+FIRST_PASS_TAIL = 40
 
 
 # Steps per block (= prefetch depth: the next block's loads are in flight while this block's dependent
@@ -650,10 +653,10 @@ def plan(B: int, T: int, D: int, device, which: str = "fwd", lstm: bool = False)
         S = max(1, min(int(TUNING["segments"]), T))
     else:
         # H100/H200 sweeps (kernels/NOTES-perf.md): one segment once B x D gives 200 threads per SM; else
-        # segments up to ~1024 (forward) / ~2048 (backward) threads per SM.
+        # segments up to ~900 (forward) / ~2048 (backward) threads per SM.
         sm = _sm_count(device)
         single = TUNING.get("single_tps", 200) * sm
-        want = TUNING.get("threads_per_sm", 1024 if which == "fwd" else 2048) * sm
+        want = TUNING.get("threads_per_sm", 896 if which == "fwd" else 2048) * sm
         S = 1 if B * D >= single else min(triton.cdiv(want, B * D), max(T // 32, 1), 256)
     L = triton.cdiv(T, S) if T else 1
     S = triton.cdiv(T, L) if T else 1
@@ -752,11 +755,20 @@ def shoot_backward(lstm: bool, u, p, h0_rows, smap, h, g, segments: int | None =
     if g.stride(-1) != 1:
         g = g.contiguous()
     strides = (T, D, S, L, *u.stride()[:3], *g.stride()[:3])
+    opts = {}
+    if "maxnreg_bwd" in TUNING:
+        opts["maxnreg"] = TUNING["maxnreg_bwd"]
+    elif u.is_cuda and not lstm and S == 1 and nD * B > 3 * _sm_count(dev):
+        # The one-segment ParaGRU backward compiles to ~155 registers: 3 programs per SM, so more
+        # than 3 x SMs programs run in two waves. Capped at 128 (no spills on sm_90) 4 fit: H100
+        # (32, 2048, 2048) bf16 1.45 -> 1.12 ms. Not below that (one wave either way: 0.70 -> 0.76
+        # ms at (16, 2048, 2048)), nor for ParaLSTM (spills: 1.70 -> 2.30 ms).
+        opts["maxnreg"] = 128
     if S > 1:
         cm = torch.empty(B, S, K + K * K, D, device=dev, dtype=torch.float32)
         cnt = torch.zeros(B * D, device=dev, dtype=torch.int32)
         _shoot_bwd_kernel[(nD, B, S)](u, p, h0_rows, smap, h, g, du, dp, dh0, carry, cm, cnt, *strides,
-                                      LSTM=lstm, PASS_A=True, BD=BD, NB=nb, DOCS=docs, num_warps=nw)
+                                      LSTM=lstm, PASS_A=True, BD=BD, NB=nb, DOCS=docs, num_warps=nw, **opts)
     _shoot_bwd_kernel[(nD, B, S)](u, p, h0_rows, smap, h, g, du, dp, dh0, carry, carry, carry, *strides,
-                                  LSTM=lstm, PASS_A=False, BD=BD, NB=nb, DOCS=docs, num_warps=nw)
+                                  LSTM=lstm, PASS_A=False, BD=BD, NB=nb, DOCS=docs, num_warps=nw, **opts)
     return du, dp.sum((0, 1)), dh0

@@ -43,3 +43,41 @@ def test_non_contiguous_input_and_single_grad():
 def test_bad_shapes_raise():
     with pytest.raises(ValueError, match="head_projection"):
         head_projection(torch.randn(2, 10), torch.randn(3, 4, 3, 4))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("splits", [1, 2, 8])
+def test_weight_grad_token_splits(dtype, splits):
+    """The split-K weight gradient (chunks of the token axis, fp32 partial sums) equals the
+    fp64 per-head reduction for every split count."""
+    from kernels.projection import _weight_grad
+
+    g = torch.Generator().manual_seed(splits)
+    N, H, dh, W = 64, 3, 5, 15
+    x = torch.randn(N, H * dh, generator=g).to(dtype)
+    du = torch.randn(H, N, W, generator=g).to(dtype)
+    ref = torch.einsum("nhi,hnw->hiw", x.double().unflatten(-1, (H, dh)), du.double())
+    got = _weight_grad(x, du, H, splits)
+    assert got.dtype == dtype and got.shape == (H, dh, W)
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-2}[dtype]
+    torch.testing.assert_close(got.double(), ref, rtol=tol, atol=tol * ref.abs().max().item())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_weight_grad_split_on_gpu(dtype):
+    """At a benchmark shape the GPU path splits the fp32 reduction; dW matches fp64 to the dtype's
+    rounding either way."""
+    from kernels.projection import _k_splits
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    N, H, dh, G = 16384, 16, 64, 3
+    assert (_k_splits(N, H, dh, G * dh, torch.device("cuda"), dtype) > 1) == (dtype == torch.float32)
+    x = torch.randn(N, H * dh, device="cuda", generator=g).to(dtype).requires_grad_()
+    w = (torch.randn(H, dh, G, dh, device="cuda", generator=g) / dh ** 0.5).to(dtype).requires_grad_()
+    gu = torch.randn(N, G, H * dh, device="cuda", generator=g).to(dtype)
+    (dw,) = torch.autograd.grad((head_projection(x, w) * gu).sum(), (w,))
+    ref = torch.einsum("nhi,nghj->higj", x.double().unflatten(-1, (H, dh)), gu.double().unflatten(-1, (H, dh)))
+    err = ((dw.double() - ref).norm() / ref.norm()).item()
+    assert err < (1e-5 if dtype == torch.float32 else 5e-3), err

@@ -218,6 +218,26 @@ def test_engine_mode_adapters():
     assert stats.mode == "fused" and stats.iterations >= 1
 
 
+@pytest.mark.parametrize("cell", ["gru", "lstm"])
+def test_eager_path_equals_library_op(cell):
+    """Eager calls go through a plain autograd.Function (less host work); torch.compile traces the
+    torch.library op. Both must give bit-identical states, stats and gradients in u, p and h0."""
+    from kernels.cells.fused_common import start_map_from_cu_seqlens
+    obj, u, p, h0, cu = _problem(cell, 21, True, seed=7)
+    ops = CELLS[cell][3]._OPS
+    smap = start_map_from_cu_seqlens(cu, 21)
+    gy = torch.randn(1, 21, CELLS[cell][1], 19, generator=torch.Generator().manual_seed(1))
+    outs = []
+    for call in (ops.solve, ops.fwd):
+        uf, pf, hf = (t.float().requires_grad_() for t in (u, p, h0))
+        h, iters, res, fail = call(uf, pf, hf, smap, 3, 1e-5, 1.0)
+        grads = torch.autograd.grad((h * gy).sum(), (uf, pf, hf))
+        outs.append((h, iters, res, fail, *grads))
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
+    assert not outs[0][1].requires_grad and outs[0][1].dtype == torch.int32
+
+
 def test_torch_compile_fullgraph():
     obj, u, p, h0, cu = _problem("gru", 9, False, seed=4, D=8)
     uf, pf = u.float().requires_grad_(), p.float().requires_grad_()
