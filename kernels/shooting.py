@@ -760,7 +760,7 @@ def shoot_backward(lstm: bool, u, p, h0_rows, smap, h, g, segments: int | None =
         opts["maxnreg"] = TUNING["maxnreg_bwd"]
     elif u.is_cuda and not lstm and S == 1 and nD * B > 3 * _sm_count(dev):
         # The one-segment ParaGRU backward compiles to ~155 registers: 3 programs per SM, so more
-        # than 3 x SMs programs run in two waves. Capped at 128 (no spills on sm_90) 4 fit: H100
+        # than 3 x SMs programs run in two waves. Capped at 128 (no spills on sm_90), 4 fit: H100
         # (32, 2048, 2048) bf16 1.45 -> 1.12 ms. Not below that (one wave either way: 0.70 -> 0.76
         # ms at (16, 2048, 2048)), nor for ParaLSTM (spills: 1.70 -> 2.30 ms).
         opts["maxnreg"] = 128
