@@ -76,17 +76,13 @@ def _weight_grad(x: torch.Tensor, du_heads: torch.Tensor, H: int, splits: int) -
     if splits == 1:
         dw = x.new_empty(H, dh, width)
         return torch.bmm(_heads(x, H).transpose(1, 2), du_heads, out=dw)
-    # Split-K by hand: (H * splits) GEMMs over N / splits tokens each, partial sums kept in fp32
-    # (bmm's out_dtype for 16-bit inputs), then one reduction. Needs x head-major: one copy of x.
+    # Split-K by hand: (H * splits) GEMMs over N / splits tokens each, partial sums kept in fp32 (or
+    # fp64), then one reduction. Needs x head-major: one copy of x.
     xh = _heads(x, H).contiguous().view(H * splits, N // splits, dh).transpose(1, 2)
     dub = du_heads.reshape(H * splits, N // splits, width)
-    if x.dtype in (torch.float32, torch.float64):
-        parts = torch.bmm(xh, dub)
-    elif x.is_cuda:
-        parts = torch.bmm(xh, dub, out_dtype=torch.float32)
-    else:  # bmm's out_dtype is CUDA-only
-        parts = torch.bmm(xh.float(), dub.float())
-    return parts.view(H, splits, dh, width).sum(1).to(x.dtype)
+    if x.dtype not in (torch.float32, torch.float64):  # 16-bit: only reached by direct calls (tests)
+        xh, dub = xh.float(), dub.float()
+    return torch.bmm(xh, dub).view(H, splits, dh, width).sum(1).to(x.dtype)
 
 
 def head_projection(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -222,7 +222,6 @@ def test_engine_mode_adapters():
 def test_eager_path_equals_library_op(cell):
     """Eager calls go through a plain autograd.Function (less host work); torch.compile traces the
     torch.library op. Both must give bit-identical states, stats and gradients in u, p and h0."""
-    from kernels.cells.fused_common import start_map_from_cu_seqlens
     obj, u, p, h0, cu = _problem(cell, 21, True, seed=7)
     ops = CELLS[cell][3]._OPS
     smap = start_map_from_cu_seqlens(cu, 21)
