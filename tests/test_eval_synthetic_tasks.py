@@ -9,16 +9,20 @@ from eval.synthetic import IGNORE_INDEX, TASKS, k_hop, keep_nth, make_splits, mq
 
 # ---- independent solvers: plain Python over token lists, no tensors, written from the definitions ----
 
-def solve_keep_nth(tokens: list[int], n: int) -> dict[int, int]:
-    return {len(tokens) - 1: tokens[n - 1]}
+def solve_keep_nth(tokens: list[int], n: int, dense: bool = True) -> dict[int, int]:
+    answer = tokens[n - 1]
+    if not dense:
+        return {len(tokens) - 1: answer}
+    return {i: answer for i in range(n, len(tokens))}  # every position after the n-th token
 
 
-def solve_parity(tokens: list[int]) -> dict[int, int]:
-    ones = 0
-    for t in tokens:
+def solve_parity(tokens: list[int], dense: bool = True) -> dict[int, int]:
+    ones, answers = 0, {}
+    for i, t in enumerate(tokens):
         if t == 1:
             ones += 1
-    return {len(tokens) - 1: ones % 2}
+        answers[i] = ones % 2
+    return answers if dense else {len(tokens) - 1: answers[len(tokens) - 1]}
 
 
 def solve_mqar(tokens: list[int], vocab: int, pairs: int) -> dict[int, int]:
@@ -68,26 +72,34 @@ def check_row_common(batch, row: int, vocab: int) -> None:
     assert bool((tg[~m] == IGNORE_INDEX).all()) and bool((tg[m] >= 0).all()) and bool((tg[m] < vocab).all())
 
 
-@pytest.mark.parametrize("seq_len", [100, 17])
-def test_keep_nth_solver(seq_len):
-    b = keep_nth(200, seq_len, 128, n=5, seed=3)
+@pytest.mark.parametrize("dense", [True, False])
+@pytest.mark.parametrize("seq_len", [100, 17, 6])
+def test_keep_nth_solver(seq_len, dense):
+    b = keep_nth(200, seq_len, 128, n=5, seed=3, dense=dense)
     for r in range(len(b)):
         check_row_common(b, r, 128)
-        assert labels_of(b, r) == solve_keep_nth(b.input_ids[r].tolist(), 5)
+        assert labels_of(b, r) == solve_keep_nth(b.input_ids[r].tolist(), 5, dense)
+    assert int(b.loss_mask.sum()) == 200 * ((seq_len - 5) if dense else 1)
 
 
+def test_keep_nth_needs_a_position_after_the_nth_token():
+    with pytest.raises(ValueError, match="n < seq_len"):
+        keep_nth(4, 5, 128, n=5)
+
+
+@pytest.mark.parametrize("dense", [True, False])
 @pytest.mark.parametrize("seq_len", [100, 9])
-def test_parity_solver(seq_len):
-    b = parity(300, seq_len, seed=4)
+def test_parity_solver(seq_len, dense):
+    b = parity(300, seq_len, seed=4, dense=dense)
     for r in range(len(b)):
         check_row_common(b, r, 2)
-        assert labels_of(b, r) == solve_parity(b.input_ids[r].tolist())
+        assert labels_of(b, r) == solve_parity(b.input_ids[r].tolist(), dense)
     # labels are balanced, so chance is 50 %
     assert 0.4 < b.targets[:, -1].float().mean().item() < 0.6
 
 
-def test_parity_all_positions_is_running_parity():
-    b = parity(20, 30, seed=5, all_positions=True)
+def test_parity_dense_is_running_parity():
+    b = parity(20, 30, seed=5)
     for r in range(len(b)):
         toks = b.input_ids[r].tolist()
         assert labels_of(b, r) == {i: sum(toks[: i + 1]) % 2 for i in range(30)}

@@ -62,7 +62,7 @@ class SyntheticTrainConfig:
     time_budget_s: float | None = None  # wall-clock cap of one train call; unfinished runs report their best so far
     resume: bool = False  # continue the runs saved in OUT/runs by an earlier call (finished ones are read back)
     progress: bool = True
-    task_kwargs: dict[str, Any] = field(default_factory=dict)  # generator overrides (e.g. all_positions)
+    task_kwargs: dict[str, Any] = field(default_factory=dict)  # generator overrides (e.g. dense=False)
     model_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
