@@ -16,6 +16,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import hydra
 import torch
@@ -33,7 +34,7 @@ def train(cfg: TrainConfig) -> dict:
     from training.backends import BACKENDS
     from training.checkpoint import CheckpointManager, capture_rng_state, restore_rng_state
     from training.distributed import all_reduce_max, all_reduce_mean, init_distributed
-    from training.metrics import MetricsLogger, flops_per_token, peak_flops
+    from training.metrics import MetricsLogger, StepTimer, flops_per_token, peak_flops
     from training.optim import build_scheduler, parameter_groups
     from training.progress import Progress
     from training.signals import REQUEUE_EXIT_CODE, PreemptionFlag
@@ -59,6 +60,7 @@ def train(cfg: TrainConfig) -> dict:
     optimizer = torch.optim.AdamW(
         parameter_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
         betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps,
+        fused=not cfg.deepspeed.enabled,  # lets TorchBackend skip a non-finite step on the device
     )
     warmup = int(cfg.optim.warmup_fraction * cfg.train.steps)
     scheduler = build_scheduler(optimizer, cfg.train.steps, warmup, cfg.optim.min_lr_ratio)
@@ -86,61 +88,98 @@ def train(cfg: TrainConfig) -> dict:
     flops_token = flops_per_token(*factory.flops_terms(model), cfg.data.seq_len)
     peak = peak_flops(torch.cuda.get_device_name(info.device) if info.device.type == "cuda" else None)
 
-    def save() -> Path:
-        meta = {"step": step, "tokens": tokens, "wandb_id": wandb_id, "nonfinite_steps": nonfinite_steps}
-        rank_state = {"data": data.train.state_dict(), "rng": capture_rng_state()}
-        return backend.save(checkpoints, step, rank_state, meta)
-
     def evaluate() -> dict[str, float]:
         loss = factory.validation_loss(backend.module, data.validation, cfg, info)
         return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
 
     # --- the loop -------------------------------------------------------------------------------
+    # A step reads nothing back from the device: a read waits for the queued work, and the host then
+    # has to rebuild its lead. Loss, grad norm and whether the update was applied stay on the device
+    # in `pending` until a log step, a checkpoint or the end reads them all at once.
     train_iter = iter(data.train)
     progress = Progress(cfg.train.steps, initial=step, enabled=info.is_main and cfg.logging.progress_bar)
+    timer = StepTimer(info.device)
     losses: list[float] = []
+    pending: list[tuple[int, Any, Any, Any]] = []  # (step, loss, grad norm, applied): tensors or numbers
     started, exit_code = time.perf_counter(), 0
+
+    def report_nonfinite(at: int) -> None:
+        nonfinite_steps.append(at)
+        logger.warning("step %d: non-finite loss or gradient (%s)", at, cfg.train.on_nonfinite)
+
+    def read_pending() -> dict[int, tuple[float, float, bool]]:
+        """{step: (loss, grad norm, skipped)} of the steps not read yet: one device-to-host transfer,
+        and one all-reduce of their losses over the ranks."""
+        if not pending:
+            return {}
+        steps_read, *columns = zip(*pending)
+        pending.clear()
+        loss, norm, applied = (torch.stack([torch.as_tensor(v, dtype=torch.float32, device=info.device) for v in c])
+                               for c in columns)
+        rows = torch.stack([all_reduce_mean(loss, info), norm, applied]).T.tolist()
+        out = {}
+        for at, (loss_at, norm_at, applied_at) in zip(steps_read, rows):
+            losses.append(loss_at)
+            if not applied_at:
+                report_nonfinite(at)
+            out[at] = (loss_at, norm_at, not applied_at)
+        return out
+
+    def save() -> Path:
+        read_pending()  # the checkpoint's list of non-finite steps is complete
+        meta = {"step": step, "tokens": tokens, "wandb_id": wandb_id, "nonfinite_steps": nonfinite_steps}
+        rank_state = {"data": data.train.state_dict(), "rng": capture_rng_state()}
+        return backend.save(checkpoints, step, rank_state, meta)
+
+    def stop_reason() -> str | None:
+        """Preemption or the time limit. Every rank must stop at the same step, so with several ranks
+        the flags go through an all-reduce that is read on the host: one sync per step there."""
+        out_of_time = cfg.train.max_time_minutes is not None and time.perf_counter() - started > 60 * cfg.train.max_time_minutes
+        flags = [bool(preempted), out_of_time]
+        if info.world_size > 1:
+            flags = [bool(f) for f in all_reduce_max(torch.tensor(flags, dtype=torch.float32, device=info.device), info).tolist()]
+        return "preempted" if flags[0] else "time limit" if flags[1] else None
+
     while step < cfg.train.steps:
-        t0 = time.perf_counter()
-        step_losses, all_finite = [], True
+        step_losses = []
         for _ in range(grad_accum):
             batch = factory.to_device(next(train_iter), info.device)
-            loss, finite = backend.forward_backward(batch, poison=factory.poison_loss(step + 1))
-            step_losses.append(loss.float())
-            all_finite &= finite
-        grad_norm, applied = backend.step()
-        loss = all_reduce_mean(torch.stack(step_losses).mean(), info).item()
+            loss, _ = backend.forward_backward(batch, poison=factory.poison_loss(step + 1))
+            step_losses.append(torch.as_tensor(loss).float())
+        grad_norm, applied = backend.step()  # skips the update if a loss or the grad norm is not finite
         step += 1
         tokens += tokens_per_step
-        if not (all_finite and applied):
-            nonfinite_steps.append(step)
-            logger.warning("step %d: non-finite loss or gradient (%s)", step, cfg.train.on_nonfinite)
-            if cfg.train.on_nonfinite == "stop":
-                save()
-                raise FloatingPointError(f"non-finite loss/gradient at step {step}; checkpoint saved, see metrics.jsonl")
-        losses.append(loss)
-        dt = time.perf_counter() - t0
-        tok_s = tokens_per_step / dt
-        record = {
-            "loss": loss, "lr": backend.lr(), "grad_norm": grad_norm, "tokens": tokens, "tokens_per_s": tok_s,
-            "step_time_s": dt, "mfu": tok_s * flops_token / (peak * info.world_size) if peak else None,
-            "skipped": not (all_finite and applied), **factory.memory_stats(info.device),
-            **factory.newton_stats(backend.module),
-        }
-        progress.update(step, loss, tok_s)
+        timer.step()
+        if cfg.train.on_nonfinite == "stop" and not bool(applied):  # "stop" reads the flag every step
+            read_pending()
+            report_nonfinite(step)
+            save()
+            raise FloatingPointError(f"non-finite loss/gradient at step {step}; checkpoint saved, see metrics.jsonl")
+        pending.append((step, torch.stack(step_losses).mean(), grad_norm, applied))
+        progress.update(step)
         factory.inject_fault(step)  # tests only: PARARNN_TEST_FAULT=sigkill@N / sigterm@N
         if step % cfg.train.log_every == 0 or step == cfg.train.steps:
-            metrics.log(step, record)
+            step_time = timer.read()  # waits for the device: the one sync of a log interval
+            loss, grad_norm, skipped = read_pending()[step]
+            tok_s = tokens_per_step / step_time
+            metrics.log(step, {
+                "loss": loss, "lr": backend.lr(), "grad_norm": grad_norm, "tokens": tokens, "tokens_per_s": tok_s,
+                "step_time_s": step_time, "mfu": tok_s * flops_token / (peak * info.world_size) if peak else None,
+                "skipped": skipped, **factory.memory_stats(info.device), **factory.newton_stats(backend.module),
+            })
+            progress.show(loss, tok_s)
         if cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.train.steps:
-            metrics.log(step, evaluate())
-        stop_now = bool(all_reduce_max(torch.tensor(float(bool(preempted)), device=info.device), info).item())
-        out_of_time = cfg.train.max_time_minutes is not None and time.perf_counter() - started > 60 * cfg.train.max_time_minutes
-        if stop_now or out_of_time or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
-            save()
-        if stop_now or out_of_time:
-            logger.warning("stopping at step %d (%s); resume with resume=auto", step, "preempted" if stop_now else "time limit")
-            exit_code = REQUEUE_EXIT_CODE if stop_now else 0
+            with timer.paused():
+                metrics.log(step, evaluate())
+        stop = stop_reason()
+        if stop or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
+            with timer.paused():
+                save()
+        if stop:
+            logger.warning("stopping at step %d (%s); resume with resume=auto", step, stop)
+            exit_code = REQUEUE_EXIT_CODE if stop == "preempted" else 0
             break
+    read_pending()
     progress.close()
 
     summary = {"step": step, "tokens": tokens, "losses": losses, "run_dir": str(run_dir), "exit_code": exit_code}

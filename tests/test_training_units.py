@@ -1,7 +1,13 @@
-"""Units of the training loop: checkpoints, schedule, optimiser groups, DeepSpeed JSON, signals."""
+"""Units of the training loop: checkpoints, schedule, optimiser groups, DeepSpeed JSON, signals, the
+optimiser step (skipping a non-finite one on the device) and the loop's host syncs."""
+import collections
+import copy
 import math
 import os
 import signal
+import sys
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -150,3 +156,201 @@ def test_preemption_flag_by_signal_and_by_sentinel(tmp_path):
     finally:
         signal.signal(signal.SIGUSR1, previous[0])
         signal.signal(signal.SIGTERM, previous[1])
+
+
+# --- the optimiser step (TorchBackend) ---------------------------------------------------------------
+
+class _Toy(nn.Module):
+    """Returns what the LM returns to the backends: the objective and its cross-entropy part."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj, self.norm = nn.Linear(4, 3), nn.LayerNorm(3)
+
+    def forward(self, x, y, extra=None, push=None):
+        ce = (self.norm(self.proj(x)) - y).pow(2).mean()
+        loss = ce + 1e-3 * self.proj.weight.pow(2).sum()
+        if extra is not None:  # added to the value only
+            loss = loss + extra
+        if push is not None:  # added to the gradient of every weight only
+            w = self.proj.weight.sum()
+            loss = loss + (w - w.detach()) * push
+        return SimpleNamespace(loss=loss, ce_loss=ce)
+
+
+def _batches(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [{"x": torch.randn(5, 4, generator=g), "y": 3 * torch.randn(5, 3, generator=g)} for _ in range(n)]
+
+
+def _backend(model, fused=True, grad_accum=2, constant_lr=False):
+    from training.backends import TorchBackend
+
+    cfg = TrainConfig()
+    cfg.optim.grad_clip, cfg.train.precision = 0.5, "fp32"
+    optimizer = torch.optim.AdamW(parameter_groups(model, 0.1), lr=1e-2, betas=(0.9, 0.95), eps=1e-8, fused=fused)
+    scheduler = (torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0) if constant_lr
+                 else build_scheduler(optimizer, total_steps=10, warmup_steps=2))
+    return TorchBackend(model, optimizer, scheduler, cfg, DistInfo(0, 1, 0, torch.device("cpu")), grad_accum)
+
+
+def _take_step(backend, batches, poison_at=None):
+    for i, batch in enumerate(batches):
+        loss, finite = backend.forward_backward(batch, poison=i == poison_at)
+        assert isinstance(loss, torch.Tensor) and isinstance(finite, torch.Tensor)  # nothing read on the host
+    norm, applied = backend.step()
+    assert isinstance(norm, torch.Tensor) and isinstance(applied, torch.Tensor)
+    return norm, applied
+
+
+def _snapshot(backend):
+    return [p.detach().clone() for p in backend.module.parameters()], copy.deepcopy(backend.optimizer.state_dict()["state"])
+
+
+def _assert_identical(a, b):
+    for x, y in zip(a[0], b[0]):
+        assert torch.equal(x, y)
+    assert a[1].keys() == b[1].keys()
+    for key in a[1]:
+        for name in ("step", "exp_avg", "exp_avg_sq"):
+            assert torch.equal(a[1][key][name], b[1][key][name]), (key, name)
+
+
+@pytest.mark.parametrize("fused", [True, False])  # False: the host-side fallback (one sync)
+@pytest.mark.parametrize("fault", ["nan_loss_at_micro_1", "inf_loss_with_finite_grads", "inf_grad_norm"])
+def test_a_non_finite_step_is_skipped_exactly(fused, fault):
+    torch.manual_seed(0)
+    backend = _backend(_Toy(), fused=fused, constant_lr=True)
+    assert backend.skips_on_device() == fused
+    _take_step(backend, _batches(2, seed=1))  # the optimiser state exists
+    untouched = copy.deepcopy(backend)
+    before = _snapshot(backend)
+
+    batches, poison_at = _batches(2, seed=2), None
+    if fault == "nan_loss_at_micro_1":  # one bad micro-batch skips the whole step
+        poison_at = 1
+    elif fault == "inf_loss_with_finite_grads":  # only the micro-batch flag can tell
+        batches[0]["extra"] = torch.tensor(float("inf"))
+    else:  # finite losses and gradients, but their norm overflows
+        batches[1]["push"] = torch.tensor(3e38)
+    norm, applied = _take_step(backend, batches, poison_at)
+    assert not applied
+    if fault == "inf_grad_norm":
+        assert norm == float("inf")
+    _assert_identical(_snapshot(backend), before)
+
+    # The next step continues as if the skipped one had never been tried.
+    following = _batches(2, seed=3)
+    _take_step(backend, following)
+    _, applied_ref = _take_step(untouched, following)
+    assert applied_ref
+    _assert_identical(_snapshot(backend), _snapshot(untouched))
+
+
+def test_torch_backend_step_equals_reference_adamw_with_clipping():
+    from training.optim import warmup_cosine
+
+    torch.manual_seed(0)
+    model = _Toy()
+    reference = copy.deepcopy(model)
+    backend = _backend(model)
+    optimizer = torch.optim.AdamW(parameter_groups(reference, 0.1), lr=1e-2, betas=(0.9, 0.95), eps=1e-8,
+                                  foreach=False)
+    scheduler = build_scheduler(optimizer, total_steps=10, warmup_steps=2)
+    for step in range(4):
+        batches = _batches(2, seed=10 + step)
+        norm, applied = _take_step(backend, batches)
+        for batch in batches:
+            (reference(**batch).loss / 2).backward()
+        norm_ref = torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.5)
+        optimizer.step()
+        optimizer.zero_grad()
+        scheduler.step()
+        assert applied and norm_ref > 0.5  # clipping is active
+        torch.testing.assert_close(norm, norm_ref, rtol=1e-6, atol=0)
+        assert backend.lr() == pytest.approx(1e-2 * warmup_cosine(step + 1, 10, 2))
+        for p, q in zip(model.parameters(), reference.parameters()):
+            torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+        assert all(state["step"] == step + 1 for state in backend.optimizer.state.values())
+
+
+def test_resuming_a_non_fused_checkpoint_keeps_the_fused_update(tmp_path):
+    # Checkpoints written before the optimiser was fused keep `step` on the host and fused=None.
+    torch.manual_seed(0)
+    old = _backend(_Toy(), fused=False)
+    _take_step(old, _batches(2))
+    manager = CheckpointManager(tmp_path, keep_last=1)
+    path = old.save(manager, 1, {"data": {}}, {"step": 1})
+    new = _backend(_Toy(), fused=True)
+    new.load(path)
+    assert new.skips_on_device()
+    _take_step(new, _batches(2, seed=1))
+    _take_step(old, _batches(2, seed=1))
+    for p, q in zip(new.module.parameters(), old.module.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+# --- the loop reads the device only at log steps ---------------------------------------------------------
+
+SYNCS = ("item", "tolist", "__bool__", "__float__", "__int__")
+
+
+def _train_in_process(tmp_path, steps: int) -> collections.Counter:
+    """Runs train.py's train() and counts the reads of tensor values it makes outside the model's
+    forward and backward (those are the model's business: tests/test_models_no_host_sync.py), by call site."""
+    import importlib.util
+
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("train_script", root / "train.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    overrides = [
+        "model.size=debug", "data.seq_len=64", "train.micro_batch_size=2", "train.global_batch_size=4",
+        f"train.steps={steps}", "train.log_every=1000", "eval.every=0", "eval.at_end=false", "export.at_end=false",
+        "logging.wandb_mode=disabled", "logging.progress_bar=false", "checkpoint.every=0", "resume=none",
+        "train.device=cpu", f"run_dir={tmp_path / str(steps)}",
+    ]
+    with initialize_config_dir(config_dir=str(root / "configs"), version_base="1.3"):
+        cfg = OmegaConf.to_object(compose("train", overrides=overrides))
+    torch_dir = str(Path(torch.__file__).parent)
+    counts: collections.Counter = collections.Counter()
+    originals = {name: getattr(torch.Tensor, name) for name in SYNCS}
+
+    def counting(name, original):
+        def read(self, *args, **kwargs):
+            frames, frame = [], sys._getframe(1)
+            while frame is not None:
+                frames.append(frame)
+                frame = frame.f_back
+            in_loop = any(f.f_code.co_filename == str(root / "train.py") for f in frames)
+            in_model = any(f.f_code.co_name in ("_call_impl", "_wrapped_call_impl")
+                           or f.f_code.co_filename.endswith(os.path.join("autograd", "__init__.py")) for f in frames)
+            if in_loop and not in_model:
+                caller = next(f for f in frames if not f.f_code.co_filename.startswith(torch_dir))
+                counts[f"{name} at {Path(caller.f_code.co_filename).name}:{caller.f_lineno}"] += 1
+            return original(self, *args, **kwargs)
+        return read
+
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        for name, original in originals.items():
+            setattr(torch.Tensor, name, counting(name, original))
+        summary = script.train(cfg)
+    finally:
+        for name, original in originals.items():
+            setattr(torch.Tensor, name, original)
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    assert summary["step"] == steps and len(summary["losses"]) == steps
+    assert all(isinstance(loss, float) for loss in summary["losses"])
+    return counts
+
+
+def test_training_steps_between_log_steps_read_nothing_from_the_device(tmp_path):
+    short, long = _train_in_process(tmp_path, 3), _train_in_process(tmp_path, 7)
+    assert any(site.startswith("tolist at train.py") for site in short)  # the log step's reads are seen
+    # Four more steps, none of them a log step: not one more read.
+    assert long == short, f"reads per step: {dict(long - short)}"

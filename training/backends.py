@@ -16,7 +16,7 @@ from torch import nn
 
 from .checkpoint import CheckpointManager
 from .config import TrainConfig
-from .distributed import DistInfo
+from .distributed import DistInfo, all_reduce_max
 
 logger = logging.getLogger(__name__)
 
@@ -27,7 +27,14 @@ def zero_loss(model: nn.Module) -> torch.Tensor:
 
 
 class TorchBackend:
-    """AdamW on fp32 weights, bf16 autocast on GPU, DDP when several ranks."""
+    """AdamW on fp32 weights, bf16 autocast on GPU, DDP when several ranks.
+
+    A step makes no host sync: losses, grad norm and the skip decision stay on the device (train.py
+    reads them at log steps). A non-finite step is skipped on the device by fused AdamW, which leaves
+    weights, moments and its step count untouched when its ``found_inf`` attribute is 1 (the
+    mechanism of ``torch.amp.GradScaler``). An optimiser without that (not ``fused=True``) is skipped
+    from the host, which reads the flag: one sync per step.
+    """
 
     def __init__(self, model: nn.Module, optimizer, scheduler, cfg: TrainConfig, info: DistInfo, grad_accum: int):
         self.module, self.optimizer, self.scheduler = model, optimizer, scheduler
@@ -38,32 +45,56 @@ class TorchBackend:
             device_ids = [info.local_rank] if info.device.type == "cuda" else None
             self.model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
         self._micro = 0
+        self._finite: torch.Tensor | None = None  # all micro-batch objectives of this step finite (device bool)
 
-    def forward_backward(self, batch: dict[str, torch.Tensor], poison: bool = False) -> tuple[torch.Tensor, bool]:
-        """Cross-entropy of one micro-batch (detached) and whether the objective was finite.
+    def forward_backward(self, batch: dict[str, torch.Tensor], poison: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cross-entropy of one micro-batch (detached; the objective where that is not finite) and
+        whether the objective was finite, both device tensors.
 
-        The objective (cross-entropy + z-loss) is back-propagated; gradients accumulate.
+        The objective (cross-entropy + z-loss) is back-propagated as it is; gradients accumulate. A
+        non-finite one poisons the gradients, and ``step`` then skips the update.
         """
         last_micro = self._micro == self.grad_accum - 1
         sync = contextlib.nullcontext() if last_micro or self.info.world_size == 1 else self.model.no_sync()
         with sync, torch.autocast(self.info.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             out = self.model(**batch)
             loss = out.loss * float("nan") if poison else out.loss
-            finite = bool(torch.isfinite(loss))
-            ((loss if finite else zero_loss(self.module)) / self.grad_accum).backward()
+            (loss / self.grad_accum).backward()
         self._micro = (self._micro + 1) % self.grad_accum
-        return out.ce_loss.detach() if finite else loss.detach(), finite
+        loss = loss.detach()
+        finite = torch.isfinite(loss)
+        self._finite = finite if self._finite is None else self._finite & finite
+        return torch.where(finite, out.ce_loss.detach(), loss), finite
 
-    def step(self) -> tuple[float, bool]:
-        """Clip, step the optimiser and the schedule. Returns (grad norm, whether the update was applied)."""
+    def step(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Clip, step the optimiser and the schedule. Returns (grad norm, whether the update was
+        applied) as device tensors.
+
+        The update is skipped if any micro-batch objective of this step or the grad norm is not
+        finite. The schedule advances either way.
+        """
         max_norm = self.grad_clip if self.grad_clip > 0 else float("inf")
         norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), max_norm)
-        applied = bool(torch.isfinite(norm))
-        if applied:
+        found_inf = (~(self._finite & torch.isfinite(norm))).float()
+        self._finite = None
+        # The norm is the same on every rank (gradients are all-reduced), the objectives are per rank.
+        found_inf = all_reduce_max(found_inf, self.info)
+        if self.skips_on_device():
+            self.optimizer.found_inf = found_inf
+            try:
+                self.optimizer.step()
+            finally:
+                del self.optimizer.found_inf
+        elif not found_inf.item():  # host sync: this optimiser cannot skip on the device
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        return float(norm), applied
+        return norm.detach(), found_inf == 0
+
+    def skips_on_device(self) -> bool:
+        """Whether the optimiser honours ``found_inf`` (fused Adam/AdamW in every parameter group)."""
+        return getattr(self.optimizer, "_step_supports_amp_scaling", False) and all(
+            group.get("fused") for group in self.optimizer.param_groups)
 
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
@@ -78,7 +109,12 @@ class TorchBackend:
     def load(self, path: Path) -> dict:
         state = CheckpointManager.load_global_state(path)
         self.module.load_state_dict(state.pop("model"))
-        self.optimizer.load_state_dict(state.pop("optimizer"))
+        optimizer = state.pop("optimizer")
+        for group, saved in zip(self.optimizer.param_groups, optimizer["param_groups"]):
+            # How the update is computed is this run's choice, not the checkpoint's (whose step
+            # counters are then moved to where this implementation keeps them).
+            saved["fused"], saved["foreach"] = group.get("fused"), group.get("foreach")
+        self.optimizer.load_state_dict(optimizer)
         self.scheduler.load_state_dict(state.pop("scheduler"))
         return state
 
@@ -102,21 +138,27 @@ class DeepSpeedBackend:
             dist_init_required=False,
         )
         self.zero_stage = cfg.deepspeed.stage
+        self._finite = True  # all micro-batch objectives of this step finite
 
     def forward_backward(self, batch: dict[str, torch.Tensor], poison: bool = False) -> tuple[torch.Tensor, bool]:
+        """As :meth:`TorchBackend.forward_backward`, but a non-finite objective is replaced by a zero
+        loss (a host sync) and the other micro-batches' gradients are still applied."""
         out = self.engine(**batch)
         loss = out.loss * float("nan") if poison else out.loss
         finite = bool(torch.isfinite(loss))
+        self._finite &= finite
         self.engine.backward(loss if finite else zero_loss(self.engine.module))  # DeepSpeed divides by grad_accum
         if not self.engine.is_gradient_accumulation_boundary():
             self.engine.step()  # advances DeepSpeed's micro-step counter; no update off the boundary
         return out.ce_loss.detach() if finite else loss.detach(), finite
 
     def step(self) -> tuple[float, bool]:
+        """Returns (grad norm, whether every micro-batch was finite) as host values."""
         self.engine.step()
         norm = self.engine.get_global_grad_norm()
         norm = float(norm) if norm is not None else float("nan")
-        return norm, True
+        applied, self._finite = self._finite, True
+        return norm, applied
 
     def lr(self) -> float:
         return self.engine.get_lr()[0]

@@ -44,7 +44,13 @@ class TrainerConfig:
     device: str = "auto"  # auto | cpu | cuda
     seed: int = 0
     compile: bool = False  # torch.compile every decoder block (fuses norms, gates, conv, MLP); not with ZeRO-3
-    on_nonfinite: str = "skip"  # skip | stop: what a NaN/Inf loss does (the step is recorded either way)
+    # What a NaN/Inf loss or grad norm does; the step is recorded in metrics.jsonl and the checkpoints
+    # either way. skip: the whole optimiser step is skipped (weights and AdamW state unchanged; the LR
+    # schedule advances) if any micro-batch loss or the grad norm is not finite; decided on the device,
+    # the step is reported at the next log step. stop: checkpoint and raise at that step (which reads the
+    # flag every step: a host sync). DeepSpeed instead zeroes a non-finite micro-batch's loss and
+    # applies the others.
+    on_nonfinite: str = "skip"  # skip | stop
     log_every: int = 10
     max_time_minutes: Optional[float] = None  # stop (with a checkpoint) after this wall time
 

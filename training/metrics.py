@@ -1,12 +1,17 @@
 """metrics.jsonl in the run directory, mirrored to Weights & Biases (offline unless configured)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+import torch
 
 logger = logging.getLogger(__name__)
 
@@ -26,6 +31,44 @@ def peak_flops(device_name: str | None) -> float | None:
 def flops_per_token(num_params_non_embedding: int, num_attention_layers: int, hidden_size: int, seq_len: int) -> float:
     """Training FLOPs per token: 6 N for the matmuls, plus 6 * 2 * L_attn * d * T / 2 for causal attention."""
     return 6.0 * num_params_non_embedding + 6.0 * num_attention_layers * hidden_size * seq_len
+
+
+class StepTimer:
+    """Wall time per training step, averaged over the steps since the last reading.
+
+    Steps are not timed one by one: that would need a device sync per step. The device is synchronised
+    only when the timer is read (at log steps) and around pauses (evaluation and checkpoints, which wait
+    for the device anyway and are not counted as step time).
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.elapsed, self.steps = 0.0, 0
+        self.started = time.perf_counter()
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def step(self) -> None:
+        self.steps += 1
+
+    def read(self) -> float:
+        """Seconds per step since the last read, then start a new interval."""
+        self._sync()
+        now = time.perf_counter()
+        per_step = (self.elapsed + now - self.started) / max(1, self.steps)
+        self.elapsed, self.steps, self.started = 0.0, 0, now
+        return per_step
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        self._sync()
+        self.elapsed += time.perf_counter() - self.started
+        try:
+            yield
+        finally:
+            self.started = time.perf_counter()
 
 
 class MetricsLogger:
