@@ -9,7 +9,7 @@ from eval.synthetic import IGNORE_INDEX, TASKS, k_hop, keep_nth, make_splits, mq
 
 # ---- independent solvers: plain Python over token lists, no tensors, written from the definitions ----
 
-def solve_keep_nth(tokens: list[int], n: int, dense: bool = True) -> dict[int, int]:
+def solve_keep_nth(tokens: list[int], n: int, dense: bool = False) -> dict[int, int]:
     answer = tokens[n - 1]
     if not dense:
         return {len(tokens) - 1: answer}
@@ -80,6 +80,8 @@ def test_keep_nth_solver(seq_len, dense):
         check_row_common(b, r, 128)
         assert labels_of(b, r) == solve_keep_nth(b.input_ids[r].tolist(), 5, dense)
     assert int(b.loss_mask.sum()) == 200 * ((seq_len - 5) if dense else 1)
+    if not dense:  # the paper's keep-nth (module doc): the default scores the last position only
+        assert torch.equal(b.loss_mask, keep_nth(200, seq_len, 128, n=5, seed=3).loss_mask)
 
 
 def test_keep_nth_needs_a_position_after_the_nth_token():
@@ -99,7 +101,7 @@ def test_parity_solver(seq_len, dense):
 
 
 def test_parity_dense_is_running_parity():
-    b = parity(20, 30, seed=5)
+    b = parity(20, 30, seed=5)  # dense is the default (module doc)
     for r in range(len(b)):
         toks = b.input_ids[r].tolist()
         assert labels_of(b, r) == {i: sum(toks[: i + 1]) % 2 for i in range(30)}
