@@ -20,6 +20,7 @@ def parallel_rnn(
     mode: str = "auto",
     newton: NewtonConfig = _DEFAULT_NEWTON,
     *,
+    resets: torch.Tensor | None = None,
     stats: NewtonStats | None = None,
     name: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -32,31 +33,35 @@ def parallel_rnn(
             (N_docs, K, D); None means zeros.
         cu_seqlens: (N_docs + 1,) integer offsets [0, ..., T] of packed documents; needs B == 1.
             Each document restarts from its initial state; no state or gradient crosses a boundary.
+        resets: (B, T) bool, True where step t of row b starts a new document from the zero state
+            (documents packed inside batch rows, e.g. position_ids restarting at 0). A row's first
+            step starts from h0[b] (zeros when h0 is None) unless resets[b, 0]. No state or gradient
+            crosses a reset (h0[b] gets zero gradient when resets[b, 0]). Read only on the device:
+            no host sync in the fused Triton modes. Exclusive with ``cu_seqlens``.
         mode: "auto" or a registered mode ("sequential", "newton_torch", ...).
         newton: iteration cap, tolerance, damping and the policy when not converged.
         stats: filled with the iterations used and the final residual of this call.
         name: the layer's name, used in convergence errors and warnings.
 
     Returns:
-        y (B, T, D) in u's dtype, and h_last: (B, K, D), or (N_docs, K, D) with cu_seqlens, in the
+        y (B, T, D) in u's dtype, and h_last: (B, K, D) (with resets: the state at each row's last
+        step), or (N_docs, K, D) with cu_seqlens, in the
         compute dtype (fp64 for fp64 inputs, otherwise fp32, so carried states keep precision).
     """
-    h0_rows, p = _validate(cell, u, p, h0, cu_seqlens, newton)
+    h0_rows, p = _validate(cell, u, p, h0, cu_seqlens, newton, resets)
     compute = torch.float64 if u.dtype == torch.float64 else torch.float32
-    layout = SequenceLayout.build(u.shape[0], u.shape[1], u.device, cu_seqlens)
+    layout = SequenceLayout.build(u.shape[0], u.shape[1], u.device, cu_seqlens, resets)
     chosen = resolve_mode(mode, cell, u)
     if stats is not None:
         stats.mode = chosen.name
-    if h0_rows is None:
-        h0_rows = u.new_zeros(layout.num_rows, cell.state_size, u.shape[-1], dtype=compute)
-    h0_rows = h0_rows.to(compute)
+    h0_rows = layout.initial_rows(h0_rows, cell.state_size, u.shape[-1], compute, u.device)
     u_in = u if chosen.half_inputs and u.dtype in (torch.float16, torch.bfloat16) else u.to(compute)
     h = chosen.run(cell, u_in, p.to(compute), h0_rows, layout, newton, stats, name)
     y = cell.output(h).to(u.dtype)
     return y, layout.gather_last(h, h0_rows)
 
 
-def _validate(cell, u, p, h0, cu_seqlens, newton):
+def _validate(cell, u, p, h0, cu_seqlens, newton, resets=None):
     """Shape checks always; value checks (host syncs) when ``newton.validate``."""
     if not isinstance(cell, Cell):
         raise TypeError(f"cell must be a kernels.Cell instance, got {type(cell).__name__}")
@@ -78,6 +83,18 @@ def _validate(cell, u, p, h0, cu_seqlens, newton):
     elif p.dim() != 2 or p.shape != (P, D):
         raise ValueError(f"p must have shape (P={P}, D={D}) for {cell.name}, got {tuple(p.shape)}")
     num_rows = B
+    if resets is not None:
+        if cu_seqlens is not None:
+            raise ValueError("pass at most one of cu_seqlens (packed documents, B == 1) and resets "
+                             "(document starts inside batch rows)")
+        if not isinstance(resets, torch.Tensor):
+            raise TypeError(f"resets must be a (B, T) bool tensor, got {type(resets).__name__}")
+        if resets.dtype != torch.bool:
+            raise TypeError(f"resets must be a bool tensor (True where a document starts), got {resets.dtype}")
+        if tuple(resets.shape) != (B, T):
+            raise ValueError(f"resets must have shape (B, T) = {(B, T)}, got {tuple(resets.shape)}")
+        if resets.device != u.device:
+            raise ValueError(f"resets is on {resets.device} but u is on {u.device}")
     if cu_seqlens is not None:
         if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.is_floating_point():
             raise ValueError("cu_seqlens must be a 1-D integer tensor of document offsets [0, ..., T]")

@@ -158,9 +158,13 @@ class ParaRNNLayer(CellLayerBase):
         return self._last_stats.resolve()
 
     def forward(
-        self, x: torch.Tensor, h0: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None
+        self, x: torch.Tensor, h0: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
+        *, resets: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """y (B, T, dim) and the final states (B, K, dim), or (N_docs, K, dim) with cu_seqlens."""
+        """y (B, T, dim) and the final states (B, K, dim), or (N_docs, K, dim) with cu_seqlens.
+
+        ``resets`` (B, T) bool: document starts inside the rows (restart from zero state), see
+        :func:`kernels.parallel_rnn`; the final states are then each row's last step."""
         self._check_input(x, 3)
         stats = NewtonStats(lazy=True)
         # Under torch.compile the per-layer name would be a guarded constant: every layer of a stack of
@@ -168,7 +172,7 @@ class ParaRNNLayer(CellLayerBase):
         name = None if torch.compiler.is_compiling() else self.name
         y, h_last = parallel_rnn(
             self.cell, self.project(x), self.recurrent_params(), h0, cu_seqlens,
-            mode=self.mode, newton=self.newton, stats=stats, name=name,
+            mode=self.mode, newton=self.newton, resets=resets, stats=stats, name=name,
         )
         self._last_stats = stats
         return y, h_last

@@ -55,11 +55,12 @@ class ParaRNNMixer(nn.Module):
         if h0 is not None and T == 1:  # decoding: one step of the cell, no Newton
             y, h = self.cell.step(u[:, 0], seq.masked_initial(h0))
             return y.unsqueeze(1), h
-        if seq.has_inner_resets:  # packed view: every document restarts (from zero or a carried state)
-            p = seq.packed()
-            y, h_docs = self.cell(u.reshape(1, B * T, D), seq.initial_rows_to_docs(h0), p["cu_seqlens"])
-            return y.reshape(B, T, D), h_docs[p["last_doc"]]
-        return self.cell(u, seq.masked_initial(h0))
+        if seq.known_one_document_per_row:  # no document starts after t = 0: the compact start map
+            return self.cell(u, seq.masked_initial(h0))
+        # Documents may start inside rows: each start restarts from zero (the first step from the carried
+        # state unless it starts a document). The engine reads ``resets`` on the device only (no host
+        # sync, no packing into one row); h is each row's last step.
+        return self.cell(u, h0, resets=seq.resets)
 
     def forward(self, x: torch.Tensor, seq, cache=None, attn_mask=None) -> torch.Tensor:
         state = cache.recurrent_layer(self.layer_idx) if cache is not None else None

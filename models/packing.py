@@ -6,7 +6,9 @@ restarting at 0 at every document start. Everything else follows from it:
 - a token with position 0 starts a document: RNN/SSM states and the conv window restart there, and
   attention only sees keys of the same document;
 - a row whose first position is > 0 *continues* a document (from a cache when decoding);
-- the packed layout (1, B*T) with ``cu_seqlens`` treats every row start as a boundary too.
+- the packed layout (1, B*T) with ``cu_seqlens`` treats every row start as a boundary too (Mamba2/SSD
+  and the attention mask use it; the ParaRNN mixers pass ``resets`` to the engine instead, which
+  needs no host sync).
 
 Left padding (``attention_mask`` with leading zeros) is folded into the same mechanism: every pad is
 a one-token document, and the first real token starts a new one, so no state leaks from pads.
@@ -58,6 +60,12 @@ class SequenceInfo:
     def continues(self) -> torch.Tensor:
         """(B,) bool: the row's first token continues an earlier (cached) state."""
         return ~self.resets[:, 0]
+
+    @property
+    def known_one_document_per_row(self) -> bool:
+        """True when it is already known (without reading values now) that no document starts after a
+        row's first token; False when unknown or when there are such starts. Never syncs."""
+        return self._any_inner_reset is False
 
     @property
     def has_inner_resets(self) -> bool:

@@ -43,7 +43,12 @@ class SequentialCellLayer(CellLayerBase):
         self.last_stats = LastStats()
 
     def forward(self, x: torch.Tensor, h0: torch.Tensor | None = None,
-                cu_seqlens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                cu_seqlens: torch.Tensor | None = None, *,
+                resets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """As ``kernels.ParaRNNLayer.forward``; ``resets`` (B, T) bool restarts a row's state from zero
+        at a document start (the final states are each row's last step)."""
+        if resets is not None and cu_seqlens is not None:
+            raise ValueError("pass at most one of cu_seqlens and resets")
         B, T, D = x.shape
         compute = torch.float64 if x.dtype == torch.float64 else torch.float32
         u = self.project(x).to(compute)
@@ -54,6 +59,8 @@ class SequentialCellLayer(CellLayerBase):
         if cu_seqlens is None:
             h, ys = init, []
             for t in range(T):
+                if resets is not None:
+                    h = torch.where(resets[:, t, None, None], torch.zeros_like(h), h)
                 h = self.cell.step(h, u[:, t], p)
                 ys.append(self.cell.output(h))
             y = torch.stack(ys, 1) if ys else x.new_zeros(B, 0, D)

@@ -41,6 +41,39 @@ def test_training_step_has_no_host_sync(mixer, bare, forbid_host_sync):
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
 
 
+@pytest.mark.parametrize("mixer", ["paragru", "paralstm"])
+@pytest.mark.parametrize("bare", [True, False])
+def test_packed_training_step_of_rnn_mixers_has_no_host_sync(mixer, bare, forbid_host_sync, monkeypatch):
+    # Documents packed inside rows (position_ids restart at 0): the RNN mixers hand the starts to the
+    # fused kernels as a device-side start map; nothing reads them back (no nonzero, no bool()), and
+    # the cell layer sees the (B, T) batch, not a (1, B*T) packed row.
+    import kernels.layers
+
+    model = build_synthetic_model(mixer, vocab_size=10, bare_mixer=bare, d_model=32, num_heads=4, rnn_mode="fused")
+    ids = torch.randint(0, 10, (2, 12))
+    pos = torch.tensor([[0, 1, 2, 3, 0, 1, 0, 0, 1, 2, 3, 4], [5, 6, 7, 0, 1, 2, 3, 4, 5, 6, 7, 8]])
+    seen = []
+    engine = kernels.layers.parallel_rnn
+
+    def spy(cell, u, *args, **kwargs):
+        seen.append((tuple(u.shape[:2]), kwargs.get("resets") is not None, args[2] if len(args) > 2 else None))
+        return engine(cell, u, *args, **kwargs)
+
+    monkeypatch.setattr(kernels.layers, "parallel_rnn", spy)
+    forbid_host_sync()
+
+    def nonzero(*_args, **_kwargs):
+        raise HostSync("torch.nonzero (a host sync) during the step")
+
+    monkeypatch.setattr(torch, "nonzero", nonzero)
+    monkeypatch.setattr(torch.Tensor, "nonzero", nonzero)
+    loss = model(ids, position_ids=pos).logits.float().pow(2).mean()
+    loss.backward()
+    monkeypatch.undo()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    assert seen and all(s == ((2, 12), True, None) for s in seen), seen
+
+
 def test_packed_position_ids_still_detect_document_starts():
     # the exemption above is only for positions the model builds itself; given positions are inspected
     model = build_synthetic_model("paragru", vocab_size=10, bare_mixer=True, d_model=32, num_heads=4).eval()

@@ -3,7 +3,9 @@ the convergence-policy plumbing and the adapter to the engine's mode registry.
 
 Start map: an int32 tensor (B, T): -1 where h_{t-1} is the previous step's state, r >= 0 where step
 t starts a sequence/document from initial-state row r of h0_rows (R, K, D). Built on the device
-with no host sync from either the batch layout (t = 0 starts row b) or cu_seqlens.
+with no host sync from the batch layout (t = 0 starts row b), cu_seqlens, or per-step ``resets``
+(documents inside batch rows restart from an extra zero row of h0_rows). Kernels that accept it also
+take the compact (B, 1) map of one-document-per-row batches (row b starts at t = 0 from row SMAP[b]).
 """
 from __future__ import annotations
 
@@ -106,10 +108,9 @@ def compact_start_map(B: int, device) -> torch.Tensor:
 
 
 def start_map_from_layout(layout) -> torch.Tensor:
-    """The start map of the engine's SequenceLayout (kernels/layout.py)."""
-    smap = torch.full((layout.batch, layout.length), -1, dtype=torch.int32, device=layout.start_t.device)
-    smap[layout.start_b, layout.start_t] = layout.start_row.to(torch.int32)
-    return smap
+    """The full (B, T) start map of the engine's SequenceLayout (kernels/layout.py); for a layout
+    with ``resets`` built on the device (no host sync), the zero row being index B of h0_rows."""
+    return layout.start_map()
 
 
 def pick_blocks(B: int, D: int, K: int, sm_count: int | None = None) -> tuple[int, int]:
