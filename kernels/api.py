@@ -44,9 +44,9 @@ def parallel_rnn(
         name: the layer's name, used in convergence errors and warnings.
 
     Returns:
-        y (B, T, D) in u's dtype, and h_last: (B, K, D) (with resets: the state at each row's last
-        step), or (N_docs, K, D) with cu_seqlens, in the
-        compute dtype (fp64 for fp64 inputs, otherwise fp32, so carried states keep precision).
+        y (B, T, D) in u's dtype, and h_last: (B, K, D) (with resets too: the state at each row's
+        last step), or (N_docs, K, D) with cu_seqlens, in the compute dtype (fp64 for fp64 inputs,
+        otherwise fp32, so carried states keep precision).
     """
     h0_rows, p = _validate(cell, u, p, h0, cu_seqlens, newton, resets)
     compute = torch.float64 if u.dtype == torch.float64 else torch.float32

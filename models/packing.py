@@ -6,9 +6,9 @@ restarting at 0 at every document start. Everything else follows from it:
 - a token with position 0 starts a document: RNN/SSM states and the conv window restart there, and
   attention only sees keys of the same document;
 - a row whose first position is > 0 *continues* a document (from a cache when decoding);
-- the packed layout (1, B*T) with ``cu_seqlens`` treats every row start as a boundary too (Mamba2/SSD
-  and the attention mask use it; the ParaRNN mixers pass ``resets`` to the engine instead, which
-  needs no host sync).
+- the packed layout (1, B*T) with ``cu_seqlens`` treats every row start as a boundary too (Mamba2's
+  fla SSD uses it; the ParaRNN mixers pass ``resets`` to the engine instead, which needs no host
+  sync; ``has_inner_resets`` - one sync - still decides the attention mask and the fla SSD path).
 
 Left padding (``attention_mask`` with leading zeros) is folded into the same mechanism: every pad is
 a one-token document, and the first real token starts a new one, so no state leaks from pads.

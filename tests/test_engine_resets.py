@@ -18,6 +18,7 @@ from kernels.layout import SequenceLayout
 
 CELLS = {"paragru": ParaGRU, "paralstm": ParaLSTM}
 FP64_MODES = {"sequential", "newton_torch"}  # the Triton modes compute in fp32
+SHOOTING_MODES = {"fused", "fused_stepwise", "sequential_triton"}  # kernels the 'small_tiles' settings reach
 
 
 def _resets(B: int, T: int) -> torch.Tensor:
@@ -78,11 +79,11 @@ def _packed_reference(cell, u, p, h0, R, mode="sequential"):
     return y.reshape(B, T, -1), h_docs[last_doc]
 
 
-@pytest.fixture(params=["default", "small_tiles"])
+@pytest.fixture
 def tiles(request):
-    """'small_tiles': 16-channel blocks and 4 shooting segments / 16-step stepwise chunks, so resets
-    fall inside and at the borders of segments and chunks, and D = 19 spans two channel blocks."""
-    if request.param == "small_tiles":
+    """'small': 16-channel blocks and 4 shooting segments / 16-step stepwise chunks, so resets fall
+    inside and at the borders of segments and chunks, and D = 19 spans two channel blocks."""
+    if request.param == "small":
         for mod in (fgru, flstm):
             mod._BLOCKS.update(CT=16, BD=16)
         shooting.TUNING.update(segments=4, BD=16)
@@ -92,21 +93,25 @@ def tiles(request):
     shooting.TUNING.clear()
 
 
+# Every registered mode at the default tiles; the shooting / stepwise kernels also at small tiles.
+CASES = [(tiles, mode, cell, T, with_h0)
+         for tiles in ("default", "small")
+         for mode in sorted(MODES) if tiles == "default" or mode in SHOOTING_MODES
+         for cell in ("paragru", "paralstm")
+         for T in ((1, 5, 17) if tiles == "default" else (17,))
+         for with_h0 in ((True, False) if tiles == "default" else (True,))]
+
+
 def _close(got, ref, tol, what):
     err = (got.double() - ref.double()).abs().max().item()
     scale = max(1.0, ref.abs().max().item())
     assert err <= tol * scale, f"{what}: max error {err:.3e} > {tol:.1e} (scale {scale:.2f})"
 
 
-@pytest.mark.parametrize("with_h0", [True, False])
-@pytest.mark.parametrize("T", [1, 5, 17])
-@pytest.mark.parametrize("cell_name", ["paragru", "paralstm"])
-@pytest.mark.parametrize("mode", sorted(MODES))
-def test_resets_equal_the_loop_and_the_packed_path(mode, cell_name, T, with_h0, tiles):
+@pytest.mark.parametrize("tiles, mode, cell_name, T, with_h0", CASES, indirect=["tiles"])
+def test_resets_equal_the_loop_and_the_packed_path(tiles, mode, cell_name, T, with_h0):
     cell = CELLS[cell_name]()
-    if tiles == "small_tiles" and mode in FP64_MODES:
-        pytest.skip("tile sizes only concern the Triton modes")
-    B, D = 3, (19 if tiles == "small_tiles" else 5)
+    B, D = 3, (19 if tiles == "small" else 5)
     u, p, h0 = _inputs(cell, B, T, D, seed=T + 7 * with_h0)
     if not with_h0:
         h0 = None
