@@ -17,6 +17,7 @@ from transformers import PretrainedConfig
 # validated without importing the modules; ``models.registry`` asserts both lists agree.
 KNOWN_MIXERS = ("paragru", "paralstm", "mamba2", "attention")
 RNN_MIXERS = ("paragru", "paralstm")
+ATTENTION_IMPLS = ("auto", "sdpa", "flex")
 
 
 class ParaRNNLMConfig(PretrainedConfig):
@@ -38,6 +39,11 @@ class ParaRNNLMConfig(PretrainedConfig):
         conv_kernel: width of the short causal depthwise conv (ParaRNN and Mamba2 mixers).
         mamba_expand, mamba_headdim, mamba_d_state, mamba_ngroups, mamba_chunk_size: Mamba2 layer shape.
         mamba_dt_min, mamba_dt_max, mamba_dt_init_floor, mamba_A_init_range: Mamba2 parameter init.
+        attention_impl: kernel of the attention layers without a cache: ``auto`` (FlexAttention with a
+            block-sparse causal & same-document mask for packed rows on CUDA, SDPA otherwise) | ``sdpa``
+            (SDPA always; packed rows get a dense boolean mask) | ``flex`` (FlexAttention for every
+            forward without a cache; needs torch >= 2.5). Cached forwards always use SDPA. See
+            models/attention.py.
         ssd_backend: ``auto`` (fla-core's chunk kernel on CUDA when installed, else PyTorch) | ``torch`` | ``fla``.
         bare_mixer: the paper's keep-nth / parity model (Table 6): embedding -> mixer -> lm_head, where the
             mixer has no conv / norm / gate (the cell layer for RNNs, in_proj -> SSD -> out_proj for Mamba2,
@@ -93,6 +99,7 @@ class ParaRNNLMConfig(PretrainedConfig):
         mamba_dt_init_floor: float = 1e-4,
         mamba_A_init_range: tuple[float, float] = (1.0, 16.0),
         ssd_backend: str = "auto",
+        attention_impl: str = "auto",
         bare_mixer: bool = False,
         z_loss: float = 0.0,
         fused_cross_entropy: bool = False,
@@ -141,6 +148,7 @@ class ParaRNNLMConfig(PretrainedConfig):
         self.mamba_dt_init_floor = mamba_dt_init_floor
         self.mamba_A_init_range = list(mamba_A_init_range)
         self.ssd_backend = ssd_backend
+        self.attention_impl = attention_impl
         self.bare_mixer = bare_mixer
         self.z_loss = z_loss
         self.fused_cross_entropy = fused_cross_entropy
@@ -221,6 +229,8 @@ class ParaRNNLMConfig(PretrainedConfig):
                  f"mamba_ngroups={self.mamba_ngroups} must divide the Mamba2 head count {self.mamba_num_heads}")
             need(self.mamba_chunk_size > 0, f"mamba_chunk_size must be > 0, got {self.mamba_chunk_size}")
         need(self.ssd_backend in ("auto", "torch", "fla"), f"ssd_backend must be auto|torch|fla, got {self.ssd_backend!r}")
+        need(self.attention_impl in ATTENTION_IMPLS,
+             f"attention_impl must be one of {'|'.join(ATTENTION_IMPLS)}, got {self.attention_impl!r}")
         need(self.z_loss >= 0, f"z_loss must be >= 0, got {self.z_loss}")
         need(self.ce_chunk_size > 0, f"ce_chunk_size must be > 0, got {self.ce_chunk_size}")
         if self.tokenizer_vocab_size is not None:

@@ -22,6 +22,8 @@ from .engine import is_cell_layer
 from .layers import RMSNorm, SwiGLU, output_std, trunc_normal_init_
 from .loss import lm_loss_chunked, lm_loss_from_logits
 from .mixers import AttentionMixer, Mamba2Mixer, ParaRNNMixer  # noqa: F401  (registers the mixers)
+from .attention import AttentionMixer as FlexAttentionMixer  # noqa: F401  (replaces "attention": + FlexAttention)
+from .attention import document_block_mask, flex_available, use_flex
 from .packing import SequenceInfo, positions_from_attention_mask, positions_from_cu_seqlens
 from .registry import MIXERS, build_mixer
 
@@ -151,6 +153,9 @@ class ParaRNNLMModel(ParaRNNLMPreTrainedModel):
         # Bare-mixer models (paper, keep-nth / parity): embedding -> mixer(s) -> head, no final norm.
         self.norm = nn.Identity() if config.bare_mixer else RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.has_attention = "attention" in config.mixers
+        if self.has_attention and config.attention_impl == "flex" and not flex_available():
+            raise RuntimeError(f"attention_impl='flex' needs torch.nn.attention.flex_attention (torch >= 2.5); "
+                               f"this is torch {torch.__version__}: use attention_impl='auto' or 'sdpa'")
         self.gradient_checkpointing = False
         self.post_init()
 
@@ -182,12 +187,22 @@ class ParaRNNLMModel(ParaRNNLMPreTrainedModel):
             return SequenceInfo(positions_from_attention_mask(attention_mask.to(device))[:, -T:])
         return SequenceInfo.one_document_per_row(torch.arange(T, device=device).expand(B, T))
 
-    @staticmethod
-    def _attention_mask(seq: SequenceInfo, cache) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """Boolean (B, 1, T, S) mask: causal and same-document; None when plain causal suffices."""
+    def _attention_mask(self, seq: SequenceInfo, cache, x: torch.Tensor):
+        """What the attention layers mask with, shared by all of them, and the query document ids.
+
+        None: plain causal suffices (one document per row, no cached prefix; SDPA's flash path).
+        A FlexAttention ``BlockMask`` (causal & same-document) where ``use_flex`` picks that path:
+        decided without reading values (no host sync), see models/attention.py.
+        Otherwise a boolean (B, 1, T, S) causal & same-document mask for SDPA (over the cached keys
+        too when decoding).
+        """
         past = cache.doc_ids if cache is not None else None
         offset = past[:, -1] if past is not None else None
         doc_q = seq.doc_ids(offset)
+        if self.has_attention and use_flex(
+                self.config.attention_impl, device=x.device, dtype=x.dtype, head_dim=self.config.head_dim,
+                has_cache=cache is not None, one_document_per_row=seq.known_one_document_per_row):
+            return document_block_mask(doc_q), doc_q
         if past is None and not seq.has_inner_resets:
             return None, doc_q
         doc_k = doc_q if past is None else torch.cat((past, doc_q), dim=1)
@@ -220,7 +235,7 @@ class ParaRNNLMModel(ParaRNNLMPreTrainedModel):
         if cache is not None and not isinstance(cache, ParaRNNCache):
             raise TypeError(f"cache must be a ParaRNNCache (built by the model), got {type(cache).__name__}")
         seq = self._sequence(B, T, x.device, attention_mask, position_ids, cu_seqlens, cache)
-        attn_mask, doc_ids = self._attention_mask(seq, cache) if (self.has_attention or cache is not None) else (None, None)
+        attn_mask, doc_ids = self._attention_mask(seq, cache, x) if (self.has_attention or cache is not None) else (None, None)
         hidden = [x] if output_hidden_states else None
         for layer in self.layers:
             if self.gradient_checkpointing and self.training and cache is None:

@@ -47,7 +47,7 @@ from models import ParaRNNLMConfig, ParaRNNLMForCausalLM, check_tokenizer, confi
 log = logging.getLogger("export_hf")
 
 # models/ modules the exported code needs (presets.py needs yaml + configs/, so it stays behind).
-BUNDLED = ("configuration", "modeling", "mixers", "layers", "packing", "ssd", "cache", "loss", "registry")
+BUNDLED = ("configuration", "modeling", "mixers", "attention", "layers", "packing", "ssd", "cache", "loss", "registry")
 RENAMES = {"configuration": "configuration_pararnn_lm", "modeling": "modeling_pararnn_lm"}
 CELLS_BLOCK = re.compile(r"# --- CELLS BEGIN.*?# --- CELLS END ---\n", re.S)
 
