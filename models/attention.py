@@ -18,17 +18,14 @@ the blocks between documents.
 - Numerics equal the SDPA path's: default scale 1/sqrt(head_dim), no dropout, no softcap; GQA via
   ``enable_gqa=True``, whose query-head -> kv-head map (h // (H / Hkv)) is ``repeat_interleave``'s.
 
-This lives outside ``models/mixers.py`` (a subclass that only adds the flex branch), so the mixer's
-weights, init and SDPA code are those of ``mixers.AttentionMixer``.
+The attention mixer (``models.mixers.AttentionMixer``) takes this path when the model hands it a
+``BlockMask``; this module holds the FlexAttention helpers and imports nothing from the mixers.
 """
 from __future__ import annotations
 
 import torch
 
 from .configuration import ATTENTION_IMPLS  # noqa: F401  (re-exported)
-from .layers import apply_rope
-from .mixers import AttentionMixer as _SDPAAttentionMixer
-from .registry import register_mixer
 
 _API: tuple | bool | None = None  # (flex_attention, create_block_mask, BlockMask), False when unavailable
 _COMPILED_FLEX = None
@@ -119,22 +116,3 @@ def flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask
         flex = _COMPILED_FLEX
     kwargs = {"enable_gqa": True} if enable_gqa else {}
     return flex(q, k, v, block_mask=block_mask, **kwargs)
-
-
-@register_mixer("attention", replace=True)
-class AttentionMixer(_SDPAAttentionMixer):
-    """``mixers.AttentionMixer`` plus the FlexAttention path, taken when the model passes a BlockMask."""
-
-    def forward(self, x: torch.Tensor, seq, cache=None, attn_mask=None) -> torch.Tensor:
-        if not is_block_mask(attn_mask):
-            return super().forward(x, seq, cache, attn_mask)
-        if cache is not None:
-            raise ValueError("the FlexAttention path takes no cache (the model keeps SDPA for cached forwards)")
-        B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.H, self.hd).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.Hkv, self.hd).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.Hkv, self.hd).transpose(1, 2)
-        cos, sin = self.rope(seq.positions)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = flex_attention(q, k, v, attn_mask, enable_gqa=self.Hkv != self.H)
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.H * self.hd))

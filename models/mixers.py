@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .attention import flex_attention, is_block_mask
 from .engine import make_cell_layer
 from .layers import CausalConv1d, GatedRMSNorm, RotaryEmbedding, apply_rope, mark_residual_output
 from .registry import register_mixer
@@ -173,7 +174,10 @@ class Mamba2Mixer(nn.Module):
 
 @register_mixer("attention")
 class AttentionMixer(nn.Module):
-    """Causal multi-head attention with RoPE (positions restart per document) and optional GQA."""
+    """Causal multi-head attention with RoPE (positions restart per document) and optional GQA.
+
+    Paths: SDPA ``is_causal`` (one document per row), FlexAttention with a ``BlockMask`` (packed rows in
+    training; models/attention.py), SDPA with a dense boolean mask (cache, CPU, no FlexAttention)."""
 
     def __init__(self, config, layer_idx: int) -> None:
         super().__init__()
@@ -194,6 +198,11 @@ class AttentionMixer(nn.Module):
         v = self.v_proj(x).view(B, T, self.Hkv, self.hd).transpose(1, 2)
         cos, sin = self.rope(seq.positions)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if is_block_mask(attn_mask):  # packed rows, no cache: FlexAttention's block-sparse document mask
+            if cache is not None:
+                raise ValueError("the FlexAttention path takes no cache (the model keeps SDPA for cached forwards)")
+            out = flex_attention(q, k, v, attn_mask, enable_gqa=self.Hkv != self.H)
+            return self.o_proj(out.transpose(1, 2).reshape(B, T, self.H * self.hd))
         if cache is not None:
             k, v = cache.layers[self.layer_idx].update(k, v)
         if self.Hkv != self.H:

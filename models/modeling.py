@@ -22,7 +22,6 @@ from .engine import is_cell_layer
 from .layers import RMSNorm, SwiGLU, output_std, trunc_normal_init_
 from .loss import lm_loss_chunked, lm_loss_from_logits
 from .mixers import AttentionMixer, Mamba2Mixer, ParaRNNMixer  # noqa: F401  (registers the mixers)
-from .attention import AttentionMixer as FlexAttentionMixer  # noqa: F401  (replaces "attention": + FlexAttention)
 from .attention import document_block_mask, flex_available, use_flex
 from .packing import SequenceInfo, positions_from_attention_mask, positions_from_cu_seqlens
 from .registry import MIXERS, build_mixer

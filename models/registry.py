@@ -14,11 +14,9 @@ MixerFactory = Callable[..., nn.Module]
 MIXERS: dict[str, MixerFactory] = {}
 
 
-def register_mixer(name: str, *, replace: bool = False) -> Callable[[MixerFactory], MixerFactory]:
-    """``replace=True``: deliberately take over a registered name (models/attention.py extends the
-    ``attention`` mixer of models/mixers.py with its FlexAttention path)."""
+def register_mixer(name: str) -> Callable[[MixerFactory], MixerFactory]:
     def wrap(factory: MixerFactory) -> MixerFactory:
-        if name in MIXERS and not replace:
+        if name in MIXERS:
             raise ValueError(f"mixer {name!r} is already registered")
         MIXERS[name] = factory
         return factory

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import models.attention as attention
+import models.mixers as mixers
 from models import ParaRNNLMConfig, ParaRNNLMForCausalLM
 from models.attention import document_block_mask, flex_available, use_flex
 from models.packing import SequenceInfo
@@ -56,7 +57,7 @@ def flex_calls(monkeypatch):
         calls.append((tuple(q.shape), tuple(k.shape), enable_gqa))
         return real(q, k, v, block_mask, enable_gqa)
 
-    monkeypatch.setattr(attention, "flex_attention", spy)
+    monkeypatch.setattr(mixers, "flex_attention", spy)  # the name the attention mixer calls
     return calls
 
 
