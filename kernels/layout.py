@@ -82,10 +82,10 @@ class SequenceLayout:
         smap = self._cache.get("smap")
         if smap is None:
             if self.resets is not None:
-                B, device = self.batch, self.resets.device
-                zero = torch.full((), B, dtype=torch.int32, device=device)
+                device = self.resets.device
+                zero = torch.full((), self.zero_row, dtype=torch.int32, device=device)
                 smap = torch.where(self.resets, zero, torch.full_like(zero, -1))
-                rows = torch.arange(B, dtype=torch.int32, device=device)
+                rows = torch.arange(self.batch, dtype=torch.int32, device=device)
                 smap[:, 0] = torch.where(self.resets[:, 0], zero, rows)
             else:
                 smap = torch.full((self.batch, self.length), -1, dtype=torch.int32, device=self.end_t.device)

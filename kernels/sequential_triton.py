@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import torch
 
-from .cells.fused_common import start_map_from_layout
 from .shooting import sequential_backward, sequential_forward
 
 
@@ -66,4 +65,4 @@ def sequential_triton_mode(cell, u, p, h0_rows, layout, newton, stats, name):
     """Engine adapter (mode ``sequential_triton``): ParaGRU / ParaLSTM cells only."""
     if stats is not None:
         stats.iterations, stats.residual, stats.converged, stats.fell_back = 0, 0.0, True, False
-    return sequential_triton_rnn(type(cell).__name__, u, p, h0_rows, start_map_from_layout(layout))
+    return sequential_triton_rnn(type(cell).__name__, u, p, h0_rows, layout.start_map())

@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import torch
 
-from .configuration import ATTENTION_IMPLS  # noqa: F401  (re-exported)
-
 _API: tuple | bool | None = None  # (flex_attention, create_block_mask, BlockMask), False when unavailable
 _COMPILED_FLEX = None
 
@@ -50,13 +48,6 @@ def flex_available() -> bool:
 def is_block_mask(mask) -> bool:
     api = flex_api()
     return api is not None and isinstance(mask, api[2])
-
-
-def _is_compiling() -> bool:
-    compiler = getattr(torch, "compiler", None)
-    if compiler is not None and hasattr(compiler, "is_compiling"):
-        return compiler.is_compiling()
-    return torch._dynamo.is_compiling()
 
 
 def use_flex(impl: str, *, device: torch.device, dtype: torch.dtype, head_dim: int, has_cache: bool,
@@ -109,7 +100,7 @@ def flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask
     torch has no flex backward there, and compiling would only slow the tests.
     """
     flex = flex_api()[0]
-    if q.device.type == "cuda" and not _is_compiling():
+    if q.device.type == "cuda" and not torch.compiler.is_compiling():
         global _COMPILED_FLEX
         if _COMPILED_FLEX is None:
             _COMPILED_FLEX = torch.compile(flex)

@@ -52,8 +52,7 @@ class ParaRNNMixer(nn.Module):
 
 
     def _run_cell(self, u: torch.Tensor, seq, h0: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        B, T, D = u.shape
-        if h0 is not None and T == 1:  # decoding: one step of the cell, no Newton
+        if h0 is not None and u.shape[1] == 1:  # decoding: one step of the cell, no Newton
             y, h = self.cell.step(u[:, 0], seq.masked_initial(h0))
             return y.unsqueeze(1), h
         if seq.known_one_document_per_row:  # no document starts after t = 0: the compact start map

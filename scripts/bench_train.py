@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print("RESULT " + json.dumps(measure(*a.worker, a)), flush=True)
         return []
 
-    forwarded = [arg for arg in (argv if argv is not None else sys.argv[1:])]
+    forwarded = list(argv if argv is not None else sys.argv[1:])
     results: list[dict] = []
     for arch in a.archs:
         for layout in a.layouts:

@@ -107,12 +107,6 @@ def compact_start_map(B: int, device) -> torch.Tensor:
     return torch.arange(B, dtype=torch.int32, device=device).unsqueeze(1)
 
 
-def start_map_from_layout(layout) -> torch.Tensor:
-    """The full (B, T) start map of the engine's SequenceLayout (kernels/layout.py); for a layout
-    with ``resets`` built on the device (no host sync), the zero row being index B of h0_rows."""
-    return layout.start_map()
-
-
 def pick_blocks(B: int, D: int, K: int, sm_count: int | None = None) -> tuple[int, int]:
     """(CT, BD): time-chunk length and channel block of one program's register tile."""
     CT = 64 if K == 1 else 32
@@ -279,5 +273,5 @@ class FusedCellOps:
         if self.compact and layout.rows_only:
             smap = compact_start_map(layout.batch, u.device)
         else:
-            smap = start_map_from_layout(layout)
+            smap = layout.start_map()
         return self.run(u, p, h0_rows.float().contiguous(), smap, newton, stats, name or self.label)
