@@ -54,6 +54,8 @@ def train(cfg: TrainConfig) -> dict:
     # --- data, model, optimiser ---------------------------------------------------------------
     data = factory.build_data(cfg, info)
     model = factory.build_model(cfg, vocab_size=data.vocab_size).to(info.device)
+    if cfg.train.activation_checkpointing:
+        factory.checkpoint_activations(model)
     if cfg.train.compile:
         factory.compile_blocks(model)
     grad_accum = factory.grad_accum_steps(cfg, info.world_size)
@@ -165,7 +167,7 @@ def train(cfg: TrainConfig) -> dict:
             metrics.log(step, {
                 "loss": loss, "lr": backend.lr(), "grad_norm": grad_norm, "tokens": tokens, "tokens_per_s": tok_s,
                 "step_time_s": step_time, "mfu": tok_s * flops_token / (peak * info.world_size) if peak else None,
-                "skipped": skipped, **factory.memory_stats(info.device), **factory.newton_stats(backend.module),
+                "skipped": skipped, **factory.memory_stats(info), **factory.newton_stats(backend.module),
             })
             progress.show(loss, tok_s)
         if cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.train.steps:

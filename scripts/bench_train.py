@@ -2,6 +2,7 @@
 
     python scripts/bench_train.py --archs paragru attention --layouts packed rows --out $OUT/bench_train.json
     python scripts/bench_train.py --size tiny --steps 12 --no-compile --precision fp32   # CPU smoke run
+    python scripts/bench_train.py --archs paragru attention --layouts packed --profile   # + GPU time by kernel kind
 
 Each (architecture, layout) runs ``train.train`` in its own process (a fresh torch.compile cache and
 allocator) with ``train.global_batch_size = train.micro_batch_size`` (one micro-batch per step), checkpoints
@@ -26,11 +27,48 @@ import logging
 import os
 import subprocess
 import sys
+import re
 import time
+from collections import defaultdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 log = logging.getLogger("bench_train")
+
+# Kind of a CUDA kernel, from its name: the first pattern that matches wins (order matters: inductor's
+# template kernels - FlexAttention - before its other kernels; GEMMs before the generic elementwise ones).
+KERNEL_KINDS: dict[str, str] = {
+    "paraRNN cell (Triton)": r"_shoot_|_coarse_update|_scan_",
+    "attention": r"flash|fmha|flex|attention|triton_tem_",
+    "GEMM": r"gemm|nvjet|cutlass|xmma|cublas|splitk|sm90_",
+    "optimizer": r"adam|multi_tensor|foreach",
+    "inductor fused": r"triton_(poi|red|per)_",
+    "NCCL": r"nccl",
+    "copy / fill / elementwise (eager)": r"elementwise|copy|fill|memcpy|memset|cat_|index",
+    "reduction (eager)": r"reduce|softmax|norm|cross_entropy|nll",
+}
+
+
+def kernel_kind(name: str) -> str:
+    low = name.lower()
+    return next((kind for kind, pattern in KERNEL_KINDS.items() if re.search(pattern, low)), "other")
+
+
+def summarise_kernels(events: list[tuple[str, float]], steps: int, top: int = 25) -> dict:
+    """(kernel name, GPU microseconds) events of ``steps`` steps -> ms per step by kind and the busiest kernels."""
+    by_kind: dict[str, float] = defaultdict(float)
+    by_name: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+    for name, us in events:
+        by_kind[kernel_kind(name)] += us
+        by_name[name][0] += us
+        by_name[name][1] += 1
+    busiest = sorted(by_name.items(), key=lambda kv: -kv[1][0])[:top]
+    return {
+        "gpu_ms_per_step": sum(by_kind.values()) / 1e3 / steps,
+        "by_kind_ms_per_step": {k: v / 1e3 / steps for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])},
+        "top_kernels": [{"name": n[:160], "kind": kernel_kind(n), "ms_per_step": t / 1e3 / steps,
+                         "calls_per_step": c / steps} for n, (t, c) in busiest],
+    }
 
 
 def measure(arch: str, layout: str, a: argparse.Namespace) -> dict:
@@ -62,17 +100,30 @@ def measure(arch: str, layout: str, a: argparse.Namespace) -> dict:
     stamps: dict[int, float] = {}
     log_step = metrics.MetricsLogger.log
 
+    first, last = a.log_every, a.steps
+    profiler = None
+
     def stamped(self, step, record):  # train.py already synchronised for its tokens/s at a log step
+        nonlocal profiler
         if cuda:
             torch.cuda.synchronize()
         stamps.setdefault(step, time.perf_counter())
+        if a.profile and cuda and step == first:
+            profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])
+            profiler.__enter__()
+        if profiler is not None and step == last:
+            profiler.__exit__(None, None, None)
         return log_step(self, step, record)
 
     metrics.MetricsLogger.log = stamped
     train_script.train(cfg)
     records = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
-    first, last = a.log_every, a.steps
     tokens = (last - first) * a.micro_batch * a.seq_len
+    kernels = {}
+    if profiler is not None:
+        events = [(e.name, e.device_time) for e in profiler.events()
+                  if e.device_type == torch.autograd.DeviceType.CUDA and e.device_time > 0]
+        kernels = {"profiled": True, "kernels": summarise_kernels(events, last - first)}
     return {
         "arch": arch, "layout": layout, "size": a.size, "seq_len": a.seq_len, "micro_batch": a.micro_batch,
         "compile": a.compile, "precision": a.precision,
@@ -82,6 +133,7 @@ def measure(arch: str, layout: str, a: argparse.Namespace) -> dict:
         "mem_peak_gib": max((r.get("mem_peak_gib") or 0.0) for r in records),
         "logged_tokens_per_s": [r["tokens_per_s"] for r in records if "tokens_per_s" in r],
         "losses": [r["loss"] for r in records if "loss" in r],
+        **kernels,
     }
 
 
@@ -100,6 +152,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--work-dir", default="/tmp/bench_train")
     p.add_argument("--timeout", type=float, default=900, help="seconds per configuration")
     p.add_argument("--out", default=None, help="JSON of every configuration")
+    p.add_argument("--profile", action="store_true",
+                   help="GPU time per step by kind of kernel (torch.profiler; tokens/s then not a throughput)")
     p.add_argument("--worker", nargs=2, metavar=("ARCH", "LAYOUT"), help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -131,6 +185,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 Path(a.out).parent.mkdir(parents=True, exist_ok=True)
                 Path(a.out).write_text(json.dumps(results, indent=1))
     print(render(results))
+    if any("kernels" in r for r in results):
+        print(render_kernels(results))
     return results
 
 
@@ -142,6 +198,24 @@ def render(results: list[dict]) -> str:
         rel = f"{r['tokens_per_s'] / ref[r['layout']]:.2f}x" if r["layout"] in ref else "-"
         lines.append(f"| {r['arch']} | {r['layout']} | {r['tokens_per_s']:,.0f} | {r['step_ms']:.1f} | {rel} "
                      f"| {r['mem_peak_gib']:.1f} |")
+    return "\n".join(lines)
+
+
+
+def render_kernels(results: list[dict]) -> str:
+    """GPU ms per step by kind of kernel, one column per profiled configuration."""
+    rows = [r for r in results if "kernels" in r]
+    kinds = list(dict.fromkeys(k for r in rows for k in r["kernels"]["by_kind_ms_per_step"]))
+    head = "| GPU ms / step | " + " | ".join(f"{r['arch']} ({r['layout']})" for r in rows) + " |"
+    lines = [head, "|---" * (len(rows) + 1) + "|"]
+    for kind in kinds + ["total"]:
+        cells = [r["kernels"]["gpu_ms_per_step"] if kind == "total" else r["kernels"]["by_kind_ms_per_step"].get(kind, 0.0)
+                 for r in rows]
+        lines.append(f"| {kind} | " + " | ".join(f"{c:.1f}" for c in cells) + " |")
+    for r in rows:
+        lines.append(f"\n{r['arch']} ({r['layout']}), busiest kernels (ms / step, calls / step):")
+        lines += [f"  {k['ms_per_step']:7.2f} {k['calls_per_step']:6.0f}  [{k['kind']}] {k['name'][:110]}"
+                  for k in r["kernels"]["top_kernels"]]
     return "\n".join(lines)
 
 

@@ -37,3 +37,30 @@ def test_bench_train_reports_a_failed_configuration(tmp_path):
     rows = bench_train.main(["--archs", "no_such_arch", "--layouts", "rows", "--size", "tiny", "--steps", "4",
                              "--log-every", "2", "--no-compile", "--work-dir", str(tmp_path), "--timeout", "300"])
     assert len(rows) == 1 and "error" in rows[0] and "no_such_arch" in rows[0]["error"]
+
+
+def test_kernel_kinds_and_per_step_summary():
+    names = {
+        "_shoot_fwd_kernel": "paraRNN cell (Triton)",
+        "pytorch_flash::flash_bwd_dq_dk_dv_loop_seqk_parallel_kernel<...>": "attention",
+        "triton_tem_fused_flex_attention_0": "attention",
+        "nvjet_tst_128x256_64x4_1x2_h_bz_coopA_TNT": "GEMM",
+        "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64": "GEMM",
+        "triton_red_fused__to_copy_add_mean_mul_pow_rsqrt_3": "inductor fused",
+        "void at::native::multi_tensor_apply_kernel<FusedAdamMathFunctor<float>>": "optimizer",
+        "ncclDevKernel_AllReduce_Sum_bf16_RING_LL": "NCCL",
+        "void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float>>": "copy / fill / elementwise (eager)",
+        "some_unknown_kernel": "other",
+    }
+    for name, kind in names.items():
+        assert bench_train.kernel_kind(name) == kind, name
+    events = [("_shoot_fwd_kernel", 300.0), ("_shoot_fwd_kernel", 100.0), ("nvjet_tst_x", 1000.0),
+              ("triton_poi_fused_silu_0", 50.0)]
+    summary = bench_train.summarise_kernels(events, steps=2, top=2)
+    assert math.isclose(summary["gpu_ms_per_step"], 1450.0 / 1e3 / 2)
+    assert summary["by_kind_ms_per_step"] == {"GEMM": 0.5, "paraRNN cell (Triton)": 0.2, "inductor fused": 0.025}
+    assert [k["name"] for k in summary["top_kernels"]] == ["nvjet_tst_x", "_shoot_fwd_kernel"]
+    assert summary["top_kernels"][1]["calls_per_step"] == 1.0
+    row = {"arch": "paragru", "layout": "packed", "kernels": summary}
+    table = bench_train.render_kernels([row])
+    assert "| GEMM | 0.5 |" in table and "| total | 0.7 |" in table

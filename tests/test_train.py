@@ -163,3 +163,19 @@ def test_non_finite_loss_is_recorded_and_skipped_or_stops(tmp_path, policy):
     else:
         assert "FloatingPointError" in result.stderr and latest_step(run_dir) == 3
         assert max(records) == 2  # the NaN step itself is not logged as a training step
+
+
+def test_activation_checkpointing_reproduces_the_plain_run(tmp_path):
+    """Recomputing each block in the backward changes memory, not the arithmetic: same losses."""
+    common = ["train.steps=3", "checkpoint.every=0", "+model.overrides.num_hidden_layers=2"]
+    plain, recomputed = tmp_path / "plain", tmp_path / "recomputed"
+    run_train(plain, *common)
+    result = run_train(recomputed, *common, "train.activation_checkpointing=true")
+    log = result.stdout + result.stderr
+    assert "activation checkpointing: 2 decoder blocks recompute" in log
+    one, two = losses(plain), losses(recomputed)
+    assert sorted(two) == [1, 2, 3] and one[1] == two[1]  # the first loss comes before any update
+    for step in one:
+        assert abs(one[step] - two[step]) <= 1e-6 * abs(one[step]), (step, one[step], two[step])
+    config = (recomputed / "config.yaml").read_text()
+    assert "activation_checkpointing: true" in config

@@ -354,3 +354,29 @@ def test_training_steps_between_log_steps_read_nothing_from_the_device(tmp_path)
     assert any(site.startswith("tolist at train.py") for site in short)  # the log step's reads are seen
     # Four more steps, none of them a log step: not one more read.
     assert long == short, f"reads per step: {dict(long - short)}"
+
+
+def test_checkpointed_blocks_recompute_and_give_the_same_gradients():
+    """factory.checkpoint_activations: every block's forward runs again in the backward; the loss and
+    all gradients equal the plain model's (the recompute is the same arithmetic)."""
+    from models import ParaRNNLMForCausalLM, config_for
+    from training import factory
+
+    torch.manual_seed(0)
+    config = config_for("paragru", "debug", vocab_size=64, num_hidden_layers=2)
+    plain = ParaRNNLMForCausalLM(config).train()
+    recomputed = factory.checkpoint_activations(copy.deepcopy(plain))
+    calls = collections.Counter()
+    for index, layer in enumerate(recomputed.model.layers):
+        # a pre-hook: the recompute stops early once it has the saved tensors (no post-forward hook)
+        layer.register_forward_pre_hook(lambda module, args, index=index: calls.update([index]))
+    ids = torch.randint(0, 64, (2, 12))
+    grads = []
+    for model in (plain, recomputed):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    assert calls == {0: 2, 1: 2}  # once forward, once recomputed in the backward
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-7, msg=name)

@@ -44,6 +44,9 @@ class TrainerConfig:
     device: str = "auto"  # auto | cpu | cuda
     seed: int = 0
     compile: bool = False  # torch.compile every decoder block (fuses norms, gates, conv, MLP); not with ZeRO-3
+    # Recompute each decoder block in the backward instead of keeping its activations (~1/3 more
+    # compute, activation memory of one block per layer boundary): for 7B-size micro-batches.
+    activation_checkpointing: bool = False
     # What a NaN/Inf loss or grad norm does; the step is recorded in metrics.jsonl and the checkpoints
     # either way. skip: the whole optimiser step is skipped (weights and AdamW state unchanged; the LR
     # schedule advances) if any micro-batch loss or the grad norm is not finite; decided on the device,

@@ -18,7 +18,7 @@ from torch import nn
 
 from .checkpoint import CheckpointManager
 from .config import TrainConfig
-from .distributed import DistInfo, all_reduce_mean
+from .distributed import DistInfo, all_reduce_max, all_reduce_mean
 
 logger = logging.getLogger(__name__)
 
@@ -74,10 +74,12 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def memory_stats(device: torch.device) -> dict[str, float]:
-    if device.type != "cuda":
+def memory_stats(info: DistInfo) -> dict[str, float]:
+    """Peak GPU memory allocated so far, the largest over the ranks (one all-reduce at a log step)."""
+    if info.device.type != "cuda":
         return {}
-    return {"mem_peak_gib": torch.cuda.max_memory_allocated(device) / 2**30}
+    peak = torch.tensor(torch.cuda.max_memory_allocated(info.device) / 2**30, device=info.device)
+    return {"mem_peak_gib": float(all_reduce_max(peak, info))}
 
 
 def newton_stats(model: nn.Module) -> dict[str, Any]:
@@ -123,6 +125,18 @@ def build_model(cfg: TrainConfig, vocab_size: int) -> nn.Module:
     for name, module in model.named_modules():  # Newton errors and warnings name the layer
         if hasattr(module, "last_stats") and hasattr(module, "name"):
             module.name = name
+    return model
+
+
+def checkpoint_activations(model: nn.Module) -> nn.Module:
+    """Recompute each decoder block in the backward (HF gradient checkpointing, non-reentrant: works
+    with compiled blocks, DeepSpeed ZeRO-3 and the Triton cell ops)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x renamed it
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    logger.info("activation checkpointing: %d decoder blocks recompute in the backward", len(model.model.layers))
     return model
 
 
