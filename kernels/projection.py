@@ -7,8 +7,14 @@ permute x to (heads, tokens, i) and then the result from (heads, tokens, g, j) t
 Here the forward's GEMMs read x and write u in place through strided views (a head's block of x
 is a (tokens, head_dim) matrix with leading dimension dim; gate g of a head's block of u one with
 leading dimension G * dim), one GEMM per gate; the backward makes one head-major copy of du so
-that dx and dW are single GEMMs over all gates, dx written in place. Under ``torch.compile`` the
-einsum is used instead (the compiler plans its own layouts).
+that dx and dW are single GEMMs over all gates, dx written in place.
+
+Where which: eager calls go through the plain autograd.Function ``_HeadProjection`` (the
+torch.library dispatch costs ~30-90 us of host time per call, as for the fused cells); under
+``torch.compile`` the same forward/backward run as the opaque ops ``pararnn::head_projection`` and
+``pararnn::head_projection_backward`` (with fakes and registered autograd). Inductor would otherwise
+lower the einsum with its permutes as separate copy kernels (H100, 400M ParaGRU step: ~6.5 ms over
+24 layers). The ops take x flattened to 2-D (any strides) and return fresh contiguous tensors.
 """
 from __future__ import annotations
 
@@ -20,34 +26,93 @@ def _heads(t: torch.Tensor, H: int) -> torch.Tensor:
     return t.unflatten(-1, (H, -1)).transpose(0, 1)
 
 
+def _forward(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x (N, H * dh) (any strides), weight (H, dh, G, dh) -> u (N, G, H * dh), a fresh contiguous
+    tensor written by one strided GEMM per gate."""
+    H, _, G, _ = weight.shape
+    N, D = x.shape
+    u = x.new_empty(N, G, D)
+    xh = _heads(x, H)
+    for g in range(G):
+        torch.bmm(xh, weight[:, :, g, :], out=_heads(u[:, g], H))
+    return u
+
+
+def _backward(du: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, need_dx: bool, need_dw: bool):
+    """-> (dx, dw): dx (N, H * dh) contiguous, dw like weight (contiguous, x's dtype); None where
+    not needed."""
+    H, dh, G, _ = weight.shape
+    N = x.shape[0]
+    # The gradient GEMMs reduce over all G gates at once (K = G * dh for dx, fp32 accumulation
+    # inside one GEMM; one wide dW GEMM per head): that needs du head-major, one copy of it.
+    du_heads = du.reshape(N, G, H, dh).permute(2, 0, 1, 3).reshape(H, N, G * dh)
+    dx = dw = None
+    if need_dx:
+        dx = x.new_empty(x.shape)
+        torch.bmm(du_heads, weight.reshape(H, dh, G * dh).transpose(1, 2), out=_heads(dx, H))
+    if need_dw:
+        splits = _k_splits(N, H, dh, G * dh, x.device, x.dtype)
+        dw = _weight_grad(x, du_heads, H, splits).view(weight.shape)
+    return dx, dw
+
+
 class _HeadProjection(torch.autograd.Function):
+    """Eager twin of ``pararnn::head_projection``: same forward/backward, no library dispatch."""
+
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        H, _, G, _ = weight.shape
-        N, D = x.shape
-        u = x.new_empty(N, G, D)
-        xh = _heads(x, H)
-        for g in range(G):
-            torch.bmm(xh, weight[:, :, g, :], out=_heads(u[:, g], H))
         ctx.save_for_backward(x, weight)
-        return u
+        return _forward(x, weight)
 
     @staticmethod
     def backward(ctx, du: torch.Tensor):
         x, weight = ctx.saved_tensors
-        H, dh, G, _ = weight.shape
-        N = x.shape[0]
-        # The gradient GEMMs reduce over all G gates at once (K = G * dh for dx, fp32 accumulation
-        # inside one GEMM; one wide dW GEMM per head): that needs du head-major, one copy of it.
-        du_heads = du.reshape(N, G, H, dh).permute(2, 0, 1, 3).reshape(H, N, G * dh)
-        dx = dw = None
-        if ctx.needs_input_grad[0]:
-            dx = torch.empty_like(x)
-            torch.bmm(du_heads, weight.view(H, dh, G * dh).transpose(1, 2), out=_heads(dx, H))
-        if ctx.needs_input_grad[1]:
-            splits = _k_splits(x.shape[0], H, dh, G * dh, x.device, x.dtype)
-            dw = _weight_grad(x, du_heads, H, splits).view_as(weight)
-        return dx, dw
+        return _backward(du, x, weight, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+
+
+# ----------------------------------------------------------------------------- torch.library ops
+@torch.library.custom_op("pararnn::head_projection", mutates_args=())
+def head_projection_op(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x (N, H * dh), weight (H, dh, G, dh) -> u (N, G, H * dh) contiguous."""
+    return _forward(x, weight)
+
+
+@head_projection_op.register_fake
+def _(x, weight):
+    return x.new_empty(x.shape[0], weight.shape[2], x.shape[1])
+
+
+# Grads not asked for come back as empty (0,) placeholders (an op cannot return None); the flags
+# are compile-time constants, so the unused GEMM is not run (x of the first layer, frozen weights).
+@torch.library.custom_op("pararnn::head_projection_backward", mutates_args=())
+def head_projection_backward_op(du: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                                need_dx: bool, need_dw: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (dx (N, H * dh) contiguous, dw like weight); each an empty (0,) tensor when not needed."""
+    dx, dw = _backward(du, x, weight, need_dx, need_dw)
+    return (x.new_empty(0) if dx is None else dx), (weight.new_empty(0) if dw is None else dw)
+
+
+@head_projection_backward_op.register_fake
+def _(du, x, weight, need_dx, need_dw):
+    return (x.new_empty(x.shape if need_dx else (0,)),
+            weight.new_empty(weight.shape if need_dw else (0,)))
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight = inputs
+    ctx.save_for_backward(x, weight)
+
+
+def _op_backward(ctx, du):
+    x, weight = ctx.saved_tensors
+    need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    if not (need_dx or need_dw):
+        return None, None
+    dx, dw = head_projection_backward_op(du, x, weight, need_dx, need_dw)
+    return (dx if need_dx else None), (dw if need_dw else None)
+
+
+head_projection_op.register_autograd(_op_backward, setup_context=_setup_context)
 
 
 def _k_splits(N: int, H: int, dh: int, width: int, device: torch.device, dtype: torch.dtype) -> int:
@@ -92,8 +157,13 @@ def head_projection(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     if dh != dh2 or x.shape[-1] != H * dh:
         raise ValueError(f"head_projection: x (..., {H * dh}) and weight (H, dh, G, dh) expected, "
                          f"got x {tuple(x.shape)}, weight {tuple(weight.shape)}")
+    if x.dtype != weight.dtype:
+        raise ValueError(f"head_projection: x and weight must share a dtype, got {x.dtype} and {weight.dtype}")
+    x2 = x.reshape(-1, H * dh)
+    # Compiled: the opaque library op (traceable, with its fake); eager: the same code through a
+    # plain autograd.Function, skipping the op's dispatch layers (host time).
     if torch.compiler.is_compiling():
-        return torch.einsum("...hi,higj->...ghj", x.unflatten(-1, (H, dh)), weight).flatten(-2)
-    lead = x.shape[:-1]
-    u = _HeadProjection.apply(x.reshape(-1, H * dh), weight)
-    return u.view(*lead, G, H * dh)
+        u = head_projection_op(x2, weight)
+    else:
+        u = _HeadProjection.apply(x2, weight)
+    return u.view(*x.shape[:-1], G, H * dh)

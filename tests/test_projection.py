@@ -43,6 +43,8 @@ def test_non_contiguous_input_and_single_grad():
 def test_bad_shapes_raise():
     with pytest.raises(ValueError, match="head_projection"):
         head_projection(torch.randn(2, 10), torch.randn(3, 4, 3, 4))
+    with pytest.raises(ValueError, match="dtype"):  # the compiled op's fake would not catch this
+        head_projection(torch.randn(2, 12), torch.randn(3, 4, 3, 4, dtype=torch.float64))
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
@@ -81,3 +83,155 @@ def test_weight_grad_split_on_gpu(dtype):
     ref = torch.einsum("nhi,nghj->higj", x.double().unflatten(-1, (H, dh)), gu.double().unflatten(-1, (H, dh)))
     err = ((dw.double() - ref).norm() / ref.norm()).item()
     assert err < (1e-5 if dtype == torch.float32 else 5e-3), err
+
+
+# ----------------------------------------------------------------------------- the torch.library ops
+# Under torch.compile head_projection calls pararnn::head_projection (its autograd calls
+# pararnn::head_projection_backward); eager calls take the autograd.Function. Same values either way.
+from kernels.projection import head_projection_backward_op, head_projection_op  # noqa: E402
+
+_TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
+
+
+def _inputs(N, H, dh, G, dtype, seed=0, strided=False, grad=True):
+    g = torch.Generator().manual_seed(seed)
+    if strided:  # a (N, H * dh) view with leading dimension 2 * H * dh, as after .chunk(2, -1)
+        x = torch.randn(N, 2 * H * dh, generator=g).to(dtype).chunk(2, dim=-1)[1]
+    else:
+        x = torch.randn(N, H * dh, generator=g).to(dtype)
+    w = (torch.randn(H, dh, G, dh, generator=g) / dh ** 0.5).to(dtype)
+    return x.requires_grad_(grad), w.requires_grad_(grad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("H,G", [(1, 3), (4, 3), (1, 2), (4, 2)])
+@pytest.mark.parametrize("strided", [False, True])
+def test_library_op_matches_einsum(dtype, H, G, strided):
+    N, dh = 37, 8
+    x, w = _inputs(N, H, dh, G, dtype, seed=H * 10 + G, strided=strided)
+    u = torch.ops.pararnn.head_projection(x, w)
+    assert u.shape == (N, G, H * dh) and u.dtype == dtype and u.is_contiguous()
+    # Reference in fp64 for fp32 (tight), in the dtype itself for bf16 (loose).
+    ref_dtype = torch.float64 if dtype == torch.float32 else dtype
+    xr, wr = (t.detach().to(ref_dtype).requires_grad_() for t in (x, w))
+    ref = _einsum(xr, wr)
+    torch.testing.assert_close(u, ref.to(dtype), **_TOL[dtype])
+    gu = torch.randn(u.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+    got = torch.autograd.grad((u * gu).sum(), (x, w))
+    want = torch.autograd.grad((ref * gu.to(ref_dtype)).sum(), (xr, wr))
+    for a, b, t in zip(got, want, (x, w)):
+        assert a.shape == t.shape and a.dtype == dtype and a.is_contiguous()
+        torch.testing.assert_close(a, b.to(dtype), **_TOL[dtype])
+
+
+@pytest.mark.parametrize("need_dx,need_dw", [(True, True), (True, False), (False, True)])
+def test_library_backward_op_grads_asked_for(need_dx, need_dw):
+    """Grads not asked for come back as empty placeholders; the op's autograd returns None there."""
+    N, H, dh, G = 29, 4, 4, 3
+    x, w = _inputs(N, H, dh, G, torch.float32, grad=False)
+    du = torch.randn(N, G, H * dh, generator=torch.Generator().manual_seed(2))
+    dx, dw = head_projection_backward_op(du, x, w, need_dx, need_dw)
+    xr, wr = x.double().requires_grad_(), w.double().requires_grad_()
+    rx, rw = torch.autograd.grad((_einsum(xr, wr) * du.double()).sum(), (xr, wr))
+    if need_dx:
+        torch.testing.assert_close(dx, rx.float(), **_TOL[torch.float32])
+    else:
+        assert dx.numel() == 0
+    if need_dw:
+        torch.testing.assert_close(dw, rw.float(), **_TOL[torch.float32])
+    else:
+        assert dw.numel() == 0
+    # Through the forward op's autograd: only the asked-for input gets a gradient.
+    x.requires_grad_(need_dx)
+    w.requires_grad_(need_dw)
+    u = head_projection_op(x, w)
+    got = torch.autograd.grad((u * du).sum(), [t for t in (x, w) if t.requires_grad])
+    want = [r.float() for r, n in ((rx, need_dx), (rw, need_dw)) if n]
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, **_TOL[torch.float32])
+
+
+def _op_samples(grad: bool):
+    for dtype in (torch.float32, torch.bfloat16):
+        for N, H, dh, G, strided in ((37, 4, 8, 3, False), (13, 1, 6, 2, True), (1, 2, 3, 3, False)):
+            yield _inputs(N, H, dh, G, dtype, seed=N, strided=strided, grad=grad), (N, H, dh, G, dtype)
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_opcheck_forward(grad):
+    for (x, w), _ in _op_samples(grad):
+        torch.library.opcheck(torch.ops.pararnn.head_projection.default, (x, w))
+
+
+def test_opcheck_backward():
+    for (x, w), (N, H, dh, G, dtype) in _op_samples(False):
+        du = torch.randn(N, G, H * dh, generator=torch.Generator().manual_seed(3)).to(dtype)
+        for flags in ((True, True), (True, False), (False, True)):
+            torch.library.opcheck(torch.ops.pararnn.head_projection_backward.default, (du, x, w, *flags))
+
+
+def _compiled_with_graphs(fn):
+    """torch.compile(fn, fullgraph=True) through aot_eager, keeping the forward/backward graphs."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    graphs = []
+
+    def keep(gm, example_inputs):
+        graphs.append(gm)
+        return make_boxed_func(gm.forward)
+
+    return torch.compile(fn, fullgraph=True, backend=aot_autograd(fw_compiler=keep, bw_compiler=keep)), graphs
+
+
+def _called_ops(gm):
+    return {str(n.target) for n in gm.graph.nodes if n.op == "call_function"}
+
+
+@pytest.mark.parametrize("x_grad", [True, False])
+def test_compiled_graph_calls_the_library_op(x_grad):
+    """fullgraph compile: the forward graph calls pararnn.head_projection and the backward
+    pararnn.head_projection_backward (asking only for the grads needed), no einsum/permute copies
+    of the projection; values and grads equal eager."""
+    torch._dynamo.reset()
+
+    def fn(x, w):
+        return head_projection(torch.nn.functional.silu(x), w).square().sum()
+
+    N, H, dh, G = 37, 4, 8, 3
+    x, w = _inputs(N, H, dh, G, torch.float32, seed=5)
+    x = x.detach().unflatten(0, (1, N)).requires_grad_(x_grad)  # leading dims are flattened by the wrapper
+    compiled, graphs = _compiled_with_graphs(fn)
+    wrt = (x, w) if x_grad else (w,)
+    got = compiled(x, w)
+    got_grads = torch.autograd.grad(got, wrt)
+    want = fn(x, w)
+    want_grads = torch.autograd.grad(want, wrt)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for a, b in zip(got_grads, want_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert len(graphs) == 2
+    fw, bw = (_called_ops(gm) for gm in graphs)
+    assert "pararnn.head_projection.default" in fw
+    assert "pararnn.head_projection_backward.default" in bw
+    assert not any("einsum" in t or "bmm" in t or "permute" in t for t in fw | bw), fw | bw
+    (bw_call,) = [n for n in graphs[1].graph.nodes if str(n.target) == "pararnn.head_projection_backward.default"]
+    assert tuple(bw_call.args[3:]) == (x_grad, True)
+
+
+def test_compiled_inductor_matches_eager():
+    """The same function through inductor (the training path): values and grads equal eager."""
+    torch._dynamo.reset()
+
+    def fn(x, w):
+        return head_projection(torch.nn.functional.silu(x), w).square().sum()
+
+    x, w = _inputs(37, 4, 8, 3, torch.float32, seed=6)
+    compiled = torch.compile(fn, fullgraph=True)
+    got = compiled(x, w)
+    got_grads = torch.autograd.grad(got, (x, w))
+    want = fn(x, w)
+    want_grads = torch.autograd.grad(want, (x, w))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for a, b in zip(got_grads, want_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
