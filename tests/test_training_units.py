@@ -380,3 +380,20 @@ def test_checkpointed_blocks_recompute_and_give_the_same_gradients():
     assert grads[0].keys() == grads[1].keys()
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_flops_terms_count_full_parameters_even_when_zero3_partitions_them():
+    from models import ParaRNNLMConfig, ParaRNNLMForCausalLM
+    from training.factory import flops_terms
+
+    config = ParaRNNLMConfig(vocab_size=64, hidden_size=32, num_hidden_layers=3, intermediate_size=64,
+                             num_attention_heads=4, layer_pattern=["paragru", "attention", "paragru"],
+                             tie_word_embeddings=False)
+    model = ParaRNNLMForCausalLM(config)
+    expected = sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n)
+    assert flops_terms(model) == (expected, 1, 32)
+    # ZeRO-3 leaves empty placeholders on each rank and records the full size in ds_numel
+    for param in model.parameters():
+        param.ds_numel = param.numel()
+        param.data = torch.empty(0)
+    assert flops_terms(model) == (expected, 1, 32)

@@ -149,11 +149,16 @@ def compile_blocks(model: nn.Module) -> nn.Module:
     return model
 
 
+def _full_numel(param: torch.Tensor) -> int:
+    # ZeRO-3 leaves each rank an empty placeholder (numel 0); DeepSpeed keeps the full size in ds_numel.
+    return int(getattr(param, "ds_numel", param.numel()))
+
+
 def flops_terms(model: nn.Module) -> tuple[int, int, int]:
     """(non-embedding parameters, attention layers, hidden size) for the FLOPs-per-token estimate."""
     config = model.config
-    embedding = model.get_input_embeddings().weight.numel()
-    non_embedding = sum(p.numel() for p in model.parameters()) - embedding
+    embedding = _full_numel(model.get_input_embeddings().weight)
+    non_embedding = sum(_full_numel(p) for p in model.parameters()) - embedding
     return non_embedding, sum(m == "attention" for m in config.mixers), config.hidden_size
 
 
