@@ -23,6 +23,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -68,6 +69,25 @@ def summarise(records: list[dict], log_every: int) -> dict:
     }
 
 
+def run_group(cmd: list[str], env: dict, timeout: float) -> subprocess.CompletedProcess:
+    """subprocess.run in its own process group: a timeout kills torchrun AND its workers, which would
+    otherwise keep their GPUs busy during the next configuration."""
+    with subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True) as proc:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines if line.strip()]
+
+
 def measure(arch: str, nproc: int, a: argparse.Namespace) -> dict:
     run_dir = Path(a.work_dir) / f"{arch}-{a.size}-{nproc}gpu"
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "4")}
@@ -79,16 +99,20 @@ def measure(arch: str, nproc: int, a: argparse.Namespace) -> dict:
            "activation_checkpointing": a.activation_checkpointing, "command": " ".join(cmd[1:])}
     started = time.perf_counter()
     try:
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=a.timeout)
+        (run_dir / "metrics.jsonl").unlink(missing_ok=True)  # no stale steps from an earlier run
+        proc = run_group(cmd, env, a.timeout)
         row["wall_s"] = time.perf_counter() - started
         if proc.returncode != 0:
             tail = (proc.stderr or proc.stdout)[-3000:]
             row["error"] = ("out of memory: " if "out of memory" in tail.lower() else "") + f"exit {proc.returncode}: {tail}"
             return row
-        records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-        row.update(summarise(records, a.log_every))
+        row.update(summarise(read_metrics(run_dir), a.log_every))
     except subprocess.TimeoutExpired:
-        row["error"] = f"timed out after {a.timeout:.0f} s"
+        row["wall_s"] = time.perf_counter() - started
+        try:  # keep the log steps written before the limit: a slow run still gives its step time
+            row.update(summarise(read_metrics(run_dir), a.log_every), timed_out=True)
+        except (OSError, ValueError):
+            row["error"] = f"timed out after {a.timeout:.0f} s"
     except (OSError, ValueError) as exc:
         row["error"] = f"{type(exc).__name__}: {exc}"
     if "tokens_per_s" in row:
@@ -151,6 +175,21 @@ def plot(rows: list[dict], path: Path) -> Path | None:
     return path
 
 
+def merge(paths: list[Path], out: Path | None) -> list[dict]:
+    """Rows of several result files in one table; efficiency recomputed against the merged 1-GPU rows."""
+    rows = [row for path in paths for row in json.loads(Path(path).read_text())]
+    for row in rows:
+        row.pop("scaling_efficiency", None)
+    rows.sort(key=lambda r: (r["size"], r["arch"], r["gpus"]))
+    add_efficiency(rows)
+    print(render(rows))
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(rows, indent=1))
+        plot(rows, out.with_suffix(".png"))
+    return rows
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--archs", nargs="+", default=["paragru", "attention"])
@@ -173,8 +212,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--out", type=Path, default=None, help="JSON of every configuration (+ a .png plot beside it)")
     p.add_argument("--smoke", action="store_true", help="CPU check: debug size, T=64, no DeepSpeed, gloo")
     p.add_argument("extra", nargs="*", help="more train.py overrides, e.g. optim.lr=1e-3")
+    p.add_argument("--merge", nargs="+", type=Path, default=None, metavar="JSON",
+                   help="no runs: combine result files (e.g. one job per GPU count), recompute efficiency, "
+                        "print, and write --out + plot")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if a.merge:
+        return merge(a.merge, a.out)
     if a.smoke:
         a.size, a.deepspeed, a.micro_batch, a.seq_len, a.vocab_size, a.precision = "debug", "none", 2, 64, 4096, "fp32"
         a.steps, a.log_every = min(a.steps, 6), min(a.log_every, 2)

@@ -56,3 +56,64 @@ def test_smoke_run_on_one_and_two_processes(tmp_path):
     assert out.with_suffix(".png").stat().st_size > 1000
     table = bench_scaling.render(rows)
     assert "| paragru | debug | none | 2 | 2 |" in table and "100.0%" in table
+
+
+def test_merge_recomputes_efficiency_across_files(tmp_path):
+    one = tmp_path / "one.json"
+    many = tmp_path / "many.json"
+    one.write_text(json.dumps([{"arch": "a", "size": "1b", "deepspeed": "zero2", "gpus": 1, "micro_batch": 8,
+                                "tokens_per_s": 100.0, "ms_per_sequence_per_gpu": 10.0}]))
+    many.write_text(json.dumps([{"arch": "a", "size": "1b", "deepspeed": "zero2", "gpus": 4, "micro_batch": 8,
+                                 "tokens_per_s": 380.0, "ms_per_sequence_per_gpu": 10.5, "scaling_efficiency": 1.0}]))
+    out = tmp_path / "merged.json"
+    rows = bench_scaling.main(["--merge", str(many), str(one), "--out", str(out)])
+    assert [r["gpus"] for r in rows] == [1, 4]
+    assert math.isclose(rows[1]["scaling_efficiency"], 0.95)  # the stale 1.0 of its own file is replaced
+    assert json.loads(out.read_text()) == rows
+
+
+def test_a_timeout_kills_the_launcher_and_its_workers(tmp_path):
+    import os
+    import subprocess
+    import time
+
+    pid_file = tmp_path / "worker.pid"
+    # a "launcher" that starts a long-lived worker and waits, as torchrun does
+    code = ("import subprocess, sys, time; w = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']);"
+            f"open({str(pid_file)!r}, 'w').write(str(w.pid)); time.sleep(60)")
+    started = time.monotonic()
+    with pytest.raises(subprocess.TimeoutExpired):
+        bench_scaling.run_group([sys.executable, "-c", code], dict(os.environ), timeout=3)
+    assert time.monotonic() - started < 30  # a surviving worker would hold the pipes open for its 60 s
+    stat = Path(f"/proc/{pid_file.read_text()}/stat")
+    time.sleep(0.5)
+    # gone, or a zombie waiting for a reaper (the container's init may not reap orphans at once)
+    assert not stat.exists() or stat.read_text().rsplit(")", 1)[1].split()[0] == "Z"
+
+
+def test_a_timed_out_run_keeps_the_steps_it_logged(tmp_path, monkeypatch):
+    import subprocess
+
+    args = bench_scaling.argparse.Namespace(work_dir=str(tmp_path), smoke=True, port=29999, size="debug",
+                                            deepspeed="none", micro_batch=2, seq_len=64, vocab_size=4096,
+                                            steps=20, log_every=5, compile=False, activation_checkpointing=False,
+                                            precision="fp32", cache_dir=None, extra=[], timeout=1.0)
+    run_dir = tmp_path / "paragru-debug-1gpu"
+
+    def slow_run(cmd, env, timeout):  # logs two intervals, then hangs past the limit
+        run_dir.mkdir(parents=True, exist_ok=True)
+        lines = [{"step": s, "loss": 5.0, "tokens_per_s": 50.0 * s, "step_time_s": 1.0 / s} for s in (5, 10)]
+        (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+        raise subprocess.TimeoutExpired(cmd, timeout)
+
+    monkeypatch.setattr(bench_scaling, "run_group", slow_run)
+    row = bench_scaling.measure("paragru", 1, args)
+    assert row["timed_out"] and "error" not in row and row["tokens_per_s"] == 500.0 and row["log_steps"] == [10]
+
+    def silent_run(cmd, env, timeout):  # nothing logged before the limit
+        raise subprocess.TimeoutExpired(cmd, timeout)
+
+    (run_dir / "metrics.jsonl").write_text(json.dumps({"step": 10, "tokens_per_s": 1.0, "step_time_s": 1.0}) + "\n")
+    monkeypatch.setattr(bench_scaling, "run_group", silent_run)
+    row = bench_scaling.measure("paragru", 1, args)  # the stale file of the previous run is not read
+    assert row["error"] == "timed out after 1 s" and "tokens_per_s" not in row
