@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--log-every", type=int, default=5, help="the first log interval is warm-up")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
-    p.add_argument("--compile", action="store_true", help="train.compile=true (not with ZeRO-3)")
+    p.add_argument("--compile", action="store_true", help="train.compile=true")
     p.add_argument("--activation-checkpointing", action="store_true")
     p.add_argument("--cache-dir", default=None, help="data cache (tokenizer + token shards)")
     p.add_argument("--work-dir", default="/tmp/bench_scaling")
@@ -224,8 +224,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
         a.steps, a.log_every = min(a.steps, 6), min(a.log_every, 2)
     if a.steps <= a.log_every:
         p.error("--steps must exceed --log-every (the first log interval is warm-up)")
-    if a.compile and a.deepspeed.startswith("zero3"):
-        p.error("--compile is not supported with ZeRO-3 (train.compile note in training/config.py)")
     gpus = a.gpus
     if not a.smoke:
         import torch

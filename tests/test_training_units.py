@@ -397,3 +397,24 @@ def test_flops_terms_count_full_parameters_even_when_zero3_partitions_them():
         param.ds_numel = param.numel()
         param.data = torch.empty(0)
     assert flops_terms(model) == (expected, 1, 32)
+
+
+def test_compiled_blocks_under_zero3_are_leaf_modules_with_a_compiled_forward():
+    pytest.importorskip("deepspeed")
+    from deepspeed.utils import z3_leaf_module
+
+    from models import ParaRNNLMConfig, ParaRNNLMForCausalLM
+    from training.factory import compile_blocks
+
+    torch.manual_seed(0)
+    config = ParaRNNLMConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, intermediate_size=64,
+                             num_attention_heads=4, mixer="attention")
+    model = ParaRNNLMForCausalLM(config)
+    ids = torch.randint(0, 64, (2, 16))
+    expected = model(ids).logits
+    compile_blocks(model, zero3=True)
+    for block in model.model.layers:
+        assert z3_leaf_module(block)  # ZeRO-3 hooks on the block only: its children are not hooked
+        assert hasattr(block.forward, "_torchdynamo_orig_callable")  # the forward alone is compiled
+    assert not any(z3_leaf_module(m) for m in model.model.layers[0].children())
+    torch.testing.assert_close(model(ids).logits, expected, rtol=1e-4, atol=1e-5)

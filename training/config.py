@@ -43,7 +43,7 @@ class TrainerConfig:
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
     device: str = "auto"  # auto | cpu | cuda
     seed: int = 0
-    compile: bool = False  # torch.compile every decoder block (fuses norms, gates, conv, MLP); not with ZeRO-3
+    compile: bool = False  # torch.compile every decoder block (fuses norms, gates, conv, MLP); any ZeRO stage
     # Recompute each decoder block in the backward instead of keeping its activations (~1/3 more
     # compute, activation memory of one block per layer boundary): for 7B-size micro-batches.
     activation_checkpointing: bool = False
@@ -147,9 +147,6 @@ def validate(cfg: TrainConfig) -> None:
         raise ValueError("train.steps, train.micro_batch_size and train.global_batch_size must be >= 1")
     if not 0 <= cfg.deepspeed.stage <= 3:
         raise ValueError(f"deepspeed.stage must be 0..3, got {cfg.deepspeed.stage}")
-    if cfg.train.compile and cfg.deepspeed.enabled and cfg.deepspeed.stage == 3:
-        raise ValueError("train.compile=true is not supported with ZeRO-3 (its parameter hooks break the "
-                         "compiled graphs); use deepspeed=zero2 or train.compile=false")
     if not 0 <= cfg.optim.warmup_fraction < 1:
         raise ValueError(f"optim.warmup_fraction must be in [0, 1), got {cfg.optim.warmup_fraction}")
 

@@ -140,12 +140,27 @@ def checkpoint_activations(model: nn.Module) -> nn.Module:
     return model
 
 
-def compile_blocks(model: nn.Module) -> nn.Module:
+def compile_blocks(model: nn.Module, *, zero3: bool = False) -> nn.Module:
     """torch.compile each decoder block in place (torchtitan style): the norms, gates, conv, RoPE and
     SwiGLU elementwise work fuses; the Triton cell kernels are torch.library ops with fake kernels,
-    so they stay single graph nodes. Embedding, head and loss stay eager."""
-    for block in model.model.layers:
-        block.compile()
+    so they stay single graph nodes. Embedding, head and loss stay eager.
+
+    ``zero3``: DeepSpeed ZeRO-3 gathers parameters in forward hooks on every submodule, which dynamo
+    cannot trace. Each block becomes a ZeRO-3 leaf module instead (one hook pair on the block gathers
+    all its parameters before its forward and releases them after), and only the block's ``forward``
+    is compiled, so the hooks run eagerly around the compiled code. Call before ``deepspeed.initialize``.
+    """
+    blocks = list(model.model.layers)
+    if zero3:
+        from deepspeed.utils import set_z3_leaf_modules
+
+        set_z3_leaf_modules(model, [type(blocks[0])])
+        for block in blocks:
+            block.forward = torch.compile(block.forward)
+    else:
+        for block in blocks:
+            block.compile()
+    logger.info("torch.compile: %d decoder blocks%s", len(blocks), " (ZeRO-3 leaf modules)" if zero3 else "")
     return model
 
 
