@@ -4,6 +4,7 @@
 #   bash .ci/slurm/setup.sh            # install if needed, write slurm.conf, start munged/slurmctld/slurmd
 #   bash .ci/slurm/setup.sh --strict   # exit non-zero when the cluster does not come up (default: exit 0)
 #   bash .ci/slurm/stop.sh             # stop the daemons (by pid file)
+#   PARARNN_SLURM_GPUS=4 bash .ci/slurm/setup.sh   # a GPU node: GRES gpu:4 (jobs ask --gpus-per-node)
 #
 # Idempotent: a second run finds the daemons alive and only checks that the node answers. Without
 # --strict it never fails CI: when something does not work it writes the reason to
@@ -52,6 +53,17 @@ if [ -e "$CONF" ] && ! grep -qF "$MARKER" "$CONF"; then
 fi
 CPUS="$(nproc)"
 HOST="$(hostname -s)"
+GPUS="${PARARNN_SLURM_GPUS:-0}"
+GRES_TYPES="" NODE_GRES=""
+if [ "$GPUS" -gt 0 ]; then
+    GRES_TYPES="GresTypes=gpu" NODE_GRES=" Gres=gpu:$GPUS"
+    mkdir -p /etc/slurm
+    # SLURM drops GPUs without device files; it sets CUDA_VISIBLE_DEVICES per job from them.
+    [ -e "/dev/nvidia$((GPUS - 1))" ] || fail "PARARNN_SLURM_GPUS=$GPUS but /dev/nvidia$((GPUS - 1)) does not exist"
+    printf '%s\nName=gpu File=/dev/nvidia[0-%d]\n' "$MARKER" "$((GPUS - 1))" > /etc/slurm/gres.conf
+elif [ -e /etc/slurm/gres.conf ] && grep -qF "$MARKER" /etc/slurm/gres.conf; then
+    rm -f /etc/slurm/gres.conf
+fi
 mkdir -p "$STATE/ctld" "$STATE/slurmd" /etc/slurm
 NEW_CONF="$(cat <<EOF
 $MARKER
@@ -95,7 +107,8 @@ MessageTimeout=10
 InactiveLimit=0
 KillWait=10
 BatchStartTimeout=20
-NodeName=localhost CPUs=$CPUS RealMemory=1000 State=UNKNOWN
+$GRES_TYPES
+NodeName=localhost CPUs=$CPUS RealMemory=1000$NODE_GRES State=UNKNOWN
 PartitionName=ci Nodes=localhost Default=YES MaxTime=INFINITE State=UP
 EOF
 )"
