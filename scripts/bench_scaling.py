@@ -28,6 +28,7 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -88,15 +89,21 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in lines if line.strip()]
 
 
-def measure(arch: str, nproc: int, a: argparse.Namespace) -> dict:
+def measure(arch: str, nproc: int, a: argparse.Namespace, devices: str | None = None, port: int | None = None) -> dict:
+    """One torchrun launch of train.py; ``devices`` (CUDA_VISIBLE_DEVICES) and ``port`` when several
+    configurations share the machine (--side-by-side)."""
     run_dir = Path(a.work_dir) / f"{arch}-{a.size}-{nproc}gpu"
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "4")}
     if a.smoke:
         env["DS_ACCELERATOR"] = "cpu"
-    cmd = launch_command(nproc, a.port) + overrides(arch, nproc, run_dir, a)
+    if devices is not None:
+        env["CUDA_VISIBLE_DEVICES"] = devices
+    cmd = launch_command(nproc, port or a.port) + overrides(arch, nproc, run_dir, a)
     row = {"arch": arch, "size": a.size, "gpus": nproc, "deepspeed": a.deepspeed, "micro_batch": a.micro_batch,
            "seq_len": a.seq_len, "vocab_size": a.vocab_size, "compile": a.compile,
            "activation_checkpointing": a.activation_checkpointing, "command": " ".join(cmd[1:])}
+    if devices is not None:
+        row["devices"] = devices  # ran beside other configurations, on these GPUs only
     started = time.perf_counter()
     try:
         (run_dir / "metrics.jsonl").unlink(missing_ok=True)  # no stale steps from an earlier run
@@ -118,6 +125,32 @@ def measure(arch: str, nproc: int, a: argparse.Namespace) -> dict:
     if "tokens_per_s" in row:
         row["ms_per_sequence_per_gpu"] = 1e3 * row["step_time_s"] / a.micro_batch
     return row
+
+
+def pack_waves(configs: list[tuple[str, int]], slots: int) -> list[list[tuple[str, int]]]:
+    """Consecutive configurations grouped so that each group's GPU counts fit the machine together."""
+    waves: list[list[tuple[str, int]]] = []
+    used = slots
+    for arch, nproc in configs:
+        if used + nproc > slots:
+            waves.append([])
+            used = 0
+        waves[-1].append((arch, nproc))
+        used += nproc
+    return waves
+
+
+def run_wave(wave: list[tuple[str, int]], a: argparse.Namespace, shared: bool) -> list[dict]:
+    """Run the configurations of one wave at once, each on its own GPUs and rendezvous port."""
+    if not shared:
+        return [measure(arch, nproc, a) for arch, nproc in wave]
+    jobs, first = [], 0
+    for i, (arch, nproc) in enumerate(wave):
+        devices = None if a.smoke else ",".join(str(g) for g in range(first, first + nproc))
+        jobs.append((arch, nproc, devices, a.port + 1 + i))
+        first += nproc
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        return list(pool.map(lambda job: measure(job[0], job[1], a, devices=job[2], port=job[3]), jobs))
 
 
 def add_efficiency(rows: list[dict]) -> list[dict]:
@@ -210,6 +243,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--port", type=int, default=29511)
     p.add_argument("--timeout", type=float, default=1200, help="seconds per configuration")
     p.add_argument("--out", type=Path, default=None, help="JSON of every configuration (+ a .png plot beside it)")
+    p.add_argument("--side-by-side", action="store_true",
+                   help="run configurations that fit the machine together at once (e.g. four 1-GPU baselines "
+                        "on four GPUs), each on its own GPUs; saves time, shares the host's CPUs and PCIe")
     p.add_argument("--smoke", action="store_true", help="CPU check: debug size, T=64, no DeepSpeed, gloo")
     p.add_argument("extra", nargs="*", help="more train.py overrides, e.g. optim.lr=1e-3")
     p.add_argument("--merge", nargs="+", type=Path, default=None, metavar="JSON",
@@ -225,6 +261,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if a.steps <= a.log_every:
         p.error("--steps must exceed --log-every (the first log interval is warm-up)")
     gpus = a.gpus
+    available = os.cpu_count() or 1  # --smoke: CPU processes
     if not a.smoke:
         import torch
         available = torch.cuda.device_count()
@@ -234,20 +271,24 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if skipped:
             log.warning("skipping %s GPUs: this machine has %d", skipped, available)
         gpus = [n for n in gpus if n <= available]
+    configs = [(arch, nproc) for arch in a.archs for nproc in gpus]
+    if a.side_by_side:  # fewest waves: the smallest configurations together first
+        waves = pack_waves(sorted(configs, key=lambda c: c[1]), available)
+    else:
+        waves = [[c] for c in configs]
     rows: list[dict] = []
-    for arch in a.archs:
-        for nproc in gpus:
-            row = measure(arch, nproc, a)
+    for wave in waves:
+        for row in run_wave(wave, a, shared=len(wave) > 1):
             rows.append(row)
             if "error" in row:
-                log.error("%s %s on %d: %s", arch, a.size, nproc, row["error"][-800:])
+                log.error("%s %s on %d: %s", row["arch"], a.size, row["gpus"], row["error"][-800:])
             else:
-                log.info("%s %s on %d GPU(s): %.0f tokens/s, %.1f ms/step, peak %s GiB", arch, a.size, nproc,
-                         row["tokens_per_s"], 1e3 * row["step_time_s"], row.get("mem_peak_gib"))
-            add_efficiency(rows)
-            if a.out:
-                a.out.parent.mkdir(parents=True, exist_ok=True)
-                a.out.write_text(json.dumps(rows, indent=1))
+                log.info("%s %s on %d GPU(s): %.0f tokens/s, %.1f ms/step, peak %s GiB", row["arch"], a.size,
+                         row["gpus"], row["tokens_per_s"], 1e3 * row["step_time_s"], row.get("mem_peak_gib"))
+        add_efficiency(rows)
+        if a.out:
+            a.out.parent.mkdir(parents=True, exist_ok=True)
+            a.out.write_text(json.dumps(rows, indent=1))
     print(render(rows))
     if a.out:
         plot(rows, a.out.with_suffix(".png"))

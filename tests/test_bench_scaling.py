@@ -117,3 +117,30 @@ def test_a_timed_out_run_keeps_the_steps_it_logged(tmp_path, monkeypatch):
     monkeypatch.setattr(bench_scaling, "run_group", silent_run)
     row = bench_scaling.measure("paragru", 1, args)  # the stale file of the previous run is not read
     assert row["error"] == "timed out after 1 s" and "tokens_per_s" not in row
+
+
+def test_waves_pack_configurations_that_fit_together():
+    configs = [("a", 1), ("b", 1), ("c", 1), ("a", 2), ("b", 2), ("c", 2), ("a", 4)]
+    assert bench_scaling.pack_waves(configs, 4) == [
+        [("a", 1), ("b", 1), ("c", 1)], [("a", 2), ("b", 2)], [("c", 2)], [("a", 4)]]
+    assert bench_scaling.pack_waves(configs[:2], 1) == [[("a", 1)], [("b", 1)]]
+
+
+def test_side_by_side_runs_each_configuration_on_its_own_devices_and_port(tmp_path, monkeypatch):
+    import threading
+    seen, barrier = [], threading.Barrier(2, timeout=10)
+
+    def fake_run(cmd, env, timeout):  # both launches must be running at the same time to pass the barrier
+        barrier.wait()
+        seen.append((env.get("CUDA_VISIBLE_DEVICES"), next(c for c in cmd if c.startswith("--master-port"))))
+        raise OSError("not launched")
+
+    monkeypatch.setattr(bench_scaling, "run_group", fake_run)
+    args = bench_scaling.argparse.Namespace(work_dir=str(tmp_path), smoke=False, port=29500, size="1b",
+                                            deepspeed="zero2", micro_batch=8, seq_len=2048, vocab_size=50277,
+                                            steps=20, log_every=5, compile=False, activation_checkpointing=False,
+                                            precision="auto", cache_dir=None, extra=[], timeout=60.0)
+    rows = bench_scaling.run_wave([("paragru", 1), ("attention", 2)], args, shared=True)
+    assert sorted(seen) == [("0", "--master-port=29501"), ("1,2", "--master-port=29502")]
+    assert [(r["arch"], r["devices"]) for r in rows] == [("paragru", "0"), ("attention", "1,2")]
+    assert all("not launched" in r["error"] for r in rows)
