@@ -57,7 +57,7 @@ def train(cfg: TrainConfig) -> dict:
     if cfg.train.activation_checkpointing:
         factory.checkpoint_activations(model)
     if cfg.train.compile:
-        factory.compile_blocks(model, zero3=cfg.deepspeed.enabled and cfg.deepspeed.stage == 3)
+        factory.compile_blocks(model, zero3=cfg.deepspeed.zero3)
     grad_accum = factory.grad_accum_steps(cfg, info.world_size)
     optimizer = torch.optim.AdamW(
         parameter_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,

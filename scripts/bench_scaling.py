@@ -140,10 +140,10 @@ def pack_waves(configs: list[tuple[str, int]], slots: int) -> list[list[tuple[st
     return waves
 
 
-def run_wave(wave: list[tuple[str, int]], a: argparse.Namespace, shared: bool) -> list[dict]:
+def run_wave(wave: list[tuple[str, int]], a: argparse.Namespace) -> list[dict]:
     """Run the configurations of one wave at once, each on its own GPUs and rendezvous port."""
-    if not shared:
-        return [measure(arch, nproc, a) for arch, nproc in wave]
+    if len(wave) == 1:
+        return [measure(*wave[0], a)]
     jobs, first = [], 0
     for i, (arch, nproc) in enumerate(wave):
         devices = None if a.smoke else ",".join(str(g) for g in range(first, first + nproc))
@@ -208,6 +208,11 @@ def plot(rows: list[dict], path: Path) -> Path | None:
     return path
 
 
+def save(rows: list[dict], out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(rows, indent=1))
+
+
 def merge(paths: list[Path], out: Path | None) -> list[dict]:
     """Rows of several result files in one table; efficiency recomputed against the merged 1-GPU rows."""
     rows = [row for path in paths for row in json.loads(Path(path).read_text())]
@@ -217,8 +222,7 @@ def merge(paths: list[Path], out: Path | None) -> list[dict]:
     add_efficiency(rows)
     print(render(rows))
     if out:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(rows, indent=1))
+        save(rows, out)
         plot(rows, out.with_suffix(".png"))
     return rows
 
@@ -278,7 +282,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         waves = [[c] for c in configs]
     rows: list[dict] = []
     for wave in waves:
-        for row in run_wave(wave, a, shared=len(wave) > 1):
+        for row in run_wave(wave, a):
             rows.append(row)
             if "error" in row:
                 log.error("%s %s on %d: %s", row["arch"], a.size, row["gpus"], row["error"][-800:])
@@ -286,9 +290,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 log.info("%s %s on %d GPU(s): %.0f tokens/s, %.1f ms/step, peak %s GiB", row["arch"], a.size,
                          row["gpus"], row["tokens_per_s"], 1e3 * row["step_time_s"], row.get("mem_peak_gib"))
         add_efficiency(rows)
-        if a.out:
-            a.out.parent.mkdir(parents=True, exist_ok=True)
-            a.out.write_text(json.dumps(rows, indent=1))
+        if a.out:  # after every wave: a later crash or timeout keeps what was measured
+            save(rows, a.out)
     print(render(rows))
     if a.out:
         plot(rows, a.out.with_suffix(".png"))

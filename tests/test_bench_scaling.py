@@ -140,7 +140,7 @@ def test_side_by_side_runs_each_configuration_on_its_own_devices_and_port(tmp_pa
                                             deepspeed="zero2", micro_batch=8, seq_len=2048, vocab_size=50277,
                                             steps=20, log_every=5, compile=False, activation_checkpointing=False,
                                             precision="auto", cache_dir=None, extra=[], timeout=60.0)
-    rows = bench_scaling.run_wave([("paragru", 1), ("attention", 2)], args, shared=True)
+    rows = bench_scaling.run_wave([("paragru", 1), ("attention", 2)], args)
     assert sorted(seen) == [("0", "--master-port=29501"), ("1,2", "--master-port=29502")]
     assert [(r["arch"], r["devices"]) for r in rows] == [("paragru", "0"), ("attention", "1,2")]
     assert all("not launched" in r["error"] for r in rows)

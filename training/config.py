@@ -66,6 +66,11 @@ class DeepSpeedConfig:
     offload_params: bool = False
     extra: dict[str, Any] = field(default_factory=dict)  # merged into the generated DeepSpeed JSON
 
+    @property
+    def zero3(self) -> bool:
+        """Parameters are partitioned: each rank holds shards, not the module's full weights."""
+        return self.enabled and self.stage == 3
+
 
 @dataclass
 class CheckpointConfig:

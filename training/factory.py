@@ -186,7 +186,7 @@ def export(backend, data, cfg: TrainConfig, run_dir: Path, info: DistInfo, token
     from scripts.export_hf import export_model
 
     model = backend.module
-    if cfg.deepspeed.enabled and cfg.deepspeed.stage == 3:  # the live module only holds shards
+    if cfg.deepspeed.zero3:  # the live module only holds shards
         model = ParaRNNLMForCausalLM(model.config)
         model.load_state_dict(state)
     source = cfg.data.path or f"{cfg.data.source} corpus"
