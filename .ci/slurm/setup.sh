@@ -54,17 +54,16 @@ fi
 CPUS="$(nproc)"
 HOST="$(hostname -s)"
 GPUS="${PARARNN_SLURM_GPUS:-0}"
+mkdir -p "$STATE/ctld" "$STATE/slurmd" /etc/slurm
 GRES_TYPES="" NODE_GRES=""
 if [ "$GPUS" -gt 0 ]; then
     GRES_TYPES="GresTypes=gpu" NODE_GRES=" Gres=gpu:$GPUS"
-    mkdir -p /etc/slurm
     # SLURM drops GPUs without device files; it sets CUDA_VISIBLE_DEVICES per job from them.
     [ -e "/dev/nvidia$((GPUS - 1))" ] || fail "PARARNN_SLURM_GPUS=$GPUS but /dev/nvidia$((GPUS - 1)) does not exist"
     printf '%s\nName=gpu File=/dev/nvidia[0-%d]\n' "$MARKER" "$((GPUS - 1))" > /etc/slurm/gres.conf
 elif [ -e /etc/slurm/gres.conf ] && grep -qF "$MARKER" /etc/slurm/gres.conf; then
     rm -f /etc/slurm/gres.conf
 fi
-mkdir -p "$STATE/ctld" "$STATE/slurmd" /etc/slurm
 NEW_CONF="$(cat <<EOF
 $MARKER
 # A one-node cluster on localhost for CI; no accounting. State and logs: $STATE
