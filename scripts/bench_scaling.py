@@ -153,21 +153,33 @@ def run_wave(wave: list[tuple[str, int]], a: argparse.Namespace) -> list[dict]:
         return list(pool.map(lambda job: measure(job[0], job[1], a, devices=job[2], port=job[3]), jobs))
 
 
+def _setting(r: dict) -> tuple:
+    """Rows are comparable (one scaling curve) when they share architecture, size and how they ran."""
+    return r["arch"], r["size"], bool(r.get("compile")), bool(r.get("activation_checkpointing"))
+
+
+def _setting_label(r: dict) -> str:
+    return ("compiled" if r.get("compile") else "eager") + (" + ckpt" if r.get("activation_checkpointing") else "")
+
+
 def add_efficiency(rows: list[dict]) -> list[dict]:
-    """efficiency = tokens/s(N) / (N x tokens/s(1)) per (arch, size), where the 1-GPU run succeeded."""
-    single = {(r["arch"], r["size"]): r["tokens_per_s"] for r in rows if r["gpus"] == 1 and "tokens_per_s" in r}
+    """efficiency = tokens/s(N) / (N x tokens/s(1)) per (arch, size, compile, checkpointing), where the 1-GPU
+    run of the same setting succeeded."""
+    single = {_setting(r): r["tokens_per_s"] for r in rows if r["gpus"] == 1 and "tokens_per_s" in r}
     for r in rows:
-        base = single.get((r["arch"], r["size"]))
+        base = single.get(_setting(r))
         if base and "tokens_per_s" in r:
             r["scaling_efficiency"] = r["tokens_per_s"] / (r["gpus"] * base)
     return rows
 
 
 def render(rows: list[dict]) -> str:
-    lines = ["| arch | size | ZeRO | GPUs | micro-batch | tokens/s | per GPU | efficiency | MFU | ms/seq/GPU | peak GiB/GPU |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| arch | size | ZeRO | GPUs | micro-batch | mode | tokens/s | per GPU | efficiency | MFU | ms/seq/GPU "
+             "| peak GiB/GPU |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        head = f"| {r['arch']} | {r['size']} | {r['deepspeed']} | {r['gpus']} | {r['micro_batch']} "
+        head = (f"| {r['arch']} | {r['size']} | {r['deepspeed']} | {r['gpus']} | {r['micro_batch']} "
+                f"| {_setting_label(r)} ")
         if "error" in r:
             lines.append(head + f"| failed: {r['error'][:60].splitlines()[0]} | | | | | |")
             continue
@@ -189,12 +201,12 @@ def plot(rows: list[dict], path: Path) -> Path | None:
         log.warning("matplotlib not installed: no plot")
         return None
     fig, ax = plt.subplots(figsize=(5.5, 4))
-    for key in dict.fromkeys((r["arch"], r["size"]) for r in rows):
-        ok = sorted((r["gpus"], r["tokens_per_s"]) for r in rows if (r["arch"], r["size"]) == key and "tokens_per_s" in r)
-        if not ok:
+    for key in dict.fromkeys(_setting(r) for r in rows):
+        runs = [r for r in rows if _setting(r) == key and "tokens_per_s" in r]
+        if not runs:
             continue
-        gpus, tps = zip(*ok)
-        line, = ax.plot(gpus, tps, "o-", label=f"{key[0]} {key[1]}")
+        gpus, tps = zip(*sorted((r["gpus"], r["tokens_per_s"]) for r in runs))
+        line, = ax.plot(gpus, tps, "o-", label=f"{key[0]} {key[1]} ({_setting_label(runs[0])})")
         if gpus[0] == 1:
             ax.plot(gpus, [tps[0] * g for g in gpus], ":", color=line.get_color(), alpha=0.6)
     ax.set_xlabel("GPUs (data parallel)")
@@ -218,7 +230,8 @@ def merge(paths: list[Path], out: Path | None) -> list[dict]:
     rows = [row for path in paths for row in json.loads(Path(path).read_text())]
     for row in rows:
         row.pop("scaling_efficiency", None)
-    rows.sort(key=lambda r: (r["size"], r["arch"], r["gpus"]))
+    rows.sort(key=lambda r: (r["size"], r["arch"], bool(r.get("compile")), bool(r.get("activation_checkpointing")),
+                             r["gpus"]))
     add_efficiency(rows)
     print(render(rows))
     if out:

@@ -33,10 +33,15 @@ def test_efficiency_is_relative_to_n_times_the_single_gpu_run():
     rows = [{"arch": "a", "size": "1b", "gpus": 1, "tokens_per_s": 100.0},
             {"arch": "a", "size": "1b", "gpus": 4, "tokens_per_s": 360.0},
             {"arch": "b", "size": "1b", "gpus": 2, "tokens_per_s": 150.0},  # no 1-GPU run: no efficiency
-            {"arch": "a", "size": "1b", "gpus": 8, "error": "out of memory"}]
+            {"arch": "a", "size": "1b", "gpus": 8, "error": "out of memory"},
+            # another setting of the same model is its own curve, never divided by the other's 1-GPU run
+            {"arch": "a", "size": "1b", "gpus": 1, "tokens_per_s": 50.0, "activation_checkpointing": True},
+            {"arch": "a", "size": "1b", "gpus": 4, "tokens_per_s": 190.0, "activation_checkpointing": True},
+            {"arch": "a", "size": "1b", "gpus": 4, "tokens_per_s": 500.0, "compile": True}]
     bench_scaling.add_efficiency(rows)
     assert rows[0]["scaling_efficiency"] == 1.0 and math.isclose(rows[1]["scaling_efficiency"], 0.9)
     assert "scaling_efficiency" not in rows[2] and "scaling_efficiency" not in rows[3]
+    assert math.isclose(rows[5]["scaling_efficiency"], 0.95) and "scaling_efficiency" not in rows[6]
 
 
 def test_smoke_run_on_one_and_two_processes(tmp_path):
@@ -55,7 +60,7 @@ def test_smoke_run_on_one_and_two_processes(tmp_path):
     assert math.isclose(rows[1]["scaling_efficiency"], rows[1]["tokens_per_s"] / (2 * rows[0]["tokens_per_s"]))
     assert out.with_suffix(".png").stat().st_size > 1000
     table = bench_scaling.render(rows)
-    assert "| paragru | debug | none | 2 | 2 |" in table and "100.0%" in table
+    assert "| paragru | debug | none | 2 | 2 | eager |" in table and "100.0%" in table
 
 
 def test_merge_recomputes_efficiency_across_files(tmp_path):
