@@ -155,7 +155,18 @@ if alive "$STATE/slurmd.pid"; then
     log "slurmd already running (pid $(cat "$STATE/slurmd.pid"))"
 else
     log "starting slurmd"
-    slurmd -N localhost >>"$STATE/slurmd.log" 2>&1 || fail "slurmd did not start" --logs
+    if ! slurmd -N localhost >>"$STATE/slurmd.log" 2>&1; then
+        # Some slurmd builds (Debian's 22.05) always start their cgroup/v2 plugin, which asks systemd over
+        # dbus for a scope; a container has neither. With IgnoreSystemd slurmd makes the scope directory
+        # itself, under system.slice, which must exist.
+        grep -q "cgroup_dbus_attach_to_scope" "$STATE/slurmd.log" || fail "slurmd did not start" --logs
+        [ ! -e /etc/slurm/cgroup.conf ] || grep -qF "$MARKER" /etc/slurm/cgroup.conf \
+            || fail "slurmd needs cgroup.conf IgnoreSystemd=yes, but /etc/slurm/cgroup.conf is not ours" --logs
+        log "no systemd/dbus for slurmd's cgroup plugin: IgnoreSystemd=yes in /etc/slurm/cgroup.conf, retrying"
+        printf '%s\nCgroupPlugin=autodetect\nIgnoreSystemd=yes\n' "$MARKER" > /etc/slurm/cgroup.conf
+        mkdir -p /sys/fs/cgroup/system.slice
+        slurmd -N localhost >>"$STATE/slurmd.log" 2>&1 || fail "slurmd did not start" --logs
+    fi
 fi
 
 # --- wait for the node ------------------------------------------------------------------------
