@@ -5,6 +5,7 @@
 #   bash .ci/slurm/setup.sh --strict   # exit non-zero when the cluster does not come up (default: exit 0)
 #   bash .ci/slurm/stop.sh             # stop the daemons (by pid file)
 #   PARARNN_SLURM_GPUS=4 bash .ci/slurm/setup.sh   # a GPU node: GRES gpu:4 (jobs ask --gpus-per-node)
+#   PARARNN_SLURM_DEBS=DIR bash .ci/slurm/setup.sh  # no network: install from .ci/slurm/fetch_debs.sh's files
 #
 # Idempotent: a second run finds the daemons alive and only checks that the node answers. Without
 # --strict it never fails CI: when something does not work it writes the reason to
@@ -36,8 +37,12 @@ echo "starting" > "$STATE/setup.status"
 [ "$(id -u)" -eq 0 ] || fail "must run as root (apt-get and the daemons)"
 
 # --- install ------------------------------------------------------------------------------------
-if ! command -v slurmctld >/dev/null || ! command -v slurmd >/dev/null || ! command -v sbatch >/dev/null \
-        || ! command -v munged >/dev/null; then
+installed() { command -v slurmctld && command -v slurmd && command -v sbatch && command -v munged; } >/dev/null
+if ! installed && [ -n "${PARARNN_SLURM_DEBS:-}" ]; then  # an offline host: .ci/slurm/fetch_debs.sh's files
+    log "installing from the .deb files in $PARARNN_SLURM_DEBS"
+    bash "$(dirname "$0")/install_debs.sh" "$PARARNN_SLURM_DEBS" || fail "installing from $PARARNN_SLURM_DEBS failed"
+fi
+if ! installed; then
     command -v apt-get >/dev/null || fail "slurm is not installed and apt-get is not available"
     log "installing slurmctld slurmd slurm-client munge"
     export DEBIAN_FRONTEND=noninteractive
