@@ -230,8 +230,7 @@ def merge(paths: list[Path], out: Path | None) -> list[dict]:
     rows = [row for path in paths for row in json.loads(Path(path).read_text())]
     for row in rows:
         row.pop("scaling_efficiency", None)
-    rows.sort(key=lambda r: (r["size"], r["arch"], bool(r.get("compile")), bool(r.get("activation_checkpointing")),
-                             r["gpus"]))
+    rows.sort(key=lambda r: (r["size"], *_setting(r), r["gpus"]))
     add_efficiency(rows)
     print(render(rows))
     if out:
