@@ -160,11 +160,14 @@ if alive "$STATE/slurmd.pid"; then
     log "slurmd already running (pid $(cat "$STATE/slurmd.pid"))"
 else
     log "starting slurmd"
+    log_lines="$(cat "$STATE/slurmd.log" 2>/dev/null | wc -l)"  # the log is appended to: read this start's lines
     if ! slurmd -N localhost >>"$STATE/slurmd.log" 2>&1; then
         # Some slurmd builds (Debian's 22.05) always start their cgroup/v2 plugin, which asks systemd over
         # dbus for a scope; a container has neither. With IgnoreSystemd slurmd makes the scope directory
         # itself, under system.slice, which must exist.
-        grep -q "cgroup_dbus_attach_to_scope" "$STATE/slurmd.log" || fail "slurmd did not start" --logs
+        # (grep reads all of tail's output: with -q, tail could die of SIGPIPE and pipefail report a miss)
+        tail -n "+$((log_lines + 1))" "$STATE/slurmd.log" | grep "cgroup_dbus_attach_to_scope" >/dev/null \
+            || fail "slurmd did not start" --logs
         [ ! -e /etc/slurm/cgroup.conf ] || grep -qF "$MARKER" /etc/slurm/cgroup.conf \
             || fail "slurmd needs cgroup.conf IgnoreSystemd=yes, but /etc/slurm/cgroup.conf is not ours" --logs
         log "no systemd/dbus for slurmd's cgroup plugin: IgnoreSystemd=yes in /etc/slurm/cgroup.conf, retrying"
