@@ -235,3 +235,58 @@ def test_compiled_inductor_matches_eager():
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     for a, b in zip(got_grads, want_grads):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("N,H,dh,G", [(37, 2, 16, 3), (130, 1, 32, 2), (5, 3, 16, 1), (9, 1, 256, 2)])
+def test_copy_free_backward_matches_fp64(dtype, N, H, dh, G):
+    """16-bit gradients without the head-major copy of du (Triton dx whose K loop walks the gates, one
+    strided GEMM per gate for dW) equal the fp64 einsum gradients to 16-bit rounding; N not a multiple of
+    the token tile, du with a row stride that is not G * dim."""
+    from kernels.projection import _backward, _triton_dx_ok
+
+    g = torch.Generator().manual_seed(N + 10 * H + dh)
+    x = torch.randn(N, H * dh, generator=g).to(dtype)
+    w = (torch.randn(H, dh, G, dh, generator=g) / dh ** 0.5).to(dtype)
+    du = torch.randn(N, G, H * dh + 8, generator=g).to(dtype)[:, :, 3 : 3 + H * dh]  # strided rows
+    assert _triton_dx_ok(du, w)
+    dx, dw = _backward(du, x, w, True, True)
+    xd, wd = x.double().requires_grad_(), w.double().requires_grad_()
+    ref = _einsum(xd, wd)
+    dx_ref, dw_ref = torch.autograd.grad(ref, (xd, wd), du.double())
+    assert dx.dtype == dw.dtype == dtype and dx.is_contiguous() and dw.shape == w.shape
+    for got, want in ((dx, dx_ref), (dw, dw_ref)):
+        torch.testing.assert_close(got.double(), want, rtol=2e-2, atol=2e-2 * want.abs().max().item())
+    only_dw = _backward(du, x, w, False, True)
+    assert only_dw[0] is None and torch.equal(only_dw[1], dw)
+
+
+def test_copy_free_backward_is_not_taken_for_fp32_or_odd_head_widths():
+    from kernels.projection import _triton_dx_ok
+
+    assert not _triton_dx_ok(torch.randn(4, 3, 32), torch.randn(2, 16, 3, 16))  # fp32: cuBLAS numerics
+    bf = torch.bfloat16
+    assert not _triton_dx_ok(torch.randn(4, 3, 24, dtype=bf), torch.randn(2, 12, 3, 12, dtype=bf))  # dh = 12
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("H,dh,G", [(4, 256, 3), (4, 1024, 4), (16, 64, 3)])
+def test_copy_free_backward_on_gpu(dtype, H, dh, G):
+    """At the shapes of the presets' layers (4 heads of 256 at 400M, of 1024 at 7B; 16 of 64 in the kernel
+    benchmarks), 3 gates (ParaGRU) and 4 (ParaLSTM), the copy-free 16-bit backward equals the fp64 einsum
+    gradients to 16-bit rounding (the bf16 tensor-core dot is only reachable on a GPU)."""
+    from kernels.projection import _backward, _triton_dx_ok
+
+    g = torch.Generator(device="cuda").manual_seed(1)
+    N = 4096
+    x = torch.randn(N, H * dh, device="cuda", generator=g).to(dtype)
+    w = (torch.randn(H, dh, G, dh, device="cuda", generator=g) / dh ** 0.5).to(dtype)
+    du = torch.randn(N, G, H * dh, device="cuda", generator=g).to(dtype)
+    assert _triton_dx_ok(du, w)
+    dx, dw = _backward(du, x, w, True, True)
+    xd, wd = x.double().requires_grad_(), w.double().requires_grad_()
+    dx_ref, dw_ref = torch.autograd.grad(_einsum(xd, wd), (xd, wd), du.double())
+    for got, want in ((dx, dx_ref), (dw, dw_ref)):
+        torch.testing.assert_close(got.double(), want, rtol=2e-2, atol=1e-2 * want.abs().max().item())
