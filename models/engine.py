@@ -11,6 +11,7 @@ from typing import Any
 from torch import nn
 
 from kernels import NewtonConfig, ParaGRULayer, ParaLSTMLayer, ParaRNNLayer
+from kernels.conv import causal_conv1d as fused_causal_conv1d  # noqa: F401 - the conv layers' fast path
 
 CELL_LAYERS = {"paragru": ParaGRULayer, "paralstm": ParaLSTMLayer}
 ENGINE = "kernels"

@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .engine import fused_causal_conv1d
+
 
 def trunc_normal_init_(weight: torch.Tensor, std: float) -> None:
     """DCLM / open_lm style: truncated normal at +-3 std."""
@@ -61,20 +63,36 @@ class CausalConv1d(nn.Module):
     y_t = bias + sum_{j<K} w[K-1-j] * x_{t-j} * [pos_t >= j]: a tap reaching before the token's
     document start (pos_t < j) is masked, so the same code serves padded rows, packed documents and
     decoding from a cached window of the last K-1 inputs. The parameter is an ``nn.Conv1d``
-    (weight (C, 1, K)) so checkpoints keep the familiar layout.
+    (weight (C, 1, K)) so checkpoints keep the familiar layout. ``silu=True`` applies SiLU to y.
+
+    Without a carried window (training, prefill) on CUDA it runs the engine's fused Triton conv
+    (kernels/conv.py: one kernel each way, fp32 accumulation); ``fused`` forces it on (tests, under
+    TRITON_INTERPRET) or off. Otherwise - decoding, CPU, exports without the project - the PyTorch code
+    below, which is also the reference the fused kernels are tested against.
     """
 
     def __init__(self, channels: int, kernel: int) -> None:
         super().__init__()
         self.kernel = kernel
         self.conv = nn.Conv1d(channels, channels, kernel, groups=channels, bias=True)
+        self.fused: bool | None = None  # None: on CUDA when the engine provides the kernel
+
+    def _use_fused(self, x: torch.Tensor) -> bool:
+        if fused_causal_conv1d is None or self.fused is False:
+            return False
+        return bool(self.fused) or (x.is_cuda and x.dtype != torch.float64)
 
     def forward(
-        self, x: torch.Tensor, positions: torch.Tensor, context: torch.Tensor | None = None
+        self, x: torch.Tensor, positions: torch.Tensor, context: torch.Tensor | None = None, *, silu: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """x (B, T, C), positions (B, T), context (B, K-1, C) or None -> y (B, T, C), new context."""
         B, T, C = x.shape
         K = self.kernel
+        if context is None and self._use_fused(x):
+            y = fused_causal_conv1d(x, self.conv.weight[:, 0, :], self.conv.bias, positions, silu)
+            # The new window: the last K-1 inputs behind a zero start (read only when a cache keeps it).
+            window = torch.cat((x.new_zeros(B, K - 1, C), x[:, max(T - (K - 1), 0) :]), dim=1)
+            return y, window[:, window.shape[1] - (K - 1) :]
         if context is None:
             context = x.new_zeros(B, K - 1, C)
         xx = torch.cat((context.to(x.dtype), x), dim=1)  # (B, T+K-1, C)
@@ -84,7 +102,7 @@ class CausalConv1d(nn.Module):
             tap = xx[:, K - 1 - j : K - 1 - j + T] * (positions >= j).unsqueeze(-1).to(x.dtype)
             y = y + tap * w[:, K - 1 - j]
         y = y + self.conv.bias.to(x.dtype)
-        return y, xx[:, xx.shape[1] - (K - 1) :]
+        return (F.silu(y) if silu else y), xx[:, xx.shape[1] - (K - 1) :]
 
 
 class RotaryEmbedding(nn.Module):

@@ -71,8 +71,8 @@ class ParaRNNMixer(nn.Module):
                 state.set_state(None, h)
             return y
         u, z = self.in_proj(x).chunk(2, dim=-1)
-        u, new_ctx = self.conv(u, seq.positions, ctx)
-        y, h = self._run_cell(F.silu(u), seq, h0)
+        u, new_ctx = self.conv(u, seq.positions, ctx, silu=True)
+        y, h = self._run_cell(u, seq, h0)
         if state is not None:
             state.set_state(new_ctx, h)
         return self.out_proj(self.norm(y, z))
@@ -144,8 +144,7 @@ class Mamba2Mixer(nn.Module):
             new_ctx = None
         else:
             z, xBC, dt = proj.split([self.di, self.conv_dim, self.H], dim=-1)
-            xBC, new_ctx = self.conv(xBC, seq.positions, ctx)
-            xBC = F.silu(xBC)
+            xBC, new_ctx = self.conv(xBC, seq.positions, ctx, silu=True)
         xs, Bm, Cm = xBC.split([self.di, self.G * self.N, self.G * self.N], dim=-1)
         compute = torch.float64 if x.dtype == torch.float64 else torch.float32
         xs = xs.reshape(B, T, self.H, self.P)
