@@ -8,7 +8,7 @@ parameters and the PyTorch reference). Written out in PyTorch and compiled, indu
 its SiLU, the recomputation of both in the backward and the weight gradient as four to five
 elementwise/reduction kernels per layer at 0.2-0.8 TB/s (H200, 400M ParaGRU step: ~17 ms of ~180).
 Here: one forward kernel (x read in place through its strides, e.g. a chunk of the in-projection's
-output; y written once) and two backward kernels: one recomputes a, writes g = dL/da in fp32 and the
+output; y written once) and two backward kernels: one recomputes a, writes g = dL/da and the
 per-(row, token chunk) partial sums of d weight and d bias (reduced by one small sum - deterministic,
 no atomics); one gathers dx from g at the K - 1 following tokens. Accumulation in fp32 whatever the
 input dtype.
@@ -27,8 +27,8 @@ import triton.language as tl
 
 # Tiles (tokens, channels, warps[, token blocks per program]); H200 sweeps, 400M layer, bf16.
 _FWD_TILE = (32, 128, 4)
-_BWD_G_TILE = (32, 128, 4, 8)
-_BWD_DX_TILE = (32, 128, 4)
+_BWD_G_TILE = (32, 64, 2, 16)
+_BWD_DX_TILE = (32, 64, 2)
 
 
 @triton.jit
@@ -91,7 +91,7 @@ def _conv_bwd_g_kernel(X, W, BIAS, POS, DY, G, DWP, DBP, T, C, n_chunks, sXb, sX
             a = _conv_at(Xb, W, bias, pos, t, c, tm, cm, sXt, sWc, sWk, K, BT, BC)
             sig = _sigmoid(a)
             g = g * sig * (1.0 + a * (1.0 - sig))
-        tl.store(G + (b * T + t64)[:, None] * C + c[None, :], g, mask=tm[:, None] & cm[None, :])
+        tl.store(G + (b * T + t64)[:, None] * C + c[None, :], g.to(G.dtype.element_ty), mask=tm[:, None] & cm[None, :])
         db_acc += tl.sum(g, axis=0)
         for i in tl.static_range(K):  # the taps again (cache hits): d weight[c, K-1-i] += g[t] x[t-i]
             m = tm & (pos >= i) & (t >= i)
@@ -116,7 +116,8 @@ def _conv_bwd_dx_kernel(G, W, POS, DX, T, C, sWc, sWk, sPb, sPt, sDXb, sDXt,
         s = t + j
         m = (s < T) & (tl.load(POS + b * sPb + s * sPt, mask=s < T, other=0) >= j)
         w = tl.load(W + c * sWc + (K - 1 - j) * sWk, mask=cm, other=0.0).to(tl.float32)
-        g = tl.load(G + (b * T + s.to(tl.int64))[:, None] * C + c[None, :], mask=m[:, None] & cm[None, :], other=0.0)
+        g = tl.load(G + (b * T + s.to(tl.int64))[:, None] * C + c[None, :], mask=m[:, None] & cm[None, :],
+                    other=0.0).to(tl.float32)
         dx += g * w[None, :]
     tl.store(DX + b * sDXb + t.to(tl.int64)[:, None] * sDXt + c[None, :], dx.to(DX.dtype.element_ty),
              mask=tm[:, None] & cm[None, :])
@@ -150,7 +151,7 @@ def _forward(x, weight, bias, positions, silu: bool) -> torch.Tensor:
 
 
 def _backward(dy, x, weight, bias, positions, silu: bool):
-    """-> dx (like x, contiguous), d weight (like weight), d bias (like bias). Two passes through an fp32
+    """-> dx (like x, contiguous), d weight (like weight), d bias (like bias). Two passes through
     g = dL/da: recomputing a at the K - 1 following tokens inside one kernel instead made it 5x the
     forward's loads (H200, 400M layer: 0.48-0.58 ms against the forward's 0.06)."""
     B, T, C = x.shape
@@ -159,7 +160,9 @@ def _backward(dy, x, weight, bias, positions, silu: bool):
     BT, BC, warps, TB = _BWD_G_TILE
     TB = max(1, min(TB, triton.cdiv(T, BT)))  # short sequences: fewer blocks per program
     n_chunks = triton.cdiv(T, BT * TB)
-    g = torch.empty(B, T, C, device=x.device, dtype=torch.float32)
+    # g in fp32 for fp32 inputs; 16-bit otherwise (half the bytes; the parameter gradients use g before
+    # rounding, and dx is rounded to 16 bits anyway).
+    g = torch.empty(B, T, C, device=x.device, dtype=torch.float32 if x.dtype == torch.float32 else x.dtype)
     dwp = torch.empty(B * n_chunks, C, K, device=x.device, dtype=torch.float32)
     dbp = torch.empty(B * n_chunks, C, device=x.device, dtype=torch.float32)
     if dx.numel():
