@@ -70,8 +70,8 @@ def _conv_fwd_kernel(X, W, BIAS, POS, Y, T, C, sXb, sXt, sWc, sWk, sPb, sPt, sYb
 def _conv_bwd_g_kernel(X, W, BIAS, POS, DY, G, DWP, DBP, T, C, n_chunks, sXb, sXt, sWc, sWk, sPb, sPt,
                        sDYb, sDYt, K: tl.constexpr, KP: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
                        TB: tl.constexpr, SILU: tl.constexpr):
-    """Backward, pass 1: g = dy * silu'(a) (a recomputed from the K taps) written in fp32 to G (B, T, C),
-    and the partial sums of d weight (DWP[row, c, k]) and d bias (DBP[row, c]) over this program's TB
+    """Backward, pass 1: g = dy * silu'(a) (a recomputed from the K taps, fp32) written to G (B, T, C) in
+    G's dtype, and the partial sums (from g before any rounding) of d weight (DWP[row, c, k]) and d bias (DBP[row, c]) over this program's TB
     token blocks of BT."""
     pid_t, pid_c, b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     c = pid_c * BC + tl.arange(0, BC)
@@ -176,7 +176,8 @@ def _backward(dy, x, weight, bias, positions, silu: bool):
             g, weight, positions, dx, T, C, *weight.stride(), *positions.stride(), dx.stride(0), dx.stride(1),
             K=K, BT=BT, BC=BC, num_warps=warps)
     else:
-        dwp.zero_(), dbp.zero_()
+        dwp.zero_()
+        dbp.zero_()
     return dx, dwp.sum(0).to(weight.dtype), dbp.sum(0).to(bias.dtype)
 
 

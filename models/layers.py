@@ -66,7 +66,7 @@ class CausalConv1d(nn.Module):
     (weight (C, 1, K)) so checkpoints keep the familiar layout. ``silu=True`` applies SiLU to y.
 
     Without a carried window (training, prefill) on CUDA it runs the engine's fused Triton conv
-    (kernels/conv.py: one kernel each way, fp32 accumulation); ``fused`` forces it on (tests, under
+    (kernels/conv.py: one kernel forward, two backward, fp32 accumulation); ``fused`` forces it on (tests, under
     TRITON_INTERPRET) or off. Otherwise - decoding, CPU, exports without the project - the PyTorch code
     below, which is also the reference the fused kernels are tested against.
     """
@@ -80,7 +80,7 @@ class CausalConv1d(nn.Module):
     def _use_fused(self, x: torch.Tensor) -> bool:
         if fused_causal_conv1d is None or self.fused is False:
             return False
-        return bool(self.fused) or (x.is_cuda and x.dtype != torch.float64)
+        return bool(self.fused) or (x.is_cuda and x.dtype != torch.float64 and x.stride(-1) == 1)
 
     def forward(
         self, x: torch.Tensor, positions: torch.Tensor, context: torch.Tensor | None = None, *, silu: bool = False
