@@ -1,0 +1,62 @@
+"""scripts/kernel_resources.py: compiling a kernel for sm_90 without a GPU reports its real register use.
+
+Runs in a subprocess without TRITON_INTERPRET (conftest sets it on CPU machines, and interpreted kernels
+cannot be compiled)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import triton
+
+ROOT = Path(__file__).resolve().parents[1]
+TOOLS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+pytestmark = pytest.mark.skipif(not (TOOLS / "cuobjdump").exists() or not (TOOLS / "ptxas").exists(),
+                                reason="this Triton has no bundled CUDA tools")
+
+PROBE = r"""
+import json, sys
+sys.path.insert(0, "scripts")
+import kernel_resources as kr
+from kernels import conv
+types = dict(X="*bf16", W="*fp32", BIAS="*fp32", POS="*i64", Y="*bf16")
+out = {}
+for name, bt in (("small", 8), ("big", 32)):
+    u = kr.compile_usage(kr.KernelConfig(name, conv._conv_fwd_kernel, dict(K=4, BT=bt, BC=128, SILU=True), 4, types))
+    out[name] = [u.registers, u.stack_bytes, u.programs_per_sm(4)]
+try:
+    kr.compile_usage(kr.KernelConfig("bad", conv._conv_fwd_kernel, dict(K=4, BT=8, BC=128, NOPE=1), 4, types))
+except ValueError as err:
+    out["error"] = str(err)
+print(json.dumps(out))
+"""
+
+
+def _run(code: str) -> str:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+def test_registers_grow_with_the_elements_each_thread_holds():
+    got = json.loads(_run(PROBE).strip().splitlines()[-1])
+    (small_regs, small_stack, small_fit), (big_regs, _, big_fit) = got["small"], got["big"]
+    assert 16 <= small_regs < big_regs <= 255
+    assert small_stack == 0
+    assert small_fit > big_fit >= 1
+    assert "no such kernel arguments ['NOPE']" in got["error"]
+
+
+def test_command_prints_a_row_per_kernel():
+    out = _run("import runpy, sys; sys.argv = ['kernel_resources.py', '--only', 'conv']; "
+               "runpy.run_path('scripts/kernel_resources.py', run_name='__main__')")
+    rows = [line for line in out.splitlines() if line.startswith("| conv")]
+    assert len(rows) == 6
+    for row in rows:
+        regs = int(row.split("|")[3])
+        assert 16 <= regs <= 255
