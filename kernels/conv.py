@@ -19,12 +19,12 @@ cost); under ``torch.compile`` the same code runs as the opaque ops ``pararnn::c
 """
 from __future__ import annotations
 
-import functools
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from .cells.fused_common import sm_count
+from .modes import triton_usable
 
 # Tiles (tokens, channels, warps[, token blocks per program]); H200 sweeps, 400M layer, bf16.
 _FWD_TILE = (32, 128, 4)
@@ -126,8 +126,7 @@ def _conv_bwd_dx_kernel(G, W, POS, DX, T, C, sWc, sWk, sPb, sPt, sDXb, sDXt,
 
 def supported(x: torch.Tensor) -> bool:
     """Where the Triton kernels run: CUDA (or the CPU interpreter), fp32/bf16/fp16, unit channel stride."""
-    return ((x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
-            and x.dtype in (torch.float32, torch.bfloat16, torch.float16) and x.stride(-1) == 1)
+    return triton_usable(x) and x.dtype in (torch.float32, torch.bfloat16, torch.float16) and x.stride(-1) == 1
 
 
 def _check(x, weight, bias, positions):
@@ -175,15 +174,8 @@ def _backward(dy, x, weight, bias, positions, silu: bool):
         _conv_bwd_dx_kernel[(triton.cdiv(T, BT), triton.cdiv(C, BC), B)](
             g, weight, positions, dx, T, C, *weight.stride(), *positions.stride(), dx.stride(0), dx.stride(1),
             K=K, BT=BT, BC=BC, num_warps=warps)
-    else:
-        dwp.zero_()
-        dbp.zero_()
+    # (no launch: T, C or B is 0, and then so is the partial-sum axis: the sums below are zeros)
     return dx, dwp.sum(0).to(weight.dtype), dbp.sum(0).to(bias.dtype)
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _blocks_per_program(most: int, n_tblocks: int, columns: int, device: torch.device) -> int:
@@ -192,7 +184,7 @@ def _blocks_per_program(most: int, n_tblocks: int, columns: int, device: torch.d
     gave 512 programs of 2 warps, and the compiled ParaGRU layer lost 0.7 ms to this kernel)."""
     tb = min(most, n_tblocks)
     if device.type == "cuda":
-        tb = min(tb, max(1, n_tblocks * columns // (16 * _sm_count(device))))
+        tb = min(tb, max(1, n_tblocks * columns // (16 * sm_count(device))))
     return max(tb, 1)
 
 

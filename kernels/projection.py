@@ -20,11 +20,11 @@ lower the einsum with its permutes as separate copy kernels (H100, 400M ParaGRU 
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from .modes import triton_usable
 
 
 def _heads(t: torch.Tensor, H: int) -> torch.Tensor:
@@ -78,8 +78,7 @@ def _triton_dx_ok(du: torch.Tensor, weight: torch.Tensor) -> bool:
     H200 bf16 backward, copy + cuBLAS vs copy-free: 4 x 256 (400M) 0.419 -> 0.385 ms, 4 x 1024 (7B)
     0.418 -> 0.349, but 16 x 64 0.216 -> 0.243 (cuBLAS's GEMM beats this kernel by more than the copy)."""
     dh = weight.shape[1]
-    return ((du.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
-            and du.dtype in (torch.bfloat16, torch.float16) and weight.dtype == du.dtype
+    return (triton_usable(du) and du.dtype in (torch.bfloat16, torch.float16) and weight.dtype == du.dtype
             and dh >= (128 if du.is_cuda else 16) and dh & (dh - 1) == 0 and du.stride(-1) == 1)
 
 

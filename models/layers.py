@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .engine import fused_causal_conv1d
+from .engine import fused_causal_conv1d, fused_causal_conv1d_supported
 
 
 def trunc_normal_init_(weight: torch.Tensor, std: float) -> None:
@@ -80,7 +80,7 @@ class CausalConv1d(nn.Module):
     def _use_fused(self, x: torch.Tensor) -> bool:
         if fused_causal_conv1d is None or self.fused is False:
             return False
-        return bool(self.fused) or (x.is_cuda and x.dtype != torch.float64 and x.stride(-1) == 1)
+        return bool(self.fused) or (x.is_cuda and fused_causal_conv1d_supported(x))
 
     def forward(
         self, x: torch.Tensor, positions: torch.Tensor, context: torch.Tensor | None = None, *, silu: bool = False

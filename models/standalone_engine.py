@@ -90,12 +90,13 @@ def _project_engine():
 _KERNELS = _project_engine()
 ENGINE = "kernels" if _KERNELS is not None else "standalone"
 # The conv layers' fused Triton path (kernels/conv.py) with the project; None: their PyTorch code.
-fused_causal_conv1d = None
+fused_causal_conv1d = fused_causal_conv1d_supported = None
 if _KERNELS is not None:
     try:
         from kernels.conv import causal_conv1d as fused_causal_conv1d  # noqa: F811
+        from kernels.conv import supported as fused_causal_conv1d_supported  # noqa: F811
     except Exception:  # an older project checkout without the conv kernel
-        fused_causal_conv1d = None
+        fused_causal_conv1d = fused_causal_conv1d_supported = None
 CELLS = {"paragru": ParaGRU, "paralstm": ParaLSTM}
 
 
