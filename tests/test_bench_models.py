@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -56,7 +57,7 @@ def test_batch_search_doubles_until_oom(monkeypatch, tmp_path):
         calls.append(mb)
         if mb > 2:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 1 GiB")
-        return 10.0, None
+        return 10.0, 12.0, None  # back-to-back ms, synchronised ms, peak
 
     monkeypatch.setattr(bm, "try_train", fake_try_train)
     args = bm.parse_args(["--smoke", "--out", str(tmp_path / "b.json"), "--sections", "training",
@@ -68,4 +69,14 @@ def test_batch_search_doubles_until_oom(monkeypatch, tmp_path):
     # Upwards from 1, stopping at the first OOM; the best tokens/s among the successes is reported.
     assert calls == [1, 2, 4]
     assert row["micro_batch"] == 2 and row["tokens_per_s"] == 2 * args.seq_len / 0.01
+    assert row["step_ms_synced"] == 12.0  # kept beside, not used for tokens/s
     assert [a.get("oom") for a in row["attempts"]] == [None, None, True]
+
+
+def test_back_to_back_clock_averages_over_the_calls():
+    sys.path.insert(0, str(REPO))
+    from scripts import bench_models as bm
+
+    calls = []
+    ms = bm.Clock(torch.device("cpu")).back_to_back(lambda: (calls.append(1), time.sleep(0.02)), 5)
+    assert len(calls) == 5 and 19 <= ms < 60
