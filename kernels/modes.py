@@ -24,6 +24,9 @@ class Mode:
     description: str
     auto: Callable[[Cell, torch.Tensor], bool]  # should 'auto' pick it (e.g. not Triton's CPU interpreter)?
     half_inputs: bool = False  # takes fp16/bf16 u as is (upcasts in registers) instead of an fp32 copy
+    # Takes the gates' input bias as 3 extra rows of p (added to u inside its kernels); otherwise
+    # parallel_rnn adds it to u first.
+    input_bias: bool = False
 
 
 MODES: dict[str, Mode] = {}
@@ -38,8 +41,9 @@ def register_mode(
     description: str = "",
     auto: Callable[[Cell, torch.Tensor], bool] | None = None,
     half_inputs: bool = False,
+    input_bias: bool = False,
 ) -> None:
-    MODES[name] = Mode(name, run, available, description, auto or available, half_inputs)
+    MODES[name] = Mode(name, run, available, description, auto or available, half_inputs, input_bias)
 
 
 def resolve_mode(mode: str, cell: Cell, u: torch.Tensor) -> Mode:
@@ -113,7 +117,7 @@ def _register_builtin() -> None:
         "fused", _fused_run,
         available=lambda cell, u: _has_fused_kernel(cell) and triton_usable(u),
         auto=lambda cell, u: _has_fused_kernel(cell) and u.is_cuda,
-        half_inputs=True,
+        half_inputs=True, input_bias=True,
         description="multiple-shooting Newton: exact sequential segments in parallel, Newton on the "
                     "segment starts (kernels/shooting.py); ParaGRU/ParaLSTM",
     )
@@ -128,7 +132,7 @@ def _register_builtin() -> None:
         "sequential_triton", sequential_triton_mode,
         available=lambda cell, u: _has_fused_kernel(cell) and triton_usable(u),
         auto=lambda cell, u: False,  # a baseline, never the default
-        half_inputs=True,
+        half_inputs=True, input_bias=True,
         description="one thread per channel walking the sequence (baseline); ParaGRU/ParaLSTM",
     )
 
