@@ -44,8 +44,8 @@ def parallel_rnn(
         stats: filled with the iterations used and the final residual of this call.
         name: the layer's name, used in convergence errors and warnings.
         u_bias: (G, D) added to u_t at every step (the input projection's bias), differentiable. Modes
-            that take it (``fused``, ``sequential_triton``) add it inside their kernels, saving a pass
-            over u; the others get ``u + u_bias`` (in u's dtype).
+            that take it for this cell (``fused`` and ``sequential_triton`` for ParaGRU) add it inside their
+            kernels, saving a pass over u; the others get ``u + u_bias`` (in u's dtype).
 
     Returns:
         y (B, T, D) in u's dtype, and h_last: (B, K, D) (with resets too: the state at each row's
@@ -63,7 +63,7 @@ def parallel_rnn(
     if u_bias is not None:
         if u_bias.shape != u.shape[2:]:
             raise ValueError(f"u_bias must have shape (G, D) = {tuple(u.shape[2:])}, got {tuple(u_bias.shape)}")
-        if chosen.input_bias:
+        if chosen.input_bias(cell):
             p = torch.cat((p, u_bias.to(compute)))
         else:
             u = u + u_bias.to(u.dtype)

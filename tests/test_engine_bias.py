@@ -45,8 +45,9 @@ def _run(obj, u, p, b, h0, resets, gy, gh, **kw):
 @pytest.mark.parametrize("mode", ["fused", "sequential_triton"])
 @pytest.mark.parametrize("T,dtype", [(13, torch.float32), (70, torch.float32), (70, torch.bfloat16)])
 def test_bias_inside_the_kernels_matches_u_plus_bias(cell, mode, T, dtype):
-    assert MODES[mode].input_bias
     obj, u, p, b, h0, resets = _problem(cell, T, seed=T)
+    # ParaGRU: the bias goes into the kernels; ParaLSTM: the engine adds it to u first (slower in-kernel).
+    assert MODES[mode].input_bias(obj) == (cell == "gru")
     u = u.to(dtype).double()  # the reference sees the same rounded inputs
     g = torch.Generator().manual_seed(1)
     gy = torch.randn(u.shape[0], T, u.shape[-1], generator=g, dtype=torch.float64)
@@ -61,6 +62,30 @@ def test_bias_inside_the_kernels_matches_u_plus_bias(cell, mode, T, dtype):
     for name, got, ref in zip(("y", "h_last", "du", "dp", "dbias", "dh0"), (y, h_last, *grads), (y_ref, h_ref, *g_ref)):
         err = (got.double() - ref).abs().max().item()
         assert err <= tol * (1 + ref.abs().max().item()), f"{name}: max error {err:.3e}"
+
+
+@pytest.mark.parametrize("cell", ["gru", "lstm"])
+def test_fused_op_takes_bias_rows(cell):
+    """The cells' fused ops with p + 3 bias rows (ParaLSTM's too, although the engine does not send them),
+    several segments and document starts, against the fp64 loop on u + b: trajectory and all gradients."""
+    from kernels.cells.paragru.fused import fused_paragru
+    from kernels.cells.paralstm.fused import fused_paralstm
+
+    op = {"gru": fused_paragru, "lstm": fused_paralstm}[cell]
+    obj, u, p, b, h0, resets = _problem(cell, 45, seed=7)
+    T, D = u.shape[1], u.shape[-1]
+    cu = torch.tensor([0, 20, 45])  # two documents packed in one row
+    u1, gy = u[:1], torch.randn(1, T, D, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    h01 = h0[:1].expand(2, -1, -1).contiguous()
+    leaves = [t.float().clone().requires_grad_() for t in (u1, p, b, h01)]
+    h = op(leaves[0], torch.cat((leaves[1], leaves[2])), leaves[3], cu)
+    grads = torch.autograd.grad((obj.output(h) * gy.float()).sum(), leaves)
+    ref_leaves = [t.clone().requires_grad_() for t in (u1, p, b, h01)]
+    y_ref, _ = parallel_rnn(obj, ref_leaves[0] + ref_leaves[2], ref_leaves[1], ref_leaves[3], cu, mode="sequential")
+    g_ref = torch.autograd.grad((y_ref * gy).sum(), ref_leaves)
+    torch.testing.assert_close(obj.output(h).double(), y_ref, rtol=1e-4, atol=1e-4)
+    for name, got, ref in zip(("du", "dp", "dbias", "dh0"), grads, g_ref):
+        torch.testing.assert_close(got.double(), ref, rtol=1e-4, atol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
 
 
 def test_fallback_pass_adds_the_bias_too():
@@ -80,7 +105,7 @@ def test_fallback_pass_adds_the_bias_too():
 
 def test_modes_without_it_get_u_plus_bias_and_bad_shapes_raise():
     obj, u, p, b, h0, resets = _problem("lstm", 9, seed=5)
-    assert not MODES["newton_torch"].input_bias
+    assert not MODES["newton_torch"].input_bias(obj)
     y, h_last = parallel_rnn(obj, u, p, h0, resets=resets, u_bias=b, mode="newton_torch")
     y_ref, h_ref = parallel_rnn(obj, u + b, p, h0, resets=resets, mode="sequential")
     torch.testing.assert_close(y, y_ref)
