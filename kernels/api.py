@@ -23,6 +23,7 @@ def parallel_rnn(
     resets: torch.Tensor | None = None,
     stats: NewtonStats | None = None,
     name: str | None = None,
+    u_bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run ``cell`` over time: h_t = cell.step(h_{t-1}, u_t, p), y_t = cell.output(h_t).
 
@@ -42,6 +43,9 @@ def parallel_rnn(
         newton: iteration cap, tolerance, damping and the policy when not converged.
         stats: filled with the iterations used and the final residual of this call.
         name: the layer's name, used in convergence errors and warnings.
+        u_bias: (G, D) added to u_t at every step (the input projection's bias), differentiable. Modes
+            that take it for this cell (``fused`` and ``sequential_triton`` for ParaGRU) add it inside their
+            kernels, saving a pass over u; the others get ``u + u_bias`` (in u's dtype).
 
     Returns:
         y (B, T, D) in u's dtype, and h_last: (B, K, D) (with resets too: the state at each row's
@@ -55,8 +59,16 @@ def parallel_rnn(
     if stats is not None:
         stats.mode = chosen.name
     h0_rows = layout.initial_rows(h0_rows, cell.state_size, u.shape[-1], compute, u.device)
+    p = p.to(compute)
+    if u_bias is not None:
+        if u_bias.shape != u.shape[2:]:
+            raise ValueError(f"u_bias must have shape (G, D) = {tuple(u.shape[2:])}, got {tuple(u_bias.shape)}")
+        if chosen.input_bias(cell):
+            p = torch.cat((p, u_bias.to(compute)))
+        else:
+            u = u + u_bias.to(u.dtype)
     u_in = u if chosen.half_inputs and u.dtype in (torch.float16, torch.bfloat16) else u.to(compute)
-    h = chosen.run(cell, u_in, p.to(compute), h0_rows, layout, newton, stats, name)
+    h = chosen.run(cell, u_in, p, h0_rows, layout, newton, stats, name)
     y = cell.output(h).to(u.dtype)
     return y, layout.gather_last(h, h0_rows)
 

@@ -170,9 +170,10 @@ class ParaRNNLayer(CellLayerBase):
         # Under torch.compile the per-layer name would be a guarded constant: every layer of a stack of
         # compiled blocks would recompile (and past the recompile limit, silently run eagerly).
         name = None if torch.compiler.is_compiling() else self.name
+        # The bias goes to the engine: the fused modes add it inside the cell kernels (no pass over u).
         y, h_last = parallel_rnn(
-            self.cell, self.project(x), self.recurrent_params(), h0, cu_seqlens,
-            mode=self.mode, newton=self.newton, resets=resets, stats=stats, name=name,
+            self.cell, self.head_matmul(x, self.weight.to(x.dtype)), self.recurrent_params(), h0, cu_seqlens,
+            mode=self.mode, newton=self.newton, resets=resets, stats=stats, name=name, u_bias=self.bias,
         )
         self._last_stats = stats
         return y, h_last

@@ -24,6 +24,9 @@ class Mode:
     description: str
     auto: Callable[[Cell, torch.Tensor], bool]  # should 'auto' pick it (e.g. not Triton's CPU interpreter)?
     half_inputs: bool = False  # takes fp16/bf16 u as is (upcasts in registers) instead of an fp32 copy
+    # For which cells it takes the gates' input bias as 3 extra rows of p (added to u inside its kernels);
+    # for the others parallel_rnn adds it to u first.
+    input_bias: Callable[[Cell], bool] = lambda cell: False
 
 
 MODES: dict[str, Mode] = {}
@@ -38,8 +41,10 @@ def register_mode(
     description: str = "",
     auto: Callable[[Cell, torch.Tensor], bool] | None = None,
     half_inputs: bool = False,
+    input_bias: Callable[[Cell], bool] | None = None,
 ) -> None:
-    MODES[name] = Mode(name, run, available, description, auto or available, half_inputs)
+    MODES[name] = Mode(name, run, available, description, auto or available, half_inputs,
+                       input_bias or (lambda cell: False))
 
 
 def resolve_mode(mode: str, cell: Cell, u: torch.Tensor) -> Mode:
@@ -92,6 +97,16 @@ def _has_fused_kernel(cell: Cell) -> bool:
     return type(cell) in (ParaGRU, ParaLSTM)
 
 
+def _bias_in_kernels(cell: Cell) -> bool:
+    """Cells whose fused kernels get the input bias: only where it measured faster. The ParaLSTM kernels take
+    it too (tested), but its backward then needs more registers (one segment: 166 -> 192, 3 -> 2 programs
+    per SM) and the compiled 400M mixer went from 3.18 to 5.39 ms (H200, bf16, (16, 2048, 1024)); ParaGRU's
+    from 3.94 to 3.68 ms."""
+    from .cells import ParaGRU
+
+    return type(cell) is ParaGRU
+
+
 def _register_builtin() -> None:
     from .newton_torch import newton_torch_mode, newton_triton_mode
     from .scan.triton import MAX_K
@@ -113,7 +128,7 @@ def _register_builtin() -> None:
         "fused", _fused_run,
         available=lambda cell, u: _has_fused_kernel(cell) and triton_usable(u),
         auto=lambda cell, u: _has_fused_kernel(cell) and u.is_cuda,
-        half_inputs=True,
+        half_inputs=True, input_bias=_bias_in_kernels,
         description="multiple-shooting Newton: exact sequential segments in parallel, Newton on the "
                     "segment starts (kernels/shooting.py); ParaGRU/ParaLSTM",
     )
@@ -128,7 +143,7 @@ def _register_builtin() -> None:
         "sequential_triton", sequential_triton_mode,
         available=lambda cell, u: _has_fused_kernel(cell) and triton_usable(u),
         auto=lambda cell, u: False,  # a baseline, never the default
-        half_inputs=True,
+        half_inputs=True, input_bias=_bias_in_kernels,
         description="one thread per channel walking the sequence (baseline); ParaGRU/ParaLSTM",
     )
 

@@ -140,6 +140,22 @@ def _load_params(P, d, dm, D, LSTM: tl.constexpr):
 
 
 @triton.jit
+def _load_bias(P, d, dm, D, LSTM: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """The input bias of the three gates (rows NP .. NP+2 of P, after the recurrent parameters), added
+    to u where it is converted to fp32 - no separate pass over u. Without HAS_BIAS: placeholders."""
+    NP: tl.constexpr = 5 if LSTM else 3
+    if HAS_BIAS:
+        b0 = tl.load(P + NP * D + d, mask=dm, other=0.0)
+        b1 = tl.load(P + (NP + 1) * D + d, mask=dm, other=0.0)
+        b2 = tl.load(P + (NP + 2) * D + d, mask=dm, other=0.0)
+    else:
+        b0 = tl.zeros_like(d).to(tl.float32)
+        b1 = b0
+        b2 = b0
+    return b0, b1, b2
+
+
+@triton.jit
 def _load_block(ub, sUt, sUg, t, t1, act, d, NB: tl.constexpr):
     """Steps t .. t+NB-1 (masked at t1): three NB-tuples of [BD] pre-activation vectors in u's dtype.
     Tuples of 1-D loads, not an [NB, BD] tile: a tile's layout is the compiler's choice, and with
@@ -202,8 +218,8 @@ def _fwd_step(t, t1, sm, u0, u1, u2, cc, hc, p_cc, p_ch, p_hc, p_hh, H0, hb, d, 
 
 @triton.jit
 def _fwd_walk(ub, hb, smap_row, H0, sUt, sUg, ts, t1, cc, hc, p_cc, p_ch, p_hc, p_hh, d, act, D,
-              a0, a1, a2, c_f, c_o, LSTM: tl.constexpr, COARSE: tl.constexpr, WRITE: tl.constexpr,
-              DOCS: tl.constexpr, NB: tl.constexpr):
+              a0, a1, a2, c_f, c_o, b0, b1, b2, LSTM: tl.constexpr, COARSE: tl.constexpr, WRITE: tl.constexpr,
+              DOCS: tl.constexpr, NB: tl.constexpr, HAS_BIAS: tl.constexpr):
     """Steps ts .. t1-1 from the given state and Jacobian product. Steps go NB at a time; the next
     block's loads are issued before this block's dependent chain, so memory latency overlaps NB step
     evaluations (prefetch depth NB)."""
@@ -215,10 +231,16 @@ def _fwd_walk(ub, hb, smap_row, H0, sUt, sUg, ts, t1, cc, hc, p_cc, p_ch, p_hc, 
             sm_j = -1
             if DOCS:  # a scalar load (every thread, same address): an L1 hit, off the chain
                 sm_j = tl.load(smap_row + tb + j, mask=tb + j < t1, other=-1)
+            v0 = x0[j].to(tl.float32)
+            v1 = x1[j].to(tl.float32)
+            v2 = x2[j].to(tl.float32)
+            if HAS_BIAS:
+                v0 += b0
+                v1 += b1
+                v2 += b2
             cc, hc, p_cc, p_ch, p_hc, p_hh = _fwd_step(
-                tb + j, t1, sm_j, x0[j].to(tl.float32), x1[j].to(tl.float32), x2[j].to(tl.float32),
-                cc, hc, p_cc, p_ch, p_hc, p_hh, H0, hb, d, act, D, a0, a1, a2, c_f, c_o,
-                LSTM, COARSE, WRITE, DOCS)
+                tb + j, t1, sm_j, v0, v1, v2, cc, hc, p_cc, p_ch, p_hc, p_hh, H0, hb, d, act, D,
+                a0, a1, a2, c_f, c_o, LSTM, COARSE, WRITE, DOCS)
     return cc, hc, p_cc, p_ch, p_hc, p_hh
 
 
@@ -249,12 +271,12 @@ def _fwd_start(START, H0, smap_row, seg, ts, d, act, D, LSTM: tl.constexpr, DOCS
 
 @triton.jit
 def _fwd_run(START, H0, ub, hb, smap_row, seg, sUt, sUg, ts, t1, d, act, D, a0, a1, a2, c_f, c_o,
-             LSTM: tl.constexpr, COARSE: tl.constexpr, WRITE: tl.constexpr, DOCS: tl.constexpr,
-             NB: tl.constexpr):
+             b0, b1, b2, LSTM: tl.constexpr, COARSE: tl.constexpr, WRITE: tl.constexpr, DOCS: tl.constexpr,
+             NB: tl.constexpr, HAS_BIAS: tl.constexpr):
     """The walk over steps ts .. t1-1 from the state :func:`_fwd_start` gives at ts."""
     cc, hc, p_cc, p_ch, p_hc, p_hh = _fwd_start(START, H0, smap_row, seg, ts, d, act, D, LSTM, DOCS)
     return _fwd_walk(ub, hb, smap_row, H0, sUt, sUg, ts, t1, cc, hc, p_cc, p_ch, p_hc, p_hh, d, act, D,
-                     a0, a1, a2, c_f, c_o, LSTM, COARSE, WRITE, DOCS, NB)
+                     a0, a1, a2, c_f, c_o, b0, b1, b2, LSTM, COARSE, WRITE, DOCS, NB, HAS_BIAS)
 
 
 @triton.jit
@@ -262,7 +284,7 @@ def _shoot_fwd_kernel(
     U, P, H0, SMAP, H, START, END, PROD, CNT, DONE, ITERS, RES,
     T, D, S, L, sUb, sUt, sUg, max_iters, tol, damping, tail, tail_eps,
     LSTM: tl.constexpr, FIRST: tl.constexpr, WRITE: tl.constexpr, COARSE: tl.constexpr,
-    BD: tl.constexpr, NB: tl.constexpr, DOCS: tl.constexpr,
+    BD: tl.constexpr, NB: tl.constexpr, DOCS: tl.constexpr, HAS_BIAS: tl.constexpr = False,
 ):
     """One pass over segment s (program axis 2) of L steps. FIRST: no convergence flags yet.
     WRITE: store h. COARSE: record (e_s, P_s) and let the last thread per channel do the coarse
@@ -290,6 +312,7 @@ def _shoot_fwd_kernel(
     if run > 0:
         act = dm
         a0, a1, a2, c_f, c_o = _load_params(P, d, dm, D, LSTM)
+        b0, b1, b2 = _load_bias(P, d, dm, D, LSTM, HAS_BIAS)
         t0 = s * L
         t1 = tl.minimum(t0 + L, T)
         seg = (b * S + s) * K * D + d  # START / END row of this segment, state k at + k * D
@@ -300,7 +323,8 @@ def _shoot_fwd_kernel(
         if FIRST and COARSE:
             ts = tl.maximum(t0, t1 - tail)
         cc, hc, p_cc, p_ch, p_hc, p_hh = _fwd_run(START, H0, ub, hb, smap_row, seg, sUt, sUg, ts, t1, d, act, D,
-                                                  a0, a1, a2, c_f, c_o, LSTM, COARSE, WRITE, DOCS, NB)
+                                                  a0, a1, a2, c_f, c_o, b0, b1, b2, LSTM, COARSE, WRITE, DOCS, NB,
+                                                  HAS_BIAS)
         if FIRST and COARSE:
             if ts > t0:
                 big = tl.abs(p_hh)
@@ -310,7 +334,7 @@ def _shoot_fwd_kernel(
                 if tl.min(ok.to(tl.int32), axis=0) == 0:  # the start still matters: walk it all
                     cc, hc, p_cc, p_ch, p_hc, p_hh = _fwd_run(
                         START, H0, ub, hb, smap_row, seg, sUt, sUg, t0, t1, d, act, D,
-                        a0, a1, a2, c_f, c_o, LSTM, COARSE, WRITE, DOCS, NB)
+                        a0, a1, a2, c_f, c_o, b0, b1, b2, LSTM, COARSE, WRITE, DOCS, NB, HAS_BIAS)
         if COARSE:
             tl.store(END + seg + (K - 1) * D, hc, mask=act)
             if LSTM:
@@ -500,6 +524,7 @@ def _shoot_bwd_kernel(
     U, P, H0, SMAP, H, G, DU, DP, DH0, CARRY, CM, CNT,
     T, D, S, L, sUb, sUt, sUg, sGb, sGt, sGk,
     LSTM: tl.constexpr, PASS_A: tl.constexpr, BD: tl.constexpr, NB: tl.constexpr, DOCS: tl.constexpr,
+    HAS_BIAS: tl.constexpr = False,
 ):
     """Reverse walk over segment s. PASS_A: from a zero carry, record (c_s, M_s) and let the last
     thread per channel solve the carries; else from CARRY[s] (zero if S == 1) write du, dp, dh0."""
@@ -511,6 +536,7 @@ def _shoot_bwd_kernel(
     d = pid_d * BD + tl.arange(0, BD)
     dm = d < D
     a0, a1, a2, c_f, c_o = _load_params(P, d, dm, D, LSTM)
+    b0, b1, b2 = _load_bias(P, d, dm, D, LSTM, HAS_BIAS)
     t0 = s * L
     t1 = tl.minimum(t0 + L, T)
     seg = (b * S + s) * K * D + d
@@ -547,8 +573,15 @@ def _shoot_bwd_kernel(
             else:
                 sm_j = sm0
                 st = ((d * 0 + (tb - j)) == 0) & ((d * 0 + t0) == 0)  # t = 0 may lie in a block, below t0
+            v0 = x0[j].to(tl.float32)
+            v1 = x1[j].to(tl.float32)
+            v2 = x2[j].to(tl.float32)
+            if HAS_BIAS:
+                v0 += b0
+                v1 += b1
+                v2 += b2
             mu_c, mu_h, q_cc, q_ch, q_hc, q_hh, acc0, acc1, acc2, acc3, acc4 = _bwd_step(
-                tb - j, t0, st, sm_j, x0[j].to(tl.float32), x1[j].to(tl.float32), x2[j].to(tl.float32),
+                tb - j, t0, st, sm_j, v0, v1, v2,
                 xgh[j], xgc[j], xhh[j], xhc[j], mu_c, mu_h, q_cc, q_ch, q_hc, q_hh,
                 acc0, acc1, acc2, acc3, acc4, H0, dub, DH0, DU, d, dm, D, a0, a1, a2, c_f, c_o, LSTM, PASS_A)
     if PASS_A:
@@ -671,10 +704,20 @@ def plan(B: int, T: int, D: int, device, which: str = "fwd", lstm: bool = False)
     return S, L, BD, num_warps
 
 
+def _has_bias(lstm: bool, p: torch.Tensor) -> bool:
+    """p holds the recurrent parameters (NP rows), optionally followed by the 3 gates' input bias."""
+    NP = 5 if lstm else 3
+    if p.shape[0] not in (NP, NP + 3):
+        raise ValueError(f"p must have {NP} rows (+3 for the input bias), got {tuple(p.shape)}")
+    return p.shape[0] == NP + 3
+
+
 def shoot_forward(lstm: bool, u, p, h0_rows, smap, max_iters: int, tol: float, damping: float):
-    """-> h (B, T, K, D) fp32, iterations (B*D,) int32, residual (B*D,) fp32, failed (B*D,) int32."""
+    """-> h (B, T, K, D) fp32, iterations (B*D,) int32, residual (B*D,) fp32, failed (B*D,) int32.
+    p: (NP, D) recurrent parameters, or (NP + 3, D) with the gates' input bias added to u in the kernel."""
     B, T, _, D = u.shape
     K = 2 if lstm else 1
+    has_bias = _has_bias(lstm, p)
     S, L, BD, nw = plan(B, T, D, u.device)
     docs = smap.shape[1] > 1  # else the compact map: starts at t = 0 only
     nb = _prefetch_steps("fwd", lstm, 1 if max_iters == 0 else S)
@@ -691,7 +734,7 @@ def shoot_forward(lstm: bool, u, p, h0_rows, smap, max_iters: int, tol: float, d
     if S == 1 or max_iters == 0:
         _shoot_fwd_kernel[(nD, B, 1)](
             u, p, h0_rows, smap, h, h, h, h, iters, iters, iters, res, T, D, 1, T, *strides,
-            0, tol, damping, T, 0.0, LSTM=lstm, FIRST=True, WRITE=True, COARSE=False, BD=BD, NB=nb, DOCS=docs, num_warps=nw)
+            0, tol, damping, T, 0.0, LSTM=lstm, FIRST=True, WRITE=True, COARSE=False, BD=BD, NB=nb, DOCS=docs, HAS_BIAS=has_bias, num_warps=nw)
         return h, iters, res, torch.zeros_like(iters)
     # One zero fill for the internal zero-initialised arrays (host launch time matters at these
     # sizes): the segment starts and, as int32 (same element size, zero bits), the per-channel
@@ -710,13 +753,13 @@ def shoot_forward(lstm: bool, u, p, h0_rows, smap, max_iters: int, tol: float, d
               max_iters, tol, damping, tail, tail_eps)
     grid = (nD, B, S)
     # Pass 0 only proposes segment ends from zero starts (the tail of each segment); passes 1.. write h.
-    _shoot_fwd_kernel[grid](*common, LSTM=lstm, FIRST=True, WRITE=False, COARSE=True, BD=BD, NB=nb, DOCS=docs, num_warps=nw)
+    _shoot_fwd_kernel[grid](*common, LSTM=lstm, FIRST=True, WRITE=False, COARSE=True, BD=BD, NB=nb, DOCS=docs, HAS_BIAS=has_bias, num_warps=nw)
     for _ in range(max(max_iters, 1)):
-        _shoot_fwd_kernel[grid](*common, LSTM=lstm, FIRST=False, WRITE=True, COARSE=True, BD=BD, NB=nb, DOCS=docs, num_warps=nw)
+        _shoot_fwd_kernel[grid](*common, LSTM=lstm, FIRST=False, WRITE=True, COARSE=True, BD=BD, NB=nb, DOCS=docs, HAS_BIAS=has_bias, num_warps=nw)
     # Channels still above tol: the exact sequential recurrence over the whole sequence.
     _shoot_fwd_kernel[(nD, B, 1)](
         u, p, h0_rows, smap, h, start, end, prod, cnt, done, iters, res, T, D, 1, T, *strides,
-        max_iters, tol, damping, T, 0.0, LSTM=lstm, FIRST=False, WRITE=True, COARSE=False, BD=BD, NB=nb, DOCS=docs, num_warps=nw)
+        max_iters, tol, damping, T, 0.0, LSTM=lstm, FIRST=False, WRITE=True, COARSE=False, BD=BD, NB=nb, DOCS=docs, HAS_BIAS=has_bias, num_warps=nw)
     return h, iters, res, 1 - done
 
 
@@ -733,10 +776,12 @@ def sequential_backward(lstm: bool, u, p, h0_rows, smap, h, g):
 
 
 def shoot_backward(lstm: bool, u, p, h0_rows, smap, h, g, segments: int | None = None):
-    """-> du (u's dtype), dp (P, D) fp32, dh0 (like h0_rows)."""
+    """-> du (u's dtype), dp (like p's rows, fp32: with the input bias its last 3 rows are du summed over
+    batch and time), dh0 (like h0_rows)."""
     B, T, _, D = u.shape
     K = 2 if lstm else 1
     NP = 5 if lstm else 3
+    has_bias = _has_bias(lstm, p)
     S, L, BD, nw = plan(B, T, D, u.device, "bwd", lstm)
     if segments is not None:
         L, S = max(T, 1), 1
@@ -746,7 +791,7 @@ def shoot_backward(lstm: bool, u, p, h0_rows, smap, h, g, segments: int | None =
     du = torch.empty(B, T, 3, D, device=dev, dtype=u.dtype)
     dh0 = torch.zeros_like(h0_rows)  # only the rows some sequence starts from are written
     if T == 0:
-        return du, torch.zeros(NP, D, device=dev, dtype=torch.float32), dh0
+        return du, torch.zeros(p.shape[0], D, device=dev, dtype=torch.float32), dh0
     dp = torch.empty(B, S, NP, D, device=dev, dtype=torch.float32)  # every (row, segment) writes its part
     nD = triton.cdiv(D, BD)
     carry = torch.empty(B, S, K, D, device=dev, dtype=torch.float32)  # pass A writes all S (read only if S > 1)
@@ -768,7 +813,10 @@ def shoot_backward(lstm: bool, u, p, h0_rows, smap, h, g, segments: int | None =
         cm = torch.empty(B, S, K + K * K, D, device=dev, dtype=torch.float32)
         cnt = torch.zeros(B * D, device=dev, dtype=torch.int32)
         _shoot_bwd_kernel[(nD, B, S)](u, p, h0_rows, smap, h, g, du, dp, dh0, carry, cm, cnt, *strides,
-                                      LSTM=lstm, PASS_A=True, BD=BD, NB=nb, DOCS=docs, num_warps=nw, **opts)
+                                      LSTM=lstm, PASS_A=True, BD=BD, NB=nb, DOCS=docs, HAS_BIAS=has_bias, num_warps=nw, **opts)
     _shoot_bwd_kernel[(nD, B, S)](u, p, h0_rows, smap, h, g, du, dp, dh0, carry, carry, carry, *strides,
-                                  LSTM=lstm, PASS_A=False, BD=BD, NB=nb, DOCS=docs, num_warps=nw, **opts)
-    return du, dp.sum((0, 1)), dh0
+                                  LSTM=lstm, PASS_A=False, BD=BD, NB=nb, DOCS=docs, HAS_BIAS=has_bias, num_warps=nw, **opts)
+    dp = dp.sum((0, 1))
+    if has_bias:  # d bias = du summed over batch and time (one reduction; not in the kernel's registers)
+        dp = torch.cat((dp, du.sum((0, 1), dtype=torch.float32)))
+    return du, dp, dh0

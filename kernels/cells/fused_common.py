@@ -181,12 +181,15 @@ class FusedCellOps:
     """
 
     def __init__(self, op_name: str, label: str, K: int, G: int, P: int, forward, backward, num_programs,
-                 pass_cap: int | None = None, compact_start_map: bool = False):
+                 pass_cap: int | None = None, compact_start_map: bool = False, input_bias: bool = False):
         # pass_cap: at most this many Newton iterations under on_failure='fallback' (kernels whose
         # iterations are kernel launches; the exact fallback finishes whatever is left).
         # compact_start_map: the kernels accept the (B, 1) map of batches without document starts.
         self.label, self.K, self.G, self.P, self.pass_cap = label, K, G, P, pass_cap
         self.compact = compact_start_map
+        # input_bias: the launch functions also take p with G more rows, the gates' input bias (added
+        # to u in the kernels), and return its gradient in the same rows of dp.
+        self.input_bias = input_bias
 
         def fwd_impl(u, p, h0_rows, smap, max_iters, tol, damping):
             with torch.cuda.device(u.device) if u.is_cuda else contextlib.nullcontext():
@@ -241,8 +244,10 @@ class FusedCellOps:
         if u.dim() != 4 or u.shape[2] != self.G:
             raise ValueError(f"fused {self.label}: u must be (B, T, {self.G}, D), got {tuple(u.shape)}")
         D = u.shape[-1]
-        if p.shape != (self.P, D):
-            raise ValueError(f"fused {self.label}: p must be ({self.P}, {D}), got {tuple(p.shape)}")
+        rows = (self.P, self.P + self.G) if self.input_bias else (self.P,)
+        if p.dim() != 2 or p.shape[0] not in rows or p.shape[1] != D:
+            want = f"({self.P}, {D})" + (f" or ({self.P + self.G}, {D}) with the input bias" if self.input_bias else "")
+            raise ValueError(f"fused {self.label}: p must be {want}, got {tuple(p.shape)}")
         tol = newton.tolerance_for(torch.float32)
         max_iters = newton.max_iters
         if self.pass_cap is not None and newton.on_failure == "fallback":

@@ -253,7 +253,7 @@ def _shoot_stats_size(u: torch.Tensor) -> int:
 # The ``fused`` mode: multiple-shooting Newton (kernels/shooting.py).
 _OPS = FusedCellOps("paragru", "ParaGRU", K=1, G=3, P=3, forward=functools.partial(shoot_forward, False),
                     backward=functools.partial(shoot_backward, False), num_programs=_shoot_stats_size,
-                    pass_cap=FALLBACK_PASS_CAP, compact_start_map=True)
+                    pass_cap=FALLBACK_PASS_CAP, compact_start_map=True, input_bias=True)
 paragru_fused_fwd, paragru_fused_bwd = _OPS.fwd, _OPS.bwd  # pararnn::paragru_fused_fwd / _bwd
 fused_paragru = _OPS.fused  # (u, p, h0=None, cu_seqlens=None, newton=..., stats=None, name=None) -> h (B, T, 1, D)
 paragru_fused_mode = _OPS.mode  # the engine's mode "fused" for this cell

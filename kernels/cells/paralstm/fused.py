@@ -292,7 +292,7 @@ def _shoot_stats_size(u: torch.Tensor) -> int:
 # The ``fused`` mode: multiple-shooting Newton (kernels/shooting.py).
 _OPS = FusedCellOps("paralstm", "ParaLSTM", K=2, G=3, P=5, forward=functools.partial(shoot_forward, True),
                     backward=functools.partial(shoot_backward, True), num_programs=_shoot_stats_size,
-                    pass_cap=FALLBACK_PASS_CAP, compact_start_map=True)
+                    pass_cap=FALLBACK_PASS_CAP, compact_start_map=True, input_bias=True)
 paralstm_fused_fwd, paralstm_fused_bwd = _OPS.fwd, _OPS.bwd  # pararnn::paralstm_fused_fwd / _bwd
 fused_paralstm = _OPS.fused  # (u, p, h0=None, cu_seqlens=None, newton=..., stats=None, name=None) -> h (B, T, 2, D)
 paralstm_fused_mode = _OPS.mode  # the engine's mode "fused" for this cell
