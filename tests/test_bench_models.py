@@ -47,7 +47,7 @@ def test_smoke_run_writes_every_section(tmp_path):
         assert r["static_eager_tokens_match_generate"] is True
 
 
-def test_batch_search_doubles_until_oom(monkeypatch, tmp_path):
+def test_batch_search_grows_until_oom(monkeypatch, tmp_path):
     sys.path.insert(0, str(REPO))
     from scripts import bench_models as bm
 
@@ -70,6 +70,7 @@ def test_batch_search_doubles_until_oom(monkeypatch, tmp_path):
     assert calls == [1, 2, 4]
     assert row["micro_batch"] == 2 and row["tokens_per_s"] == 2 * args.seq_len / 0.01
     assert row["step_ms_synced"] == 12.0  # kept beside, not used for tokens/s
+    assert bm.micro_batch_grid(100) == [1, 2, 4, 8, 16, 24, 32, 48, 64, 96]
     assert [a.get("oom") for a in row["attempts"]] == [None, None, True]
 
 
