@@ -99,9 +99,9 @@ def _has_fused_kernel(cell: Cell) -> bool:
 
 def _bias_in_kernels(cell: Cell) -> bool:
     """Cells whose fused kernels get the input bias: only where it measured faster. The ParaLSTM kernels take
-    it too (tested), but its backward then needs more registers (one segment: 166 -> 192, 3 -> 2 programs
-    per SM) and the compiled 400M mixer went from 3.18 to 5.39 ms (H200, bf16, (16, 2048, 1024)); ParaGRU's
-    from 3.94 to 3.68 ms."""
+    it too (tested), but its compiled 400M mixer got slower with it - 3.18 -> 5.39 ms on an H200, 3.62 ->
+    4.34 ms on an H100 ((16, 2048, 1024), bf16) - of which the shooting kernels themselves account for only
+    ~0.08 ms (H100 profile); ParaGRU's went 3.94 -> 3.68 ms (H200). See kernels/NOTES-perf.md, session 12."""
     from .cells import ParaGRU
 
     return type(cell) is ParaGRU
