@@ -156,6 +156,19 @@ def _load_bias(P, d, dm, D, LSTM: tl.constexpr, HAS_BIAS: tl.constexpr):
 
 
 @triton.jit
+def _gate_inputs(x0, x1, x2, b0, b1, b2, HAS_BIAS: tl.constexpr):
+    """One step's three pre-activations in fp32, plus the input bias where the kernel has it."""
+    v0 = x0.to(tl.float32)
+    v1 = x1.to(tl.float32)
+    v2 = x2.to(tl.float32)
+    if HAS_BIAS:
+        v0 += b0
+        v1 += b1
+        v2 += b2
+    return v0, v1, v2
+
+
+@triton.jit
 def _load_block(ub, sUt, sUg, t, t1, act, d, NB: tl.constexpr):
     """Steps t .. t+NB-1 (masked at t1): three NB-tuples of [BD] pre-activation vectors in u's dtype.
     Tuples of 1-D loads, not an [NB, BD] tile: a tile's layout is the compiler's choice, and with
@@ -231,13 +244,7 @@ def _fwd_walk(ub, hb, smap_row, H0, sUt, sUg, ts, t1, cc, hc, p_cc, p_ch, p_hc, 
             sm_j = -1
             if DOCS:  # a scalar load (every thread, same address): an L1 hit, off the chain
                 sm_j = tl.load(smap_row + tb + j, mask=tb + j < t1, other=-1)
-            v0 = x0[j].to(tl.float32)
-            v1 = x1[j].to(tl.float32)
-            v2 = x2[j].to(tl.float32)
-            if HAS_BIAS:
-                v0 += b0
-                v1 += b1
-                v2 += b2
+            v0, v1, v2 = _gate_inputs(x0[j], x1[j], x2[j], b0, b1, b2, HAS_BIAS)
             cc, hc, p_cc, p_ch, p_hc, p_hh = _fwd_step(
                 tb + j, t1, sm_j, v0, v1, v2, cc, hc, p_cc, p_ch, p_hc, p_hh, H0, hb, d, act, D,
                 a0, a1, a2, c_f, c_o, LSTM, COARSE, WRITE, DOCS)
@@ -573,13 +580,7 @@ def _shoot_bwd_kernel(
             else:
                 sm_j = sm0
                 st = ((d * 0 + (tb - j)) == 0) & ((d * 0 + t0) == 0)  # t = 0 may lie in a block, below t0
-            v0 = x0[j].to(tl.float32)
-            v1 = x1[j].to(tl.float32)
-            v2 = x2[j].to(tl.float32)
-            if HAS_BIAS:
-                v0 += b0
-                v1 += b1
-                v2 += b2
+            v0, v1, v2 = _gate_inputs(x0[j], x1[j], x2[j], b0, b1, b2, HAS_BIAS)
             mu_c, mu_h, q_cc, q_ch, q_hc, q_hh, acc0, acc1, acc2, acc3, acc4 = _bwd_step(
                 tb - j, t0, st, sm_j, v0, v1, v2,
                 xgh[j], xgc[j], xhh[j], xhc[j], mu_c, mu_h, q_cc, q_ch, q_hc, q_hh,
