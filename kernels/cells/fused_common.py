@@ -10,6 +10,7 @@ take the compact (B, 1) map of one-document-per-row batches (row b starts at t =
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 
 import torch
@@ -121,9 +122,15 @@ def pick_blocks(B: int, D: int, K: int, sm_count: int | None = None) -> tuple[in
 
 
 def sm_count(device: torch.device) -> int | None:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return None
+    """SMs of a CUDA device (cached: the launch planners ask on every call), None off the GPU."""
+    if device.type != "cuda":
+        return None
+    return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def prepare_h0(h0: torch.Tensor | None, R: int, K: int, D: int, device) -> torch.Tensor:
