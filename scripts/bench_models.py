@@ -178,9 +178,36 @@ def layer_config(a, d: int) -> ParaRNNLMConfig:
     )
 
 
-def reference_mamba2(a, d):
-    from mamba_ssm import Mamba2  # optional; import errors are reported by the caller
+def import_reference_mamba2():
+    """mamba_ssm's Mamba2 class (optional; import errors reach the caller).
 
+    mamba-ssm installed without compiling CUDA (``MAMBA_SKIP_CUDA_BUILD=TRUE``: Mamba2's SSD is Triton) lacks
+    Mamba-1's ``selective_scan_cuda`` extension, which the package's ``__init__`` imports although Mamba2
+    never calls it. It gets a stand-in module that raises if anything in it is used."""
+    import sys
+    import types
+
+    try:
+        from mamba_ssm.modules.mamba2 import Mamba2
+    except ModuleNotFoundError as err:
+        if err.name != "selective_scan_cuda":
+            raise
+        stub = types.ModuleType("selective_scan_cuda")
+
+        def missing(attr):
+            raise AttributeError(f"selective_scan_cuda.{attr}: mamba-ssm was installed without its CUDA "
+                                 "extensions (only Mamba2's Triton path is available)")
+
+        stub.__getattr__ = missing
+        sys.modules["selective_scan_cuda"] = stub
+        for name in [m for m in sys.modules if m == "mamba_ssm" or m.startswith("mamba_ssm.")]:
+            del sys.modules[name]  # the failed import left partial modules behind
+        from mamba_ssm.modules.mamba2 import Mamba2
+    return Mamba2
+
+
+def reference_mamba2(a, d):
+    Mamba2 = import_reference_mamba2()
     return Mamba2(d_model=d, d_state=a.mamba_d_state, headdim=a.mamba_headdim, expand=2, use_mem_eff_path=False)
 
 
@@ -231,7 +258,7 @@ def bench_layers(run: Run) -> None:
     a, dev, clock = run.args, run.device, run.clock
     ref_error = None
     try:
-        import mamba_ssm  # noqa: F401
+        import_reference_mamba2()
     except Exception as err:  # not installed, or broken against this torch
         ref_error = f"{type(err).__name__}: {err}"[:300]
         run.note(f"mamba_ssm not importable ({ref_error}); reference Mamba2 layer skipped, "

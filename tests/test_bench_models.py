@@ -6,6 +6,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
@@ -81,3 +82,29 @@ def test_back_to_back_clock_averages_over_the_calls():
     calls = []
     ms = bm.Clock(torch.device("cpu")).back_to_back(lambda: (calls.append(1), time.sleep(0.02)), 5)
     assert len(calls) == 5 and 19 <= ms < 60
+
+
+def test_reference_mamba2_import_survives_a_missing_cuda_extension(tmp_path, monkeypatch):
+    """mamba-ssm built without CUDA (MAMBA_SKIP_CUDA_BUILD) imports Mamba-1's selective_scan_cuda in its
+    __init__: the loader stands in for it, and anything that touches the stand-in still fails clearly."""
+    sys.path.insert(0, str(REPO))
+    from scripts import bench_models as bm
+
+    pkg = tmp_path / "mamba_ssm"
+    (pkg / "modules").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("import selective_scan_cuda\nfrom mamba_ssm.modules.mamba2 import Mamba2\n")
+    (pkg / "modules" / "__init__.py").write_text("")
+    (pkg / "modules" / "mamba2.py").write_text("class Mamba2:\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in [m for m in sys.modules if m.split(".")[0] in ("mamba_ssm", "selective_scan_cuda")]:
+        monkeypatch.delitem(sys.modules, name)
+    try:
+        cls = bm.import_reference_mamba2()
+        assert cls.__name__ == "Mamba2" and cls.__module__ == "mamba_ssm.modules.mamba2"
+        import selective_scan_cuda
+
+        with pytest.raises(AttributeError, match="without its CUDA extensions"):
+            selective_scan_cuda.fwd
+    finally:
+        for name in [m for m in sys.modules if m.split(".")[0] in ("mamba_ssm", "selective_scan_cuda")]:
+            del sys.modules[name]
