@@ -2,10 +2,11 @@
 
 Compiles each kernel configuration for the target (default sm_90, Hopper) with the local Triton and the
 ptxas / cuobjdump it bundles, and prints a table: registers per thread, spill stack bytes, and how many
-programs of that size fit an SM by registers alone. Useful for tuning tiles offline: e.g. the causal
-conv's tiles holding 32 elements per thread compile to ~255 registers with stack spills, 8 elements to
-47-141 without (session 11, `kernels/NOTES-perf.md`). Numbers are the local Triton's; the GPU machine's
-version may allocate differently, so confirm timings there.
+programs of that size fit an SM by registers alone. A lead for tuning, not a verdict: the causal conv's
+tiles holding 32 elements per thread compile to ~255 registers with stack spills, 8 elements to 47-141
+without (session 11), yet on an H200 the 32-element tiles were the fastest (session 12,
+`kernels/NOTES-perf.md`). Numbers are the local Triton's; the GPU machine's version may allocate
+differently, so confirm timings there.
 
     python scripts/kernel_resources.py                      # the built-in set (conv, shooting fwd/bwd)
     python scripts/kernel_resources.py --only conv --arch 90
@@ -68,8 +69,12 @@ def compile_usage(cfg: KernelConfig, arch: int = 90) -> Usage:
     unknown = set(cfg.constexprs) - set(params)
     if unknown:
         raise ValueError(f"{cfg.label}: no such kernel arguments {sorted(unknown)}")
-    signature = {p: "constexpr" if p in cfg.constexprs else cfg.types.get(p, "i32") for p in params}
-    constexprs = {(params.index(k),): v for k, v in cfg.constexprs.items()}
+    # constexpr parameters the config leaves out take their defaults, as a launch would (not i32 arguments:
+    # that would compile their branches as runtime code)
+    given = {p.name: p.default for p in cfg.kernel.params if p.is_constexpr and p.default is not inspect.Parameter.empty}
+    given.update(cfg.constexprs)
+    signature = {p: "constexpr" if p in given else cfg.types.get(p, "i32") for p in params}
+    constexprs = {(params.index(k),): v for k, v in given.items()}
     options = {"num_warps": cfg.num_warps}
     if cfg.maxnreg:
         options["maxnreg"] = cfg.maxnreg
@@ -112,16 +117,17 @@ def builtin_configs() -> dict[str, list[KernelConfig]]:
                        damping="fp32", tail_eps="fp32")
     groups["shooting"] = [
         # (BD, NB) as plan() picks them: several segments 256 / 4 (ParaLSTM backward 128), one segment 128 / 8.
+        # ParaGRU as it runs in the layers: with the gates' input bias in the kernels (HAS_BIAS).
         KernelConfig("ParaGRU fwd, segments", shooting._shoot_fwd_kernel,
-                     dict(LSTM=False, FIRST=False, WRITE=True, COARSE=True, BD=256, NB=4, DOCS=True), 4, shoot_types),
+                     dict(LSTM=False, FIRST=False, WRITE=True, COARSE=True, BD=256, NB=4, DOCS=True, HAS_BIAS=True), 4, shoot_types),
         KernelConfig("ParaLSTM fwd, segments", shooting._shoot_fwd_kernel,
                      dict(LSTM=True, FIRST=False, WRITE=True, COARSE=True, BD=256, NB=4, DOCS=True), 4, shoot_types),
         KernelConfig("ParaGRU bwd pass A, segments", shooting._shoot_bwd_kernel,
-                     dict(LSTM=False, PASS_A=True, BD=256, NB=4, DOCS=True), 4, shoot_types),
+                     dict(LSTM=False, PASS_A=True, BD=256, NB=4, DOCS=True, HAS_BIAS=True), 4, shoot_types),
         KernelConfig("ParaGRU bwd pass B, segments", shooting._shoot_bwd_kernel,
-                     dict(LSTM=False, PASS_A=False, BD=256, NB=4, DOCS=True), 4, shoot_types),
+                     dict(LSTM=False, PASS_A=False, BD=256, NB=4, DOCS=True, HAS_BIAS=True), 4, shoot_types),
         KernelConfig("ParaGRU bwd, one segment, maxnreg 128", shooting._shoot_bwd_kernel,
-                     dict(LSTM=False, PASS_A=False, BD=128, NB=8, DOCS=True), 4, shoot_types, maxnreg=128),
+                     dict(LSTM=False, PASS_A=False, BD=128, NB=8, DOCS=True, HAS_BIAS=True), 4, shoot_types, maxnreg=128),
         KernelConfig("ParaLSTM bwd pass B, segments", shooting._shoot_bwd_kernel,
                      dict(LSTM=True, PASS_A=False, BD=128, NB=4, DOCS=True), 4, shoot_types),
         KernelConfig("ParaLSTM bwd, one segment", shooting._shoot_bwd_kernel,

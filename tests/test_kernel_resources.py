@@ -60,3 +60,24 @@ def test_command_prints_a_row_per_kernel():
     for row in rows:
         regs = int(row.split("|")[3])
         assert 16 <= regs <= 255
+
+
+DEFAULTS_PROBE = r"""
+import json, sys
+sys.path.insert(0, "scripts")
+import kernel_resources as kr
+from kernels import shooting
+types = {p: "*fp32" for p in ("U", "P", "H0", "H", "START", "END", "PROD", "RES")}
+types.update(U="*bf16", SMAP="*i32", CNT="*i32", DONE="*i32", ITERS="*i32", tol="fp32", damping="fp32", tail_eps="fp32")
+cfg = dict(LSTM=True, FIRST=False, WRITE=True, COARSE=True, BD=256, NB=4, DOCS=True)
+regs = [kr.compile_usage(kr.KernelConfig("fwd", shooting._shoot_fwd_kernel, c, 4, types)).registers
+        for c in (cfg, {**cfg, "HAS_BIAS": False})]
+print(json.dumps(regs))
+"""
+
+
+def test_left_out_constexprs_compile_with_their_defaults():
+    """A config that leaves out a defaulted constexpr (the shooting kernels' HAS_BIAS) compiles the kernel a
+    launch would run, not one taking it as a runtime argument (which held 121 registers instead of 126)."""
+    omitted, explicit = json.loads(_run(DEFAULTS_PROBE).strip().splitlines()[-1])
+    assert omitted == explicit
