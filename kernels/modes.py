@@ -16,6 +16,10 @@ import torch
 from .cell import Cell
 
 
+def _no_cell(cell: Cell) -> bool:
+    return False
+
+
 @dataclass(frozen=True)
 class Mode:
     name: str
@@ -26,7 +30,7 @@ class Mode:
     half_inputs: bool = False  # takes fp16/bf16 u as is (upcasts in registers) instead of an fp32 copy
     # For which cells it takes the gates' input bias as 3 extra rows of p (added to u inside its kernels);
     # for the others parallel_rnn adds it to u first.
-    input_bias: Callable[[Cell], bool] = lambda cell: False
+    input_bias: Callable[[Cell], bool] = _no_cell
 
 
 MODES: dict[str, Mode] = {}
@@ -41,10 +45,9 @@ def register_mode(
     description: str = "",
     auto: Callable[[Cell, torch.Tensor], bool] | None = None,
     half_inputs: bool = False,
-    input_bias: Callable[[Cell], bool] | None = None,
+    input_bias: Callable[[Cell], bool] = _no_cell,
 ) -> None:
-    MODES[name] = Mode(name, run, available, description, auto or available, half_inputs,
-                       input_bias or (lambda cell: False))
+    MODES[name] = Mode(name, run, available, description, auto or available, half_inputs, input_bias)
 
 
 def resolve_mode(mode: str, cell: Cell, u: torch.Tensor) -> Mode:

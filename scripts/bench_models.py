@@ -83,21 +83,15 @@ class Clock:
         return times[len(times) // 2]
 
     def back_to_back(self, fn, reps: int) -> float:
-        """ms per call of ``reps`` calls issued back to back with one sync at the end, as a training loop
-        runs (the host queues the next step while the GPU works; a per-call sync drains that lead)."""
-        if self.cuda:
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            self.sync()
-            s.record()
+        """ms per call of ``reps`` calls issued back to back and timed as one (a single sync at the end), as
+        a training loop runs: the host queues the next step while the GPU works; a per-call sync drains that
+        lead."""
+
+        def calls():
             for _ in range(reps):
                 fn()
-            e.record()
-            torch.cuda.synchronize()
-            return s.elapsed_time(e) / reps
-        t = time.perf_counter()
-        for _ in range(reps):
-            fn()
-        return (time.perf_counter() - t) * 1e3 / reps
+
+        return self.once(calls) / reps
 
 
 def wall(fn, device) -> tuple[float, object]:
@@ -378,8 +372,8 @@ def bench_training(run: Run) -> None:
                     break
                 oom = False
                 try:
-                    ms, ms_synced, peak = try_train(model, opt, mb, a.seq_len, cfg.vocab_size, a.train_steps, a.train_warmup,
-                                         run.clock, dev, torch.bfloat16)
+                    ms, ms_synced, peak = try_train(model, opt, mb, a.seq_len, cfg.vocab_size, a.train_steps,
+                                                    a.train_warmup, run.clock, dev, torch.bfloat16)
                 except Exception as err:
                     if not is_oom(err):
                         raise
