@@ -18,6 +18,7 @@ from transformers import PretrainedConfig
 KNOWN_MIXERS = ("paragru", "paralstm", "mamba2", "attention")
 RNN_MIXERS = ("paragru", "paralstm")
 ATTENTION_IMPLS = ("auto", "sdpa", "flex")
+SSD_BACKENDS = ("auto", "torch", "fla", "mamba_ssm")  # models.ssd asserts its kernels agree
 
 
 class ParaRNNLMConfig(PretrainedConfig):
@@ -44,7 +45,8 @@ class ParaRNNLMConfig(PretrainedConfig):
             (SDPA always; packed rows get a dense boolean mask) | ``flex`` (FlexAttention for every
             forward without a cache; needs torch >= 2.5). Cached forwards always use SDPA. See
             models/attention.py.
-        ssd_backend: ``auto`` (fla-core's chunk kernel on CUDA when installed, else PyTorch) | ``torch`` | ``fla``.
+        ssd_backend: ``auto`` (on CUDA the first installed Triton kernel: fla-core's chunk kernel, then
+            mamba_ssm's; else PyTorch) | ``torch`` | ``fla`` | ``mamba_ssm``.
         bare_mixer: the paper's keep-nth / parity model (Table 6): embedding -> mixer -> lm_head, where the
             mixer has no conv / norm / gate (the cell layer for RNNs, in_proj -> SSD -> out_proj for Mamba2,
             a "linear recurrence control") and the backbone around it is dropped too: no pre-norm, no
@@ -228,7 +230,8 @@ class ParaRNNLMConfig(PretrainedConfig):
             need(self.mamba_num_heads % self.mamba_ngroups == 0,
                  f"mamba_ngroups={self.mamba_ngroups} must divide the Mamba2 head count {self.mamba_num_heads}")
             need(self.mamba_chunk_size > 0, f"mamba_chunk_size must be > 0, got {self.mamba_chunk_size}")
-        need(self.ssd_backend in ("auto", "torch", "fla"), f"ssd_backend must be auto|torch|fla, got {self.ssd_backend!r}")
+        need(self.ssd_backend in SSD_BACKENDS,
+             f"ssd_backend must be one of {'|'.join(SSD_BACKENDS)}, got {self.ssd_backend!r}")
         need(self.attention_impl in ATTENTION_IMPLS,
              f"attention_impl must be one of {'|'.join(ATTENTION_IMPLS)}, got {self.attention_impl!r}")
         need(self.z_loss >= 0, f"z_loss must be >= 0, got {self.z_loss}")

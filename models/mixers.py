@@ -22,7 +22,7 @@ from .attention import flex_attention, is_block_mask
 from .engine import make_cell_layer
 from .layers import CausalConv1d, GatedRMSNorm, RotaryEmbedding, apply_rope, mark_residual_output
 from .registry import register_mixer
-from .ssd import fla_available, ssd_chunked, ssd_fla, ssd_step
+from .ssd import SSD_KERNELS, resolve_ssd_backend, ssd_chunked, ssd_step
 
 log = logging.getLogger(__name__)
 
@@ -125,13 +125,9 @@ class Mamba2Mixer(nn.Module):
                 self.D.fill_(1.0)
 
 
-    def _use_fla(self, x: torch.Tensor) -> bool:
-        if self.backend == "torch":
-            return False
-        ok = fla_available(x.device)
-        if self.backend == "fla" and not ok:
-            raise RuntimeError("ssd_backend='fla' needs a CUDA device and fla-core installed")
-        return ok
+    def kernel_backend(self, x: torch.Tensor) -> str:
+        """``torch`` (chunked PyTorch SSD) or the ``SSD_KERNELS`` entry that runs this input."""
+        return resolve_ssd_backend(self.backend, x.device)
 
     def forward(self, x: torch.Tensor, seq, cache=None, attn_mask=None) -> torch.Tensor:
         B, T, _ = x.shape
@@ -155,8 +151,9 @@ class Mamba2Mixer(nn.Module):
             y, S = ssd_step(seq.masked_initial(S0).to(compute), xs[:, 0].to(compute), dt[:, 0], A,
                             Bm[:, 0].to(compute), Cm[:, 0].to(compute))
             y = y.unsqueeze(1)
-        elif self._use_fla(x):
-            y, S = ssd_fla(xs, dt, A, Bm, Cm, None if S0 is None else S0.float(), seq.resets, seq)
+        elif (backend := self.kernel_backend(x)) != "torch":
+            kernel = SSD_KERNELS[backend][1]
+            y, S = kernel(xs, dt, A, Bm, Cm, None if S0 is None else S0.float(), seq.resets, seq)
             y, S = y.to(compute), S.to(compute)
         else:
             y, S = ssd_chunked(xs.to(compute), dt, A, Bm.to(compute), Cm.to(compute),

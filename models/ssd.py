@@ -1,4 +1,5 @@
-"""Mamba2's state-space dual (SSD) recurrence: naive reference, chunked PyTorch, single step, fla-core.
+"""Mamba2's state-space dual (SSD) recurrence: naive reference, chunked PyTorch, single step, and the two
+maintained Triton kernels (fla-core, mamba_ssm) as GPU backends (``SSD_KERNELS``).
 
 Per head h (headdim P, state N, group g(h) of B/C):
     a_t = exp(dt_t * A_h)                          (A_h < 0, so 0 < a_t <= 1)
@@ -15,9 +16,13 @@ from __future__ import annotations
 
 import logging
 import re
+import sys
+import types
 
 import torch
 import torch.nn.functional as F
+
+from .configuration import SSD_BACKENDS
 
 log = logging.getLogger(__name__)
 
@@ -160,3 +165,89 @@ def ssd_fla(x, dt, A, Bm, Cm, initial_state=None, reset=None, seq=None):
     y, hT = chunk_simple_gla(q, k, v, g, scale=1.0, initial_state=initial_state, output_final_state=True,
                              state_v_first=True)
     return y, hT
+
+
+# ---------------------------------------------------------------------------------------------- mamba_ssm
+MAMBA_SSM_CHUNK = 256  # the reference Mamba2 layer's chunk; ``mamba_chunk_size`` is the PyTorch path's
+
+
+def import_mamba_ssm(module: str) -> types.ModuleType:
+    """Import ``mamba_ssm.<module>``; import errors reach the caller.
+
+    mamba-ssm installed without compiling CUDA (``MAMBA_SKIP_CUDA_BUILD=TRUE``: Mamba2's SSD is Triton)
+    lacks Mamba-1's ``selective_scan_cuda`` extension, which the package's ``__init__`` imports although
+    Mamba2 never calls it. It gets a stand-in module that raises if anything in it is used."""
+    import importlib
+
+    name = f"mamba_ssm.{module}"
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as err:
+        if err.name != "selective_scan_cuda":
+            raise
+    stub = types.ModuleType("selective_scan_cuda")
+
+    def missing(attr):
+        raise AttributeError(f"selective_scan_cuda.{attr}: mamba-ssm was installed without its CUDA extensions "
+                             "(only Mamba2's Triton path is available)")
+
+    stub.__getattr__ = missing
+    sys.modules["selective_scan_cuda"] = stub
+    for partial in [m for m in sys.modules if m == "mamba_ssm" or m.startswith("mamba_ssm.")]:
+        del sys.modules[partial]  # the failed import left partial modules behind
+    return importlib.import_module(name)
+
+
+_MAMBA_SSM_STATUS: dict[int, bool] = {}
+
+
+def mamba_ssm_available(device: torch.device) -> bool:
+    """mamba_ssm's Triton SSD can serve this device: CUDA and the package importable."""
+    if device.type != "cuda":
+        return False
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _MAMBA_SSM_STATUS:
+        try:
+            import_mamba_ssm("ops.triton.ssd_combined")
+            _MAMBA_SSM_STATUS[index] = True
+        except Exception:  # not installed or broken against this torch/triton: the next backend is used
+            _MAMBA_SSM_STATUS[index] = False
+    return _MAMBA_SSM_STATUS[index]
+
+
+@torch.compiler.disable  # an autograd.Function around autotuned Triton kernels: run it as it is
+def ssd_mamba_ssm(x, dt, A, Bm, Cm, initial_state=None, reset=None, seq=None):
+    """SSD through mamba_ssm's ``mamba_chunk_scan_combined`` (the reference Mamba2 layer's kernel).
+
+    Documents: ``seq_idx`` = resets counted along the row; the kernel drops the carried state wherever it
+    changes, and the incoming state belongs to index 0, so a reset at t = 0 drops ``initial_state``.
+    The final state is the state after each row's last token (its last document's)."""
+    try:
+        ssd = import_mamba_ssm("ops.triton.ssd_combined")
+    except Exception as err:  # pragma: no cover - guarded by mamba_ssm_available
+        raise RuntimeError("ssd_backend='mamba_ssm' needs mamba-ssm (README: Mamba2 kernels)") from err
+    seq_idx = None if reset is None else reset.to(torch.int32).cumsum(-1, dtype=torch.int32)
+    y, hT = ssd.mamba_chunk_scan_combined(
+        x, dt.float(), A.float(), Bm, Cm, MAMBA_SSM_CHUNK, initial_states=initial_state, seq_idx=seq_idx,
+        return_final_states=True)
+    return y, hT
+
+
+# name -> (can it serve this device, the kernel); ``auto`` takes the first available, else PyTorch.
+SSD_KERNELS = {
+    "fla": (fla_available, ssd_fla),
+    "mamba_ssm": (mamba_ssm_available, ssd_mamba_ssm),
+}
+assert SSD_BACKENDS == ("auto", "torch", *SSD_KERNELS), "models/configuration.py SSD_BACKENDS is out of date"
+
+
+def resolve_ssd_backend(backend: str, device: torch.device) -> str:
+    """The backend a Mamba2 layer runs on ``device``: ``torch`` or a key of ``SSD_KERNELS``."""
+    if backend == "torch":
+        return "torch"
+    if backend == "auto":
+        return next((name for name, (ok, _) in SSD_KERNELS.items() if ok(device)), "torch")
+    if not SSD_KERNELS[backend][0](device):
+        raise RuntimeError(f"ssd_backend={backend!r} needs a CUDA device and {backend} installed "
+                           f"(pip install 'pararnn-lm[mamba]' for fla; README: Mamba2 kernels)")
+    return backend

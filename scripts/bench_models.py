@@ -43,6 +43,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from models import ParaRNNLMConfig, ParaRNNLMForCausalLM, StaticDecoder, build_mixer, config_for  # noqa: E402
 from models.packing import SequenceInfo  # noqa: E402
+from models.ssd import import_mamba_ssm  # noqa: E402
 
 LAYER_SHAPES = [(8, 2048, 1024), (16, 2048, 2048), (2, 16384, 1024)]
 # Reference Mamba2 layer (mamba_ssm 2.3.2, bf16, H100): fwd / fwd+bwd ms, peer-benchmarks.md.
@@ -173,31 +174,8 @@ def layer_config(a, d: int) -> ParaRNNLMConfig:
 
 
 def import_reference_mamba2():
-    """mamba_ssm's Mamba2 class (optional; import errors reach the caller).
-
-    mamba-ssm installed without compiling CUDA (``MAMBA_SKIP_CUDA_BUILD=TRUE``: Mamba2's SSD is Triton) lacks
-    Mamba-1's ``selective_scan_cuda`` extension, which the package's ``__init__`` imports although Mamba2
-    never calls it. It gets a stand-in module that raises if anything in it is used."""
-    import sys
-    import types
-
-    try:
-        from mamba_ssm.modules.mamba2 import Mamba2
-    except ModuleNotFoundError as err:
-        if err.name != "selective_scan_cuda":
-            raise
-        stub = types.ModuleType("selective_scan_cuda")
-
-        def missing(attr):
-            raise AttributeError(f"selective_scan_cuda.{attr}: mamba-ssm was installed without its CUDA "
-                                 "extensions (only Mamba2's Triton path is available)")
-
-        stub.__getattr__ = missing
-        sys.modules["selective_scan_cuda"] = stub
-        for name in [m for m in sys.modules if m == "mamba_ssm" or m.startswith("mamba_ssm.")]:
-            del sys.modules[name]  # the failed import left partial modules behind
-        from mamba_ssm.modules.mamba2 import Mamba2
-    return Mamba2
+    """mamba_ssm's Mamba2 class (optional; import errors reach the caller)."""
+    return import_mamba_ssm("modules.mamba2").Mamba2
 
 
 def reference_mamba2(a, d):
@@ -219,6 +197,10 @@ def measure_layer(a, name, B, T, d, positions, dev, clock) -> dict:
     else:
         mod = build_mixer(base, layer_config(a, d), 0)
         seq = SequenceInfo(positions)
+        if compiled:
+            # Every shape, width and grad mode recompiles the same forward code; past dynamo's recompile
+            # limit (8) it would silently run eager. A fresh cache per measured layer keeps it compiled.
+            torch._dynamo.reset()
         fn = torch.compile(mod) if compiled else mod
 
         def call(x):
@@ -244,7 +226,7 @@ def measure_layer(a, name, B, T, d, positions, dev, clock) -> dict:
         fwd_bwd()
         out["peak_GiB"] = torch.cuda.max_memory_allocated() / 2**30
     if base == "mamba2":
-        out["ssd_backend"] = "fla" if mod._use_fla(x) else "torch"
+        out["ssd_backend"] = mod.kernel_backend(x)
     return out
 
 
