@@ -8,7 +8,8 @@ Sections (JSON keys), each saved as soon as it is measured:
             Mamba2 rows of ../shared/docs/peer-benchmarks.md: our ParaGRU, ParaLSTM and Mamba2 mixers and
             the reference ``mamba_ssm.Mamba2(d_model, d_state=128, headdim=64, expand=2,
             use_mem_eff_path=False)`` when importable (else skipped with a note; the peer-benchmarks
-            numbers are printed beside it either way). Loss-free backward: y.backward(randn_like(y)).
+            numbers are printed beside it either way); with --compile each also under torch.compile
+            (``NAME_compiled``; --layers picks rows). Loss-free backward: y.backward(randn_like(y)).
             CUDA events, warm-up, median of --reps.
   training  the 400m preset of each architecture at T=2048: bf16 autocast, fp32 master weights, torch
             AdamW(fused=True); forward+backward+optimizer step; the largest micro-batch that fits,
@@ -46,6 +47,8 @@ from models.packing import SequenceInfo  # noqa: E402
 from models.ssd import import_mamba_ssm  # noqa: E402
 
 LAYER_SHAPES = [(8, 2048, 1024), (16, 2048, 2048), (2, 16384, 1024)]
+# the layer section's rows, in order; "mamba2_ref" is mamba_ssm's Mamba2 module (optional)
+LAYERS = tuple(f"{n}{c}" for n in ("paragru", "paralstm", "mamba2", "mamba2_ref") for c in ("", "_compiled"))
 # Reference Mamba2 layer (mamba_ssm 2.3.2, bf16, H100): fwd / fwd+bwd ms, peer-benchmarks.md.
 PEER_MAMBA2 = {(8, 2048, 1024): (2.50, 12.56), (16, 2048, 2048): (7.00, 27.67), (2, 16384, 1024): (3.21, 14.67)}
 ARCHS = ["paragru", "paralstm", "mamba2", "attention"]
@@ -189,18 +192,19 @@ def measure_layer(a, name, B, T, d, positions, dev, clock) -> dict:
     out = {}
     torch.manual_seed(0)
     base, compiled = name.removesuffix("_compiled"), name.endswith("_compiled")
+    if compiled:
+        # Every shape, width and grad mode recompiles the same forward code; past dynamo's recompile
+        # limit (8) it would silently run eager. A fresh cache per measured layer keeps it compiled.
+        torch._dynamo.reset()
     if base == "mamba2_ref":
         mod = reference_mamba2(a, d)
+        fn = torch.compile(mod) if compiled else mod
 
         def call(x):
-            return mod(x)
+            return fn(x)
     else:
         mod = build_mixer(base, layer_config(a, d), 0)
         seq = SequenceInfo(positions)
-        if compiled:
-            # Every shape, width and grad mode recompiles the same forward code; past dynamo's recompile
-            # limit (8) it would silently run eager. A fresh cache per measured layer keeps it compiled.
-            torch._dynamo.reset()
         fn = torch.compile(mod) if compiled else mod
 
         def call(x):
@@ -241,15 +245,12 @@ def bench_layers(run: Run) -> None:
                  "peer-benchmarks.md numbers shown instead")
     for (B, T, d) in a.layer_shapes:
         positions = torch.arange(T, device=dev).expand(B, T)
-        names = ["paragru", "paralstm", "mamba2", "mamba2_ref"]
-        if a.compile:  # the RNN layers also as a compiled training step runs them
-            names[2:2] = ["paragru_compiled", "paralstm_compiled"]
-        for name in names:
+        for name in a.layer_names:
             if run.over_budget(f"layers {name} {(B, T, d)}"):
                 return
             row = {"layer": name, "B": B, "T": T, "d_model": d, "dtype": "bf16"}
             peer = PEER_MAMBA2.get((B, T, d))
-            if name == "mamba2_ref":
+            if name.startswith("mamba2_ref"):
                 row["peer_fwd_ms"], row["peer_fwdbwd_ms"] = peer if peer else (None, None)
                 if ref_error is not None:
                     row["skipped"] = ref_error
@@ -268,10 +269,13 @@ def bench_layers(run: Run) -> None:
         rows = {r["layer"]: r for r in run.result["layers"] if (r["B"], r["T"], r["d_model"]) == (B, T, d)}
         ref = rows.get("mamba2_ref", {})
         base = ref.get("fwdbwd_ms") or ref.get("peer_fwdbwd_ms")
+        ref_compiled = rows.get("mamba2_ref_compiled", {}).get("fwdbwd_ms")
         for r in rows.values():
             if base and r.get("fwdbwd_ms"):
                 r["fwdbwd_vs_mamba2_ref"] = r["fwdbwd_ms"] / base
                 r["ref_source"] = "measured" if ref.get("fwdbwd_ms") else "peer-benchmarks.md"
+            if ref_compiled and r.get("fwdbwd_ms"):
+                r["fwdbwd_vs_mamba2_ref_compiled"] = r["fwdbwd_ms"] / ref_compiled
 
 
 # ----------------------------------------------------------------------------- (b) training
@@ -486,11 +490,11 @@ def fmt(v, spec=".3g"):
 
 def print_tables(res: dict) -> None:
     print("\n== layers: bf16, ms (median) ==")
-    print("layer | B | T | d | fwd | fwd+bwd | peer fwd+bwd | fwd+bwd / Mamba2 ref | note")
+    print("layer | B | T | d | fwd | fwd+bwd | peer fwd+bwd | fwd+bwd / Mamba2 ref | / Mamba2 ref compiled | note")
     for r in res["layers"]:
         print(" | ".join([r["layer"], str(r["B"]), str(r["T"]), str(r["d_model"]), fmt(r.get("fwd_ms")),
                           fmt(r.get("fwdbwd_ms")), fmt(r.get("peer_fwdbwd_ms")), fmt(r.get("fwdbwd_vs_mamba2_ref")),
-                          (r.get("ref_source") or "") + (" skipped" if r.get("skipped") else "")
+                          fmt(r.get("fwdbwd_vs_mamba2_ref_compiled")), (r.get("ref_source") or "") + (" skipped" if r.get("skipped") else "")
                           + (" ERROR " + r["error"][:60] if r.get("error") else "")]))
     print("\n== training: bf16 autocast + fused AdamW ==")
     print("arch | size | T | micro-batch | step ms (back to back) | step ms (synced) | tokens/s | vs attention | peak GiB | MFU | note")
@@ -523,6 +527,8 @@ def parse_args(argv=None):
     ap.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU (debug preset), few reps")
     ap.add_argument("--device", default=None)
     ap.add_argument("--sections", default="layers,training,decode")
+    ap.add_argument("--layers", default=",".join(LAYERS),
+                    help="layers of the layer section; NAME_compiled rows run with --compile only")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--rnn-heads", type=int, default=4, help="ParaRNN heads of the layer benchmark (presets: 4)")
@@ -560,6 +566,12 @@ def parse_args(argv=None):
         a.device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
         a.layer_shapes = LAYER_SHAPES
     a.sections = [s for s in a.sections.split(",") if s]
+    a.layer_names = [s for s in a.layers.split(",") if s]
+    unknown = sorted(set(a.layer_names) - set(LAYERS))
+    if unknown:
+        ap.error(f"unknown --layers {unknown}; choose from {','.join(LAYERS)}")
+    # each compiled layer follows its eager row; without --compile only the eager ones run
+    a.layer_names = [n for n in a.layer_names if a.compile or not n.endswith("_compiled")]
     a.train_archs = [s for s in a.train_archs.split(",") if s]
     a.decode_archs = [s for s in a.decode_archs.split(",") if s]
     a.decode_compile = [s for s in a.decode_compile.split(",") if s]

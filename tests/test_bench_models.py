@@ -108,3 +108,14 @@ def test_reference_mamba2_import_survives_a_missing_cuda_extension(tmp_path, mon
     finally:
         for name in [m for m in sys.modules if m.split(".")[0] in ("mamba_ssm", "selective_scan_cuda")]:
             del sys.modules[name]
+
+
+def test_layer_selection():
+    sys.path.insert(0, str(REPO))
+    from scripts import bench_models as bm
+
+    assert bm.parse_args(["--layers", "paragru,paragru_compiled,mamba2_ref_compiled"]).layer_names == ["paragru"]
+    picked = bm.parse_args(["--compile", "--layers", "paragru_compiled,mamba2_ref,mamba2_ref_compiled"]).layer_names
+    assert picked == ["paragru_compiled", "mamba2_ref", "mamba2_ref_compiled"]
+    with pytest.raises(SystemExit):
+        bm.parse_args(["--layers", "paragru,mamba3"])
