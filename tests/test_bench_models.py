@@ -119,3 +119,18 @@ def test_layer_selection():
     assert picked == ["paragru_compiled", "mamba2_ref", "mamba2_ref_compiled"]
     with pytest.raises(SystemExit):
         bm.parse_args(["--layers", "paragru,mamba3"])
+
+
+def test_search_cap_starts_after_the_first_micro_batch(tmp_path):
+    """The first attempt pays compilation and kernel autotuning (minutes for mamba_ssm): even a zero cap
+    measures it, and only then stops the search."""
+    sys.path.insert(0, str(REPO))
+    from scripts import bench_models as bm
+
+    out = tmp_path / "cap.json"
+    bm.main(["--smoke", "--device", "cpu", "--sections", "training", "--train-archs", "paragru", "--train-cap", "0",
+             "--out", str(out)])
+    (row,) = json.loads(out.read_text())["training"]
+    assert row["attempts"][0]["micro_batch"] == 1 and row["attempts"][0]["tokens_per_s"] > 0
+    assert row["attempts"][1] == {"micro_batch": 2, "skipped": "per-architecture time cap"}
+    assert row["first_attempt_s"] > 0 and row["micro_batch"] == 1
