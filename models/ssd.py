@@ -225,7 +225,7 @@ def ssd_mamba_ssm(x, dt, A, Bm, Cm, initial_state=None, reset=None, seq=None):
     try:
         ssd = import_mamba_ssm("ops.triton.ssd_combined")
     except Exception as err:  # pragma: no cover - guarded by mamba_ssm_available
-        raise RuntimeError("ssd_backend='mamba_ssm' needs mamba-ssm (README: Mamba2 kernels)") from err
+        raise RuntimeError("ssd_backend='mamba_ssm' needs mamba-ssm (its install line is in the README)") from err
     seq_idx = None if reset is None else reset.to(torch.int32).cumsum(-1, dtype=torch.int32)
     y, hT = ssd.mamba_chunk_scan_combined(
         x, dt.float(), A.float(), Bm, Cm, MAMBA_SSM_CHUNK, initial_states=initial_state, seq_idx=seq_idx,
@@ -249,5 +249,5 @@ def resolve_ssd_backend(backend: str, device: torch.device) -> str:
         return next((name for name, (ok, _) in SSD_KERNELS.items() if ok(device)), "torch")
     if not SSD_KERNELS[backend][0](device):
         raise RuntimeError(f"ssd_backend={backend!r} needs a CUDA device and {backend} installed "
-                           f"(pip install 'pararnn-lm[mamba]' for fla; README: Mamba2 kernels)")
+                           "(fla: pip install 'pararnn-lm[mamba]'; mamba-ssm: the README's install line)")
     return backend
