@@ -126,7 +126,10 @@ class Mamba2Mixer(nn.Module):
 
 
     def kernel_backend(self, x: torch.Tensor) -> str:
-        """``torch`` (chunked PyTorch SSD) or the ``SSD_KERNELS`` entry that runs this input."""
+        """``torch`` (chunked PyTorch SSD) or the ``SSD_KERNELS`` entry that runs this input. ``auto``
+        keeps fp64 (reference runs) on the PyTorch SSD: the Triton kernels compute in fp32."""
+        if self.backend == "auto" and x.dtype == torch.float64:
+            return "torch"
         return resolve_ssd_backend(self.backend, x.device)
 
     def forward(self, x: torch.Tensor, seq, cache=None, attn_mask=None) -> torch.Tensor:

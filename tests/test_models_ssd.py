@@ -137,3 +137,16 @@ def test_mamba_ssm_kernel_matches_fp64_reference(dtype):
                 (f"grad {i}", g, r) for i, (g, r) in enumerate(zip(grads, grads_ref))]:
             err = (got.double() - want).abs().max() / want.abs().max()
             assert err <= tol, f"{name} (initial state {s0 is not None}, resets {rs is not None}): {err:.2e}"
+
+
+def test_auto_backend_keeps_fp64_on_the_pytorch_ssd(monkeypatch):
+    """A kernel that claims the device must still not take fp64 inputs (its matmuls are fp32)."""
+    from models import ParaRNNLMConfig
+    from models import ssd
+    from models.mixers import Mamba2Mixer
+
+    monkeypatch.setitem(ssd.SSD_KERNELS, "mamba_ssm", (lambda device: True, ssd.SSD_KERNELS["mamba_ssm"][1]))
+    mixer = Mamba2Mixer(ParaRNNLMConfig(mixer="mamba2", hidden_size=32, num_hidden_layers=1, vocab_size=16,
+                                        mamba_headdim=16, mamba_d_state=8), 0)
+    assert mixer.kernel_backend(torch.zeros(1, 2, 32, dtype=torch.float64)) == "torch"
+    assert mixer.kernel_backend(torch.zeros(1, 2, 32)) in ssd.SSD_KERNELS
