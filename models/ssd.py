@@ -113,30 +113,39 @@ def ssd_chunked(x, dt, A, Bm, Cm, initial_state=None, reset=None, chunk_size: in
     return y, S
 
 
+def _probe_per_device(cache: dict[int, bool], device: torch.device, probe) -> bool:
+    """``probe(cuda_index) -> bool``, asked once per CUDA device (the mixers ask on every forward); False
+    off CUDA."""
+    if device.type != "cuda":
+        return False
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in cache:
+        cache[index] = probe(index)
+    return cache[index]
+
+
 _FLA_STATUS: dict[int, bool] = {}
+
+
+def _fla_serves(index: int) -> bool:
+    try:
+        import fla.ops.simple_gla  # noqa: F401
+        import triton
+    except Exception:  # not installed or broken: the PyTorch path is used
+        return False
+    if torch.cuda.get_device_capability(index)[0] == 9:
+        version = tuple(int(p) for p in re.findall(r"\d+", triton.__version__)[:3])
+        if version < (3, 7, 1):
+            log.warning("fla-core's SSD backward is wrong/refused on Hopper with triton %s < 3.7.1; "
+                        "Mamba2 uses another SSD backend", triton.__version__)
+            return False
+    return True
 
 
 def fla_available(device: torch.device) -> bool:
     """fla-core's kernel can serve this device: installed, CUDA, and not the Hopper + triton < 3.7.1 pair
     on which fla refuses its gated backward (peer-benchmarks.md)."""
-    if device.type != "cuda":
-        return False
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _FLA_STATUS:
-        ok = True
-        try:
-            import fla.ops.simple_gla  # noqa: F401
-            import triton
-        except Exception:  # not installed or broken: the PyTorch path is used
-            ok = False
-        if ok and torch.cuda.get_device_capability(index)[0] == 9:
-            version = tuple(int(p) for p in re.findall(r"\d+", triton.__version__)[:3])
-            if version < (3, 7, 1):
-                log.warning("fla-core's SSD backward is wrong/refused on Hopper with triton %s < 3.7.1; "
-                            "Mamba2 uses the PyTorch SSD", triton.__version__)
-                ok = False
-        _FLA_STATUS[index] = ok
-    return _FLA_STATUS[index]
+    return _probe_per_device(_FLA_STATUS, device, _fla_serves)
 
 
 def ssd_fla(x, dt, A, Bm, Cm, initial_state=None, reset=None, seq=None):
@@ -201,18 +210,17 @@ def import_mamba_ssm(module: str) -> types.ModuleType:
 _MAMBA_SSM_STATUS: dict[int, bool] = {}
 
 
+def _mamba_ssm_serves(index: int) -> bool:
+    try:
+        import_mamba_ssm("ops.triton.ssd_combined")
+    except Exception:  # not installed or broken against this torch/triton: the next backend is used
+        return False
+    return True
+
+
 def mamba_ssm_available(device: torch.device) -> bool:
     """mamba_ssm's Triton SSD can serve this device: CUDA and the package importable."""
-    if device.type != "cuda":
-        return False
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _MAMBA_SSM_STATUS:
-        try:
-            import_mamba_ssm("ops.triton.ssd_combined")
-            _MAMBA_SSM_STATUS[index] = True
-        except Exception:  # not installed or broken against this torch/triton: the next backend is used
-            _MAMBA_SSM_STATUS[index] = False
-    return _MAMBA_SSM_STATUS[index]
+    return _probe_per_device(_MAMBA_SSM_STATUS, device, _mamba_ssm_serves)
 
 
 @torch.compiler.disable  # an autograd.Function around autotuned Triton kernels: run it as it is

@@ -196,19 +196,14 @@ def measure_layer(a, name, B, T, d, positions, dev, clock) -> dict:
         # Every shape, width and grad mode recompiles the same forward code; past dynamo's recompile
         # limit (8) it would silently run eager. A fresh cache per measured layer keeps it compiled.
         torch._dynamo.reset()
-    if base == "mamba2_ref":
-        mod = reference_mamba2(a, d)
-        fn = torch.compile(mod) if compiled else mod
-
-        def call(x):
-            return fn(x)
+    if base == "mamba2_ref":  # mamba_ssm's module takes x only
+        mod, extra = reference_mamba2(a, d), ()
     else:
-        mod = build_mixer(base, layer_config(a, d), 0)
-        seq = SequenceInfo(positions)
-        fn = torch.compile(mod) if compiled else mod
+        mod, extra = build_mixer(base, layer_config(a, d), 0), (SequenceInfo(positions),)
+    fn = torch.compile(mod) if compiled else mod
 
-        def call(x):
-            return fn(x, seq)
+    def call(x):
+        return fn(x, *extra)
     mod = mod.to(device=dev, dtype=torch.bfloat16)
     out["params"] = sum(p.numel() for p in mod.parameters())
     x = torch.randn(B, T, d, device=dev, dtype=torch.bfloat16, requires_grad=True)

@@ -150,3 +150,14 @@ def test_auto_backend_keeps_fp64_on_the_pytorch_ssd(monkeypatch):
                                         mamba_headdim=16, mamba_d_state=8), 0)
     assert mixer.kernel_backend(torch.zeros(1, 2, 32, dtype=torch.float64)) == "torch"
     assert mixer.kernel_backend(torch.zeros(1, 2, 32)) in ssd.SSD_KERNELS
+
+
+def test_backend_probes_ask_once_per_cuda_device():
+    """The availability probes run on every Mamba2 forward: each CUDA device is probed once, CPU never."""
+    from models.ssd import _probe_per_device
+
+    cache, asked = {}, []
+    probe = lambda index: asked.append(index) or index == 1  # noqa: E731
+    assert not _probe_per_device(cache, torch.device("cpu"), probe)
+    assert [_probe_per_device(cache, torch.device("cuda", i), probe) for i in (0, 1, 0, 1)] == [False, True, False, True]
+    assert asked == [0, 1]
