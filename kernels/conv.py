@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from .cells.fused_common import sm_count
+from .launch import launch
 from .modes import triton_usable
 
 # Tiles (tokens, channels, warps[, token blocks per program]); H200 sweeps, 400M layer, bf16.
@@ -144,7 +145,7 @@ def _forward(x, weight, bias, positions, silu: bool) -> torch.Tensor:
     y = torch.empty(B, T, C, device=x.device, dtype=x.dtype)
     BT, BC, warps = _FWD_TILE
     if y.numel():
-        _conv_fwd_kernel[(triton.cdiv(T, BT), triton.cdiv(C, BC), B)](
+        launch(_conv_fwd_kernel, (triton.cdiv(T, BT), triton.cdiv(C, BC), B),
             x, weight, bias, positions, y, T, C, x.stride(0), x.stride(1), *weight.stride(), *positions.stride(),
             y.stride(0), y.stride(1), K=weight.shape[1], BT=BT, BC=BC, SILU=silu, num_warps=warps)
     return y
@@ -166,12 +167,12 @@ def _backward(dy, x, weight, bias, positions, silu: bool):
     dwp = torch.empty(B * n_chunks, C, K, device=x.device, dtype=torch.float32)
     dbp = torch.empty(B * n_chunks, C, device=x.device, dtype=torch.float32)
     if dx.numel():
-        _conv_bwd_g_kernel[(n_chunks, triton.cdiv(C, BC), B)](
+        launch(_conv_bwd_g_kernel, (n_chunks, triton.cdiv(C, BC), B),
             x, weight, bias, positions, dy, g, dwp, dbp, T, C, n_chunks, x.stride(0), x.stride(1),
             *weight.stride(), *positions.stride(), dy.stride(0), dy.stride(1),
             K=K, KP=triton.next_power_of_2(K), BT=BT, BC=BC, TB=TB, SILU=silu, num_warps=warps)
         BT, BC, warps = _BWD_DX_TILE
-        _conv_bwd_dx_kernel[(triton.cdiv(T, BT), triton.cdiv(C, BC), B)](
+        launch(_conv_bwd_dx_kernel, (triton.cdiv(T, BT), triton.cdiv(C, BC), B),
             g, weight, positions, dx, T, C, *weight.stride(), *positions.stride(), dx.stride(0), dx.stride(1),
             K=K, BT=BT, BC=BC, num_warps=warps)
     # (no launch: T, C or B is 0, and then so is the partial-sum axis: the sums below are zeros)

@@ -6,10 +6,13 @@ permute x to (heads, tokens, i) and then the result from (heads, tokens, g, j) t
 1024) bf16, 16 heads: 0.19 ms forward, of which the GEMM is 0.05 ms), and back in the backward.
 Here the forward's GEMMs read x and write u in place through strided views (a head's block of x
 is a (tokens, head_dim) matrix with leading dimension dim; gate g of a head's block of u one with
-leading dimension G * dim), one GEMM per gate. The backward, 16-bit on the GPU: dx from a Triton GEMM
-per head whose K loop walks the gates (reading du in place), dW as one strided GEMM per gate written
-in place; otherwise (fp32/fp64, CPU) one head-major copy of du so that dx and dW are single GEMMs over
-all gates with cuBLAS's numerics (and the fp32 split-K weight gradient below).
+leading dimension G * dim), one GEMM per gate; 16-bit heads up to 128 wide instead take one Triton
+launch that reads each tile of x once and writes every gate (the three GEMMs and their views cost more
+host time than the GPU spends on them at narrow heads). The backward, 16-bit on the GPU: dx from a Triton GEMM
+per head whose K loop walks the gates (reading du in place); dW, for heads up to 128 wide, from a Triton
+kernel summing x^T du over token chunks (fp32 partials, summed after), for wider heads as one strided
+GEMM per gate written in place; otherwise (fp32/fp64, CPU) one head-major copy of du so that dx and dW
+are single GEMMs over all gates with cuBLAS's numerics (and the fp32 split-K weight gradient below).
 
 Where which: eager calls go through the plain autograd.Function ``_HeadProjection`` (the
 torch.library dispatch costs ~30-90 us of host time per call, as for the fused cells); under
@@ -24,6 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .cells.fused_common import sm_count
+from .launch import launch
 from .modes import triton_usable
 
 
@@ -32,12 +37,54 @@ def _heads(t: torch.Tensor, H: int) -> torch.Tensor:
     return t.unflatten(-1, (H, -1)).transpose(0, 1)
 
 
+@triton.jit
+def _fwd_kernel(X, W, U, N, sXn, sWh, sWi, sWg, sWj, sUn, sUg,
+                G: tl.constexpr, DH: tl.constexpr, BN: tl.constexpr, UPCAST: tl.constexpr):
+    """u[n, g, h*DH + j] = sum_i x[n, h*DH + i] * W[h, i, g, j] for narrow heads: the whole head is one
+    K block, so a program reads its (BN tokens, DH) tile of x once and writes all G gates' outputs."""
+    pid_n = tl.program_id(0)
+    h = tl.program_id(1)
+    n = pid_n * BN + tl.arange(0, BN)
+    nmask = n < N
+    n64 = n.to(tl.int64)
+    k = tl.arange(0, DH)
+    x = tl.load(X + n64[:, None] * sXn + (h * DH + k)[None, :], mask=nmask[:, None], other=0.0)
+    if UPCAST:  # the CPU interpreter has no bf16 dot
+        x = x.to(tl.float32)
+    for g in tl.static_range(G):
+        w = tl.load(W + h * sWh + k[:, None] * sWi + g * sWg + k[None, :] * sWj)  # W[h, :, g, :]
+        if UPCAST:
+            w = w.to(tl.float32)
+        acc = tl.dot(x, w)
+        tl.store(U + n64[:, None] * sUn + g * sUg + (h * DH + k)[None, :], acc.to(U.dtype.element_ty),
+                 mask=nmask[:, None])
+
+
+# Widest head the one-pass forward takes on CUDA; wider heads are K-looped GEMMs, cuBLAS's ground.
+NARROW_FORWARD_MAX_HEAD = 128
+
+
+def _triton_fwd_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """The one-launch forward: CUDA (or the interpreter), 16-bit (fp32 and fp64 keep cuBLAS's numerics),
+    a head width tl.dot takes (a power of two >= 16) up to NARROW_FORWARD_MAX_HEAD, unit channel stride.
+    Narrow heads are where the per-gate GEMMs cost most: 3 cuBLAS calls + ~15 view ops of host time
+    (~0.2 ms on an H200 host at (8, 2048, 1024), 16 heads) for ~0.05 ms of GPU work."""
+    dh = weight.shape[1]
+    return (triton_usable(x) and x.dtype in (torch.bfloat16, torch.float16) and weight.dtype == x.dtype
+            and 16 <= dh <= NARROW_FORWARD_MAX_HEAD and dh & (dh - 1) == 0 and x.stride(-1) == 1)
+
+
 def _forward(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x (N, H * dh) (any strides), weight (H, dh, G, dh) -> u (N, G, H * dh), a fresh contiguous
-    tensor written by one strided GEMM per gate."""
-    H, _, G, _ = weight.shape
+    tensor: for narrow 16-bit heads from one Triton launch, otherwise one strided GEMM per gate."""
+    H, dh, G, _ = weight.shape
     N, D = x.shape
     u = x.new_empty(N, G, D)
+    if N and _triton_fwd_ok(x, weight):
+        BN = 128 if dh <= 64 else 64
+        launch(_fwd_kernel, (triton.cdiv(N, BN), H), x, weight, u, N, x.stride(0), *weight.stride(),
+               u.stride(0), u.stride(1), G=G, DH=dh, BN=BN, UPCAST=not x.is_cuda, num_warps=4)
+        return u
     xh = _heads(x, H)
     for g in range(G):
         torch.bmm(xh, weight[:, :, g, :], out=_heads(u[:, g], H))
@@ -88,11 +135,64 @@ def _dx_triton(du: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     N = du.shape[0]
     dx = du.new_empty(N, H * dh)
     BN, BI, BK = 128, min(dh, 128), min(dh, 64)
-    _dx_kernel[(triton.cdiv(N, BN), H, dh // BI)](
+    launch(_dx_kernel, (triton.cdiv(N, BN), H, dh // BI),
         du, weight, dx, N, du.stride(0), du.stride(1), *weight.stride(), dx.stride(0),
         G=G, DH=dh, BN=BN, BI=BI, BK=BK, UPCAST=not du.is_cuda and du.dtype == torch.bfloat16,
         num_warps=8 if BI == 128 else 4, num_stages=3)
     return dx
+
+
+@triton.jit
+def _dw_kernel(X, DU, PART, N, CHUNK, sXn, sDUn, sDUg, sPc, sPh, sPi, sPg,
+               DH: tl.constexpr, BN: tl.constexpr, UPCAST: tl.constexpr):
+    """Partial weight gradient of one (token chunk, head, gate): PART[c, h, i, g, j] = sum over the chunk's
+    tokens n of x[n, h*DH + i] * du[n, g, h*DH + j], in fp32; the chunks are summed afterwards (no atomics:
+    deterministic). x and du are read in place, one (BN, DH) tile of each per step."""
+    c = tl.program_id(0)
+    h = tl.program_id(1)
+    g = tl.program_id(2)
+    k = tl.arange(0, DH)
+    acc = tl.zeros([DH, DH], dtype=tl.float32)
+    for off in range(0, CHUNK, BN):
+        n = c * CHUNK + off + tl.arange(0, BN)
+        nmask = n < N
+        n64 = n.to(tl.int64)
+        x = tl.load(X + n64[:, None] * sXn + (h * DH + k)[None, :], mask=nmask[:, None], other=0.0)
+        du = tl.load(DU + n64[:, None] * sDUn + g * sDUg + (h * DH + k)[None, :], mask=nmask[:, None], other=0.0)
+        if UPCAST:  # the CPU interpreter has no bf16 dot
+            x = x.to(tl.float32)
+            du = du.to(tl.float32)
+        acc += tl.dot(tl.trans(x), du)
+    tl.store(PART + c * sPc + h * sPh + k[:, None] * sPi + g * sPg + k[None, :], acc)
+
+
+# Widest head the two-kernel backward (dx and dW straight from du, no copy, no cuBLAS) takes on CUDA.
+NARROW_BACKWARD_MAX_HEAD = 128
+
+
+def _narrow_backward_ok(du: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """16-bit narrow heads (a power of two from 16 to NARROW_BACKWARD_MAX_HEAD), CUDA or the interpreter,
+    unit channel strides: both gradients from Triton kernels reading du in place - against the head-major
+    copy of du and two cuBLAS calls with their ~10 view ops (the narrow heads' backward is host-bound)."""
+    dh = weight.shape[1]
+    return (triton_usable(du) and du.dtype in (torch.bfloat16, torch.float16) and weight.dtype == du.dtype
+            and x.dtype == du.dtype and 16 <= dh <= NARROW_BACKWARD_MAX_HEAD and dh & (dh - 1) == 0
+            and du.stride(-1) == 1 and x.stride(-1) == 1 and du.shape[0] > 0)
+
+
+def _dw_triton(x: torch.Tensor, du: torch.Tensor, weight_shape) -> torch.Tensor:
+    """x (N, H * dh), du (N, G, H * dh), both with unit channel stride -> dw (H, dh, G, dh) in x's dtype."""
+    H, dh, G, _ = weight_shape
+    N = x.shape[0]
+    BN, warps = (128, 4) if dh <= 64 else (64, 8)
+    # Enough (chunk, head, gate) programs for ~2 per SM; each chunk a whole number of token tiles.
+    chunks = max(1, min(triton.cdiv(N, BN), triton.cdiv(2 * (sm_count(x.device) or 132), H * G)))
+    chunk = triton.cdiv(triton.cdiv(N, chunks), BN) * BN
+    chunks = triton.cdiv(N, chunk)
+    part = torch.empty(chunks, H, dh, G, dh, device=x.device, dtype=torch.float32)
+    launch(_dw_kernel, (chunks, H, G), x, du, part, N, chunk, x.stride(0), du.stride(0), du.stride(1),
+           *part.stride()[:4], DH=dh, BN=BN, UPCAST=not x.is_cuda, num_warps=warps)
+    return (part[0] if chunks == 1 else part.sum(0)).to(x.dtype)
 
 
 def _backward(du: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, need_dx: bool, need_dw: bool):
@@ -100,6 +200,8 @@ def _backward(du: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, need_dx: 
     not needed."""
     H, dh, G, _ = weight.shape
     N = x.shape[0]
+    if _narrow_backward_ok(du, x, weight):
+        return (_dx_triton(du, weight) if need_dx else None), (_dw_triton(x, du, weight.shape) if need_dw else None)
     if _triton_dx_ok(du, weight) and _k_splits(N, H, dh, G * dh, x.device, x.dtype) == 1:
         # No head-major copy of du (H100/H200 400M step: 24 x ~0.26 ms): dx from a Triton kernel whose K
         # loop walks the gates, dW as one strided GEMM per gate written in place into dw[:, :, g, :].

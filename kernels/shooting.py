@@ -42,6 +42,7 @@ import triton
 import triton.language as tl
 
 from .cells.fused_common import sigmoid_, sm_count, tanh_
+from .launch import launch
 
 # ----------------------------------------------------------------------------- cell math
 
@@ -288,7 +289,7 @@ def _fwd_run(START, H0, ub, hb, smap_row, seg, sUt, sUg, ts, t1, d, act, D, a0, 
 
 @triton.jit
 def _shoot_fwd_kernel(
-    U, P, H0, SMAP, H, START, END, PROD, CNT, DONE, ITERS, RES,
+    U, P, H0, SMAP, H, START, END, PROD, CNT, PENDING, ITERS, RES,
     T, D, S, L, sUb, sUt, sUg, max_iters, tol, damping, tail, tail_eps,
     LSTM: tl.constexpr, FIRST: tl.constexpr, WRITE: tl.constexpr, COARSE: tl.constexpr,
     BD: tl.constexpr, NB: tl.constexpr, DOCS: tl.constexpr, HAS_BIAS: tl.constexpr = False,
@@ -315,7 +316,7 @@ def _shoot_fwd_kernel(
     # Newton updates since, so it rewrites h as accurately and its residual is checked again.
     run = 1
     if not FIRST:
-        run = tl.max((tl.load(DONE + col, mask=dm, other=1) == 0).to(tl.int32), axis=0)
+        run = tl.max((tl.load(PENDING + col, mask=dm, other=0) != 0).to(tl.int32), axis=0)
     if run > 0:
         act = dm
         a0, a1, a2, c_f, c_o = _load_params(P, d, dm, D, LSTM)
@@ -358,12 +359,12 @@ def _shoot_fwd_kernel(
             last = act & (old == S - 1)
             if tl.max(last.to(tl.int32), axis=0) > 0:
                 tl.store(CNT + col, 0, mask=last)
-                _coarse_update(START, END, PROD, DONE, ITERS, RES, b, d, last, S, D, max_iters, tol, damping,
+                _coarse_update(START, END, PROD, PENDING, ITERS, RES, b, d, last, S, D, max_iters, tol, damping,
                                LSTM, WRITE)
 
 
 @triton.jit
-def _coarse_update(START, END, PROD, DONE, ITERS, RES, b, d, last, S, D, max_iters, tol, damping,
+def _coarse_update(START, END, PROD, PENDING, ITERS, RES, b, d, last, S, D, max_iters, tol, damping,
                    LSTM: tl.constexpr, WRITE: tl.constexpr):
     """For the channels in ``last``: residual of the current starts, then the Newton update."""
     K: tl.constexpr = 2 if LSTM else 1
@@ -402,16 +403,20 @@ def _coarse_update(START, END, PROD, DONE, ITERS, RES, b, d, last, S, D, max_ite
             dx_h = damping * (r_h + p_hh * dx_h)
         tl.store(START + cur + (K - 1) * D, x_h + dx_h, mask=last)
         res = tl.maximum(res, tl.where(s_h != s_h, float("inf"), s_h))  # NaN never converges
-    iters = tl.load(ITERS + col, mask=last, other=0)
     if WRITE:
         # h was written from these starts: converged if their residual is within tol.
-        done = res <= tol
-        tl.store(DONE + col, done.to(tl.int32), mask=last)
+        iters = tl.load(ITERS + col, mask=last, other=0)
+        done = res <= tol  # NaN: not done
+        tl.store(PENDING + col, 1 - done.to(tl.int32), mask=last)
         tl.store(RES + col, res, mask=last)
         tl.store(ITERS + col, tl.where(done | (iters >= max_iters), iters, iters + 1), mask=last)
     else:
-        tl.store(ITERS + col, iters + 1, mask=last)
+        # Pass 0 only proposed starts: one iteration so far, and every channel still needs its written
+        # pass. It sets all three per-channel arrays (the host allocates them uninitialised).
+        one = tl.full(d.shape, 1, tl.int32)
+        tl.store(ITERS + col, one, mask=last)
         tl.store(RES + col, res, mask=last)
+        tl.store(PENDING + col, one, mask=last)
 
 
 @triton.jit
@@ -723,44 +728,53 @@ def shoot_forward(lstm: bool, u, p, h0_rows, smap, max_iters: int, tol: float, d
     nb = _prefetch_steps("fwd", lstm, 1 if max_iters == 0 else S)
     dev = u.device
     h = torch.empty(B, T, K, D, device=dev, dtype=torch.float32)
-    iters = torch.zeros(B * D, device=dev, dtype=torch.int32)
-    res = torch.zeros(B * D, device=dev, dtype=torch.float32)
-    if T == 0:
-        return h, iters, res, torch.zeros_like(iters)
+    n = B * D
     nD = triton.cdiv(D, BD)
     if u.stride(-1) != 1:  # the kernels address channels contiguously
         u = u.contiguous()
     strides = u.stride()[:3]
-    if S == 1 or max_iters == 0:
-        _shoot_fwd_kernel[(nD, B, 1)](
-            u, p, h0_rows, smap, h, h, h, h, iters, iters, iters, res, T, D, 1, T, *strides,
-            0, tol, damping, T, 0.0, LSTM=lstm, FIRST=True, WRITE=True, COARSE=False, BD=BD, NB=nb, DOCS=docs, HAS_BIAS=has_bias, num_warps=nw)
-        return h, iters, res, torch.zeros_like(iters)
-    # One zero fill for the internal zero-initialised arrays (host launch time matters at these
-    # sizes): the segment starts and, as int32 (same element size, zero bits), the per-channel
-    # arrival counters and converged flags.
-    n = B * D
-    zeros = torch.zeros(B * S * K * D + 2 * n, device=dev, dtype=torch.float32)
+    if S == 1 or max_iters == 0 or T == 0:  # exact in one pass: no iterations, nothing failed
+        iters = torch.zeros(n, device=dev, dtype=torch.int32)
+        res = torch.zeros(n, device=dev, dtype=torch.float32)
+        fail = torch.zeros(n, device=dev, dtype=torch.int32)
+        if T:
+            launch(_shoot_fwd_kernel, (nD, B, 1),
+                   u, p, h0_rows, smap, h, h, h, h, iters, iters, iters, res, T, D, 1, T, *strides,
+                   0, tol, damping, T, 0.0, LSTM=lstm, FIRST=True, WRITE=True, COARSE=False, BD=BD, NB=nb, DOCS=docs,
+                   HAS_BIAS=has_bias, num_warps=nw)
+        return h, iters, res, fail
+    # The per-channel outputs (iterations, residual, pending = failed flags) are set by pass 0 for every
+    # channel: no fill. One zero fill (each torch op is host time; the small shapes are host-bound) for
+    # the segment starts and, as int32 (same element size, zero bits), the arrival counters, the
+    # latter 16-byte aligned (Triton specialises pointers on it: no extra kernel variants).
+    iters = torch.empty(n, device=dev, dtype=torch.int32)
+    res = torch.empty(n, device=dev, dtype=torch.float32)
+    pending = torch.empty(n, device=dev, dtype=torch.int32)
+    n_start = -(-B * S * K * D // 4) * 4
+    zeros = torch.zeros(n_start + n, device=dev, dtype=torch.float32)
+    cnt = zeros[n_start:].view(torch.int32)
     start = zeros[:B * S * K * D].view(B, S, K, D)
-    cnt, done = zeros[B * S * K * D:].view(torch.int32).split(n)
     end = torch.empty_like(start)
     prod = torch.empty(B, S, K * K, D, device=dev, dtype=torch.float32)
     # Pass 0 walks only each segment's last ``tail`` steps where that fixes its end state to well
     # within tol (see _shoot_fwd_kernel): ~L/tail times less work than walking it all.
     tail = int(TUNING.get("tail", FIRST_PASS_TAIL))
     tail_eps = float(TUNING.get("tail_eps", tol / 8))
-    common = (u, p, h0_rows, smap, h, start, end, prod, cnt, done, iters, res, T, D, S, L, *strides,
+    common = (u, p, h0_rows, smap, h, start, end, prod, cnt, pending, iters, res, T, D, S, L, *strides,
               max_iters, tol, damping, tail, tail_eps)
     grid = (nD, B, S)
-    # Pass 0 only proposes segment ends from zero starts (the tail of each segment); passes 1.. write h.
-    _shoot_fwd_kernel[grid](*common, LSTM=lstm, FIRST=True, WRITE=False, COARSE=True, BD=BD, NB=nb, DOCS=docs, HAS_BIAS=has_bias, num_warps=nw)
+    # Pass 0 only proposes segment ends from zero starts (the tail of each segment) and marks every
+    # channel pending; passes 1.. write h and clear the flag of converged channels.
+    launch(_shoot_fwd_kernel, grid, *common, LSTM=lstm, FIRST=True, WRITE=False, COARSE=True, BD=BD, NB=nb, DOCS=docs, HAS_BIAS=has_bias, num_warps=nw)
     for _ in range(max(max_iters, 1)):
-        _shoot_fwd_kernel[grid](*common, LSTM=lstm, FIRST=False, WRITE=True, COARSE=True, BD=BD, NB=nb, DOCS=docs, HAS_BIAS=has_bias, num_warps=nw)
-    # Channels still above tol: the exact sequential recurrence over the whole sequence.
-    _shoot_fwd_kernel[(nD, B, 1)](
-        u, p, h0_rows, smap, h, start, end, prod, cnt, done, iters, res, T, D, 1, T, *strides,
-        max_iters, tol, damping, T, 0.0, LSTM=lstm, FIRST=False, WRITE=True, COARSE=False, BD=BD, NB=nb, DOCS=docs, HAS_BIAS=has_bias, num_warps=nw)
-    return h, iters, res, 1 - done
+        launch(_shoot_fwd_kernel, grid, *common, LSTM=lstm, FIRST=False, WRITE=True, COARSE=True, BD=BD, NB=nb, DOCS=docs, HAS_BIAS=has_bias, num_warps=nw)
+    # Channels still pending (above tol): the exact sequential recurrence over the whole sequence; they
+    # stay flagged as failed.
+    launch(_shoot_fwd_kernel, (nD, B, 1),
+           u, p, h0_rows, smap, h, start, end, prod, cnt, pending, iters, res, T, D, 1, T, *strides,
+           max_iters, tol, damping, T, 0.0, LSTM=lstm, FIRST=False, WRITE=True, COARSE=False, BD=BD, NB=nb, DOCS=docs,
+           HAS_BIAS=has_bias, num_warps=nw)
+    return h, iters, res, pending
 
 
 def sequential_forward(lstm: bool, u, p, h0_rows, smap):
@@ -789,7 +803,11 @@ def shoot_backward(lstm: bool, u, p, h0_rows, smap, h, g, segments: int | None =
     nb = _prefetch_steps("bwd", lstm, S)
     dev = u.device
     du = torch.empty(B, T, 3, D, device=dev, dtype=u.dtype)
-    dh0 = torch.zeros_like(h0_rows)  # only the rows some sequence starts from are written
+    # dh0: only the rows some sequence starts from are written; with it (one zero fill) the arrival
+    # counters of the multi-segment pass A.
+    off = -(-h0_rows.numel() // 4) * 4  # the counters 16-byte aligned (Triton specialises on it)
+    zeros = torch.zeros(off + B * D, device=dev, dtype=torch.float32)
+    dh0 = zeros[:h0_rows.numel()].view(h0_rows.shape)
     if T == 0:
         return du, torch.zeros(p.shape[0], D, device=dev, dtype=torch.float32), dh0
     dp = torch.empty(B, S, NP, D, device=dev, dtype=torch.float32)  # every (row, segment) writes its part
@@ -811,11 +829,11 @@ def shoot_backward(lstm: bool, u, p, h0_rows, smap, h, g, segments: int | None =
         opts["maxnreg"] = 128
     if S > 1:
         cm = torch.empty(B, S, K + K * K, D, device=dev, dtype=torch.float32)
-        cnt = torch.zeros(B * D, device=dev, dtype=torch.int32)
-        _shoot_bwd_kernel[(nD, B, S)](u, p, h0_rows, smap, h, g, du, dp, dh0, carry, cm, cnt, *strides,
-                                      LSTM=lstm, PASS_A=True, BD=BD, NB=nb, DOCS=docs, HAS_BIAS=has_bias, num_warps=nw, **opts)
-    _shoot_bwd_kernel[(nD, B, S)](u, p, h0_rows, smap, h, g, du, dp, dh0, carry, carry, carry, *strides,
-                                  LSTM=lstm, PASS_A=False, BD=BD, NB=nb, DOCS=docs, HAS_BIAS=has_bias, num_warps=nw, **opts)
+        cnt = zeros[off:].view(torch.int32)
+        launch(_shoot_bwd_kernel, (nD, B, S), u, p, h0_rows, smap, h, g, du, dp, dh0, carry, cm, cnt, *strides,
+               LSTM=lstm, PASS_A=True, BD=BD, NB=nb, DOCS=docs, HAS_BIAS=has_bias, num_warps=nw, **opts)
+    launch(_shoot_bwd_kernel, (nD, B, S), u, p, h0_rows, smap, h, g, du, dp, dh0, carry, carry, carry, *strides,
+           LSTM=lstm, PASS_A=False, BD=BD, NB=nb, DOCS=docs, HAS_BIAS=has_bias, num_warps=nw, **opts)
     dp = dp.sum((0, 1))
     if has_bias:  # d bias = du summed over batch and time (one reduction; not in the kernel's registers)
         dp = torch.cat((dp, du.sum((0, 1), dtype=torch.float32)))

@@ -294,3 +294,111 @@ def test_copy_free_backward_on_gpu(dtype, H, dh, G):
     dx_ref, dw_ref = torch.autograd.grad(_einsum(xd, wd), (xd, wd), du.double())
     for got, want in ((dx, dx_ref), (dw, dw_ref)):
         torch.testing.assert_close(got.double(), want, rtol=2e-2, atol=1e-2 * want.abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("N,H,dh,G", [(37, 2, 16, 3), (130, 1, 32, 2), (5, 3, 16, 4)])
+def test_one_pass_forward_matches_fp64(dtype, N, H, dh, G):
+    """The 16-bit one-launch forward (a program reads its x tile once and writes every gate) equals the fp64
+    einsum to 16-bit rounding: N not a multiple of the token tile, x with a row stride that is not dim,
+    a non-contiguous weight."""
+    from kernels.projection import _forward, _triton_fwd_ok
+
+    g = torch.Generator().manual_seed(N + 10 * H + dh)
+    x = torch.randn(N, H * dh + 8, generator=g).to(dtype)[:, 5 : 5 + H * dh]  # strided rows
+    w = (torch.randn(H, G, dh, dh, generator=g) / dh ** 0.5).to(dtype).permute(0, 2, 1, 3)  # (H, dh, G, dh) view
+    assert _triton_fwd_ok(x, w) and not w.is_contiguous()
+    u = _forward(x, w)
+    ref = _einsum(x.double(), w.double())
+    assert u.dtype == dtype and u.is_contiguous() and u.shape == (N, G, H * dh)
+    torch.testing.assert_close(u.double(), ref, rtol=1e-2, atol=1e-2 * ref.abs().max().item())
+
+
+def test_one_pass_forward_is_not_taken_for_fp32_or_odd_head_widths():
+    from kernels.projection import NARROW_FORWARD_MAX_HEAD, _triton_fwd_ok
+
+    bf = torch.bfloat16
+    assert not _triton_fwd_ok(torch.randn(4, 32), torch.randn(2, 16, 3, 16))  # fp32: cuBLAS numerics
+    assert not _triton_fwd_ok(torch.randn(4, 24, dtype=bf), torch.randn(2, 12, 3, 12, dtype=bf))  # dh = 12
+    wide = 2 * NARROW_FORWARD_MAX_HEAD
+    assert not _triton_fwd_ok(torch.randn(4, wide, dtype=bf), torch.randn(1, wide, 3, wide, dtype=bf))
+    assert not _triton_fwd_ok(torch.randn(32, 4, dtype=bf).t(), torch.randn(2, 16, 3, 16, dtype=bf))  # strided channels
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("H,dh,G", [(16, 64, 3), (8, 128, 4), (64, 16, 3)])
+def test_one_pass_forward_on_gpu(dtype, H, dh, G):
+    """The tensor-core path of the one-pass forward (only reachable on a GPU) against fp64, through the
+    public op with its gradients (the backward is unchanged)."""
+    from kernels.projection import _triton_fwd_ok
+
+    g = torch.Generator(device="cuda").manual_seed(2)
+    N = 16384 + 3
+    x = torch.randn(N, H * dh, device="cuda", generator=g).to(dtype).requires_grad_()
+    w = (torch.randn(H, dh, G, dh, device="cuda", generator=g) / dh ** 0.5).to(dtype).requires_grad_()
+    assert _triton_fwd_ok(x, w)
+    u = head_projection(x, w)
+    xd, wd = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    ref = _einsum(xd, wd)
+    torch.testing.assert_close(u.double(), ref, rtol=1e-2, atol=1e-2 * ref.abs().max().item())
+    du = torch.randn_like(u)
+    got = torch.autograd.grad(u, (x, w), du)
+    want = torch.autograd.grad(ref, (xd, wd), du.double())
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.double(), b, rtol=2e-2, atol=1e-2 * b.abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("N,H,dh,G", [(37, 2, 16, 3), (300, 1, 32, 2), (5, 3, 16, 4), (1000, 2, 16, 3)])
+def test_narrow_backward_matches_fp64(dtype, N, H, dh, G):
+    """Narrow 16-bit heads: dx and dW both from Triton kernels reading du in place (dW as fp32 partial sums
+    over token chunks, summed after) equal the fp64 einsum gradients to 16-bit rounding - N not a multiple
+    of the token tile or of the chunk, one chunk and several, strided x and du rows."""
+    from kernels.projection import _backward, _narrow_backward_ok
+
+    g = torch.Generator().manual_seed(N + 10 * H + dh)
+    x = torch.randn(N, H * dh + 4, generator=g).to(dtype)[:, 2 : 2 + H * dh]
+    w = (torch.randn(H, dh, G, dh, generator=g) / dh ** 0.5).to(dtype)
+    du = torch.randn(N, G, H * dh + 8, generator=g).to(dtype)[:, :, 3 : 3 + H * dh]
+    assert _narrow_backward_ok(du, x, w)
+    dx, dw = _backward(du, x, w, True, True)
+    xd, wd = x.double().requires_grad_(), w.double().requires_grad_()
+    dx_ref, dw_ref = torch.autograd.grad(_einsum(xd, wd), (xd, wd), du.double())
+    assert dx.dtype == dw.dtype == dtype and dx.is_contiguous() and dw.shape == w.shape
+    for got, want in ((dx, dx_ref), (dw, dw_ref)):
+        torch.testing.assert_close(got.double(), want, rtol=2e-2, atol=2e-2 * want.abs().max().item())
+    assert _backward(du, x, w, False, True)[0] is None and _backward(du, x, w, True, False)[1] is None
+
+
+def test_narrow_backward_is_not_taken_for_fp32_wide_or_odd_heads():
+    from kernels.projection import NARROW_BACKWARD_MAX_HEAD, _narrow_backward_ok
+
+    bf = torch.bfloat16
+    assert not _narrow_backward_ok(torch.randn(4, 3, 32), torch.randn(4, 32), torch.randn(2, 16, 3, 16))
+    assert not _narrow_backward_ok(torch.randn(4, 3, 24, dtype=bf), torch.randn(4, 24, dtype=bf),
+                                   torch.randn(2, 12, 3, 12, dtype=bf))
+    wide = 2 * NARROW_BACKWARD_MAX_HEAD
+    assert not _narrow_backward_ok(torch.randn(4, 3, wide, dtype=bf), torch.randn(4, wide, dtype=bf),
+                                   torch.randn(1, wide, 3, wide, dtype=bf))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("H,dh,G", [(16, 64, 3), (8, 128, 4), (64, 16, 3)])
+def test_narrow_backward_on_gpu(dtype, H, dh, G):
+    from kernels.projection import _backward, _narrow_backward_ok
+
+    g = torch.Generator(device="cuda").manual_seed(3)
+    N = 16384 + 5
+    x = torch.randn(N, H * dh, device="cuda", generator=g).to(dtype)
+    w = (torch.randn(H, dh, G, dh, device="cuda", generator=g) / dh ** 0.5).to(dtype)
+    du = torch.randn(N, G, H * dh, device="cuda", generator=g).to(dtype)
+    assert _narrow_backward_ok(du, x, w)
+    dx, dw = _backward(du, x, w, True, True)
+    xd, wd = x.double().requires_grad_(), w.double().requires_grad_()
+    dx_ref, dw_ref = torch.autograd.grad(_einsum(xd, wd), (xd, wd), du.double())
+    for got, want in ((dx, dx_ref), (dw, dw_ref)):
+        torch.testing.assert_close(got.double(), want, rtol=2e-2, atol=1e-2 * want.abs().max().item())

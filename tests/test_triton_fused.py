@@ -277,3 +277,28 @@ def test_gpu_real_size(cell, impl, packed):
     _close(h[:, :, -1], y, 1e-4, "y")
     for got, ref, what in zip(torch.autograd.grad((h[:, :, -1] * gy.float()).sum(), (uf, pf, hf)), (gu, gp, gh), "uph"):
         assert ((got.double() - ref).norm() / ref.norm()) < 1e-4, what
+
+
+def test_zero_state_and_start_map_are_kept_and_usable_after_inference_mode():
+    """The read-only zero h0 rows and compact start map are built once per shape and device (each build is
+    a kernel launch of host time) - also when first built under inference_mode, after which training
+    must still be able to save them for backward."""
+    from kernels.cells.fused_common import compact_start_map, prepare_h0
+
+    assert prepare_h0(None, 3, 1, 7, "cpu") is prepare_h0(None, 3, 1, 7, "cpu")
+    assert prepare_h0(None, 3, 2, 7, "cpu").shape == (3, 2, 7)
+    assert not prepare_h0(None, 3, 1, 7, "cpu").any()
+    assert compact_start_map(4, "cpu") is compact_start_map(4, "cpu")
+    assert compact_start_map(5, "cpu").flatten().tolist() == [0, 1, 2, 3, 4]
+    g = torch.Generator().manual_seed(0)
+    u = torch.randn(2, 6, 3, 23, generator=g)
+    p = torch.randn(3, 23, generator=g) * 0.3
+    with torch.inference_mode():
+        fgru.fused_paragru(u, p)  # first use of the (2, 1, 23) zero rows and the 2-row map
+    uf = u.clone().requires_grad_()
+    h = fgru.fused_paragru(uf, p)
+    (gu,) = torch.autograd.grad(h.square().sum(), (uf,))
+    ug = u.double().requires_grad_()
+    y, _ = parallel_rnn(ParaGRU(), ug, p.double(), None, mode="sequential")
+    (want,) = torch.autograd.grad(y.square().sum(), (ug,))
+    torch.testing.assert_close(gu.double(), want, rtol=1e-4, atol=1e-5)

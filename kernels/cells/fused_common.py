@@ -102,10 +102,29 @@ def start_map_batch(B: int, T: int, device) -> torch.Tensor:
     return smap
 
 
+_CONSTANTS: dict = {}
+
+
+def _constant(key: tuple, device, make):
+    """A read-only device tensor kept across calls (building one is a kernel launch, and the small eager
+    shapes are host-bound). Not kept while torch.compile traces (it would become a graph constant) or a
+    CUDA graph captures (the graph's pool owns what it allocates)."""
+    device = torch.device(device)
+    if torch.compiler.is_compiling() or (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+        return make()
+    key = (*key, device)
+    t = _CONSTANTS.get(key)
+    if t is None:
+        with torch.inference_mode(False):  # a normal tensor, which autograd may save, even if made under inference_mode
+            t = _CONSTANTS[key] = make()
+    return t
+
+
 def compact_start_map(B: int, device) -> torch.Tensor:
     """(B, 1): row b starts at t = 0 from h0 row b and nowhere else. Kernels that accept it skip the
-    per-step start test (the shooting kernels); its meaning equals the full map's at T = 1."""
-    return torch.arange(B, dtype=torch.int32, device=device).unsqueeze(1)
+    per-step start test (the shooting kernels); its meaning equals the full map's at T = 1. Read only."""
+    return _constant(("compact_map", B), device,
+                     lambda: torch.arange(B, dtype=torch.int32, device=device).unsqueeze(1))
 
 
 def pick_blocks(B: int, D: int, K: int, sm_count: int | None = None) -> tuple[int, int]:
@@ -134,8 +153,8 @@ def _cuda_sm_count(index: int) -> int:
 
 
 def prepare_h0(h0: torch.Tensor | None, R: int, K: int, D: int, device) -> torch.Tensor:
-    if h0 is None:
-        return torch.zeros(R, K, D, device=device, dtype=torch.float32)
+    if h0 is None:  # read only: the kernels never write h0_rows
+        return _constant(("zero_h0", R, K, D), device, lambda: torch.zeros(R, K, D, device=device, dtype=torch.float32))
     if h0.dim() != 3 or h0.shape[1:] != (K, D) or h0.shape[0] not in (1, R):
         raise ValueError(f"h0 must be (1 or {R}, {K}, {D}), got {tuple(h0.shape)}")
     return h0.float().expand(R, K, D).contiguous()

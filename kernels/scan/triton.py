@@ -26,6 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..launch import launch
+
 MAX_K = 2
 
 
@@ -153,18 +155,18 @@ def _launch(A, b, out, reverse: bool, CT: int | None = None, BD: int | None = No
     strides = (*A.stride(), *b.stride(), *out.stride())
     if NC == 1:
         dummy = out.new_empty(0, dtype=torch.float32)
-        _scan_chunk_kernel[grid](A, b, out, dummy, dummy, dummy, T, D, NC, *strides,
-                                 HAS_CIN=False, STORE_X=True, STORE_AGG=False, **common)
+        launch(_scan_chunk_kernel, grid, A, b, out, dummy, dummy, dummy, T, D, NC, *strides,
+               HAS_CIN=False, STORE_X=True, STORE_AGG=False, **common)
         return out
     agg_a = torch.empty(Bn, NC, K, K, D, device=A.device, dtype=torch.float32)
     agg_b = torch.empty(Bn, NC, K, D, device=A.device, dtype=torch.float32)
-    _scan_chunk_kernel[grid](A, b, out, agg_a, agg_b, agg_b, T, D, NC, *strides,
-                             HAS_CIN=False, STORE_X=False, STORE_AGG=True, **common)
+    launch(_scan_chunk_kernel, grid, A, b, out, agg_a, agg_b, agg_b, T, D, NC, *strides,
+           HAS_CIN=False, STORE_X=False, STORE_AGG=True, **common)
     # Inclusive scan of the chunk aggregates in logical order: x at the end of every chunk.
     x_end = torch.empty_like(agg_b)
     _launch(agg_a, agg_b, x_end, False, CT, BD)
-    _scan_chunk_kernel[grid](A, b, out, agg_a, agg_b, x_end, T, D, NC, *strides,
-                             HAS_CIN=True, STORE_X=True, STORE_AGG=False, **common)
+    launch(_scan_chunk_kernel, grid, A, b, out, agg_a, agg_b, x_end, T, D, NC, *strides,
+           HAS_CIN=True, STORE_X=True, STORE_AGG=False, **common)
     return out
 
 

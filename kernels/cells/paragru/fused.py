@@ -41,6 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ...launch import launch
 from ...shooting import (FALLBACK_PASS_CAP, _gru_gates, _gru_jac, _gru_step, _gru_value, sequential_forward,
                          shoot_backward, shoot_forward)
 from ...scan.triton import _combine1
@@ -220,7 +221,7 @@ def _forward(u, p, h0_rows, smap, max_iters, tol, damping):
     res = torch.empty(B * nD, device=u.device, dtype=torch.float32)
     fail = torch.empty(B * nD, device=u.device, dtype=torch.int32)
     if T > 0:
-        LAST['fwd'] = _gru_fwd_kernel[(nD, B)](
+        LAST['fwd'] = launch(_gru_fwd_kernel, (nD, B),
             u, p, h0_rows, smap, h, iters, res, fail, T, D, *u.stride(),
             max_iters, tol, damping, CT=CT, BD=BD, num_warps=nw)
     return h, iters, res, fail
@@ -234,7 +235,7 @@ def _backward(u, p, h0_rows, smap, h, g):
     dp = torch.empty(B, 3, D, device=u.device, dtype=torch.float32)
     dh0 = torch.zeros_like(h0_rows)
     g = g.reshape(B, T, D)
-    LAST['bwd'] = _gru_bwd_kernel[(nD, B)](
+    LAST['bwd'] = launch(_gru_bwd_kernel, (nD, B),
         u, p, h0_rows, smap, h, g, du, dp, dh0, T, D, *u.stride(), *g.stride(),
         CT=CT, BD=BD, num_warps=nw)
     return du, dp.sum(0), dh0

@@ -30,6 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ...launch import launch
 from ...shooting import (FALLBACK_PASS_CAP, _lstm_gates, _lstm_jac, _lstm_step, _lstm_value, sequential_forward,
                          shoot_backward, shoot_forward)
 from ...scan.triton import _combine2
@@ -260,7 +261,7 @@ def _forward(u, p, h0_rows, smap, max_iters, tol, damping):
     iters = torch.empty(B * nD, device=u.device, dtype=torch.int32)
     res = torch.empty(B * nD, device=u.device, dtype=torch.float32)
     fail = torch.empty(B * nD, device=u.device, dtype=torch.int32)
-    LAST['fwd'] = _lstm_fwd_kernel[(nD, B)](
+    LAST['fwd'] = launch(_lstm_fwd_kernel, (nD, B),
         u, p, h0_rows, smap, h, iters, res, fail, T, D, *u.stride(),
         max_iters, tol, damping, CT=CT, BD=BD, num_warps=nw)
     return h, iters, res, fail
@@ -273,7 +274,7 @@ def _backward(u, p, h0_rows, smap, h, g):
     du = torch.empty(B, T, 3, D, device=u.device, dtype=u.dtype)
     dp = torch.empty(B, 5, D, device=u.device, dtype=torch.float32)
     dh0 = torch.zeros_like(h0_rows)
-    LAST['bwd'] = _lstm_bwd_kernel[(nD, B)](
+    LAST['bwd'] = launch(_lstm_bwd_kernel, (nD, B),
         u, p, h0_rows, smap, h, g, du, dp, dh0, T, D, *u.stride(), *g.stride(),
         CT=CT, BD=BD, num_warps=nw)
     return du, dp.sum(0), dh0
