@@ -109,13 +109,17 @@ def _constant(key: tuple, device, make):
     """A read-only device tensor kept across calls (building one is a kernel launch, and the small eager
     shapes are host-bound). Not kept while torch.compile traces (it would become a graph constant) or a
     CUDA graph captures (the graph's pool owns what it allocates)."""
-    device = torch.device(device)
-    if torch.compiler.is_compiling() or (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+    if torch.compiler.is_compiling():
         return make()
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:  # "cuda" means the current device: key it by index
+        device = torch.device("cuda", torch.cuda.current_device())
     key = (*key, device)
     t = _CONSTANTS.get(key)
     if t is None:
-        with torch.inference_mode(False):  # a normal tensor, which autograd may save, even if made under inference_mode
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return make()
+        with torch.inference_mode(False):  # a normal tensor (autograd may save it) even under inference_mode
             t = _CONSTANTS[key] = make()
     return t
 
@@ -123,8 +127,7 @@ def _constant(key: tuple, device, make):
 def compact_start_map(B: int, device) -> torch.Tensor:
     """(B, 1): row b starts at t = 0 from h0 row b and nowhere else. Kernels that accept it skip the
     per-step start test (the shooting kernels); its meaning equals the full map's at T = 1. Read only."""
-    return _constant(("compact_map", B), device,
-                     lambda: torch.arange(B, dtype=torch.int32, device=device).unsqueeze(1))
+    return _constant(("compact_map", B), device, lambda: torch.arange(B, dtype=torch.int32, device=device)[:, None])
 
 
 def pick_blocks(B: int, D: int, K: int, sm_count: int | None = None) -> tuple[int, int]:
