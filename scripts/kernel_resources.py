@@ -113,7 +113,7 @@ def builtin_configs() -> dict[str, list[KernelConfig]]:
                                            dict(K=4, BT=bt, BC=bc), w, conv_types))
     shoot_types = {p: "*fp32" for p in ("U", "P", "H0", "H", "G", "DP", "DH0", "CARRY", "CM", "START", "END",
                                         "PROD", "RES")}
-    shoot_types.update(U="*bf16", DU="*bf16", SMAP="*i32", CNT="*i32", DONE="*i32", ITERS="*i32", tol="fp32",
+    shoot_types.update(U="*bf16", DU="*bf16", SMAP="*i32", CNT="*i32", PENDING="*i32", ITERS="*i32", tol="fp32",
                        damping="fp32", tail_eps="fp32")
     groups["shooting"] = [
         # (BD, NB) as plan() picks them: several segments 256 / 4 (ParaLSTM backward 128), one segment 128 / 8.

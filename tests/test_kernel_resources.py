@@ -68,7 +68,7 @@ sys.path.insert(0, "scripts")
 import kernel_resources as kr
 from kernels import shooting
 types = {p: "*fp32" for p in ("U", "P", "H0", "H", "START", "END", "PROD", "RES")}
-types.update(U="*bf16", SMAP="*i32", CNT="*i32", DONE="*i32", ITERS="*i32", tol="fp32", damping="fp32", tail_eps="fp32")
+types.update(U="*bf16", SMAP="*i32", CNT="*i32", PENDING="*i32", ITERS="*i32", tol="fp32", damping="fp32", tail_eps="fp32")
 cfg = dict(LSTM=True, FIRST=False, WRITE=True, COARSE=True, BD=256, NB=4, DOCS=True)
 regs = [kr.compile_usage(kr.KernelConfig("fwd", shooting._shoot_fwd_kernel, c, 4, types)).registers
         for c in (cfg, {**cfg, "HAS_BIAS": False})]
