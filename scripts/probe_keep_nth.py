@@ -10,6 +10,7 @@ channel's gates to count and latch on their own. ``--gain-bound`` sets the recur
 
     python scripts/probe_keep_nth.py --arch paragru --seq-len 12 --steps 3000
     python scripts/probe_keep_nth.py --arch dense_gru --seq-len 12 --steps 3000
+    python scripts/probe_keep_nth.py --arch paragru --train-size 0 --steps 6000   # fresh data every step
 """
 from __future__ import annotations
 
@@ -39,11 +40,13 @@ def main(argv: list[str] | None = None) -> float:
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--gain-bound", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--train-size", type=int, default=20_000,
+                   help="training sequences sampled from; 0 = a fresh batch every step (nothing to memorise)")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.manual_seed(a.seed)
     vocab, d = 128, 64
-    train = keep_nth(20_000, a.seq_len, vocab, a.n, seed=a.seed + 1)
+    train = keep_nth(a.train_size, a.seq_len, vocab, a.n, seed=a.seed + 1) if a.train_size else None
     test = keep_nth(2_000, a.seq_len, vocab, a.n, seed=a.seed + 2)
     if a.arch == "dense_gru":
         model = DenseGRULM(vocab, d)
@@ -52,7 +55,10 @@ def main(argv: list[str] | None = None) -> float:
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=1e-6)
     t0, acc = time.time(), 0.0
     for step in range(a.steps):
-        batch = train[torch.randint(0, len(train), (a.batch_size,))]
+        if train is None:  # fresh sequences (seeds far from the test split's)
+            batch = keep_nth(a.batch_size, a.seq_len, vocab, a.n, seed=10_000_000 + a.seed * 1_000_000 + step)
+        else:
+            batch = train[torch.randint(0, len(train), (a.batch_size,))]
         logits = logits_of(model(batch.input_ids))
         loss = nn.functional.cross_entropy(logits[batch.loss_mask], batch.targets[batch.loss_mask])
         opt.zero_grad()
