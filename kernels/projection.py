@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .cells.fused_common import sm_count
+from .cells.fused_common import planning_sm_count
 from .launch import launch
 from .modes import triton_usable
 
@@ -186,7 +186,7 @@ def _dw_triton(x: torch.Tensor, du: torch.Tensor, weight_shape) -> torch.Tensor:
     N = x.shape[0]
     BN, warps = (128, 4) if dh <= 64 else (64, 8)
     # Enough (chunk, head, gate) programs for ~2 per SM; each chunk a whole number of token tiles.
-    chunks = max(1, min(triton.cdiv(N, BN), triton.cdiv(2 * (sm_count(x.device) or 132), H * G)))
+    chunks = max(1, min(triton.cdiv(N, BN), triton.cdiv(2 * planning_sm_count(x.device), H * G)))
     chunk = triton.cdiv(triton.cdiv(N, chunks), BN) * BN
     chunks = triton.cdiv(N, chunk)
     part = torch.empty(chunks, H, dh, G, dh, device=x.device, dtype=torch.float32)

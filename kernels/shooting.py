@@ -41,7 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .cells.fused_common import sigmoid_, sm_count, tanh_
+from .cells.fused_common import planning_sm_count, sigmoid_, tanh_
 from .launch import launch
 
 # ----------------------------------------------------------------------------- cell math
@@ -676,11 +676,6 @@ def _dev(u):
     return torch.cuda.device(u.device) if u.is_cuda else contextlib.nullcontext()
 
 
-def _sm_count(device) -> int:
-    """The GPU's SMs; off the GPU (the interpreter tests) an H100's 132, so plan() picks what it would there."""
-    return sm_count(device) or 132
-
-
 def plan(B: int, T: int, D: int, device, which: str = "fwd", lstm: bool = False) -> tuple[int, int, int, int]:
     """(S, L, BD, num_warps): enough (batch, channel, segment) threads to fill the GPU.
 
@@ -692,7 +687,7 @@ def plan(B: int, T: int, D: int, device, which: str = "fwd", lstm: bool = False)
     else:
         # H100/H200 sweeps (kernels/NOTES-perf.md): one segment once B x D gives 200 threads per SM; else
         # segments up to ~900 (forward) / ~2048 (backward) threads per SM.
-        sm = _sm_count(device)
+        sm = planning_sm_count(device)
         single = TUNING.get("single_tps", 200) * sm
         want = TUNING.get("threads_per_sm", 896 if which == "fwd" else 2048) * sm
         S = 1 if B * D >= single else min(triton.cdiv(want, B * D), max(T // 32, 1), 256)
@@ -821,7 +816,7 @@ def shoot_backward(lstm: bool, u, p, h0_rows, smap, h, g, segments: int | None =
     opts = {}
     if "maxnreg_bwd" in TUNING:
         opts["maxnreg"] = TUNING["maxnreg_bwd"]
-    elif u.is_cuda and not lstm and S == 1 and nD * B > 3 * _sm_count(dev):
+    elif u.is_cuda and not lstm and S == 1 and nD * B > 3 * planning_sm_count(dev):
         # The one-segment ParaGRU backward compiles to ~155 registers: 3 programs per SM, so more
         # than 3 x SMs programs run in two waves. Capped at 128 (no spills on sm_90), 4 fit: H100
         # (32, 2048, 2048) bf16 1.45 -> 1.12 ms. Not below that (one wave either way: 0.70 -> 0.76

@@ -150,6 +150,12 @@ def sm_count(device: torch.device) -> int | None:
     return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
+def planning_sm_count(device: torch.device) -> int:
+    """The SMs a launch plan is made for: the GPU's; off the GPU (the interpreter tests) an H100's 132, so
+    the plans are the ones the GPU would run."""
+    return sm_count(device) or 132
+
+
 @functools.lru_cache(maxsize=None)
 def _cuda_sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
