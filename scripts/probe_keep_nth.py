@@ -11,6 +11,8 @@ channel's gates to count and latch on their own. ``--gain-bound`` sets the recur
     python scripts/probe_keep_nth.py --arch paragru --seq-len 12 --steps 3000
     python scripts/probe_keep_nth.py --arch dense_gru --seq-len 12 --steps 3000
     python scripts/probe_keep_nth.py --arch paragru --train-size 0 --steps 6000   # fresh data every step
+    python scripts/probe_keep_nth.py --arch paragru --seq-len 100 --train-size 0 --retain-gate-bias 3
+    python scripts/probe_keep_nth.py --gradient-reach    # fp64, at init: how much gradient reaches token n
 """
 from __future__ import annotations
 
@@ -30,6 +32,22 @@ from eval.synthetic.tasks import keep_nth  # noqa: E402
 log = logging.getLogger("probe_keep_nth")
 
 
+def gradient_reach(arch: str, seq_len: int, n: int = 5, retain_gate_bias: float = 0.0, batch: int = 256,
+                   seed: int = 0) -> float:
+    """At init, in fp64: mean gradient norm of the last-position loss w.r.t. the n-th token's embedding,
+    relative to the last token's. The signal a keep-nth model gets about the token it must keep."""
+    torch.manual_seed(seed)
+    model = build_model(arch, 128, bare_mixer=True, d_model=64, gain_bound=0.9,
+                        retain_gate_bias=retain_gate_bias).double()
+    data = keep_nth(batch, seq_len, 128, n, seed=seed + 1)
+    x = model.get_input_embeddings()(data.input_ids).detach().requires_grad_(True)
+    logits = logits_of(model(inputs_embeds=x))
+    loss = nn.functional.cross_entropy(logits[data.loss_mask], data.targets[data.loss_mask])
+    (g,) = torch.autograd.grad(loss, x)
+    per_position = g.norm(dim=-1).mean(0)
+    return (per_position[n - 1] / per_position[-1]).item()
+
+
 def main(argv: list[str] | None = None) -> float:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--arch", default="paragru", choices=["paragru", "paralstm", "dense_gru"])
@@ -40,10 +58,23 @@ def main(argv: list[str] | None = None) -> float:
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--gain-bound", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--retain-gate-bias", type=float, default=0.0,
+                   help="initial retention-gate bias (eval/synthetic/models.py: init_retain_gate; 0 = the paper's)")
     p.add_argument("--train-size", type=int, default=20_000,
                    help="training sequences sampled from; 0 = a fresh batch every step (nothing to memorise)")
+    p.add_argument("--gradient-reach", action="store_true",
+                   help="print gradient_reach for both cells, L = 12..100 and retention biases 0, 2, 3, 4; no training")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if a.gradient_reach:
+        biases = (0.0, 2.0, 3.0, 4.0)
+        log.info("gradient at token %d / at the last token, at init (fp64); columns: retention-gate bias %s",
+                 a.n, ", ".join(f"{b:g}" for b in biases))
+        for arch in ("paragru", "paralstm"):
+            for seq_len in (12, 25, 50, 100):
+                ratios = [gradient_reach(arch, seq_len, a.n, b, seed=a.seed) for b in biases]
+                log.info("%-8s L=%3d  %s", arch, seq_len, "  ".join(f"{r:8.1e}" for r in ratios))
+        return 0.0
     torch.manual_seed(a.seed)
     vocab, d = 128, 64
     train = keep_nth(a.train_size, a.seq_len, vocab, a.n, seed=a.seed + 1) if a.train_size else None
@@ -51,7 +82,8 @@ def main(argv: list[str] | None = None) -> float:
     if a.arch == "dense_gru":
         model = DenseGRULM(vocab, d)
     else:
-        model = build_model(a.arch, vocab, bare_mixer=True, d_model=d, gain_bound=a.gain_bound)
+        model = build_model(a.arch, vocab, bare_mixer=True, d_model=d, gain_bound=a.gain_bound,
+                            retain_gate_bias=a.retain_gate_bias)
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=1e-6)
     t0, acc = time.time(), 0.0
     for step in range(a.steps):

@@ -122,3 +122,33 @@ def test_cli_budget_then_resume(tiny_gru, tmp_path):
     done = main(args + ["--resume"])
     assert [(s["stopped"], s["steps"]) for s in done["results"][0]["seeds"]] == [("budget", 120)] * 2
     assert (tmp_path / "table6.md").exists() and not list((tmp_path / "runs").glob("*.pt"))
+
+
+@pytest.mark.parametrize("arch", ["paragru", "paralstm"])
+@pytest.mark.parametrize("bias", [0.0, 3.0])
+def test_retain_gate_bias_keeps_sigmoid_b_per_step(arch, bias):
+    """With zero input and zero recurrent gains, a channel whose retention gate starts at ``bias``
+    keeps exactly sigmoid(bias) of its state per step (ParaGRU: h_t = (1 - z) h_{t-1} with z =
+    sigmoid(-bias), candidate tanh(0) = 0; ParaLSTM: c_t = f c_{t-1} with f = sigmoid(bias))."""
+    torch.manual_seed(0)
+    model = synth_models.build_model(arch, 16, bare_mixer=True, d_model=8, num_heads=2, retain_gate_bias=bias)
+    layers = [m for m in model.modules() if type(getattr(m, "cell", None)).__name__ in synth_models.RETAIN_GATE]
+    assert len(layers) == 1
+    layer = layers[0]
+    row, sign = synth_models.RETAIN_GATE[type(layer.cell).__name__]
+    assert torch.equal(layer.bias[row], torch.full((8,), sign * bias))
+    others = [g for g in range(layer.bias.shape[0]) if g != row]
+    assert torch.equal(layer.bias[others], torch.zeros(len(others), 8))  # the paper's zero init elsewhere
+    T = 6
+    with torch.no_grad():
+        layer.recurrent.zero_()
+        h0 = torch.ones(1, layer.state_size, 8, dtype=torch.float64)
+        _, final = layer.double()(torch.zeros(1, T, 8, dtype=torch.float64), h0)
+    kept = torch.sigmoid(torch.tensor(bias, dtype=torch.float64)) ** T
+    torch.testing.assert_close(final[0, 0], torch.full((8,), float(kept), dtype=torch.float64), rtol=1e-9, atol=1e-12)
+
+
+def test_retain_gate_bias_needs_a_recurrent_cell():
+    model = synth_models.build_model("transformer", 16, bare_mixer=False, d_model=8, num_heads=2)
+    with pytest.raises(ValueError, match="no ParaGRU/ParaLSTM cell"):
+        synth_models.init_retain_gate(model, 3.0)

@@ -31,6 +31,11 @@ MIXER_OF = {"transformer": "attention", "attention": "attention", "mamba2": "mam
 Factory = Callable[..., nn.Module]
 _FACTORIES: dict[str, Factory] = {}
 
+# The gate that decides how much of h_{t-1} a cell keeps, as (pre-activation row, sign of "keep more"):
+# ParaGRU keeps 1 - z (z = sigmoid(.) weighs the candidate), ParaLSTM keeps f * c_{t-1}.
+RETAIN_GATE: dict[str, tuple[int, float]] = {"ParaGRU": (0, -1.0), "ParaLSTM": (0, 1.0)}
+RETAIN_GATE_ARCHS = ("paragru", "paralstm")  # the Table-6 architectures built on those cells
+
 
 def register_arch(name: str, factory: Factory) -> None:
     """Register ``factory(vocab_size=, bare_mixer=, d_model=, num_heads=) -> nn.Module`` under ``name``."""
@@ -46,17 +51,48 @@ def logits_of(out: Any) -> torch.Tensor:
 
 
 def build_model(arch: str, vocab_size: int, *, bare_mixer: bool, d_model: int = 64, num_heads: int = 4,
-                **extra: Any) -> nn.Module:
+                retain_gate_bias: float = 0.0, **extra: Any) -> nn.Module:
+    """``retain_gate_bias``: initial bias of every cell's retention gate (:func:`init_retain_gate`);
+    0 is the paper's init (all biases zero)."""
     kw = dict(vocab_size=vocab_size, bare_mixer=bare_mixer, d_model=d_model, num_heads=num_heads, **extra)
     if arch in _FACTORIES:
-        return _FACTORIES[arch](**kw)
-    try:
-        return _from_project_models(arch, **kw)
-    except ImportError as err:  # models/ not there yet (or incomplete)
-        if arch in ("paragru", "paralstm"):
+        model = _FACTORIES[arch](**kw)
+    else:
+        try:
+            model = _from_project_models(arch, **kw)
+        except ImportError as err:  # models/ not there yet (or incomplete)
+            if arch not in ("paragru", "paralstm"):
+                raise
             log.warning("models/ unavailable (%s); using the kernels-only fallback for %s", err, arch)
-            return _KernelsRNNLM(arch, vocab_size, d_model, num_heads, extra.get("gain_bound", 0.9))
-        raise
+            model = _KernelsRNNLM(arch, vocab_size, d_model, num_heads, extra.get("gain_bound", 0.9))
+    if retain_gate_bias:
+        init_retain_gate(model, retain_gate_bias)
+    return model
+
+
+@torch.no_grad()
+def init_retain_gate(model: nn.Module, bias: float) -> int:
+    """Set the input bias of each recurrent cell's retention gate so it starts keeping its state.
+
+    ``bias`` > 0 starts every channel keeping sigmoid(bias) of h_{t-1} per step (ParaGRU: z bias
+    -bias; ParaLSTM: forget bias +bias). With the paper's zero biases a channel keeps ~1/2 per step, so
+    the gradient from the last position back to token 5 of a 100-token sequence scales like 2^-95 at
+    init (keep-nth; ``scripts/probe_keep_nth.py``). Returns the number of cell layers changed; a model
+    with none (a Transformer, Mamba2) raises, so a diagnostic flag never silently does nothing.
+    """
+    changed = 0
+    for module in model.modules():
+        cell, b = getattr(module, "cell", None), getattr(module, "bias", None)
+        gate = RETAIN_GATE.get(type(cell).__name__) if cell is not None else None
+        if gate is None or not isinstance(b, nn.Parameter):
+            continue
+        row, sign = gate
+        b[row].fill_(sign * bias)
+        changed += 1
+    if not changed:
+        raise ValueError(f"retain_gate_bias={bias}: {type(model).__name__} has no ParaGRU/ParaLSTM cell with a "
+                         f"bias (cells with a retention gate: {sorted(RETAIN_GATE)})")
+    return changed
 
 
 def _from_project_models(arch: str, *, vocab_size: int, bare_mixer: bool, d_model: int, num_heads: int,

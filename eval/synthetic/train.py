@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .models import ARCHS, build_model, logits_of
+from .models import ARCHS, RETAIN_GATE_ARCHS, build_model, logits_of
 from .tasks import IGNORE_INDEX, TASKS, SyntheticBatch, make_splits
 
 log = logging.getLogger(__name__)
@@ -64,6 +64,9 @@ class SyntheticTrainConfig:
     progress: bool = True
     task_kwargs: dict[str, Any] = field(default_factory=dict)  # generator overrides (e.g. dense=False)
     model_kwargs: dict[str, Any] = field(default_factory=dict)
+    # ours, a diagnostic (the paper's biases are 0): initial retention-gate bias of the RNN cells
+    # (eval/synthetic/models.py: init_retain_gate); Transformer and Mamba2 runs ignore it.
+    retain_gate_bias: float = 0.0
 
 
 @torch.no_grad()
@@ -107,8 +110,11 @@ class SeedRun:
                                   n_val=cfg.n_val, **cfg.task_kwargs)
         torch.manual_seed(seed)
         factory = model_factory or build_model
+        model_kwargs = {"gain_bound": spec.gain_bound, **cfg.model_kwargs}
+        if cfg.retain_gate_bias and cfg.arch in RETAIN_GATE_ARCHS:
+            model_kwargs["retain_gate_bias"] = cfg.retain_gate_bias
         self.model = factory(cfg.arch, spec.vocab_size, bare_mixer=spec.bare_mixer, d_model=cfg.d_model,
-                             num_heads=cfg.num_heads, **{"gain_bound": spec.gain_bound, **cfg.model_kwargs})
+                             num_heads=cfg.num_heads, **model_kwargs)
         self.device = torch.device(cfg.device)
         self.model.to(self.device).train()
         self.graphed = bool(cfg.cuda_graph) and self.device.type == "cuda"
@@ -512,6 +518,9 @@ def _parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-every", type=int, default=None, help="default 1")
     p.add_argument("--lr", type=float, default=None, help="default 5e-4")
     p.add_argument("--batch-size", type=int, default=None, help="default 16")
+    p.add_argument("--retain-gate-bias", type=float, default=None,
+                   help="initial retention-gate bias of the ParaGRU/ParaLSTM cells (default 0, the paper's); "
+                        "B > 0 starts each channel keeping sigmoid(B) of its state per step")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--concurrent-runs", type=int, default=None,
                    help="runs trained at once, each on its own CUDA stream (default 1; the whole grid on a GPU: e.g. 60)")
@@ -531,7 +540,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     cfg = load_config(a.config) if a.config else SyntheticTrainConfig()
     flags = dict(seeds=tuple(a.seeds) if a.seeds else None, seq_len=a.seq_len, n_train=a.n_train, n_test=a.n_test,
                  n_val=a.n_val, max_epochs=a.max_epochs, max_steps=a.max_steps, eval_every=a.eval_every, lr=a.lr,
-                 batch_size=a.batch_size, concurrent_runs=a.concurrent_runs,
+                 batch_size=a.batch_size, retain_gate_bias=a.retain_gate_bias, concurrent_runs=a.concurrent_runs,
                  time_budget_s=None if a.time_budget_min is None else 60 * a.time_budget_min,
                  cuda_graph=False if a.no_cuda_graph else None, resume=True if a.resume else None)
     cfg = dataclasses.replace(cfg, task=a.task or cfg.task, arch=a.arch, device=a.device, progress=not a.no_progress,
