@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from .plotting import save_figure
-from .paper import ARCH_NAMES, PARAMS, SOURCE, SYNTHETIC_TASK_TITLES, TABLE5_ACC, TABLE5_PPL, TABLE6, lm_eval_suite
+from .paper import (ARCH_NAMES, PARAMS, SOURCE, SYNTHETIC_TASK_TITLES, TABLE5_ACC, TABLE5_PPL, TABLE6, TABLE6_RECIPE,
+                    lm_eval_suite)
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +111,7 @@ def perplexity_rows(paths: Iterable[str | Path]) -> dict[tuple[str, str], dict[s
 def render_table6(results: Sequence[dict[str, Any]], include_paper_rows: bool = True) -> str:
     """Markdown: one row per architecture, cells "ours / paper" accuracy in %."""
     ours = {(r["arch"], r["task"]): r.get("accuracy") for r in results}
+    off_recipe = {(r["arch"], r["task"]): d for r in results if (d := recipe_deviations(r))}
     archs = _arch_order({a for a, _ in ours} | (set(TABLE6) if include_paper_rows else set()))
     head = "| model | " + " | ".join(SYNTHETIC_TASK_TITLES[t] for t in TASK_ORDER) + " |"
     lines = [f"Synthetic tasks (Table 6): test accuracy %, ours / paper (best of seeds). Paper: {SOURCE}.", "",
@@ -119,9 +121,21 @@ def render_table6(results: Sequence[dict[str, Any]], include_paper_rows: bool = 
         for t in TASK_ORDER:
             mine = ours.get((a, t))
             paper = TABLE6.get(a, {}).get(t)
-            cells.append(f"{_fmt(None if mine is None else 100 * mine)} / {_fmt(paper, 0)}")
+            flag = " *" if (a, t) in off_recipe else ""
+            cells.append(f"{_fmt(None if mine is None else 100 * mine)}{flag} / {_fmt(paper, 0)}")
         lines.append(f"| {_name(a)} | " + " | ".join(cells) + " |")
+    if off_recipe:  # a number trained otherwise must not pass for the paper's setting
+        lines.append("")
+        lines += [f"\\* {_name(a)}, {SYNTHETIC_TASK_TITLES[t]}: not the paper's recipe: {', '.join(d)}"
+                  for (a, t), d in sorted(off_recipe.items())]
     return "\n".join(lines) + "\n"
+
+
+def recipe_deviations(result: dict[str, Any]) -> list[str]:
+    """``key=ours (paper value)`` for each Table-6 recipe setting a result's ``config`` changes."""
+    cfg = result.get("config") or {}
+    return [f"{k}={cfg[k]} (paper {v})" for k, v in TABLE6_RECIPE.items()
+            if isinstance(cfg.get(k), (int, float)) and cfg[k] != v]
 
 
 def plot_table6(results: Sequence[dict[str, Any]], path: str | Path) -> Path:
