@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from eval.synthetic.models import DenseGRULM, build_model, logits_of  # noqa: E402
+from eval.synthetic.models import RNN_ARCHS, DenseGRULM, build_model, logits_of  # noqa: E402
 from eval.synthetic.tasks import keep_nth  # noqa: E402
 
 log = logging.getLogger("probe_keep_nth")
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> float:
         biases = (0.0, 2.0, 3.0, 4.0)
         log.info("gradient at token %d / at the last token, at init (fp64); columns: retention-gate bias %s",
                  a.n, ", ".join(f"{b:g}" for b in biases))
-        for arch in ("paragru", "paralstm"):
+        for arch in RNN_ARCHS:
             for seq_len in (12, 25, 50, 100):
                 ratios = [gradient_reach(arch, seq_len, a.n, b, seed=a.seed) for b in biases]
                 log.info("%-8s L=%3d  %s", arch, seq_len, "  ".join(f"{r:8.1e}" for r in ratios))

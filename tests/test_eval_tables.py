@@ -91,3 +91,16 @@ def test_table6_flags_results_off_the_papers_recipe():
     assert len(notes) == 1 and "ParaLSTM" in notes[0]
     assert "n_train=1000000 (paper 10000)" in notes[0] and "retain_gate_bias=4.0 (paper 0.0)" in notes[0]
     assert "seq_len" not in notes[0]
+
+
+def test_table6_recipe_agrees_with_the_trainer_and_its_config():
+    """The recipe is written in three places; a drift would flag (or hide) off-recipe results wrongly."""
+    from pathlib import Path
+
+    from eval.paper import TABLE6_RECIPE
+    from eval.synthetic.train import SyntheticTrainConfig, load_config
+
+    yaml_cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "synthetic" / "table6.yaml")
+    for k, v in TABLE6_RECIPE.items():
+        assert getattr(SyntheticTrainConfig(), k) == v, k
+        assert getattr(yaml_cfg, k) == v, k

@@ -34,7 +34,7 @@ _FACTORIES: dict[str, Factory] = {}
 # The gate that decides how much of h_{t-1} a cell keeps, as (pre-activation row, sign of "keep more"):
 # ParaGRU keeps 1 - z (z = sigmoid(.) weighs the candidate), ParaLSTM keeps f * c_{t-1}.
 RETAIN_GATE: dict[str, tuple[int, float]] = {"ParaGRU": (0, -1.0), "ParaLSTM": (0, 1.0)}
-RETAIN_GATE_ARCHS = ("paragru", "paralstm")  # the Table-6 architectures built on those cells
+RNN_ARCHS = ("paragru", "paralstm")  # the Table-6 architectures built on those cells
 
 
 def register_arch(name: str, factory: Factory) -> None:
@@ -61,7 +61,7 @@ def build_model(arch: str, vocab_size: int, *, bare_mixer: bool, d_model: int = 
         try:
             model = _from_project_models(arch, **kw)
         except ImportError as err:  # models/ not there yet (or incomplete)
-            if arch not in ("paragru", "paralstm"):
+            if arch not in RNN_ARCHS:
                 raise
             log.warning("models/ unavailable (%s); using the kernels-only fallback for %s", err, arch)
             model = _KernelsRNNLM(arch, vocab_size, d_model, num_heads, extra.get("gain_bound", 0.9))

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .models import ARCHS, RETAIN_GATE_ARCHS, build_model, logits_of
+from .models import ARCHS, RNN_ARCHS, build_model, logits_of
 from .tasks import IGNORE_INDEX, TASKS, SyntheticBatch, make_splits
 
 log = logging.getLogger(__name__)
@@ -111,7 +111,7 @@ class SeedRun:
         torch.manual_seed(seed)
         factory = model_factory or build_model
         model_kwargs = {"gain_bound": spec.gain_bound, **cfg.model_kwargs}
-        if cfg.retain_gate_bias and cfg.arch in RETAIN_GATE_ARCHS:
+        if cfg.retain_gate_bias and cfg.arch in RNN_ARCHS:
             model_kwargs["retain_gate_bias"] = cfg.retain_gate_bias
         self.model = factory(cfg.arch, spec.vocab_size, bare_mixer=spec.bare_mixer, d_model=cfg.d_model,
                              num_heads=cfg.num_heads, **model_kwargs)
