@@ -75,6 +75,10 @@ def main(argv: list[str] | None = None) -> float:
                 ratios = [gradient_reach(arch, seq_len, a.n, b, seed=a.seed) for b in biases]
                 log.info("%-8s L=%3d  %s", arch, seq_len, "  ".join(f"{r:8.1e}" for r in ratios))
         return 0.0
+    if a.gain_bound is None and a.arch != "dense_gru" and a.seq_len >= 64:
+        log.warning("unbounded recurrent gains at L = %d: once they grow, Newton may not converge and the layer "
+                    "falls back to its slow sequential path; the paper's synthetic runs use --gain-bound 0.9",
+                    a.seq_len)
     torch.manual_seed(a.seed)
     vocab, d = 128, 64
     train = keep_nth(a.train_size, a.seq_len, vocab, a.n, seed=a.seed + 1) if a.train_size else None

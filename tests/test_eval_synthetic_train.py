@@ -1,6 +1,7 @@
 """Synthetic trainer: runs end to end with a tiny torch GRU (registered as an arch) and writes JSON."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -108,6 +109,27 @@ def test_stopped_runs_resume_exactly(tiny_gru, tmp_path):
     assert not (tmp_path / "tinygru__hop1__s0.pt").exists() and (tmp_path / "tinygru__hop1__s0.result.json").exists()
     again = train_runs([(cfg, 0)], progress=False, state_dir=tmp_path, resume=True)  # finished: read back
     assert again[0] == rest[0]
+
+
+def test_resume_refuses_other_settings(tiny_gru, tmp_path):
+    """A stopped or finished run continues only under the settings it started with; a clash is refused
+    before anything trains and nothing saved is touched."""
+    from eval.synthetic.train import train_runs
+
+    cfg = SyntheticTrainConfig(task="hop1", arch=tiny_gru, seq_len=20, n_train=48, n_test=64, n_val=32,
+                               batch_size=16, max_epochs=40, d_model=16, progress=False)
+    train_runs([(cfg, 0)], time_budget_s=0.0, progress=False, state_dir=tmp_path)
+    saved = (tmp_path / "tinygru__hop1__s0.pt").read_bytes()
+    other = dataclasses.replace(cfg, lr=1e-3)
+    with pytest.raises(ValueError, match=r"tinygru__hop1__s0: lr saved 0.0005 now 0.001"):
+        train_runs([(other, 0)], progress=False, state_dir=tmp_path, resume=True)
+    assert (tmp_path / "tinygru__hop1__s0.pt").read_bytes() == saved
+    # operational settings (device, concurrency, budget) may change between calls
+    done = train_runs([(dataclasses.replace(cfg, concurrent_runs=4, eval_batch_size=7), 0)], progress=False,
+                      state_dir=tmp_path, resume=True)[0]
+    assert done["stopped"] == "budget" and "run_config" not in done
+    with pytest.raises(ValueError, match="max_epochs saved 40 now 80"):  # finished runs are checked too
+        train_runs([(dataclasses.replace(cfg, max_epochs=80), 0)], progress=False, state_dir=tmp_path, resume=True)
 
 
 def test_cli_budget_then_resume(tiny_gru, tmp_path):

@@ -302,6 +302,42 @@ def _run_key(cfg: SyntheticTrainConfig, seed: int) -> str:
     return f"{cfg.arch}__{cfg.task}__s{seed}"
 
 
+# Fields that only say how a call runs (where, how many at once, for how long), not what a run computes.
+_OPERATIONAL_FIELDS = frozenset({"seeds", "device", "cuda_graph", "concurrent_runs", "time_budget_s", "resume",
+                                 "progress", "eval_batch_size"})
+
+
+def run_identity(cfg: SyntheticTrainConfig) -> dict[str, Any]:
+    """The settings that define a run's trajectory and result; saved with its state so ``--resume``
+    continues a run only under the settings it started with (JSON-normalised: tuples become lists)."""
+    ident = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _OPERATIONAL_FIELDS}
+    return json.loads(json.dumps(ident, default=str))
+
+
+def _check_resumable(jobs: Sequence[tuple[SyntheticTrainConfig, int]], state: Path) -> None:
+    """Refuse, before anything trains, to resume a saved run under different settings (it would mix two
+    trajectories under one key). Files from before identities were saved are accepted with a warning."""
+    clashes = []
+    for cfg, seed in jobs:
+        key, want = _run_key(cfg, seed), run_identity(cfg)
+        saved = None
+        if (state / f"{key}.result.json").exists():
+            saved = json.loads((state / f"{key}.result.json").read_text()).get("run_config")
+        elif (state / f"{key}.pt").exists():
+            saved = torch.load(state / f"{key}.pt", map_location="cpu", weights_only=False).get("run_config")
+        else:
+            continue
+        if saved is None:
+            log.warning("%s: saved without its settings (older file); resuming it as it is", key)
+            continue
+        diff = {k: (saved.get(k), want.get(k)) for k in sorted(set(saved) | set(want)) if saved.get(k) != want.get(k)}
+        if diff:
+            clashes.append(f"{key}: " + ", ".join(f"{k} saved {a!r} now {b!r}" for k, (a, b) in diff.items()))
+    if clashes:
+        raise ValueError(f"--resume: {len(clashes)} saved run(s) in {state} were started with other settings - "
+                         "pass the same settings or a new --out:\n  " + "\n  ".join(clashes))
+
+
 def train_runs(jobs: Sequence[tuple[SyntheticTrainConfig, int]],
                model_factory: Callable[..., nn.Module] | None = None, *, concurrent_runs: int = 1,
                time_budget_s: float | None = None, progress: bool = True,
@@ -324,6 +360,8 @@ def train_runs(jobs: Sequence[tuple[SyntheticTrainConfig, int]],
     state = Path(state_dir) if state_dir is not None else None
     if state is not None:
         state.mkdir(parents=True, exist_ok=True)
+        if resume:
+            _check_resumable(jobs, state)
     results: list[dict[str, Any] | None] = [None] * len(jobs)
     queue = list(range(len(jobs)))
     active: list[tuple[int, SeedRun]] = []
@@ -340,10 +378,11 @@ def train_runs(jobs: Sequence[tuple[SyntheticTrainConfig, int]],
         key = _run_key(*jobs[i])
         try:
             if state is not None and not run.done:  # before result(), which loads the best weights
-                torch.save(run.state_dict(), state / f"{key}.pt")
+                torch.save({**run.state_dict(), "run_config": run_identity(jobs[i][0])}, state / f"{key}.pt")
             results[i] = run.result()
             if state is not None and run.done:
-                (state / f"{key}.result.json").write_text(json.dumps(results[i], indent=2))
+                saved = {**results[i], "run_config": run_identity(jobs[i][0])}
+                (state / f"{key}.result.json").write_text(json.dumps(saved, indent=2))
                 (state / f"{key}.pt").unlink(missing_ok=True)
         except Exception as err:
             fail(i, err)
@@ -353,6 +392,7 @@ def train_runs(jobs: Sequence[tuple[SyntheticTrainConfig, int]],
         key = _run_key(cfg, seed)
         if resume and state is not None and (state / f"{key}.result.json").exists():
             results[i] = json.loads((state / f"{key}.result.json").read_text())
+            results[i].pop("run_config", None)
             bar.update(planned_steps(cfg))
             log.info("%s: finished earlier (test acc %.4f)", key, results[i]["test_acc"])
             return None
