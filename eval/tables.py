@@ -134,8 +134,12 @@ def render_table6(results: Sequence[dict[str, Any]], include_paper_rows: bool = 
 def recipe_deviations(result: dict[str, Any]) -> list[str]:
     """``key=ours (paper value)`` for each Table-6 recipe setting a result's ``config`` changes."""
     cfg = result.get("config") or {}
-    return [f"{k}={cfg[k]} (paper {v})" for k, v in TABLE6_RECIPE.items()
-            if isinstance(cfg.get(k), (int, float)) and cfg[k] != v]
+    out = [f"{k}={cfg[k]} (paper {v})" for k, v in TABLE6_RECIPE.items()
+           if isinstance(cfg.get(k), (int, float)) and cfg[k] != v]
+    # the paper's cells take the task's own settings: any override of the model or task is off-recipe
+    for group in ("model_kwargs", "task_kwargs"):
+        out += [f"{group[:-7]} {k}={v}" for k, v in sorted((cfg.get(group) or {}).items())]
+    return out
 
 
 def plot_table6(results: Sequence[dict[str, Any]], path: str | Path) -> Path:

@@ -81,6 +81,8 @@ def test_table6_flags_results_off_the_papers_recipe():
     res = [{"kind": "synthetic", "arch": "paragru", "task": "parity", "accuracy": 1.0, "config": recipe},
            {"kind": "synthetic", "arch": "paralstm", "task": "keep_nth", "accuracy": 0.011,
             "config": {**recipe, "retain_gate_bias": 4.0, "n_train": 1_000_000}},
+           {"kind": "synthetic", "arch": "paragru", "task": "keep_nth", "accuracy": 0.02,
+            "config": {**recipe, "model_kwargs": {"gain_bound": None}, "task_kwargs": {"dense": True}}},
            {"kind": "synthetic", "arch": "mamba2", "task": "hop1", "accuracy": 0.99}]  # no config: nothing to flag
     md = tables.render_table6(res)
     rows = {l.split("|")[1].strip(): [c.strip() for c in l.split("|")[2:-1]]
@@ -88,9 +90,10 @@ def test_table6_flags_results_off_the_papers_recipe():
     assert rows["ParaGRU"][1] == "100.0 / 100" and rows["Mamba2"][3] == "99.0 / 100"
     assert rows["ParaLSTM"][0] == "1.1 * / 100"
     notes = [l for l in md.splitlines() if l.startswith("\\*")]
-    assert len(notes) == 1 and "ParaLSTM" in notes[0]
-    assert "n_train=1000000 (paper 10000)" in notes[0] and "retain_gate_bias=4.0 (paper 0.0)" in notes[0]
-    assert "seq_len" not in notes[0]
+    assert len(notes) == 2 and "ParaLSTM" in notes[1] and rows["ParaGRU"][0] == "2.0 * / 100"
+    assert "n_train=1000000 (paper 10000)" in notes[1] and "retain_gate_bias=4.0 (paper 0.0)" in notes[1]
+    assert "seq_len" not in notes[1]
+    assert "model gain_bound=None" in notes[0] and "task dense=True" in notes[0]  # overrides are off-recipe
 
 
 def test_table6_recipe_agrees_with_the_trainer_and_its_config():
