@@ -132,6 +132,24 @@ def test_resume_refuses_other_settings(tiny_gru, tmp_path):
         train_runs([(dataclasses.replace(cfg, max_epochs=80), 0)], progress=False, state_dir=tmp_path, resume=True)
 
 
+def test_grid_of_chosen_cells(tiny_gru, tmp_path):
+    """--cells trains exactly the named (arch, task) pairs in one grid; bad pairs fail before training."""
+    from eval.synthetic.train import main
+
+    args = ["--grid", "--seeds", "0", "--seq-len", "20", "--n-train", "32", "--n-test", "16", "--n-val", "16",
+            "--max-epochs", "1", "--out", str(tmp_path), "--no-progress", "--device", "cpu"]
+    grid = main(args + ["--cells", f"{tiny_gru}:hop1", f"{tiny_gru}:parity"])
+    assert [(r["arch"], r["task"]) for r in grid["results"]] == [(tiny_gru, "hop1"), (tiny_gru, "parity")]
+    assert sorted(p.name for p in tmp_path.glob(f"{tiny_gru}__*.json")) == [f"{tiny_gru}__hop1.json",
+                                                                            f"{tiny_gru}__parity.json"]
+    with pytest.raises(ValueError, match="unknown task"):
+        main(args + ["--cells", f"{tiny_gru}:hop3"])
+    with pytest.raises(SystemExit, match="not both"):
+        main(args + ["--cells", f"{tiny_gru}:hop1", "--tasks", "hop1"])
+    with pytest.raises(SystemExit, match="ARCH:TASK"):
+        main(args + ["--cells", tiny_gru])
+
+
 def test_cli_budget_then_resume(tiny_gru, tmp_path):
     from eval.synthetic.train import main
 
