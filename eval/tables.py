@@ -137,8 +137,8 @@ def recipe_deviations(result: dict[str, Any]) -> list[str]:
     out = [f"{k}={cfg[k]} (paper {v})" for k, v in TABLE6_RECIPE.items()
            if isinstance(cfg.get(k), (int, float)) and cfg[k] != v]
     # the paper's cells take the task's own settings: any override of the model or task is off-recipe
-    for group in ("model_kwargs", "task_kwargs"):
-        out += [f"{group[:-7]} {k}={v}" for k, v in sorted((cfg.get(group) or {}).items())]
+    for group, label in (("model_kwargs", "model"), ("task_kwargs", "task")):
+        out += [f"{label} {k}={v}" for k, v in sorted((cfg.get(group) or {}).items())]
     return out
 
 
