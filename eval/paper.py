@@ -27,7 +27,7 @@ TABLE6: dict[str, dict[str, float]] = {
 # biases): a result trained otherwise is flagged beside the paper's number (eval.tables.render_table6).
 # The trainer's defaults and configs/synthetic/table6.yaml hold the same values (tests/test_eval_tables.py).
 TABLE6_RECIPE: dict[str, float] = {"seq_len": 100, "n_train": 10_000, "batch_size": 16, "lr": 5e-4,
-                                   "weight_decay": 1e-6, "retain_gate_bias": 0.0}
+                                   "weight_decay": 1e-6, "d_model": 64, "num_heads": 4, "retain_gate_bias": 0.0}
 
 # Table 5: SlimPajama test perplexity by size and architecture (lm-eval accuracies not transcribed).
 TABLE5_PPL: dict[str, dict[str, float | None]] = {

@@ -41,6 +41,11 @@ def _arch_order(archs: Iterable[str]) -> list[str]:
     return [a for a in ARCH_NAMES if a in archs] + sorted(a for a in archs if a not in ARCH_NAMES)
 
 
+def _md(text: str) -> str:
+    """Text for a markdown table cell (a bare "|", as in "|V|=128", would split the cell)."""
+    return text.replace("|", "\\|")
+
+
 def _name(arch: str) -> str:
     return ARCH_NAMES.get(arch, arch)
 
@@ -58,7 +63,10 @@ def load_json_files(paths: Iterable[str | Path]) -> list[tuple[Path, dict[str, A
 
 def synthetic_results(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
     rows: dict[tuple[str, str], dict[str, Any]] = {}
-    for _, obj in load_json_files(paths):
+    for path, obj in load_json_files(paths):
+        if obj.get("kind") == "synthetic_sweep":  # several settings per cell: not one Table 6
+            log.warning("%s is a sweep: render it with render_sweep, or pass one setting's folder "
+                        "(%s/NAME) for Table 6", path, path.parent)
         items = obj["results"] if obj.get("kind") == "synthetic_grid" else [obj] if obj.get("kind") == "synthetic" else []
         for r in items:
             rows[(r["arch"], r["task"])] = r  # later files win (re-runs)
@@ -113,7 +121,7 @@ def render_table6(results: Sequence[dict[str, Any]], include_paper_rows: bool = 
     ours = {(r["arch"], r["task"]): r.get("accuracy") for r in results}
     off_recipe = {(r["arch"], r["task"]): d for r in results if (d := recipe_deviations(r))}
     archs = _arch_order({a for a, _ in ours} | (set(TABLE6) if include_paper_rows else set()))
-    head = "| model | " + " | ".join(SYNTHETIC_TASK_TITLES[t] for t in TASK_ORDER) + " |"
+    head = "| model | " + " | ".join(_md(SYNTHETIC_TASK_TITLES[t]) for t in TASK_ORDER) + " |"
     lines = [f"Synthetic tasks (Table 6): test accuracy %, ours / paper (best of seeds). Paper: {SOURCE}.", "",
              head, "|---" * (len(TASK_ORDER) + 1) + "|"]
     for a in archs:
@@ -166,6 +174,90 @@ def plot_table6(results: Sequence[dict[str, Any]], path: str | Path) -> Path:
     ax.set_ylim(0, 105)
     ax.legend(fontsize=7, ncol=3)
     ax.set_title("Synthetic tasks, single layer (Table 6)")
+    return save_figure(fig, path)
+
+
+# ------------------------------------------------------------------------------------------ sweeps
+
+def _variant_label(grid: dict[str, Any]) -> str:
+    from eval.synthetic.train import variant_name
+
+    return variant_name(grid.get("overrides") or {})
+
+
+def render_sweep(swept: dict[str, Any]) -> str:
+    """Markdown: one row per (architecture, task), one column per swept setting; best-of-seeds test
+    accuracy % with each seed's in brackets, the paper's number beside."""
+    variants = swept["variants"]
+    by_variant = [{(r["arch"], r["task"]): r for r in g["results"]} for g in variants]
+    cells = list(dict.fromkeys(key for table in by_variant for key in table))
+    order = _arch_order({a for a, _ in cells})
+    cells.sort(key=lambda c: (TASK_ORDER.index(c[1]) if c[1] in TASK_ORDER else len(TASK_ORDER), order.index(c[0])))
+    labels = [_variant_label(g) for g in variants]
+    lines = [f"Sweep over {', '.join(swept['sweep'])}: test accuracy %, best of seeds [each seed]; paper: {SOURCE}.",
+             "", "| model | task | paper | " + " | ".join(labels) + " |", "|---" * (len(labels) + 3) + "|"]
+    for arch, task in cells:
+        row = []
+        for table in by_variant:
+            r = table.get((arch, task))
+            seeds = [s.get("test_acc") for s in (r or {}).get("seeds", [])]
+            each = ", ".join(_fmt(None if a is None else 100 * a) for a in seeds)
+            acc = None if r is None or r.get("accuracy") is None else 100 * r["accuracy"]
+            row.append(f"{_fmt(acc)}" + (f" [{each}]" if len(seeds) > 1 else ""))
+        paper = TABLE6.get(arch, {}).get(task)
+        lines.append(f"| {_name(arch)} | {_md(SYNTHETIC_TASK_TITLES.get(task, task))} | {_fmt(paper, 0)} | "
+                     + " | ".join(row) + " |")
+    swept_keys = {k.split(".")[-1] for k in swept["sweep"]}  # recipe_deviations names kwargs by their own key
+    common = sorted(set.intersection(*[
+        {d for d in recipe_deviations(r) if d.split("=", 1)[0].split(" ")[-1] not in swept_keys}
+        for g in variants for r in g["results"]] or [set()]))
+    if common:
+        lines += ["", "Every run also differs from the paper's recipe in: " + ", ".join(common)]
+    return "\n".join(lines) + "\n"
+
+
+def plot_sweep(swept: dict[str, Any], path: str | Path) -> Path:
+    """Accuracy against the swept setting, one line per (architecture, task): best of seeds, each seed a
+    dot, the paper's number dotted. One numeric setting is the x axis (log for a learning rate); several
+    settings are laid out side by side as categories."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    variants = swept["variants"]
+    keys = list(swept["sweep"])
+    values = [(g.get("overrides") or {}).get(keys[0]) for g in variants] if len(keys) == 1 else []
+    numeric = bool(values) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+    xs = values if numeric else list(range(len(variants)))
+    fig, ax = plt.subplots(figsize=(7, 4))
+    cells = list(dict.fromkeys((r["arch"], r["task"]) for g in variants for r in g["results"]))
+    for arch, task in cells:
+        best, seed_pts = [], []
+        for x, g in zip(xs, variants):
+            r = next((r for r in g["results"] if (r["arch"], r["task"]) == (arch, task)), None)
+            acc = None if r is None else r.get("accuracy")
+            best.append(float("nan") if acc is None else 100 * acc)
+            seed_pts += [(x, 100 * s["test_acc"]) for s in (r or {}).get("seeds", []) if s.get("test_acc") is not None]
+        label = f"{_name(arch)}, {SYNTHETIC_TASK_TITLES.get(task, task)}" if len({t for _, t in cells}) > 1 else _name(arch)
+        (line,) = ax.plot(xs, best, marker="o", label=label)
+        if seed_pts:
+            ax.scatter(*zip(*seed_pts), s=12, color=line.get_color(), alpha=0.5)
+        paper = TABLE6.get(arch, {}).get(task)
+        if paper is not None:
+            ax.axhline(paper, color=line.get_color(), linestyle=":", linewidth=1)
+    if numeric:
+        if min(xs) > 0 and max(xs) / min(xs) >= 10 or keys[0] in ("lr", "min_lr", "weight_decay"):
+            ax.set_xscale("log")
+        ax.set_xlabel(keys[0])
+    else:
+        ax.set_xticks(xs, [_variant_label(g) for g in variants], rotation=30, ha="right", fontsize=7)
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylim(0, 105)
+    ax.legend(fontsize=7)
+    tasks = list(dict.fromkeys(t for _, t in cells))
+    what = SYNTHETIC_TASK_TITLES.get(tasks[0], tasks[0]) if len(tasks) == 1 else "Synthetic tasks"
+    ax.set_title(f"{what}: sweep over {', '.join(keys)} (dotted: paper)")
     return save_figure(fig, path)
 
 

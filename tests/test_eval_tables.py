@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 from eval import tables
 from eval.paper import TABLE5_PPL, TABLE6
@@ -107,3 +108,37 @@ def test_table6_recipe_agrees_with_the_trainer_and_its_config():
     for k, v in TABLE6_RECIPE.items():
         assert getattr(SyntheticTrainConfig(), k) == v, k
         assert getattr(yaml_cfg, k) == v, k
+
+
+def _cell(arch, task, seeds, **cfg):
+    return {"kind": "synthetic", "arch": arch, "task": task, "accuracy": max(seeds),
+            "seeds": [{"seed": i, "test_acc": a} for i, a in enumerate(seeds)],
+            "config": {"seq_len": 100, "n_train": 10_000, "batch_size": 16, "lr": 5e-4, "weight_decay": 1e-6,
+                       "d_model": 64, "num_heads": 4, "retain_gate_bias": 0.0, **cfg}}
+
+
+def test_sweep_table_and_plots(tmp_path, caplog):
+    one_key = {"kind": "synthetic_sweep", "sweep": {"lr": [5e-4, 2e-3]}, "variants": [
+        {"overrides": {"lr": 5e-4}, "results": [_cell("paragru", "mqar", [0.016, 0.9871]),
+                                                 _cell("mamba2", "mqar", [0.5, 0.25])]},
+        {"overrides": {"lr": 2e-3}, "results": [_cell("paragru", "mqar", [0.2, 0.1], lr=2e-3, n_train=5000),
+                                                 _cell("mamba2", "mqar", [1.0, 0.75], lr=2e-3, n_train=5000)]}]}
+    md = tables.render_sweep(one_key)
+    split = [re.split(r"(?<!\\)\|", l) for l in md.splitlines() if l.startswith("| ") and "model" not in l]
+    rows = {cells[1].strip(): [c.strip() for c in cells[2:-1]] for cells in split}  # "\|" stays in a cell
+    assert list(rows) == ["Mamba2", "ParaGRU"]  # the paper's row order
+    assert rows["ParaGRU"] == ["MQAR (\\|V\\|=128)", "100", "98.7 [1.6, 98.7]", "20.0 [20.0, 10.0]"]
+    assert rows["Mamba2"][3] == "100.0 [100.0, 75.0]"
+    assert "lr=0.0005 | lr=0.002" in md
+    assert "also differs" not in md  # lr is the swept setting; n_train differs in one setting only
+    assert tables.plot_sweep(one_key, tmp_path / "lr.png").stat().st_size > 0
+    two_keys = {"kind": "synthetic_sweep", "sweep": {"lr": [5e-4], "model_kwargs.gain_bound": [None, 0.9]},
+                "variants": [{"overrides": {"lr": 5e-4, "model_kwargs.gain_bound": g},
+                              "results": [_cell("paragru", "keep_nth", [0.01], n_train=1000,
+                                                model_kwargs={"gain_bound": g})]} for g in (None, 0.9)]}
+    md = tables.render_sweep(two_keys)
+    assert "lr=0.0005,model_kwargs.gain_bound=none" in md
+    assert md.strip().endswith("n_train=1000 (paper 10000)")  # a deviation every run shares is stated
+    assert tables.plot_sweep(two_keys, tmp_path / "two.png").stat().st_size > 0
+    _write(tmp_path / "sweep.json", two_keys)
+    assert tables.synthetic_results([tmp_path]) == [] and "is a sweep" in caplog.text

@@ -9,12 +9,14 @@ of the steps that did run), and evaluate the best-validation weights on the test
 CLI (one task / the whole grid):
     python -m eval.synthetic.train --task parity --arch paragru --out results/synthetic
     python -m eval.synthetic.train --grid --out results/synthetic          # 4 archs x 5 tasks x 3 seeds
+    python -m eval.synthetic.train --grid --tasks mqar --sweep lr=5e-4,2e-3 --out results/mqar_lr
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import dataclasses
+import itertools
 import json
 import logging
 import math
@@ -341,7 +343,8 @@ def _check_resumable(jobs: Sequence[tuple[SyntheticTrainConfig, int]], state: Pa
 def train_runs(jobs: Sequence[tuple[SyntheticTrainConfig, int]],
                model_factory: Callable[..., nn.Module] | None = None, *, concurrent_runs: int = 1,
                time_budget_s: float | None = None, progress: bool = True,
-               state_dir: str | Path | None = None, resume: bool = False) -> list[dict[str, Any]]:
+               state_dir: str | Path | Sequence[str | Path | None] | None = None,
+               resume: bool = False) -> list[dict[str, Any]]:
     """Train ``(cfg, seed)`` jobs, at most ``concurrent_runs`` at a time, advanced round-robin.
 
     On a GPU each run enqueues on its own stream, so graphed runs overlap; on a CPU interleaving gains
@@ -354,14 +357,20 @@ def train_runs(jobs: Sequence[tuple[SyntheticTrainConfig, int]],
     ``state_dir``: each finished run writes ``KEY.result.json`` there and a run stopped by the budget
     writes ``KEY.pt`` (weights, AdamW, position in the schedule and the epoch order); with ``resume``
     finished runs are read back and stopped runs continue exactly where they were, so the paper's long
-    budget can be spread over several jobs (SLURM time limits, the device's 10-minute calls).
+    budget can be spread over several jobs (SLURM time limits, the device's 10-minute calls). A sequence
+    gives each job its own folder (a sweep keeps each setting's runs apart under the same keys).
     """
     t0 = time.time()
-    state = Path(state_dir) if state_dir is not None else None
-    if state is not None:
-        state.mkdir(parents=True, exist_ok=True)
+    if isinstance(state_dir, (list, tuple)):
+        if len(state_dir) != len(jobs):
+            raise ValueError(f"{len(state_dir)} state folders for {len(jobs)} jobs")
+        states = [None if d is None else Path(d) for d in state_dir]
+    else:
+        states = [None if state_dir is None else Path(state_dir)] * len(jobs)
+    for folder in dict.fromkeys(d for d in states if d is not None):
+        folder.mkdir(parents=True, exist_ok=True)
         if resume:
-            _check_resumable(jobs, state)
+            _check_resumable([job for job, d in zip(jobs, states) if d == folder], folder)
     results: list[dict[str, Any] | None] = [None] * len(jobs)
     queue = list(range(len(jobs)))
     active: list[tuple[int, SeedRun]] = []
@@ -375,7 +384,7 @@ def train_runs(jobs: Sequence[tuple[SyntheticTrainConfig, int]],
 
     def finish(i: int, run: SeedRun) -> None:
         bar.update(run.horizon - run.step)  # the unused remainder of its budget
-        key = _run_key(*jobs[i])
+        key, state = _run_key(*jobs[i]), states[i]
         try:
             if state is not None and not run.done:  # before result(), which loads the best weights
                 torch.save({**run.state_dict(), "run_config": run_identity(jobs[i][0])}, state / f"{key}.pt")
@@ -389,7 +398,7 @@ def train_runs(jobs: Sequence[tuple[SyntheticTrainConfig, int]],
 
     def start(i: int) -> SeedRun | None:
         cfg, seed = jobs[i]
-        key = _run_key(cfg, seed)
+        key, state = _run_key(cfg, seed), states[i]
         if resume and state is not None and (state / f"{key}.result.json").exists():
             results[i] = json.loads((state / f"{key}.result.json").read_text())
             results[i].pop("run_config", None)
@@ -489,42 +498,162 @@ def run_task(cfg: SyntheticTrainConfig, model_factory: Callable[..., nn.Module] 
     return _cell_result(cfg, runs, out_dir)
 
 
+# -- sweeps: the grid under several settings at once ------------------------------------------------
+# Any field that changes what a run computes may be swept, and one key of model_kwargs / task_kwargs as
+# "model_kwargs.KEY"; arch, task and how a call runs are not settings of a run.
+_NOT_SWEPT = _OPERATIONAL_FIELDS | {"task", "arch"}
+_KWARG_GROUPS = ("model_kwargs", "task_kwargs")
+
+
+def _parse_scalar(text: str) -> Any:
+    low = text.strip().lower()
+    if low in ("none", "null"):
+        return None
+    if low in ("true", "false"):
+        return low == "true"
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text.strip()
+
+
+def _coerce(key: str, value: Any) -> Any:
+    """``value`` as the type of config field ``key`` (free for model_kwargs / task_kwargs entries)."""
+    if "." in key:
+        return value
+    kind = {f.name: str(f.type) for f in dataclasses.fields(SyntheticTrainConfig)}[key]
+    optional = "None" in kind
+    if value is None:
+        if not optional:
+            raise ValueError(f"--sweep {key}: none is not allowed ({kind})")
+        return None
+    if kind.startswith("float") and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if kind.startswith("int") and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if kind.startswith("bool") and isinstance(value, bool):
+        return value
+    raise ValueError(f"--sweep {key}: {value!r} is not a {kind}")
+
+
+def parse_sweep(specs: Sequence[str]) -> dict[str, list[Any]]:
+    """``["lr=5e-4,1e-3", "model_kwargs.gain_bound=none,0.9"]`` -> ``{"lr": [0.0005, 0.001], ...}``.
+
+    Unknown fields, fields that are not settings of a run, tuples, repeated keys and values of the wrong
+    type are refused here, before anything trains."""
+    fields = {f.name: str(f.type) for f in dataclasses.fields(SyntheticTrainConfig)}
+    sweep: dict[str, list[Any]] = {}
+    for spec in specs:
+        key, sep, values = spec.partition("=")
+        key = key.strip()
+        if not sep or not values.strip():
+            raise ValueError(f"--sweep takes FIELD=V1,V2,..., got {spec!r}")
+        group = key.split(".", 1)[0]
+        if "." in key and group not in _KWARG_GROUPS:
+            raise ValueError(f"--sweep {key}: only {' / '.join(_KWARG_GROUPS)} take a dotted KEY")
+        if "." not in key and (key not in fields or key in _NOT_SWEPT or key in _KWARG_GROUPS
+                               or fields[key].startswith("tuple")):
+            sweepable = sorted(k for k, t in fields.items()
+                               if k not in _NOT_SWEPT and k not in _KWARG_GROUPS and not t.startswith("tuple"))
+            raise ValueError(f"--sweep {key}: not a sweepable setting; sweepable: {sweepable} and "
+                             f"{' / '.join(g + '.KEY' for g in _KWARG_GROUPS)}")
+        if key in sweep:
+            raise ValueError(f"--sweep {key} given twice")
+        parsed = [_coerce(key, _parse_scalar(v)) for v in values.split(",")]
+        if len(set(map(repr, parsed))) != len(parsed):
+            raise ValueError(f"--sweep {key}: repeated value in {values!r}")
+        sweep[key] = parsed
+    return sweep
+
+
+def sweep_variants(sweep: dict[str, Sequence[Any]]) -> list[dict[str, Any]]:
+    """Every combination of the swept values (the first key varies slowest)."""
+    return [dict(zip(sweep, combo)) for combo in itertools.product(*sweep.values())]
+
+
+def variant_name(overrides: dict[str, Any]) -> str:
+    """A folder name for one combination, e.g. ``lr=0.001,d_model=128``."""
+    def fmt(v: Any) -> str:
+        return "none" if v is None else f"{v:g}" if isinstance(v, float) else str(v)
+
+    return ",".join(f"{k}={fmt(v)}" for k, v in overrides.items()) or "base"
+
+
+def with_overrides(cfg: SyntheticTrainConfig, overrides: dict[str, Any]) -> SyntheticTrainConfig:
+    plain = {k: v for k, v in overrides.items() if "." not in k}
+    for key, value in overrides.items():
+        if "." in key:
+            group, sub = key.split(".", 1)
+            plain[group] = {**plain.get(group, getattr(cfg, group)), sub: value}
+    return dataclasses.replace(cfg, **plain)
+
+
 def run_grid(base: SyntheticTrainConfig, archs: Sequence[str] = ARCHS, tasks: Sequence[str] = tuple(TASKS),
              out_dir: str | Path | None = None,
              model_factory: Callable[..., nn.Module] | None = None, *,
-             cells: Sequence[tuple[str, str]] | None = None) -> dict[str, Any]:
+             cells: Sequence[tuple[str, str]] | None = None,
+             sweep: dict[str, Sequence[Any]] | None = None) -> dict[str, Any]:
     """The Table-6 grid; writes one JSON per cell and ``table6.json`` (+ ``table6.md``) in ``out_dir``.
 
     ``cells``: an explicit list of ``(arch, task)`` pairs instead of ``archs`` x ``tasks`` - e.g. only the
     cells an earlier budget left unfinished, still trained together by one scheduler.
 
-    All (arch, task, seed) runs share one scheduler, so with ``base.concurrent_runs`` > 1 on a GPU the
-    whole grid trains at once and a failing cell is recorded in the table without stopping the others.
+    ``sweep`` (:func:`parse_sweep`): the grid under every combination of the swept settings, e.g. a
+    learning-rate sweep, each combination in its own folder ``out_dir/NAME`` (:func:`variant_name`) laid
+    out as a plain grid, plus ``sweep.json`` / ``sweep.md`` / ``sweep.png`` (accuracy per cell and setting)
+    in ``out_dir``.
+
+    All (setting, arch, task, seed) runs share one scheduler, so with ``base.concurrent_runs`` > 1 on a GPU
+    the whole grid trains at once and a failing cell is recorded in the table without stopping the others.
     """
     pairs = list(cells) if cells is not None else [(arch, task) for arch in archs for task in tasks]
     unknown = sorted({task for _, task in pairs} - set(TASKS))
     if unknown:
         raise ValueError(f"unknown task(s) {unknown}; tasks: {sorted(TASKS)}")
-    cells = [dataclasses.replace(base, arch=arch, task=task) for arch, task in pairs]
-    jobs = [(cfg, seed) for cfg in cells for seed in cfg.seeds]
+    out = None if out_dir is None else Path(out_dir)
+    variants = []  # (overrides, folder, cell configs)
+    for overrides in sweep_variants(sweep) if sweep else [{}]:
+        folder = None if out is None else out / variant_name(overrides) if sweep else out
+        varied = with_overrides(base, overrides)
+        variants.append((overrides, folder, [dataclasses.replace(varied, arch=a, task=t) for a, t in pairs]))
+    jobs, states = [], []
+    for _, folder, cfgs in variants:
+        for cfg in cfgs:
+            jobs += [(cfg, seed) for seed in cfg.seeds]
+            states += [None if folder is None else folder / "runs"] * len(cfg.seeds)
     t0 = time.time()
     runs = train_runs(jobs, model_factory, concurrent_runs=base.concurrent_runs,
-                      time_budget_s=base.time_budget_s, progress=base.progress,
-                      state_dir=None if out_dir is None else Path(out_dir) / "runs", resume=base.resume)
-    results, k = [], 0
-    for cfg in cells:
-        results.append(_cell_result(cfg, runs[k:k + len(cfg.seeds)], out_dir))
-        k += len(cfg.seeds)
-    grid = {"kind": "synthetic_grid", "results": results, "wall_seconds": round(time.time() - t0, 1),
-            "device": torch.cuda.get_device_name() if torch.device(base.device).type == "cuda" else "cpu"}
-    if out_dir is not None:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "table6.json").write_text(json.dumps(grid, indent=2))
-        from eval.tables import render_table6
+                      time_budget_s=base.time_budget_s, progress=base.progress, state_dir=states, resume=base.resume)
+    device = torch.cuda.get_device_name() if torch.device(base.device).type == "cuda" else "cpu"
+    from eval.tables import plot_sweep, render_sweep, render_table6
 
-        (out / "table6.md").write_text(render_table6(results))
-    return grid
+    k, grids = 0, []
+    for overrides, folder, cfgs in variants:
+        results = []
+        for cfg in cfgs:
+            results.append(_cell_result(cfg, runs[k:k + len(cfg.seeds)], folder))
+            k += len(cfg.seeds)
+        grid = {"kind": "synthetic_grid", "results": results, "wall_seconds": round(time.time() - t0, 1),
+                "device": device}
+        if overrides:
+            grid["overrides"] = _jsonable(overrides)
+        if folder is not None:
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / "table6.json").write_text(json.dumps(grid, indent=2))
+            (folder / "table6.md").write_text(render_table6(results))
+        grids.append(grid)
+    if not sweep:
+        return grids[0]
+    swept = {"kind": "synthetic_sweep", "sweep": _jsonable(dict(sweep)), "variants": grids,
+             "results": [r for g in grids for r in g["results"]], "wall_seconds": round(time.time() - t0, 1),
+             "device": device}
+    if out is not None:
+        (out / "sweep.json").write_text(json.dumps(swept, indent=2))
+        (out / "sweep.md").write_text(render_sweep(swept))
+        plot_sweep(swept, out / "sweep.png")
+    return swept
 
 
 def load_config(path: str | Path) -> SyntheticTrainConfig:
@@ -557,6 +686,9 @@ def _parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tasks", nargs="+", default=None, help=f"default: all of {tuple(TASKS)}")
     p.add_argument("--cells", nargs="+", default=None, metavar="ARCH:TASK",
                    help="with --grid: exactly these cells (e.g. transformer:hop1 paragru:hop2) instead of archs x tasks")
+    p.add_argument("--sweep", nargs="+", default=None, metavar="FIELD=V1,V2",
+                   help="with --grid: train the grid under every combination of these settings at once, e.g. "
+                        "lr=5e-4,1e-3,2e-3 d_model=64,128 model_kwargs.gain_bound=none,0.9 (one folder each under --out)")
     p.add_argument("--seeds", nargs="+", type=int, default=None, help="default 0 1 2")
     p.add_argument("--out", default="results/synthetic")
     p.add_argument("--seq-len", type=int, default=None, help="default 100")
@@ -587,12 +719,18 @@ def _parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     a = _parse(argv)
     logging.basicConfig(level=logging.DEBUG if a.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    sweep = parse_sweep(a.sweep) if a.sweep else None
+    if sweep and not a.grid:
+        raise SystemExit("--sweep needs --grid")
     cfg = load_config(a.config) if a.config else SyntheticTrainConfig()
     flags = dict(seeds=tuple(a.seeds) if a.seeds else None, seq_len=a.seq_len, n_train=a.n_train, n_test=a.n_test,
                  n_val=a.n_val, max_epochs=a.max_epochs, max_steps=a.max_steps, eval_every=a.eval_every, lr=a.lr,
                  batch_size=a.batch_size, retain_gate_bias=a.retain_gate_bias, concurrent_runs=a.concurrent_runs,
                  time_budget_s=None if a.time_budget_min is None else 60 * a.time_budget_min,
                  cuda_graph=False if a.no_cuda_graph else None, resume=True if a.resume else None)
+    both = sorted(k for k in sweep or {} if flags.get(k) is not None)
+    if both:
+        raise SystemExit(f"{both} given both as a flag and in --sweep")
     cfg = dataclasses.replace(cfg, task=a.task or cfg.task, arch=a.arch, device=a.device, progress=not a.no_progress,
                               **{k: v for k, v in flags.items() if v is not None})
     if a.grid:
@@ -604,10 +742,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             if bad:
                 raise SystemExit(f"--cells takes ARCH:TASK pairs, got {bad}")
             cells = [tuple(c.split(":")) for c in a.cells]
-        grid = run_grid(cfg, a.archs or list(ARCHS), a.tasks or list(TASKS), a.out, cells=cells)
-        from eval.tables import render_table6
+        grid = run_grid(cfg, a.archs or list(ARCHS), a.tasks or list(TASKS), a.out, cells=cells, sweep=sweep)
+        from eval.tables import render_sweep, render_table6
 
-        print(render_table6(grid["results"]))
+        print(render_sweep(grid) if sweep else render_table6(grid["results"]))
         return grid
     if not a.task:
         raise SystemExit("give --task or --grid")
