@@ -261,6 +261,69 @@ def plot_sweep(swept: dict[str, Any], path: str | Path) -> Path:
     return save_figure(fig, path)
 
 
+# ------------------------------------------------------------------------------------------ learning curves
+
+def plot_curves(panels: dict[str, Sequence[dict[str, Any]]], path: str | Path) -> Path | None:
+    """Validation accuracy (solid) and mean training loss (dashed, right axis) against the step, one panel per
+    key of ``panels`` (a task, or a swept setting), one colour per architecture and one line per seed; the
+    paper's accuracy dotted. ``None`` when no run carries a ``val_history`` (older result files)."""
+    panels = {k: [r for r in v if any(s.get("val_history") for s in r.get("seeds", []))] for k, v in panels.items()}
+    panels = {k: v for k, v in panels.items() if v}
+    if not panels:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = min(len(panels), 3)
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.4 * rows), squeeze=False)
+    archs = _arch_order({r["arch"] for v in panels.values() for r in v})
+    colour = {a: f"C{i}" for i, a in enumerate(archs)}
+    for ax, (title, results) in zip(axes.flat, panels.items()):
+        loss_ax = ax.twinx()
+        for r in sorted(results, key=lambda r: archs.index(r["arch"])):
+            for k, seed in enumerate(s for s in r["seeds"] if s.get("val_history")):
+                hist = seed["val_history"]
+                steps = [h["step"] for h in hist]
+                ax.plot(steps, [100 * h["val_acc"] for h in hist], color=colour[r["arch"]], linewidth=1.2,
+                        label=_name(r["arch"]) if k == 0 else None)
+                losses = [h.get("train_loss") for h in hist]
+                if any(x is not None for x in losses):
+                    loss_ax.plot(steps, [float("nan") if x is None else x for x in losses], color=colour[r["arch"]],
+                                 linestyle="--", linewidth=0.8, alpha=0.6)
+            paper = TABLE6.get(r["arch"], {}).get(r["task"])
+            if paper is not None:
+                ax.axhline(paper, color=colour[r["arch"]], linestyle=":", linewidth=1)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("step")
+        ax.set_ylabel("validation accuracy (%)")
+        ax.set_ylim(0, 105)
+        loss_ax.set_ylabel("training loss (dashed)", fontsize=8)
+        ax.legend(fontsize=7, loc="center right")
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def grid_curves(grid: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    """Panels for :func:`plot_curves`: a grid by task; a sweep by setting (and task, when several)."""
+    def by_task(results: Sequence[dict[str, Any]], prefix: str = "") -> dict[str, list[dict[str, Any]]]:
+        out: dict[str, list[dict[str, Any]]] = {}
+        tasks = list(dict.fromkeys(r["task"] for r in results))
+        for r in results:
+            title = SYNTHETIC_TASK_TITLES.get(r["task"], r["task"])
+            key = prefix if prefix and len(tasks) == 1 else f"{prefix}: {title}" if prefix else title
+            out.setdefault(key, []).append(r)
+        return out
+
+    if grid.get("kind") == "synthetic_sweep":
+        return {k: v for g in grid["variants"] for k, v in by_task(g["results"], _variant_label(g)).items()}
+    return by_task(grid["results"])
+
+
 # ------------------------------------------------------------------------------------------ Table 5
 
 def _size_key(size: str) -> tuple[int, str]:
@@ -339,6 +402,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, str]:
         out["table6.md"] = render_table6(res)
         if a.out:
             plot_table6(res, Path(a.out) / "table6.png")
+            plot_curves(grid_curves({"results": res}), Path(a.out) / "curves.png")
     if a.perplexity or a.lm_eval:
         ppl, acc = perplexity_rows(a.perplexity), lm_eval_rows(a.lm_eval)
         out["table5.md"] = render_table5(ppl, acc)

@@ -28,6 +28,9 @@ def test_graphed_steps_equal_eager_steps(arch, task):
     for name, ref in eager.items():
         torch.testing.assert_close(graphed[name], ref, atol=2e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
     assert runs[True].best_val == pytest.approx(runs[False].best_val, abs=1 / 64)
+    # the learning curve's mean training loss counts the warm-up, capture and replayed steps alike
+    losses = {g: [h["train_loss"] for h in runs[g].val_history] for g in runs}
+    assert len(losses[True]) == 2 and losses[True] == pytest.approx(losses[False], rel=1e-4, abs=1e-5)
 
 
 def test_concurrent_runs_match_sequential_runs():
@@ -50,3 +53,5 @@ def test_graphed_run_resumes_exactly(tmp_path):
     # the resumed run re-captures after 3 eager steps: same ops, so the same trajectory
     assert rest["final_train_loss"] == pytest.approx(whole["final_train_loss"], rel=1e-5, abs=1e-6)
     assert rest["best_val_acc"] == pytest.approx(whole["best_val_acc"], abs=1 / 64)
+    assert [h["train_loss"] for h in rest["val_history"]] == pytest.approx(
+        [h["train_loss"] for h in whole["val_history"]], rel=1e-5, abs=1e-5)

@@ -106,6 +106,10 @@ def test_stopped_runs_resume_exactly(tiny_gru, tmp_path):
         assert (b["steps"], b["epochs"], b["stopped"]) == (120, 40, "budget")
         assert (b["test_acc"], b["best_val_acc"], b["final_train_loss"]) == (
             a["test_acc"], a["best_val_acc"], a["final_train_loss"])  # the same trajectory, bit for bit
+        assert b["val_history"] == a["val_history"]  # incl. the epoch cut at the stop (loss sum carried over)
+        assert [h["epoch"] for h in b["val_history"]] == list(range(1, 41))
+        assert [h["step"] for h in b["val_history"]] == [3 * e for e in range(1, 41)]
+        assert max(h["val_acc"] for h in b["val_history"]) == b["best_val_acc"]
     assert not (tmp_path / "tinygru__hop1__s0.pt").exists() and (tmp_path / "tinygru__hop1__s0.result.json").exists()
     again = train_runs([(cfg, 0)], progress=False, state_dir=tmp_path, resume=True)  # finished: read back
     assert again[0] == rest[0]
@@ -234,6 +238,8 @@ def test_sweep_trains_each_setting_apart_and_equals_plain_runs(tiny_gru, tmp_pat
     assert a != b  # the two settings really trained differently
     md = (tmp_path / "sw" / "sweep.md").read_text()
     assert "lr=0.0001 | lr=0.001" in md and (tmp_path / "sw" / "sweep.png").stat().st_size > 0
+    assert (tmp_path / "sw" / "sweep_curves.png").stat().st_size > 0  # one panel per setting
+    assert (tmp_path / "sw" / "lr=0.001" / "curves.png").stat().st_size > 0
     with pytest.raises(SystemExit, match="both as a flag"):
         main(args + ["--out", str(tmp_path / "x"), "--sweep", "lr=1e-4,1e-3", "--lr", "1e-3"])
     with pytest.raises(SystemExit, match="needs --grid"):
@@ -245,3 +251,34 @@ def test_sweep_trains_each_setting_apart_and_equals_plain_runs(tiny_gru, tmp_pat
     done = main(args + ["--out", str(tmp_path / "bud"), "--sweep", "lr=1e-4,1e-3", "--resume"])
     for g, ref in zip(done["variants"], swept["variants"]):
         assert g["results"][0]["seeds"][0]["final_train_loss"] == ref["results"][0]["seeds"][0]["final_train_loss"]
+        assert g["results"][0]["seeds"][0]["val_history"] == ref["results"][0]["seeds"][0]["val_history"]
+
+
+def test_learning_curve_records_validation_and_mean_training_loss(tiny_gru, tmp_path):
+    """lr = 0 freezes the model, so an epoch's mean training loss must equal the loss over the whole training
+    set computed here independently (parity scores every position: equal weight per batch)."""
+    from eval.synthetic.train import SeedRun, evaluate
+
+    cfg = SyntheticTrainConfig(task="parity", arch=tiny_gru, seq_len=20, n_train=48, n_test=32, n_val=32,
+                               batch_size=16, lr=0.0, max_epochs=2, d_model=16, progress=False)
+    run = SeedRun(cfg, seed=0)
+    while not run.done:
+        run.advance()
+    train = run.splits["train"]
+    with torch.no_grad():
+        logits = run.model(train.input_ids)
+        scored = train.targets != -100
+        expect = nn.functional.cross_entropy(logits[scored].double(), train.targets[scored]).item()
+    hist = run.result()["val_history"]
+    assert [h["epoch"] for h in hist] == [1, 2] and [h["step"] for h in hist] == [3, 6]
+    assert all(h["train_loss"] == pytest.approx(expect, abs=2e-5) for h in hist)
+    assert all(h["val_acc"] == evaluate(run.model, run.val, 1000) for h in hist)
+    # the curves are drawn per task for a grid and per setting for a sweep
+    from eval.tables import grid_curves, plot_curves
+
+    grid = run_grid(dataclasses.replace(cfg, seeds=(0, 1), lr=1e-2), archs=[tiny_gru], tasks=["parity", "hop1"],
+                    out_dir=tmp_path)
+    assert list(grid_curves(grid)) == ["parity (|V|=2)", "1-hop (|V|=10)"]
+    assert (tmp_path / "curves.png").stat().st_size > 0
+    assert plot_curves({"old file": [{"arch": "x", "task": "parity", "seeds": [{"test_acc": 0.5}]}]},
+                       tmp_path / "none.png") is None and not (tmp_path / "none.png").exists()

@@ -135,11 +135,14 @@ class SeedRun:
         self.val = self.splits.get("val", self.splits["train"])
         self.shuffler = torch.Generator().manual_seed(seed)
         self.best_val, self.best_state, self.evals_since_best = -1.0, None, 0
+        # one entry per validation: the learning curve the result file carries (plotted as curves.png)
+        self.val_history: list[dict[str, float]] = []
+        self.epoch_loss_sum = torch.zeros((), device=self.device)  # summed on the device: no sync per step
         self.step = self.epoch = self.batch_in_epoch = 0
         self.done, self.stop_reason = False, ""
         self.perm: torch.Tensor | None = None
         self.graph: torch.cuda.CUDAGraph | None = None
-        self.static_ids = self.static_targets = None
+        self.static_ids = self.static_targets = self.static_loss = None
         self.last_loss: torch.Tensor | None = None  # the latest step's loss, still on the device
         self.warmup_steps = 0
         if self.stream is not None:  # the model and data were made on the current stream
@@ -169,7 +172,8 @@ class SeedRun:
         torch.index_select(self.train.targets, 0, idx, out=self.static_targets)
         self.lr_tensor.fill_(self.lr_at(self.step))
         if self.graph is not None:
-            self.graph.replay()  # refreshes self.last_loss, the graph's static loss output
+            self.graph.replay()
+            self.last_loss = self.static_loss  # the graph's output, refreshed by every replay
             return
         self.last_loss = self._eager_step(self.static_ids, self.static_targets)
         self.warmup_steps += 1  # counted from this process's start: a resumed run warms up again
@@ -188,7 +192,8 @@ class SeedRun:
             self.graph = None
             self.graphed = False
             return
-        self.graph, self.last_loss = graph, static_loss
+        # self.last_loss stays this step's eager loss: the captured output holds nothing until a replay
+        self.graph, self.static_loss = graph, static_loss
 
     def advance(self) -> None:
         """Enqueue one training step; validate and decide stopping at an epoch end."""
@@ -206,6 +211,7 @@ class SeedRun:
                     group["lr"] = self.lr_at(self.step)
                 b = self.train[idx]
                 self.last_loss = self._eager_step(b.input_ids, b.targets)
+            self.epoch_loss_sum += self.last_loss.detach()
             self.step += 1
             self.batch_in_epoch += 1
             if self.batch_in_epoch == self.batches_per_epoch or self.step >= self.horizon:
@@ -213,12 +219,16 @@ class SeedRun:
 
     def _end_epoch(self) -> None:
         cfg = self.cfg
-        self.batch_in_epoch = 0
+        batches, self.batch_in_epoch = self.batch_in_epoch, 0
         self.epoch += 1
+        mean_loss = float(self.epoch_loss_sum) / max(batches, 1)
+        self.epoch_loss_sum.zero_()
         last = self.step >= self.horizon or self.epoch >= cfg.max_epochs
         if self.epoch % cfg.eval_every and not last:
             return
         acc = evaluate(self.model, self.val, cfg.eval_batch_size, cfg.device)
+        self.val_history.append({"epoch": self.epoch, "step": self.step, "val_acc": acc,
+                                 "train_loss": round(mean_loss, 5)})  # mean over the epoch's batches
         if acc > self.best_val:
             self.best_val, self.evals_since_best = acc, 0
             self.best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
@@ -242,6 +252,7 @@ class SeedRun:
                 "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
                 "perm": None if self.perm is None else self.perm.cpu(), "shuffler": self.shuffler.get_state(),
                 "best_val": self.best_val, "best_state": self.best_state, "evals_since_best": self.evals_since_best,
+                "val_history": self.val_history, "epoch_loss_sum": self.epoch_loss_sum.cpu(),
                 "elapsed": self.elapsed()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -259,6 +270,8 @@ class SeedRun:
         self.perm = None if state["perm"] is None else state["perm"].to(self.device)
         self.shuffler.set_state(state["shuffler"])
         self.best_val, self.evals_since_best = state["best_val"], state["evals_since_best"]
+        self.val_history = list(state.get("val_history", []))  # absent in states saved before it existed
+        self.epoch_loss_sum.copy_(state.get("epoch_loss_sum", torch.zeros(())))
         self.best_state = None if state["best_state"] is None else {
             k: v.to(self.device) for k, v in state["best_state"].items()}
         self.t0 = time.time() - state["elapsed"]
@@ -283,7 +296,7 @@ class SeedRun:
                "steps": self.step, "stopped": self.stop_reason or "time budget", "cuda_graph": self.graph is not None,
                "final_train_loss": None if self.last_loss is None else float(self.last_loss.detach()),
                "train_seconds": round(self.elapsed(), 2),
-               "params": sum(p.numel() for p in self.model.parameters())}
+               "params": sum(p.numel() for p in self.model.parameters()), "val_history": self.val_history}
         log.info("%s/%s seed %d: test acc %.4f (val %.4f, %d epochs, %d steps, stopped: %s)", cfg.arch, cfg.task,
                  self.seed, test_acc, self.best_val, self.epoch, self.step, res["stopped"])
         return res
@@ -627,7 +640,7 @@ def run_grid(base: SyntheticTrainConfig, archs: Sequence[str] = ARCHS, tasks: Se
     runs = train_runs(jobs, model_factory, concurrent_runs=base.concurrent_runs,
                       time_budget_s=base.time_budget_s, progress=base.progress, state_dir=states, resume=base.resume)
     device = torch.cuda.get_device_name() if torch.device(base.device).type == "cuda" else "cpu"
-    from eval.tables import plot_sweep, render_sweep, render_table6
+    from eval.tables import grid_curves, plot_curves, plot_sweep, render_sweep, render_table6
 
     k, grids = 0, []
     for overrides, folder, cfgs in variants:
@@ -643,6 +656,7 @@ def run_grid(base: SyntheticTrainConfig, archs: Sequence[str] = ARCHS, tasks: Se
             folder.mkdir(parents=True, exist_ok=True)
             (folder / "table6.json").write_text(json.dumps(grid, indent=2))
             (folder / "table6.md").write_text(render_table6(results))
+            plot_curves(grid_curves(grid), folder / "curves.png")
         grids.append(grid)
     if not sweep:
         return grids[0]
@@ -653,6 +667,7 @@ def run_grid(base: SyntheticTrainConfig, archs: Sequence[str] = ARCHS, tasks: Se
         (out / "sweep.json").write_text(json.dumps(swept, indent=2))
         (out / "sweep.md").write_text(render_sweep(swept))
         plot_sweep(swept, out / "sweep.png")
+        plot_curves(grid_curves(swept), out / "sweep_curves.png")
     return swept
 
 
