@@ -10,6 +10,7 @@ Inputs (JSON):
 
 CLI:
     python -m eval.tables --synthetic results/synthetic --perplexity r/ppl_*.json --lm-eval r/lm_*.json --out tables/
+    python -m eval.tables --sweep results/sweep/sweep.json --out tables/    # sweep.md, sweep.png, sweep_curves.png
 """
 from __future__ import annotations
 
@@ -65,7 +66,7 @@ def synthetic_results(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
     rows: dict[tuple[str, str], dict[str, Any]] = {}
     for path, obj in load_json_files(paths):
         if obj.get("kind") == "synthetic_sweep":  # several settings per cell: not one Table 6
-            log.warning("%s is a sweep: render it with render_sweep, or pass one setting's folder "
+            log.warning("%s is a sweep: render it with --sweep, or pass one setting's folder "
                         "(%s/NAME) for Table 6", path, path.parent)
         items = obj["results"] if obj.get("kind") == "synthetic_grid" else [obj] if obj.get("kind") == "synthetic" else []
         for r in items:
@@ -391,6 +392,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, str]:
     p.add_argument("--synthetic", nargs="*", default=[], help="synthetic result files or directories")
     p.add_argument("--perplexity", nargs="*", default=[], help="perplexity JSON files or directories")
     p.add_argument("--lm-eval", nargs="*", default=[], help="lm-eval results JSON files or directories")
+    p.add_argument("--sweep", default=None, help="a sweep.json (eval.synthetic.train --sweep): sweep.md and plots")
     p.add_argument("--out", default=None, help="directory for table5.md / table6.md and plots")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -403,6 +405,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, str]:
         if a.out:
             plot_table6(res, Path(a.out) / "table6.png")
             plot_curves(grid_curves({"results": res}), Path(a.out) / "curves.png")
+    if a.sweep:
+        swept = json.loads(Path(a.sweep).read_text())
+        if swept.get("kind") != "synthetic_sweep":
+            p.error(f"--sweep {a.sweep}: not a sweep file (kind {swept.get('kind')!r}); use --synthetic")
+        out["sweep.md"] = render_sweep(swept)
+        if a.out:
+            plot_sweep(swept, Path(a.out) / "sweep.png")
+            plot_curves(grid_curves(swept), Path(a.out) / "sweep_curves.png")
     if a.perplexity or a.lm_eval:
         ppl, acc = perplexity_rows(a.perplexity), lm_eval_rows(a.lm_eval)
         out["table5.md"] = render_table5(ppl, acc)

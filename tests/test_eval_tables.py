@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 import re
 
+import pytest
+
 from eval import tables
 from eval.paper import TABLE5_PPL, TABLE6
 
@@ -142,3 +144,9 @@ def test_sweep_table_and_plots(tmp_path, caplog):
     assert tables.plot_sweep(two_keys, tmp_path / "two.png").stat().st_size > 0
     _write(tmp_path / "sweep.json", two_keys)
     assert tables.synthetic_results([tmp_path]) == [] and "is a sweep" in caplog.text
+    out = tables.main(["--sweep", str(tmp_path / "sweep.json"), "--out", str(tmp_path / "r")])
+    assert out["sweep.md"] == md and (tmp_path / "r" / "sweep.png").exists()
+    assert not (tmp_path / "r" / "sweep_curves.png").exists()  # these results carry no learning curves
+    _write(tmp_path / "cell.json", {"kind": "synthetic", "arch": "paragru", "task": "mqar", "accuracy": 0.5})
+    with pytest.raises(SystemExit):
+        tables.main(["--sweep", str(tmp_path / "cell.json")])
