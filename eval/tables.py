@@ -325,6 +325,16 @@ def grid_curves(grid: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
     return by_task(grid["results"])
 
 
+def write_sweep(swept: dict[str, Any], out_dir: str | Path) -> str:
+    """``sweep.md``, ``sweep.png`` and ``sweep_curves.png`` (if the runs carry learning curves) in ``out_dir``."""
+    out_dir = Path(out_dir)
+    md = render_sweep(swept)
+    (out_dir / "sweep.md").write_text(md)
+    plot_sweep(swept, out_dir / "sweep.png")
+    plot_curves(grid_curves(swept), out_dir / "sweep_curves.png")
+    return md
+
+
 # ------------------------------------------------------------------------------------------ Table 5
 
 def _size_key(size: str) -> tuple[int, str]:
@@ -409,10 +419,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, str]:
         swept = json.loads(Path(a.sweep).read_text())
         if swept.get("kind") != "synthetic_sweep":
             p.error(f"--sweep {a.sweep}: not a sweep file (kind {swept.get('kind')!r}); use --synthetic")
-        out["sweep.md"] = render_sweep(swept)
-        if a.out:
-            plot_sweep(swept, Path(a.out) / "sweep.png")
-            plot_curves(grid_curves(swept), Path(a.out) / "sweep_curves.png")
+        out["sweep.md"] = write_sweep(swept, a.out) if a.out else render_sweep(swept)
     if a.perplexity or a.lm_eval:
         ppl, acc = perplexity_rows(a.perplexity), lm_eval_rows(a.lm_eval)
         out["table5.md"] = render_table5(ppl, acc)

@@ -10,7 +10,7 @@ from torch import nn
 
 from eval.synthetic import models as synth_models
 from eval.synthetic.train import SyntheticTrainConfig, evaluate, run_grid, run_task
-from eval.synthetic.tasks import TASKS
+from eval.synthetic.tasks import IGNORE_INDEX, TASKS
 
 
 @pytest.fixture
@@ -267,7 +267,7 @@ def test_learning_curve_records_validation_and_mean_training_loss(tiny_gru, tmp_
     train = run.splits["train"]
     with torch.no_grad():
         logits = run.model(train.input_ids)
-        scored = train.targets != -100
+        scored = train.targets != IGNORE_INDEX
         expect = nn.functional.cross_entropy(logits[scored].double(), train.targets[scored]).item()
     hist = run.result()["val_history"]
     assert [h["epoch"] for h in hist] == [1, 2] and [h["step"] for h in hist] == [3, 6]

@@ -162,6 +162,7 @@ class SeedRun:
         if self.cfg.grad_clip:
             nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
         self.opt.step()
+        self.epoch_loss_sum += loss.detach()  # part of the captured graph too: no extra launch per replay
         return loss
 
     def _graph_step(self, idx: torch.Tensor) -> None:
@@ -211,7 +212,6 @@ class SeedRun:
                     group["lr"] = self.lr_at(self.step)
                 b = self.train[idx]
                 self.last_loss = self._eager_step(b.input_ids, b.targets)
-            self.epoch_loss_sum += self.last_loss.detach()
             self.step += 1
             self.batch_in_epoch += 1
             if self.batch_in_epoch == self.batches_per_epoch or self.step >= self.horizon:
@@ -640,7 +640,7 @@ def run_grid(base: SyntheticTrainConfig, archs: Sequence[str] = ARCHS, tasks: Se
     runs = train_runs(jobs, model_factory, concurrent_runs=base.concurrent_runs,
                       time_budget_s=base.time_budget_s, progress=base.progress, state_dir=states, resume=base.resume)
     device = torch.cuda.get_device_name() if torch.device(base.device).type == "cuda" else "cpu"
-    from eval.tables import grid_curves, plot_curves, plot_sweep, render_sweep, render_table6
+    from eval.tables import grid_curves, plot_curves, render_table6, write_sweep
 
     k, grids = 0, []
     for overrides, folder, cfgs in variants:
@@ -665,9 +665,7 @@ def run_grid(base: SyntheticTrainConfig, archs: Sequence[str] = ARCHS, tasks: Se
              "device": device}
     if out is not None:
         (out / "sweep.json").write_text(json.dumps(swept, indent=2))
-        (out / "sweep.md").write_text(render_sweep(swept))
-        plot_sweep(swept, out / "sweep.png")
-        plot_curves(grid_curves(swept), out / "sweep_curves.png")
+        write_sweep(swept, out)
     return swept
 
 
