@@ -264,6 +264,14 @@ def plot_sweep(swept: dict[str, Any], path: str | Path) -> Path:
 
 # ------------------------------------------------------------------------------------------ learning curves
 
+def _compact_count(x: float, _pos: Any = None) -> str:
+    """Axis label for a step count: 250000 -> '250k', 1500000 -> '1.5M' (long plain numbers overlap)."""
+    for scale, suffix in ((1e6, "M"), (1e3, "k")):
+        if abs(x) >= scale:
+            return f"{x / scale:.4g}{suffix}"
+    return f"{x:.4g}"
+
+
 def plot_curves(panels: dict[str, Sequence[dict[str, Any]]], path: str | Path) -> Path | None:
     """Validation accuracy (solid) and mean training loss (dashed, right axis) against the step, one panel per
     key of ``panels`` (a task, or a swept setting), one colour per architecture and one line per seed; the
@@ -276,6 +284,7 @@ def plot_curves(panels: dict[str, Sequence[dict[str, Any]]], path: str | Path) -
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
 
     cols = min(len(panels), 3)
     rows = -(-len(panels) // cols)
@@ -289,7 +298,7 @@ def plot_curves(panels: dict[str, Sequence[dict[str, Any]]], path: str | Path) -
                 hist = seed["val_history"]
                 steps = [h["step"] for h in hist]
                 ax.plot(steps, [100 * h["val_acc"] for h in hist], color=colour[r["arch"]], linewidth=1.2,
-                        label=_name(r["arch"]) if k == 0 else None)
+                        marker="o", markersize=2.5, label=_name(r["arch"]) if k == 0 else None)
                 losses = [h.get("train_loss") for h in hist]
                 if any(x is not None for x in losses):
                     loss_ax.plot(steps, [float("nan") if x is None else x for x in losses], color=colour[r["arch"]],
@@ -299,6 +308,7 @@ def plot_curves(panels: dict[str, Sequence[dict[str, Any]]], path: str | Path) -
                 ax.axhline(paper, color=colour[r["arch"]], linestyle=":", linewidth=1)
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("step")
+        ax.xaxis.set_major_formatter(FuncFormatter(_compact_count))
         ax.set_ylabel("validation accuracy (%)")
         ax.set_ylim(0, 105)
         loss_ax.set_ylabel("training loss (dashed)", fontsize=8)

@@ -150,3 +150,11 @@ def test_sweep_table_and_plots(tmp_path, caplog):
     _write(tmp_path / "cell.json", {"kind": "synthetic", "arch": "paragru", "task": "mqar", "accuracy": 0.5})
     with pytest.raises(SystemExit):
         tables.main(["--sweep", str(tmp_path / "cell.json")])
+
+
+def test_compact_step_labels():
+    assert tables._compact_count(250_000) == "250k"
+    assert tables._compact_count(1_500_000) == "1.5M"
+    assert tables._compact_count(62_500) == "62.5k"
+    assert tables._compact_count(999) == "999"
+    assert tables._compact_count(0) == "0"
