@@ -56,6 +56,8 @@ def render(overrides: list[str]) -> tuple[str, TrainConfig]:
         raise SystemExit(f"slurm/launch.py needs cluster=slurm (got cluster.name={cluster.name!r})")
     if cluster.nodes < 1 or cluster.cpus_per_task < 1 or cluster.gpus_per_node < 0:
         raise SystemExit("cluster.nodes and cluster.cpus_per_task must be >= 1, cluster.gpus_per_node >= 0")
+    if cluster.port is not None and not 1024 <= cluster.port <= 65535:
+        raise SystemExit(f"cluster.port must be in 1024..65535 or null (derived from the job id), got {cluster.port}")
     run_dir = Path(cfg.run_dir)
     run_dir = run_dir if run_dir.is_absolute() else ROOT / run_dir
     extra = [f"#SBATCH --gpus-per-node={cluster.gpus_per_node}"] if cluster.gpus_per_node > 0 else []
@@ -71,7 +73,9 @@ def render(overrides: list[str]) -> tuple[str, TrainConfig]:
         "log_file": shlex.quote(str(run_dir / "slurm-%j.out")),
         "extra_directives": "\n".join(extra), "workdir": shlex.quote(str(ROOT)),
         "env_file": shlex.quote(str(env_file if env_file.is_absolute() else ROOT / env_file)),
-        "port": cluster.port, "python": shlex.quote(sys.executable), "procs_per_node": procs,
+        # substituted values are not re-scanned by Template: a single $ reaches bash
+        "port": cluster.port if cluster.port is not None else "$((20000 + SLURM_JOB_ID % 10000))",
+        "python": shlex.quote(sys.executable), "procs_per_node": procs,
         "overrides": " ".join(shlex.quote(o) for o in overrides), "requeue_exit_code": REQUEUE_EXIT_CODE,
     }
     template = Template((ROOT / "slurm" / "train.sbatch").read_text())
