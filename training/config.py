@@ -106,8 +106,8 @@ class ClusterConfig:
     signal_seconds: int = 300  # SIGUSR1 this long before the time limit -> checkpoint -> requeue
     env_file: str = "slurm/env.sh"
     # c10d rendezvous port on the first node. None: 20000 + job id % 10000, below the kernel's ephemeral
-    # range (so srun's own sockets cannot already hold it), distinct for jobs sharing a node, and the
-    # same after a requeue (same job id).
+    # range (so srun's own sockets cannot already hold it), distinct for jobs sharing a node unless their
+    # ids differ by a multiple of 10000, and the same after a requeue (same job id).
     port: Optional[int] = None
     extra_sbatch: list[str] = field(default_factory=list)  # more "#SBATCH ..." lines, e.g. ["--exclusive"]
 
