@@ -13,6 +13,7 @@ channel's gates to count and latch on their own. ``--gain-bound`` sets the recur
     python scripts/probe_keep_nth.py --arch paragru --train-size 0 --steps 6000   # fresh data every step
     python scripts/probe_keep_nth.py --arch paragru --seq-len 100 --train-size 0 --retain-gate-bias 3
     python scripts/probe_keep_nth.py --gradient-reach    # fp64, at init: how much gradient reaches token n
+    python scripts/probe_keep_nth.py --train-size 0 --curriculum 12:20000 25:10000 50:8000 100:4000
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from eval.synthetic.models import RNN_ARCHS, DenseGRULM, build_model, logits_of  # noqa: E402
-from eval.synthetic.tasks import keep_nth  # noqa: E402
+from eval.synthetic.tasks import SyntheticBatch, keep_nth  # noqa: E402
 
 log = logging.getLogger("probe_keep_nth")
 
@@ -48,6 +49,21 @@ def gradient_reach(arch: str, seq_len: int, n: int = 5, retain_gate_bias: float 
     return (per_position[n - 1] / per_position[-1]).item()
 
 
+def _stage(spec: str) -> tuple[int, int]:
+    try:
+        seq_len, steps = (int(v) for v in spec.split(":"))
+    except ValueError:
+        raise SystemExit(f"--curriculum takes L:STEPS stages such as 12:20000, got {spec!r}") from None
+    return seq_len, steps
+
+
+@torch.no_grad()
+def _accuracy(model: nn.Module, last: SyntheticBatch, dense: SyntheticBatch) -> tuple[float, float]:
+    """Accuracy at the last position and at every position after the n-th token (same inputs)."""
+    pred = logits_of(model(last.input_ids)).argmax(-1)
+    return tuple((pred[b.loss_mask] == b.targets[b.loss_mask]).float().mean().item() for b in (last, dense))
+
+
 def main(argv: list[str] | None = None) -> float:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--arch", default="paragru", choices=["paragru", "paralstm", "dense_gru"])
@@ -64,6 +80,9 @@ def main(argv: list[str] | None = None) -> float:
                    help="training sequences sampled from; 0 = a fresh batch every step (nothing to memorise)")
     p.add_argument("--dense", action="store_true",
                    help="train on every position after the n-th token (the test still reports the last position)")
+    p.add_argument("--curriculum", nargs="+", default=None, metavar="L:STEPS",
+                   help="train in stages of growing length (e.g. 12:20000 25:10000 100:4000) instead of "
+                        "--seq-len/--steps; every check also reports the last stage's length")
     p.add_argument("--gradient-reach", action="store_true",
                    help="print gradient_reach for both cells, L = 12..100 and retention biases 0, 2, 3, 4; no training")
     a = p.parse_args(argv)
@@ -77,40 +96,46 @@ def main(argv: list[str] | None = None) -> float:
                 ratios = [gradient_reach(arch, seq_len, a.n, b, seed=a.seed) for b in biases]
                 log.info("%-8s L=%3d  %s", arch, seq_len, "  ".join(f"{r:8.1e}" for r in ratios))
         return 0.0
-    if a.gain_bound is None and a.arch != "dense_gru" and a.seq_len >= 64:
+    stages = [(a.seq_len, a.steps)] if not a.curriculum else [_stage(spec) for spec in a.curriculum]
+    final_len = stages[-1][0]
+    if a.gain_bound is None and a.arch != "dense_gru" and final_len >= 64:
         log.warning("unbounded recurrent gains at L = %d: once they grow, Newton may not converge and the layer "
                     "falls back to its slow sequential path; the paper's synthetic runs use --gain-bound 0.9",
-                    a.seq_len)
+                    final_len)
     torch.manual_seed(a.seed)
     vocab, d = 128, 64
-    train = keep_nth(a.train_size, a.seq_len, vocab, a.n, seed=a.seed + 1, dense=a.dense) if a.train_size else None
-    test = keep_nth(2_000, a.seq_len, vocab, a.n, seed=a.seed + 2)  # scored at the last position (Table 6)
-    test_dense = keep_nth(2_000, a.seq_len, vocab, a.n, seed=a.seed + 2, dense=True)
     if a.arch == "dense_gru":
         model = DenseGRULM(vocab, d)
     else:
         model = build_model(a.arch, vocab, bare_mixer=True, d_model=d, gain_bound=a.gain_bound,
                             retain_gate_bias=a.retain_gate_bias)
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=1e-6)
-    t0, acc = time.time(), 0.0
-    for step in range(a.steps):
-        if train is None:  # fresh sequences (seeds far from the test split's)
-            batch = keep_nth(a.batch_size, a.seq_len, vocab, a.n, seed=10_000_000 + a.seed * 1_000_000 + step,
-                             dense=a.dense)
-        else:
-            batch = train[torch.randint(0, len(train), (a.batch_size,))]
-        logits = logits_of(model(batch.input_ids))
-        loss = nn.functional.cross_entropy(logits[batch.loss_mask], batch.targets[batch.loss_mask])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if step % 500 == 0 or step == a.steps - 1:
-            with torch.no_grad():
-                pred = logits_of(model(test.input_ids)).argmax(-1)  # same inputs as test_dense
-                acc = (pred[test.loss_mask] == test.targets[test.loss_mask]).float().mean().item()
-                acc_dense = (pred[test_dense.loss_mask] == test_dense.targets[test_dense.loss_mask]).float().mean().item()
-            log.info("%s L=%d step %d train loss %.3f test accuracy %.3f (every position after the n-th: %.3f) (%.0f s)",
-                     a.arch, a.seq_len, step, loss.item(), acc, acc_dense, time.time() - t0)
+    # scored at the last position (Table 6); the dense set has the same inputs, scored after the n-th token
+    tests = {L: (keep_nth(2_000, L, vocab, a.n, seed=a.seed + 2), keep_nth(2_000, L, vocab, a.n, seed=a.seed + 2, dense=True))
+             for L in dict.fromkeys(L for L, _ in stages)}
+    t0, acc, done = time.time(), 0.0, 0
+    for seq_len, steps in stages:
+        train = keep_nth(a.train_size, seq_len, vocab, a.n, seed=a.seed + 1, dense=a.dense) if a.train_size else None
+        shown = [seq_len] + ([final_len] if final_len != seq_len else [])
+        for step in range(steps):
+            if train is None:  # fresh sequences (seeds far from the test split's)
+                batch = keep_nth(a.batch_size, seq_len, vocab, a.n, seed=10_000_000 + a.seed * 1_000_000 + done + step,
+                                 dense=a.dense)
+            else:
+                batch = train[torch.randint(0, len(train), (a.batch_size,))]
+            logits = logits_of(model(batch.input_ids))
+            loss = nn.functional.cross_entropy(logits[batch.loss_mask], batch.targets[batch.loss_mask])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if step % 500 == 0 or step == steps - 1:
+                parts = []
+                for L in shown:
+                    acc, acc_dense = _accuracy(model, *tests[L])
+                    parts.append(f"test accuracy at L={L} {acc:.3f} (every position after the n-th: {acc_dense:.3f})")
+                log.info("%s L=%d step %d train loss %.3f %s (%.0f s)", a.arch, seq_len, done + step, loss.item(),
+                         "; ".join(parts), time.time() - t0)
+        done += steps
     return acc
 
 
