@@ -67,9 +67,9 @@ def _accuracy(model: nn.Module, last: SyntheticBatch, dense: SyntheticBatch) -> 
 def main(argv: list[str] | None = None) -> float:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--arch", default="paragru", choices=["paragru", "paralstm", "dense_gru"])
-    p.add_argument("--seq-len", type=int, default=12)
+    p.add_argument("--seq-len", type=int, default=None, help="default 12")
     p.add_argument("--n", type=int, default=5, help="which token to keep (1-based)")
-    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--steps", type=int, default=None, help="default 3000")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--gain-bound", type=float, default=None)
@@ -96,7 +96,9 @@ def main(argv: list[str] | None = None) -> float:
                 ratios = [gradient_reach(arch, seq_len, a.n, b, seed=a.seed) for b in biases]
                 log.info("%-8s L=%3d  %s", arch, seq_len, "  ".join(f"{r:8.1e}" for r in ratios))
         return 0.0
-    stages = [(a.seq_len, a.steps)] if not a.curriculum else [_stage(spec) for spec in a.curriculum]
+    if a.curriculum and (a.seq_len or a.steps):
+        raise SystemExit("--curriculum sets the lengths and steps: drop --seq-len / --steps")
+    stages = [_stage(spec) for spec in a.curriculum] if a.curriculum else [(a.seq_len or 12, a.steps or 3000)]
     final_len = stages[-1][0]
     if a.gain_bound is None and a.arch != "dense_gru" and final_len >= 64:
         log.warning("unbounded recurrent gains at L = %d: once they grow, Newton may not converge and the layer "
