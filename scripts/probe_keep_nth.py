@@ -14,11 +14,15 @@ channel's gates to count and latch on their own. ``--gain-bound`` sets the recur
     python scripts/probe_keep_nth.py --arch paragru --seq-len 100 --train-size 0 --retain-gate-bias 3
     python scripts/probe_keep_nth.py --gradient-reach    # fp64, at init: how much gradient reaches token n
     python scripts/probe_keep_nth.py --train-size 0 --curriculum 12:20000 25:10000 50:8000 100:4000
+    python scripts/probe_keep_nth.py --train-size 0 --curriculum 12:30000 100:10000 --schedule cosine \
+        --device cuda --json curve.json     # on a GPU; every check (and the best) written as JSON
 """
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import math
 import os
 import sys
 import time
@@ -28,7 +32,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from eval.synthetic.models import RNN_ARCHS, DenseGRULM, build_model, logits_of  # noqa: E402
-from eval.synthetic.tasks import SyntheticBatch, keep_nth  # noqa: E402
+from eval.synthetic.tasks import IGNORE_INDEX, SyntheticBatch, keep_nth  # noqa: E402
 
 log = logging.getLogger("probe_keep_nth")
 
@@ -57,10 +61,19 @@ def _stage(spec: str) -> tuple[int, int]:
     return seq_len, steps
 
 
+def lr_factor(step: int, total: int, schedule: str, floor: float = 0.1) -> float:
+    """Multiplier of --lr at ``step`` of ``total``: 1 (constant), or a cosine from 1 down to ``floor`` over the
+    whole run, every curriculum stage included (the late, long stages train at a low rate)."""
+    if schedule == "constant":
+        return 1.0
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * min(step, total) / max(total, 1)))
+
+
 @torch.no_grad()
-def _accuracy(model: nn.Module, last: SyntheticBatch, dense: SyntheticBatch) -> tuple[float, float]:
+def _accuracy(model: nn.Module, last: SyntheticBatch, dense: SyntheticBatch, chunk: int = 2_000) -> tuple[float, float]:
     """Accuracy at the last position and at every position after the n-th token (same inputs)."""
-    pred = logits_of(model(last.input_ids)).argmax(-1)
+    pred = torch.cat([logits_of(model(last.input_ids[i:i + chunk])).argmax(-1)
+                      for i in range(0, len(last.input_ids), chunk)])
     return tuple((pred[b.loss_mask] == b.targets[b.loss_mask]).float().mean().item() for b in (last, dense))
 
 
@@ -83,6 +96,15 @@ def main(argv: list[str] | None = None) -> float:
     p.add_argument("--curriculum", nargs="+", default=None, metavar="L:STEPS",
                    help="train in stages of growing length (e.g. 12:20000 25:10000 100:4000) instead of "
                         "--seq-len/--steps; every check also reports the last stage's length")
+    p.add_argument("--schedule", choices=["constant", "cosine"], default="constant",
+                   help="learning rate over the whole run: constant, or a cosine from --lr to --lr/10")
+    p.add_argument("--test-size", type=int, default=2_000, help="test sequences per length (+-0.9%% at 2,000)")
+    p.add_argument("--log-every", type=int, default=500, help="steps between test checks")
+    p.add_argument("--time-budget-min", type=float, default=None,
+                   help="stop after this many minutes (with a last check), e.g. to fit a GPU lease")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--json", default=None, metavar="PATH",
+                   help="write the arguments, every check and the best accuracy at the final length as JSON")
     p.add_argument("--gradient-reach", action="store_true",
                    help="print gradient_reach for both cells, L = 12..100 and retention biases 0, 2, 3, 4; no training")
     a = p.parse_args(argv)
@@ -105,39 +127,68 @@ def main(argv: list[str] | None = None) -> float:
                     "falls back to its slow sequential path; the paper's synthetic runs use --gain-bound 0.9",
                     final_len)
     torch.manual_seed(a.seed)
+    device = torch.device(a.device)
     vocab, d = 128, 64
     if a.arch == "dense_gru":
         model = DenseGRULM(vocab, d)
     else:
         model = build_model(a.arch, vocab, bare_mixer=True, d_model=d, gain_bound=a.gain_bound,
                             retain_gate_bias=a.retain_gate_bias)
+    model.to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=1e-6)
+    total = sum(steps for _, steps in stages)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, total, a.schedule))
     # scored at the last position (Table 6); the dense set has the same inputs, scored after the n-th token
-    tests = {L: (keep_nth(2_000, L, vocab, a.n, seed=a.seed + 2), keep_nth(2_000, L, vocab, a.n, seed=a.seed + 2, dense=True))
+    tests = {L: tuple(keep_nth(a.test_size, L, vocab, a.n, seed=a.seed + 2, dense=dense).to(device)
+                      for dense in (False, True))
              for L in dict.fromkeys(L for L, _ in stages)}
     t0, acc, done = time.time(), 0.0, 0
+    checks: list[dict] = []
+    best = {"accuracy": -1.0, "step": None}
+    deadline = t0 + 60 * a.time_budget_min if a.time_budget_min else math.inf
+    stopped_at = None
     for seq_len, steps in stages:
-        train = keep_nth(a.train_size, seq_len, vocab, a.n, seed=a.seed + 1, dense=a.dense) if a.train_size else None
+        if stopped_at is not None:
+            break
+        train = (keep_nth(a.train_size, seq_len, vocab, a.n, seed=a.seed + 1, dense=a.dense).to(device)
+                 if a.train_size else None)
         shown = [seq_len] + ([final_len] if final_len != seq_len else [])
         for step in range(steps):
             if train is None:  # fresh sequences (seeds far from the test split's)
                 batch = keep_nth(a.batch_size, seq_len, vocab, a.n, seed=10_000_000 + a.seed * 1_000_000 + done + step,
-                                 dense=a.dense)
+                                 dense=a.dense).to(device)
             else:
-                batch = train[torch.randint(0, len(train), (a.batch_size,))]
+                batch = train[torch.randint(0, len(train), (a.batch_size,), device=device)]
             logits = logits_of(model(batch.input_ids))
-            loss = nn.functional.cross_entropy(logits[batch.loss_mask], batch.targets[batch.loss_mask])
+            # unscored targets are IGNORE_INDEX: the same mean as indexing by loss_mask, without a host sync
+            loss = nn.functional.cross_entropy(logits.flatten(0, 1), batch.targets.flatten(), ignore_index=IGNORE_INDEX)
             opt.zero_grad()
             loss.backward()
             opt.step()
-            if step % 500 == 0 or step == steps - 1:
-                parts = []
+            sched.step()
+            if stopped_at is None and time.time() > deadline:
+                stopped_at = done + step
+                log.warning("time budget of %g min spent: stopping at step %d of %d", a.time_budget_min, stopped_at, total)
+            if step % a.log_every == 0 or step == steps - 1 or stopped_at is not None:
+                parts, check = [], {"step": done + step, "seq_len": seq_len, "loss": loss.item(),
+                                    "lr": opt.param_groups[0]["lr"], "accuracy": {}}
                 for L in shown:
                     acc, acc_dense = _accuracy(model, *tests[L])
+                    check["accuracy"][L] = acc
                     parts.append(f"test accuracy at L={L} {acc:.3f} (every position after the n-th: {acc_dense:.3f})")
-                log.info("%s L=%d step %d train loss %.3f %s (%.0f s)", a.arch, seq_len, done + step, loss.item(),
+                if acc > best["accuracy"]:  # acc is the final length's (last in ``shown``)
+                    best = {"accuracy": acc, "step": done + step}
+                checks.append(check)
+                log.info("%s L=%d step %d train loss %.3f %s (%.0f s)", a.arch, seq_len, done + step, check["loss"],
                          "; ".join(parts), time.time() - t0)
+            if stopped_at is not None:
+                break
         done += steps
+    log.info("best test accuracy at L=%d: %.3f (step %s); final %.3f", final_len, best["accuracy"], best["step"], acc)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"args": vars(a), "final_len": final_len, "final_accuracy": acc, "best": best,
+                       "stopped_at_step": stopped_at, "checks": checks, "seconds": time.time() - t0}, f, indent=1)
     return acc
 
 

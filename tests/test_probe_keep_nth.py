@@ -2,11 +2,13 @@
 that reports the final length at every check of the earlier stage."""
 from __future__ import annotations
 
+import json
 import logging
+import math
 
 import pytest
 
-from scripts.probe_keep_nth import _stage, main
+from scripts.probe_keep_nth import _stage, lr_factor, main
 
 
 def test_stage_parsing_and_bad_input():
@@ -28,3 +30,25 @@ def test_two_stage_curriculum_reports_the_final_length(caplog):
     assert all("test accuracy at L=8" not in line for line in lines[2:])
     assert [int(line.split()[3]) for line in lines] == [0, 1, 2, 3]  # one step count across stages
     assert 0.0 <= acc <= 1.0
+
+
+def test_cosine_schedule_spans_every_stage():
+    assert [lr_factor(s, 100, "constant") for s in (0, 50, 100)] == [1.0, 1.0, 1.0]
+    assert lr_factor(0, 100, "cosine") == pytest.approx(1.0)
+    assert lr_factor(50, 100, "cosine") == pytest.approx(0.55)  # halfway: floor + (1 - floor) / 2
+    assert lr_factor(100, 100, "cosine") == pytest.approx(0.1)
+    assert lr_factor(25, 100, "cosine") == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi / 4)))
+
+
+def test_json_holds_every_check_and_the_best(tmp_path):
+    out = tmp_path / "curve.json"
+    acc = main(["--train-size", "0", "--batch-size", "4", "--test-size", "50", "--log-every", "2",
+                "--schedule", "cosine", "--lr", "1e-2", "--curriculum", "8:4", "12:4", "--json", str(out)])
+    d = json.loads(out.read_text())
+    assert [c["step"] for c in d["checks"]] == [0, 2, 3, 4, 6, 7]
+    assert [c["seq_len"] for c in d["checks"]] == [8, 8, 8, 12, 12, 12]
+    assert all("12" in c["accuracy"] for c in d["checks"])  # the final length at every check
+    finals = [c["accuracy"]["12"] for c in d["checks"]]
+    assert d["best"]["accuracy"] == max(finals) and d["final_accuracy"] == finals[-1] == acc
+    lrs = [c["lr"] for c in d["checks"]]
+    assert lrs == sorted(lrs, reverse=True) and lrs[-1] == pytest.approx(1e-3)  # one cosine over both stages
