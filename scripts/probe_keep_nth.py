@@ -16,6 +16,7 @@ channel's gates to count and latch on their own. ``--gain-bound`` sets the recur
     python scripts/probe_keep_nth.py --train-size 0 --curriculum 12:20000 25:10000 50:8000 100:4000
     python scripts/probe_keep_nth.py --train-size 0 --curriculum 12:30000 100:10000 --schedule cosine \
         --device cuda --json curve.json     # on a GPU; every check (and the best) written as JSON
+    python scripts/probe_keep_nth.py --plot curves.png a.json b.json   # accuracy at the final length vs step
 """
 from __future__ import annotations
 
@@ -51,6 +52,37 @@ def gradient_reach(arch: str, seq_len: int, n: int = 5, retain_gate_bias: float 
     (g,) = torch.autograd.grad(loss, x)
     per_position = g.norm(dim=-1).mean(0)
     return (per_position[n - 1] / per_position[-1]).item()
+
+
+def plot_curves(paths: list[str], out: str) -> None:
+    """Test accuracy at each run's final length against training step, one line per --json file; the
+    curriculum's stage boundaries of the first file are drawn as dotted lines."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for i, path in enumerate(paths):
+        with open(path) as f:
+            run = json.load(f)
+        key = str(run["final_len"])
+        steps = [c["step"] for c in run["checks"]]
+        ax.plot(steps, [100 * c["accuracy"][key] for c in run["checks"]], lw=1.2,
+                label=os.path.splitext(os.path.basename(path))[0])
+        if i == 0:
+            for c, nxt in zip(run["checks"], run["checks"][1:]):
+                if nxt["seq_len"] != c["seq_len"]:
+                    ax.axvline(nxt["step"], color="grey", ls=":", lw=0.8)
+                    ax.text(nxt["step"], 1, f" L={nxt['seq_len']}", color="grey", fontsize=8)
+    ax.set(xlabel="training step", ylabel="test accuracy at the final length (%)",
+           title="keep-nth (n = 5, |V| = 128), one bare layer, d = 64")
+    ax.set_ylim(0, 100)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    log.info("wrote %s", out)
 
 
 def _stage(spec: str) -> tuple[int, int]:
@@ -105,10 +137,17 @@ def main(argv: list[str] | None = None) -> float:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", default=None, metavar="PATH",
                    help="write the arguments, every check and the best accuracy at the final length as JSON")
+    p.add_argument("--plot", nargs="+", default=None, metavar=("OUT.png", "RUN.json"),
+                   help="no training: draw the --json files given after OUT.png (accuracy against step)")
     p.add_argument("--gradient-reach", action="store_true",
                    help="print gradient_reach for both cells, L = 12..100 and retention biases 0, 2, 3, 4; no training")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if a.plot:
+        if len(a.plot) < 2:
+            raise SystemExit("--plot takes OUT.png and then at least one --json file")
+        plot_curves(a.plot[1:], a.plot[0])
+        return 0.0
     if a.gradient_reach:
         biases = (0.0, 2.0, 3.0, 4.0)
         log.info("gradient at token %d / at the last token, at init (fp64); columns: retention-gate bias %s",
@@ -145,7 +184,7 @@ def main(argv: list[str] | None = None) -> float:
     t0, acc, done = time.time(), 0.0, 0
     checks: list[dict] = []
     best = {"accuracy": -1.0, "step": None}
-    deadline = t0 + 60 * a.time_budget_min if a.time_budget_min else math.inf
+    deadline = t0 + 60 * a.time_budget_min if a.time_budget_min is not None else math.inf
     stopped_at = None
     for seq_len, steps in stages:
         if stopped_at is not None:

@@ -52,3 +52,22 @@ def test_json_holds_every_check_and_the_best(tmp_path):
     assert d["best"]["accuracy"] == max(finals) and d["final_accuracy"] == finals[-1] == acc
     lrs = [c["lr"] for c in d["checks"]]
     assert lrs == sorted(lrs, reverse=True) and lrs[-1] == pytest.approx(1e-3)  # one cosine over both stages
+
+
+def test_plot_draws_json_curves(tmp_path):
+    run = tmp_path / "run.json"
+    main(["--train-size", "0", "--batch-size", "4", "--test-size", "20", "--log-every", "1",
+          "--curriculum", "8:2", "12:2", "--json", str(run)])
+    png = tmp_path / "curves.png"
+    main(["--plot", str(png), str(run), str(run)])
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    with pytest.raises(SystemExit, match="at least one --json"):
+        main(["--plot", str(png)])
+
+
+def test_time_budget_stops_with_a_last_check(tmp_path):
+    out = tmp_path / "run.json"
+    main(["--train-size", "0", "--batch-size", "4", "--test-size", "20", "--log-every", "100",
+          "--curriculum", "8:50", "12:50", "--time-budget-min", "0", "--json", str(out)])
+    d = json.loads(out.read_text())
+    assert d["stopped_at_step"] == 0 and [c["step"] for c in d["checks"]] == [0]
