@@ -148,6 +148,8 @@ def recipe_deviations(result: dict[str, Any]) -> list[str]:
     # the paper's cells take the task's own settings: any override of the model or task is off-recipe
     for group, label in (("model_kwargs", "model"), ("task_kwargs", "task")):
         out += [f"{label} {k}={v}" for k, v in sorted((cfg.get(group) or {}).items())]
+    if cfg.get("curriculum"):  # stages of (length, steps) before the main length
+        out.append("curriculum " + " ".join(f"{length}:{steps}" for length, steps in cfg["curriculum"]) + " (paper none)")
     return out
 
 

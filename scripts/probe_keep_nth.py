@@ -34,6 +34,7 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from eval.synthetic.models import RNN_ARCHS, DenseGRULM, build_model, logits_of  # noqa: E402
 from eval.synthetic.tasks import IGNORE_INDEX, SyntheticBatch, keep_nth  # noqa: E402
+from eval.synthetic.train import parse_curriculum  # noqa: E402
 
 log = logging.getLogger("probe_keep_nth")
 
@@ -83,14 +84,6 @@ def plot_curves(paths: list[str], out: str) -> None:
     fig.savefig(out, dpi=120)
     plt.close(fig)
     log.info("wrote %s", out)
-
-
-def _stage(spec: str) -> tuple[int, int]:
-    try:
-        seq_len, steps = (int(v) for v in spec.split(":"))
-    except ValueError:
-        raise SystemExit(f"--curriculum takes L:STEPS stages such as 12:20000, got {spec!r}") from None
-    return seq_len, steps
 
 
 def lr_factor(step: int, total: int, schedule: str, floor: float = 0.1) -> float:
@@ -159,7 +152,10 @@ def main(argv: list[str] | None = None) -> float:
         return 0.0
     if a.curriculum and (a.seq_len or a.steps):
         raise SystemExit("--curriculum sets the lengths and steps: drop --seq-len / --steps")
-    stages = [_stage(spec) for spec in a.curriculum] if a.curriculum else [(a.seq_len or 12, a.steps or 3000)]
+    try:
+        stages = list(parse_curriculum(a.curriculum)) if a.curriculum else [(a.seq_len or 12, a.steps or 3000)]
+    except ValueError as err:
+        raise SystemExit(f"--curriculum: {err}") from None
     final_len = stages[-1][0]
     if a.gain_bound is None and a.arch != "dense_gru" and final_len >= 64:
         log.warning("unbounded recurrent gains at L = %d: once they grow, Newton may not converge and the layer "

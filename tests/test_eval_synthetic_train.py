@@ -282,3 +282,90 @@ def test_learning_curve_records_validation_and_mean_training_loss(tiny_gru, tmp_
     assert (tmp_path / "curves.png").stat().st_size > 0
     assert plot_curves({"old file": [{"arch": "x", "task": "parity", "seeds": [{"test_acc": 0.5}]}]},
                        tmp_path / "none.png") is None and not (tmp_path / "none.png").exists()
+
+
+class _LengthRecorder(synth_models.DenseGRULM):
+    """The tiny GRU, recording the length of every training-mode batch it sees."""
+
+    def __init__(self, vocab_size, d_model, **kw):
+        super().__init__(vocab_size, d_model, **kw)
+        self.train_lengths, self.eval_lengths = [], set()
+
+    def forward(self, input_ids):
+        (self.train_lengths.append(input_ids.shape[1]) if self.training else self.eval_lengths.add(input_ids.shape[1]))
+        return super().forward(input_ids)
+
+
+def test_curriculum_trains_short_stages_first_and_validates_at_seq_len():
+    from eval.synthetic.train import SeedRun, planned_steps
+
+    synth_models.register_arch("recgru", _LengthRecorder)
+    try:
+        # 48 sequences of batch 16: 3 steps per epoch; stages of 4 and 3 steps, then 2 epochs at L = 20
+        cfg = SyntheticTrainConfig(task="keep_nth", arch="recgru", seq_len=20, n_train=48, n_test=32, n_val=32,
+                                   batch_size=16, lr=1e-2, max_epochs=2, d_model=16, progress=False,
+                                   curriculum=((8, 4), (12, 3)))
+        assert planned_steps(cfg) == 4 + 3 + 6
+        run = SeedRun(cfg, seed=0)
+        while not run.done:
+            run.advance()
+        res = run.result()
+    finally:
+        synth_models.unregister_arch("recgru")
+    assert run.model.train_lengths == [8] * 4 + [12] * 3 + [20] * 6
+    assert run.model.eval_lengths == {20}  # validation and test at seq_len only
+    hist = res["val_history"]
+    # a stage's last partial epoch ends at its boundary; max_epochs counts the main stage's epochs
+    assert [h["step"] for h in hist] == [3, 4, 7, 10, 13] and [h["epoch"] for h in hist] == [1, 2, 3, 4, 5]
+    assert [h["train_seq_len"] for h in hist] == [8, 8, 12, 20, 20]
+    assert (res["steps"], res["epochs"], res["stopped"]) == (13, 5, "budget")
+    assert res["best_val_acc"] == max(h["val_acc"] for h in hist)
+    # one cosine over every stage: the schedule's horizon is the whole budget
+    assert run.lr_at(13) == pytest.approx(cfg.min_lr) and run.lr_at(6.5) == pytest.approx(cfg.lr / 2)
+    # each stage has its own sequences: not a crop of the main training set
+    stage0 = run._stage_data(0).input_ids
+    assert stage0.shape == (48, 8) and not torch.equal(stage0, run.splits["train"].input_ids[:, :8])
+
+
+def test_curriculum_run_resumes_exactly_mid_stage(tiny_gru, tmp_path):
+    from eval.synthetic.train import train_runs
+
+    cfg = SyntheticTrainConfig(task="hop1", arch=tiny_gru, seq_len=20, n_train=48, n_test=64, n_val=32,
+                               batch_size=16, max_epochs=10, d_model=16, progress=False,
+                               curriculum=((8, 50), (12, 30)))
+    whole = train_runs([(cfg, 0)], progress=False)[0]
+    part = train_runs([(cfg, 0)], time_budget_s=0.0, progress=False, state_dir=tmp_path)[0]
+    assert part["steps"] == 64 and part["val_history"][-1]["train_seq_len"] == 12  # stopped inside stage 2
+    rest = train_runs([(cfg, 0)], progress=False, state_dir=tmp_path, resume=True)[0]
+    assert (rest["steps"], rest["stopped"]) == (110, "budget")
+    assert rest["val_history"] == whole["val_history"] and rest["final_train_loss"] == whole["final_train_loss"]
+    assert rest["test_acc"] == whole["test_acc"]
+    # another curriculum is another run: refused; a file saved before the field existed counts as none
+    with pytest.raises(ValueError, match="curriculum saved"):
+        train_runs([(dataclasses.replace(cfg, curriculum=((8, 50),)), 0)], progress=False, state_dir=tmp_path,
+                   resume=True)
+    plain = dataclasses.replace(cfg, curriculum=(), max_epochs=40)
+    old = tmp_path / "old"
+    train_runs([(plain, 0)], time_budget_s=0.0, progress=False, state_dir=old)
+    state = torch.load(old / "tinygru__hop1__s0.pt", weights_only=False)
+    del state["run_config"]["curriculum"]
+    torch.save(state, old / "tinygru__hop1__s0.pt")
+    assert train_runs([(plain, 0)], progress=False, state_dir=old, resume=True)[0]["steps"] == 120
+
+
+def test_curriculum_from_cli_and_yaml_is_marked_off_recipe(tiny_gru, tmp_path):
+    from eval.synthetic.train import load_config, main
+    from eval.tables import recipe_deviations, render_table6
+
+    args = ["--task", "keep_nth", "--arch", tiny_gru, "--seeds", "0", "--seq-len", "16", "--n-train", "32",
+            "--n-test", "32", "--n-val", "16", "--max-epochs", "1", "--out", str(tmp_path), "--no-progress",
+            "--device", "cpu"]
+    res = main(args + ["--curriculum", "8:3", "12:2"])
+    assert res["config"]["curriculum"] == [[8, 3], [12, 2]] and res["seeds"][0]["steps"] == 3 + 2 + 2
+    assert "curriculum 8:3 12:2 (paper none)" in recipe_deviations(res)
+    assert "curriculum 8:3 12:2" in render_table6([res])
+    with pytest.raises(SystemExit, match="L:STEPS"):
+        main(args + ["--curriculum", "8"])
+    yml = tmp_path / "c.yaml"
+    yml.write_text("curriculum: ['12:100', [25, 50]]\n")
+    assert load_config(yml).curriculum == ((12, 100), (25, 50))

@@ -8,14 +8,20 @@ import math
 
 import pytest
 
-from scripts.probe_keep_nth import _stage, lr_factor, main
+from eval.synthetic.train import parse_curriculum
+from scripts.probe_keep_nth import lr_factor, main
 
 
 def test_stage_parsing_and_bad_input():
-    assert _stage("12:20000") == (12, 20000)
+    assert parse_curriculum(["12:20000", "25:3"]) == ((12, 20000), (25, 3))
     for bad in ("12", "12-300", "a:3", "12:3:4"):
-        with pytest.raises(SystemExit, match="L:STEPS"):
-            _stage(bad)
+        with pytest.raises(ValueError, match="L:STEPS"):
+            parse_curriculum([bad])
+    for bad in ("0:5", "12:0", "12:-1"):
+        with pytest.raises(ValueError, match="L >= 1 and STEPS >= 1"):
+            parse_curriculum([bad])
+    with pytest.raises(SystemExit, match="--curriculum: a curriculum stage is L:STEPS"):
+        main(["--curriculum", "8:2", "12"])
     with pytest.raises(SystemExit, match="drop --seq-len / --steps"):
         main(["--curriculum", "8:2", "--steps", "5"])
 

@@ -10,6 +10,12 @@ CLI (one task / the whole grid):
     python -m eval.synthetic.train --task parity --arch paragru --out results/synthetic
     python -m eval.synthetic.train --grid --out results/synthetic          # 4 archs x 5 tasks x 3 seeds
     python -m eval.synthetic.train --grid --tasks mqar --sweep lr=5e-4,2e-3 --out results/mqar_lr
+    python -m eval.synthetic.train --grid --archs paragru --tasks keep_nth --curriculum 12:30000 25:15000 \
+        --out results/keep_nth_curriculum      # shorter sequences first (not the paper's recipe)
+
+A length curriculum (``curriculum``, ours - the paper states none) trains each (L, steps) stage on its own
+``n_train`` sequences of length L before the main stage at ``seq_len``; the cosine spans every stage, and
+validation, best weights and early stopping always use ``seq_len``.
 """
 from __future__ import annotations
 
@@ -69,6 +75,23 @@ class SyntheticTrainConfig:
     # ours, a diagnostic (the paper's biases are 0): initial retention-gate bias of the RNN cells
     # (eval/synthetic/models.py: init_retain_gate); Transformer and Mamba2 runs ignore it.
     retain_gate_bias: float = 0.0
+    # ours, a diagnostic (the paper states none): (seq_len, steps) stages trained, in order, before the main
+    # stage at seq_len, each on n_train sequences of its length (:func:`parse_curriculum`); see the module doc.
+    curriculum: tuple[tuple[int, int], ...] = ()
+
+
+def parse_curriculum(specs: Sequence[str]) -> tuple[tuple[int, int], ...]:
+    """``["12:30000", "25:15000"]`` -> ``((12, 30000), (25, 15000))``; anything else is refused with the form."""
+    stages = []
+    for spec in specs:
+        try:
+            seq_len, steps = (int(v) for v in str(spec).split(":"))
+        except ValueError:
+            raise ValueError(f"a curriculum stage is L:STEPS such as 12:30000, got {spec!r}") from None
+        if seq_len < 1 or steps < 1:
+            raise ValueError(f"a curriculum stage needs L >= 1 and STEPS >= 1, got {spec!r}")
+        stages.append((seq_len, steps))
+    return tuple(stages)
 
 
 @torch.no_grad()
@@ -126,12 +149,15 @@ class SeedRun:
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=self.lr_tensor if self.graphed else cfg.lr,
                                      betas=cfg.betas, weight_decay=cfg.weight_decay,
                                      **({"capturable": True} if self.graphed else {}))
-        train = self.splits["train"]
         self.batches_per_epoch = batches_per_epoch(cfg)
         if self.batches_per_epoch < 1:
-            raise ValueError(f"n_train={len(train)} < batch_size={cfg.batch_size} in graph mode")
+            raise ValueError(f"n_train={cfg.n_train} < batch_size={cfg.batch_size} in graph mode")
         self.horizon = planned_steps(cfg)
-        self.train = train.to(self.device)  # the whole set is a few MB: resident, no per-step copies
+        # curriculum stages, then the main one; a stage ends at its cumulative step count
+        self.stages = [*cfg.curriculum, (cfg.seq_len, self.horizon - sum(n for _, n in cfg.curriculum))]
+        self.stage_ends = list(itertools.accumulate(n for _, n in self.stages))
+        # epochs the curriculum takes (its last partial epoch ends at the stage boundary): max_epochs counts after
+        self.curriculum_epochs = sum(math.ceil(n / self.batches_per_epoch) for _, n in cfg.curriculum)
         self.val = self.splits.get("val", self.splits["train"])
         self.shuffler = torch.Generator().manual_seed(seed)
         self.best_val, self.best_state, self.evals_since_best = -1.0, None, 0
@@ -145,9 +171,31 @@ class SeedRun:
         self.static_ids = self.static_targets = self.static_loss = None
         self.last_loss: torch.Tensor | None = None  # the latest step's loss, still on the device
         self.warmup_steps = 0
+        self.stage = 0
+        self.train = self._stage_data(0)  # the whole set is a few MB: resident, no per-step copies
         if self.stream is not None:  # the model and data were made on the current stream
             self.stream.wait_stream(torch.cuda.current_stream(self.device))
         self.t0 = time.time()
+
+    # -- curriculum stages --------------------------------------------------------------------------
+    def _stage_data(self, k: int) -> SyntheticBatch:
+        """Stage ``k``'s training sequences on the device (the main stage's are the train split)."""
+        if k == len(self.stages) - 1:
+            return self.splits["train"].to(self.device)
+        spec = TASKS[self.cfg.task]
+        # a seed stream of its own per stage, apart from make_splits' train / test / val streams
+        return spec.generate(self.cfg.n_train, self.stages[k][0], seed=1_000_003 * self.seed + 10 + k,
+                             **self.cfg.task_kwargs).to(self.device)
+
+    def _stage_of(self, step: int) -> int:
+        return next((k for k, end in enumerate(self.stage_ends) if step < end), len(self.stages) - 1)
+
+    def _enter_stage(self, k: int) -> None:
+        """Switch to stage ``k``'s sequences: a fresh epoch, and (other shapes) new graph buffers and capture."""
+        self.stage, self.train = k, self._stage_data(k)
+        self.perm, self.batch_in_epoch = None, 0
+        self.graph = self.static_ids = self.static_targets = self.static_loss = None
+        self.warmup_steps = 0
 
     # -- one step ----------------------------------------------------------------------------------
     def lr_at(self, step: int) -> float:  # cosine from lr to min_lr over the full budget, no warm-up
@@ -202,6 +250,8 @@ class SeedRun:
             return
         cfg = self.cfg
         with torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext():
+            if self.step >= self.stage_ends[self.stage] and self.stage < len(self.stages) - 1:
+                self._enter_stage(self.stage + 1)
             if self.batch_in_epoch == 0:
                 self.perm = torch.randperm(len(self.train), generator=self.shuffler).to(self.device)
             idx = self.perm[self.batch_in_epoch * cfg.batch_size:(self.batch_in_epoch + 1) * cfg.batch_size]
@@ -214,8 +264,8 @@ class SeedRun:
                 self.last_loss = self._eager_step(b.input_ids, b.targets)
             self.step += 1
             self.batch_in_epoch += 1
-            if self.batch_in_epoch == self.batches_per_epoch or self.step >= self.horizon:
-                self._end_epoch()
+            if self.batch_in_epoch == self.batches_per_epoch or self.step >= self.stage_ends[self.stage]:
+                self._end_epoch()  # the last stage ends at the horizon
 
     def _end_epoch(self) -> None:
         cfg = self.cfg
@@ -223,12 +273,14 @@ class SeedRun:
         self.epoch += 1
         mean_loss = float(self.epoch_loss_sum) / max(batches, 1)
         self.epoch_loss_sum.zero_()
-        last = self.step >= self.horizon or self.epoch >= cfg.max_epochs
+        last = self.step >= self.horizon or self.epoch - self.curriculum_epochs >= cfg.max_epochs
         if self.epoch % cfg.eval_every and not last:
             return
         acc = evaluate(self.model, self.val, cfg.eval_batch_size, cfg.device)
         self.val_history.append({"epoch": self.epoch, "step": self.step, "val_acc": acc,
                                  "train_loss": round(mean_loss, 5)})  # mean over the epoch's batches
+        if cfg.curriculum:  # the length this epoch trained at (validation is always at seq_len)
+            self.val_history[-1]["train_seq_len"] = self.stages[self.stage][0]
         if acc > self.best_val:
             self.best_val, self.evals_since_best = acc, 0
             self.best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
@@ -266,7 +318,10 @@ class SeedRun:
             for st in self.opt.state.values():
                 if "step" in st:
                     st["step"] = st["step"].to(self.device, torch.float32)
-        self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+        self.step, self.epoch = state["step"], state["epoch"]
+        if self._stage_of(self.step) != self.stage:  # stopped in a later curriculum stage
+            self._enter_stage(self._stage_of(self.step))
+        self.batch_in_epoch = state["batch_in_epoch"]
         self.perm = None if state["perm"] is None else state["perm"].to(self.device)
         self.shuffler.set_state(state["shuffler"])
         self.best_val, self.evals_since_best = state["best_val"], state["evals_since_best"]
@@ -275,6 +330,8 @@ class SeedRun:
         self.best_state = None if state["best_state"] is None else {
             k: v.to(self.device) for k, v in state["best_state"].items()}
         self.t0 = time.time() - state["elapsed"]
+        if self.stream is not None:  # the state was copied in on the current stream
+            self.stream.wait_stream(torch.cuda.current_stream(self.device))
 
     def elapsed(self) -> float:
         return time.time() - self.t0
@@ -309,8 +366,10 @@ def batches_per_epoch(cfg: SyntheticTrainConfig) -> int:
 
 
 def planned_steps(cfg: SyntheticTrainConfig) -> int:
-    """The step budget (cosine horizon) of one seed under ``cfg``."""
-    return cfg.max_steps or cfg.max_epochs * max(batches_per_epoch(cfg), 1)
+    """The step budget (cosine horizon) of one seed under ``cfg``: the curriculum's steps, then the main
+    stage's (``max_steps``, else ``max_epochs`` epochs)."""
+    main = cfg.max_steps or cfg.max_epochs * max(batches_per_epoch(cfg), 1)
+    return sum(steps for _, steps in cfg.curriculum) + main
 
 
 def _run_key(cfg: SyntheticTrainConfig, seed: int) -> str:
@@ -333,6 +392,7 @@ def _check_resumable(jobs: Sequence[tuple[SyntheticTrainConfig, int]], state: Pa
     """Refuse, before anything trains, to resume a saved run under different settings (it would mix two
     trajectories under one key). Files from before identities were saved are accepted with a warning."""
     clashes = []
+    defaults = run_identity(SyntheticTrainConfig())  # a setting added later is at its default in older files
     for cfg, seed in jobs:
         key, want = _run_key(cfg, seed), run_identity(cfg)
         saved = None
@@ -345,7 +405,8 @@ def _check_resumable(jobs: Sequence[tuple[SyntheticTrainConfig, int]], state: Pa
         if saved is None:
             log.warning("%s: saved without its settings (older file); resuming it as it is", key)
             continue
-        diff = {k: (saved.get(k), want.get(k)) for k in sorted(set(saved) | set(want)) if saved.get(k) != want.get(k)}
+        diff = {k: (saved.get(k, defaults.get(k)), want.get(k)) for k in sorted(set(saved) | set(want))
+                if saved.get(k, defaults.get(k)) != want.get(k)}
         if diff:
             clashes.append(f"{key}: " + ", ".join(f"{k} saved {a!r} now {b!r}" for k, (a, b) in diff.items()))
     if clashes:
@@ -681,6 +742,9 @@ def load_config(path: str | Path) -> SyntheticTrainConfig:
     for k in ("seeds", "betas"):
         if k in raw:
             raw[k] = tuple(raw[k])
+    if raw.get("curriculum"):  # "12:30000" strings or [12, 30000] pairs
+        raw["curriculum"] = parse_curriculum([s if isinstance(s, str) else ":".join(map(str, s))
+                                              for s in raw["curriculum"]])
     return SyntheticTrainConfig(**raw)
 
 
@@ -716,6 +780,9 @@ def _parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--retain-gate-bias", type=float, default=None,
                    help="initial retention-gate bias of the ParaGRU/ParaLSTM cells (default 0, the paper's); "
                         "B > 0 starts each channel keeping sigmoid(B) of its state per step")
+    p.add_argument("--curriculum", nargs="+", default=None, metavar="L:STEPS",
+                   help="train these (length, steps) stages first, e.g. 12:30000 25:15000 50:15000, then the main "
+                        "stage at --seq-len; validation always at --seq-len (ours: the paper states no curriculum)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--concurrent-runs", type=int, default=None,
                    help="runs trained at once, each on its own CUDA stream (default 1; the whole grid on a GPU: e.g. 60)")
@@ -729,6 +796,14 @@ def _parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _cli(parse: Callable[[Any], Any], value: Any) -> Any:
+    """``parse(value)``; a ValueError exits with its message instead of a traceback."""
+    try:
+        return parse(value)
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     a = _parse(argv)
     logging.basicConfig(level=logging.DEBUG if a.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -739,6 +814,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     flags = dict(seeds=tuple(a.seeds) if a.seeds else None, seq_len=a.seq_len, n_train=a.n_train, n_test=a.n_test,
                  n_val=a.n_val, max_epochs=a.max_epochs, max_steps=a.max_steps, eval_every=a.eval_every, lr=a.lr,
                  batch_size=a.batch_size, retain_gate_bias=a.retain_gate_bias, concurrent_runs=a.concurrent_runs,
+                 curriculum=_cli(parse_curriculum, a.curriculum) if a.curriculum else None,
                  time_budget_s=None if a.time_budget_min is None else 60 * a.time_budget_min,
                  cuda_graph=False if a.no_cuda_graph else None, resume=True if a.resume else None)
     both = sorted(k for k in sweep or {} if flags.get(k) is not None)
