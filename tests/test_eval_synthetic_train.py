@@ -369,3 +369,12 @@ def test_curriculum_from_cli_and_yaml_is_marked_off_recipe(tiny_gru, tmp_path):
     yml = tmp_path / "c.yaml"
     yml.write_text("curriculum: ['12:100', [25, 50]]\n")
     assert load_config(yml).curriculum == ((12, 100), (25, 50))
+
+
+def test_curriculum_length_the_task_cannot_take_fails_before_training(tiny_gru):
+    from eval.synthetic.train import SeedRun
+
+    cfg = SyntheticTrainConfig(task="mqar", arch=tiny_gru, seq_len=40, n_train=32, n_test=32, n_val=16,
+                               d_model=16, progress=False, curriculum=((40, 2), (8, 2)))
+    with pytest.raises(ValueError, match="does not fit seq_len=8"):
+        SeedRun(cfg, seed=0)

@@ -158,6 +158,8 @@ class SeedRun:
         self.stage_ends = list(itertools.accumulate(n for _, n in self.stages))
         # epochs the curriculum takes (its last partial epoch ends at the stage boundary): max_epochs counts after
         self.curriculum_epochs = sum(math.ceil(n / self.batches_per_epoch) for _, n in cfg.curriculum)
+        for seq_len, _ in cfg.curriculum:  # a length the task cannot take fails now, not stages later
+            spec.generate(1, seq_len, seed=0, **cfg.task_kwargs)
         self.val = self.splits.get("val", self.splits["train"])
         self.shuffler = torch.Generator().manual_seed(seed)
         self.best_val, self.best_state, self.evals_since_best = -1.0, None, 0
