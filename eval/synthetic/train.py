@@ -194,6 +194,8 @@ class SeedRun:
 
     def _enter_stage(self, k: int) -> None:
         """Switch to stage ``k``'s sequences: a fresh epoch, and (other shapes) new graph buffers and capture."""
+        if self.graph is not None and self.stream is not None:
+            self.stream.synchronize()  # the old graph's last replay is done before its memory pool is released
         self.stage, self.train = k, self._stage_data(k)
         self.perm, self.batch_in_epoch = None, 0
         self.graph = self.static_ids = self.static_targets = self.static_loss = None
