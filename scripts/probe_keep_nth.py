@@ -95,6 +95,18 @@ def lr_factor(step: int, total: int, schedule: str, floor: float = 0.1) -> float
 
 
 @torch.no_grad()
+def per_token_accuracy(model: nn.Module, last: SyntheticBatch, vocab: int, chunk: int = 2_000) -> list[float]:
+    """Accuracy at the last position split by the token to keep (None for a token the test set never keeps):
+    does the model keep every token equally well, or some tokens always and others never?"""
+    pred = torch.cat([logits_of(model(last.input_ids[i:i + chunk])).argmax(-1)[:, -1]
+                      for i in range(0, len(last.input_ids), chunk)])
+    target = last.targets[:, -1]
+    hits = torch.zeros(vocab, device=pred.device).index_add_(0, target, (pred == target).float())
+    seen = torch.bincount(target, minlength=vocab).float()
+    return [None if n == 0 else h / n for h, n in zip(hits.tolist(), seen.tolist())]
+
+
+@torch.no_grad()
 def _accuracy(model: nn.Module, last: SyntheticBatch, dense: SyntheticBatch, chunk: int = 2_000) -> tuple[float, float]:
     """Accuracy at the last position and at every position after the n-th token (same inputs)."""
     pred = torch.cat([logits_of(model(last.input_ids[i:i + chunk])).argmax(-1)
@@ -130,6 +142,7 @@ def main(argv: list[str] | None = None) -> float:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", default=None, metavar="PATH",
                    help="write the arguments, every check and the best accuracy at the final length as JSON")
+    p.add_argument("--save", default=None, metavar="PATH", help="save the final weights (torch.save) for analysis")
     p.add_argument("--plot", nargs="+", default=None, metavar=("OUT.png", "RUN.json"),
                    help="no training: draw the --json files given after OUT.png (accuracy against step)")
     p.add_argument("--gradient-reach", action="store_true",
@@ -220,10 +233,18 @@ def main(argv: list[str] | None = None) -> float:
                 break
         done += steps
     log.info("best test accuracy at L=%d: %.3f (step %s); final %.3f", final_len, best["accuracy"], best["step"], acc)
+    per_token = per_token_accuracy(model, tests[final_len][0], vocab)
+    kept = torch.tensor([x for x in per_token if x is not None])
+    log.info("final accuracy per kept token at L=%d: %d of %d tokens >= 90%%, %d <= 10%% (quartiles %s)",
+             final_len, int((kept >= 0.9).sum()), len(kept), int((kept <= 0.1).sum()),
+             " / ".join(f"{q:.2f}" for q in kept.quantile(torch.tensor([0.25, 0.5, 0.75])).tolist()))
+    if a.save:
+        torch.save({"model": model.state_dict(), "args": vars(a)}, a.save)
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"args": vars(a), "final_len": final_len, "final_accuracy": acc, "best": best,
-                       "stopped_at_step": stopped_at, "checks": checks, "seconds": time.time() - t0}, f, indent=1)
+                       "stopped_at_step": stopped_at, "per_token_accuracy": per_token, "checks": checks,
+                       "seconds": time.time() - t0}, f, indent=1)
     return acc
 
 

@@ -77,3 +77,26 @@ def test_time_budget_stops_with_a_last_check(tmp_path):
           "--curriculum", "8:50", "12:50", "--time-budget-min", "0", "--json", str(out)])
     d = json.loads(out.read_text())
     assert d["stopped_at_step"] == 0 and [c["step"] for c in d["checks"]] == [0]
+
+
+def test_per_token_accuracy_splits_by_the_kept_token():
+    import torch
+
+    from eval.synthetic.tasks import keep_nth
+    from scripts.probe_keep_nth import per_token_accuracy
+
+    data = keep_nth(400, 12, 8, 5, seed=0)
+
+    class Always3(torch.nn.Module):  # predicts token 3 everywhere
+        def forward(self, ids):
+            return torch.nn.functional.one_hot(torch.full_like(ids, 3), 8).float()
+
+    class Oracle(torch.nn.Module):  # reads the 5th token
+        def forward(self, ids):
+            return torch.nn.functional.one_hot(ids[:, 4:5].expand_as(ids), 8).float()
+
+    assert per_token_accuracy(Always3(), data, 8) == [0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0]
+    assert per_token_accuracy(Oracle(), data, 8, chunk=150) == [1.0] * 8
+    few = keep_nth(3, 12, 8, 5, seed=0)  # at most 3 tokens kept: the others are None, not 0
+    acc = per_token_accuracy(Oracle(), few, 8)
+    assert sum(a is None for a in acc) == 8 - len(set(few.targets[:, -1].tolist()))
