@@ -34,7 +34,7 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from eval.synthetic.models import RNN_ARCHS, DenseGRULM, build_model, logits_of  # noqa: E402
 from eval.synthetic.tasks import IGNORE_INDEX, SyntheticBatch, keep_nth  # noqa: E402
-from eval.synthetic.train import parse_curriculum  # noqa: E402
+from eval.synthetic.train import cosine_lr, parse_curriculum  # noqa: E402
 
 log = logging.getLogger("probe_keep_nth")
 
@@ -89,17 +89,20 @@ def plot_curves(paths: list[str], out: str) -> None:
 def lr_factor(step: int, total: int, schedule: str, floor: float = 0.1) -> float:
     """Multiplier of --lr at ``step`` of ``total``: 1 (constant), or a cosine from 1 down to ``floor`` over the
     whole run, every curriculum stage included (the late, long stages train at a low rate)."""
-    if schedule == "constant":
-        return 1.0
-    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * min(step, total) / max(total, 1)))
+    return 1.0 if schedule == "constant" else cosine_lr(step, total, 1.0, floor)
+
+
+@torch.no_grad()
+def _predict(model: nn.Module, input_ids: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Argmax predictions at every position, ``chunk`` sequences per forward pass."""
+    return torch.cat([logits_of(model(input_ids[i:i + chunk])).argmax(-1) for i in range(0, len(input_ids), chunk)])
 
 
 @torch.no_grad()
 def per_token_accuracy(model: nn.Module, last: SyntheticBatch, vocab: int, chunk: int = 2_000) -> list[float]:
     """Accuracy at the last position split by the token to keep (None for a token the test set never keeps):
     does the model keep every token equally well, or some tokens always and others never?"""
-    pred = torch.cat([logits_of(model(last.input_ids[i:i + chunk])).argmax(-1)[:, -1]
-                      for i in range(0, len(last.input_ids), chunk)])
+    pred = _predict(model, last.input_ids, chunk)[:, -1]
     target = last.targets[:, -1]
     hits = torch.zeros(vocab, device=pred.device).index_add_(0, target, (pred == target).float())
     seen = torch.bincount(target, minlength=vocab).float()
@@ -109,8 +112,7 @@ def per_token_accuracy(model: nn.Module, last: SyntheticBatch, vocab: int, chunk
 @torch.no_grad()
 def _accuracy(model: nn.Module, last: SyntheticBatch, dense: SyntheticBatch, chunk: int = 2_000) -> tuple[float, float]:
     """Accuracy at the last position and at every position after the n-th token (same inputs)."""
-    pred = torch.cat([logits_of(model(last.input_ids[i:i + chunk])).argmax(-1)
-                      for i in range(0, len(last.input_ids), chunk)])
+    pred = _predict(model, last.input_ids, chunk)
     return tuple((pred[b.loss_mask] == b.targets[b.loss_mask]).float().mean().item() for b in (last, dense))
 
 

@@ -80,6 +80,12 @@ class SyntheticTrainConfig:
     curriculum: tuple[tuple[int, int], ...] = ()
 
 
+def cosine_lr(step: float, horizon: int, lr: float, min_lr: float = 0.0) -> float:
+    """Cosine from ``lr`` at step 0 to ``min_lr`` at ``horizon`` (held there after), no warm-up."""
+    frac = min(step / max(horizon, 1), 1.0)
+    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * frac))
+
+
 def parse_curriculum(specs: Sequence[str]) -> tuple[tuple[int, int], ...]:
     """``["12:30000", "25:15000"]`` -> ``((12, 30000), (25, 15000))``; anything else is refused with the form."""
     stages = []
@@ -203,9 +209,7 @@ class SeedRun:
 
     # -- one step ----------------------------------------------------------------------------------
     def lr_at(self, step: int) -> float:  # cosine from lr to min_lr over the full budget, no warm-up
-        cfg = self.cfg
-        frac = min(step / max(self.horizon, 1), 1.0)
-        return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * frac))
+        return cosine_lr(step, self.horizon, self.cfg.lr, self.cfg.min_lr)
 
     def _eager_step(self, ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         loss = masked_loss(logits_of(self.model(ids)), targets)
@@ -323,8 +327,9 @@ class SeedRun:
                 if "step" in st:
                     st["step"] = st["step"].to(self.device, torch.float32)
         self.step, self.epoch = state["step"], state["epoch"]
-        if self._stage_of(self.step) != self.stage:  # stopped in a later curriculum stage
-            self._enter_stage(self._stage_of(self.step))
+        stage = self._stage_of(self.step)
+        if stage != self.stage:  # stopped in a later curriculum stage
+            self._enter_stage(stage)
         self.batch_in_epoch = state["batch_in_epoch"]
         self.perm = None if state["perm"] is None else state["perm"].to(self.device)
         self.shuffler.set_state(state["shuffler"])
@@ -800,14 +805,6 @@ def _parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _cli(parse: Callable[[Any], Any], value: Any) -> Any:
-    """``parse(value)``; a ValueError exits with its message instead of a traceback."""
-    try:
-        return parse(value)
-    except ValueError as err:
-        raise SystemExit(f"error: {err}") from None
-
-
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     a = _parse(argv)
     logging.basicConfig(level=logging.DEBUG if a.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -815,10 +812,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if sweep and not a.grid:
         raise SystemExit("--sweep needs --grid")
     cfg = load_config(a.config) if a.config else SyntheticTrainConfig()
+    try:
+        curriculum = parse_curriculum(a.curriculum) if a.curriculum else None
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
     flags = dict(seeds=tuple(a.seeds) if a.seeds else None, seq_len=a.seq_len, n_train=a.n_train, n_test=a.n_test,
                  n_val=a.n_val, max_epochs=a.max_epochs, max_steps=a.max_steps, eval_every=a.eval_every, lr=a.lr,
                  batch_size=a.batch_size, retain_gate_bias=a.retain_gate_bias, concurrent_runs=a.concurrent_runs,
-                 curriculum=_cli(parse_curriculum, a.curriculum) if a.curriculum else None,
+                 curriculum=curriculum,
                  time_budget_s=None if a.time_budget_min is None else 60 * a.time_budget_min,
                  cuda_graph=False if a.no_cuda_graph else None, resume=True if a.resume else None)
     both = sorted(k for k in sweep or {} if flags.get(k) is not None)
