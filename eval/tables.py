@@ -274,10 +274,25 @@ def _compact_count(x: float, _pos: Any = None) -> str:
     return f"{x:.4g}"
 
 
+def curriculum_stage_starts(result: dict[str, Any]) -> list[tuple[int, int]]:
+    """(first step, training length) of each stage of a cell run with a length curriculum, the main length
+    last; empty without one. The stages end at their cumulative step counts (``eval.synthetic.train``)."""
+    cfg = result.get("config", {})
+    stages = [tuple(s) for s in cfg.get("curriculum") or ()]
+    if not stages:
+        return []
+    starts, step = [], 0
+    for seq_len, steps in stages:
+        starts.append((step, int(seq_len)))
+        step += int(steps)
+    return [*starts, (step, int(cfg["seq_len"]))]
+
+
 def plot_curves(panels: dict[str, Sequence[dict[str, Any]]], path: str | Path) -> Path | None:
     """Validation accuracy (solid) and mean training loss (dashed, right axis) against the step, one panel per
     key of ``panels`` (a task, or a swept setting), one colour per architecture and one line per seed; the
-    paper's accuracy dotted. ``None`` when no run carries a ``val_history`` (older result files)."""
+    paper's accuracy dotted; a length curriculum's stage boundaries grey, each labelled with the length it
+    trains at. ``None`` when no run carries a ``val_history`` (older result files)."""
     panels = {k: [r for r in v if any(s.get("val_history") for s in r.get("seeds", []))] for k, v in panels.items()}
     panels = {k: v for k, v in panels.items() if v}
     if not panels:
@@ -308,6 +323,11 @@ def plot_curves(panels: dict[str, Sequence[dict[str, Any]]], path: str | Path) -
             paper = TABLE6.get(r["arch"], {}).get(r["task"])
             if paper is not None:
                 ax.axhline(paper, color=colour[r["arch"]], linestyle=":", linewidth=1)
+        for step, seq_len in sorted({s for r in results for s in curriculum_stage_starts(r)}):
+            if step:
+                ax.axvline(step, color="0.6", linewidth=0.8, linestyle="-.")
+            ax.annotate(f"L={seq_len}", (step, 1), xycoords=("data", "axes fraction"), xytext=(2, -9),
+                        textcoords="offset points", fontsize=6, color="0.4")
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("step")
         ax.xaxis.set_major_formatter(FuncFormatter(_compact_count))

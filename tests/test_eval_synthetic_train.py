@@ -318,6 +318,13 @@ def test_curriculum_trains_short_stages_first_and_validates_at_seq_len():
     # a stage's last partial epoch ends at its boundary; max_epochs counts the main stage's epochs
     assert [h["step"] for h in hist] == [3, 4, 7, 10, 13] and [h["epoch"] for h in hist] == [1, 2, 3, 4, 5]
     assert [h["train_seq_len"] for h in hist] == [8, 8, 12, 20, 20]
+    # the curves mark where each stage starts, from the config: where the recorded training length changes
+    from eval.tables import curriculum_stage_starts
+
+    res["config"] = dataclasses.asdict(cfg)
+    assert curriculum_stage_starts(res) == [(0, 8), (4, 12), (7, 20)]
+    assert [h["step"] for h, after in zip(hist, hist[1:]) if h["train_seq_len"] != after["train_seq_len"]] == [4, 7]
+    assert curriculum_stage_starts({"config": {"curriculum": [], "seq_len": 20}}) == []
     assert (res["steps"], res["epochs"], res["stopped"]) == (13, 5, "budget")
     assert res["best_val_acc"] == max(h["val_acc"] for h in hist)
     # one cosine over every stage: the schedule's horizon is the whole budget
