@@ -418,3 +418,36 @@ def test_compiled_blocks_under_zero3_are_leaf_modules_with_a_compiled_forward():
         assert hasattr(block.forward, "_torchdynamo_orig_callable")  # the forward alone is compiled
     assert not any(z3_leaf_module(m) for m in model.model.layers[0].children())
     torch.testing.assert_close(model(ids).logits, expected, rtol=1e-4, atol=1e-5)
+
+
+_ONE_PROCESS_GROUP = """
+import os, socket, torch, torch.distributed as dist
+from training.distributed import init_distributed
+info = init_distributed("cpu", process_group=True)
+t = torch.ones(1)
+dist.all_reduce(t)
+print(info.world_size, os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"], int(t.item()), flush=True)
+dist.destroy_process_group()
+"""
+
+
+def test_a_single_process_group_uses_its_own_host_and_a_free_port():
+    # one task under srun sees the launch node's address; a single process must not rendezvous there,
+    # and two such runs on one machine must not pick the same port
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MASTER_", "SLURM_"))
+           and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(SLURM_NTASKS="1", SLURM_PROCID="0", SLURM_LAUNCH_NODE_IPADDR="10.255.255.1",
+               PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    runs = [subprocess.Popen([sys.executable, "-c", _ONE_PROCESS_GROUP], env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    try:
+        outs = [run.communicate(timeout=120) for run in runs]
+    finally:
+        for run in runs:
+            run.kill()
+    assert all(run.returncode == 0 for run in runs), [err[-2000:] for _, err in outs]
+    fields = [out.split() for out, _ in outs]
+    assert [(f[0], f[1], f[3]) for f in fields] == [("1", "127.0.0.1", "1")] * 2
+    assert fields[0][2] != fields[1][2]

@@ -4,6 +4,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import socket
 from dataclasses import dataclass
 
 import torch
@@ -35,6 +36,12 @@ def _env_int(*names: str, default: int) -> int:
     return default
 
 
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def init_distributed(device: str = "auto", process_group: bool = False) -> DistInfo:
     """Read rank/world from torchrun/deepspeed (RANK, WORLD_SIZE, LOCAL_RANK) or srun (SLURM_*).
 
@@ -52,13 +59,16 @@ def init_distributed(device: str = "auto", process_group: bool = False) -> DistI
     else:
         dev = torch.device(device)
     if (world_size > 1 or process_group) and not dist.is_initialized():
-        if "MASTER_ADDR" not in os.environ:  # a single process, or plain srun without torchrun
-            os.environ["MASTER_ADDR"] = os.environ.get("SLURM_LAUNCH_NODE_IPADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000 if world_size == 1 else 29500))
         os.environ.setdefault("LOCAL_RANK", str(local_rank))
         os.environ.setdefault("RANK", str(rank))
         os.environ.setdefault("WORLD_SIZE", str(world_size))
         backend = "nccl" if dev.type == "cuda" else "gloo"
+        if world_size == 1:  # one process that no launcher started: its own host, a port the OS says is free,
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")  # so runs side by side on a machine do not collide
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        else:  # torchrun and the deepspeed launcher set both; plain srun: the node srun ran on
+            os.environ.setdefault("MASTER_ADDR", os.environ.get("SLURM_LAUNCH_NODE_IPADDR", "127.0.0.1"))
+            os.environ.setdefault("MASTER_PORT", "29500")
         dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
         logger.info("initialised %s process group: rank %d / %d", backend, rank, world_size)
     return DistInfo(rank, world_size, local_rank, dev)
