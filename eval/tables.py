@@ -291,8 +291,8 @@ def curriculum_stage_starts(result: dict[str, Any]) -> list[tuple[int, int]]:
 def plot_curves(panels: dict[str, Sequence[dict[str, Any]]], path: str | Path) -> Path | None:
     """Validation accuracy (solid) and mean training loss (dashed, right axis) against the step, one panel per
     key of ``panels`` (a task, or a swept setting), one colour per architecture and one line per seed; the
-    paper's accuracy dotted; a length curriculum's stage boundaries grey, each labelled with the length it
-    trains at. ``None`` when no run carries a ``val_history`` (older result files)."""
+    paper's accuracy dotted; the stage boundaries of a length curriculum that every run of a panel shares
+    grey, each labelled with the length it trains at. ``None`` when no run carries a ``val_history`` (older result files)."""
     panels = {k: [r for r in v if any(s.get("val_history") for s in r.get("seeds", []))] for k, v in panels.items()}
     panels = {k: v for k, v in panels.items() if v}
     if not panels:
@@ -323,7 +323,8 @@ def plot_curves(panels: dict[str, Sequence[dict[str, Any]]], path: str | Path) -
             paper = TABLE6.get(r["arch"], {}).get(r["task"])
             if paper is not None:
                 ax.axhline(paper, color=colour[r["arch"]], linestyle=":", linewidth=1)
-        for step, seq_len in sorted({s for r in results for s in curriculum_stage_starts(r)}):
+        stage_starts = {tuple(curriculum_stage_starts(r)) for r in results}  # drawn when the panel shares one
+        for step, seq_len in next(iter(stage_starts)) if len(stage_starts) == 1 else ():
             if step:
                 ax.axvline(step, color="0.6", linewidth=0.8, linestyle="-.")
             ax.annotate(f"L={seq_len}", (step, 1), xycoords=("data", "axes fraction"), xytext=(2, -9),

@@ -385,3 +385,41 @@ def test_curriculum_length_the_task_cannot_take_fails_before_training(tiny_gru):
                                d_model=16, progress=False, curriculum=((40, 2), (8, 2)))
     with pytest.raises(ValueError, match="does not fit seq_len=8"):
         SeedRun(cfg, seed=0)
+
+
+def test_curriculum_is_checked_on_every_way_in(tmp_path):
+    from eval.synthetic.train import load_config
+
+    # the API and dataclasses.replace, not only the CLI: negative, zero, float or malformed stages fail
+    for bad in [((12, -5),), ((0, 3),), ((12, 2.5),), ((12,),), ("12:100:3",), ("12:x",), ((True, 3),)]:
+        with pytest.raises(ValueError, match="curriculum stage"):
+            SyntheticTrainConfig(curriculum=bad)
+        with pytest.raises(ValueError, match="curriculum stage"):
+            dataclasses.replace(SyntheticTrainConfig(), curriculum=bad)
+    assert SyntheticTrainConfig(curriculum=[[12, 100], "25:50"]).curriculum == ((12, 100), (25, 50))
+    assert SyntheticTrainConfig(curriculum=None).curriculum == ()
+    # YAML: an empty key is no curriculum, one string is split on spaces (not read a character at a time)
+    yml = tmp_path / "c.yaml"
+    yml.write_text("curriculum:\n")
+    assert load_config(yml).curriculum == ()
+    yml.write_text("curriculum: '12:100 25:50'\n")
+    assert load_config(yml).curriculum == ((12, 100), (25, 50))
+
+
+def test_patience_counts_main_stage_validations_only():
+    from eval.synthetic.train import SeedRun
+
+    synth_models.register_arch("recgru", _LengthRecorder)
+    try:
+        # lr = 0: validation never improves after its first check, so patience 2 stops two checks later -
+        # in the main stage, not in the 30-step curriculum stage before it (10 flat checks there)
+        cfg = SyntheticTrainConfig(task="keep_nth", arch="recgru", seq_len=20, n_train=48, n_test=32, n_val=32,
+                                   batch_size=16, lr=0.0, max_epochs=50, d_model=16, progress=False, patience=2,
+                                   curriculum=((8, 30),))
+        run = SeedRun(cfg, seed=0)
+        while not run.done:
+            run.advance()
+    finally:
+        synth_models.unregister_arch("recgru")
+    assert run.stop_reason == "patience"
+    assert run.model.train_lengths == [8] * 30 + [20] * 6

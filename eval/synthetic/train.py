@@ -15,7 +15,8 @@ CLI (one task / the whole grid):
 
 A length curriculum (``curriculum``, ours - the paper states none) trains each (L, steps) stage on its own
 ``n_train`` sequences of length L before the main stage at ``seq_len``; the cosine spans every stage, and
-validation, best weights and early stopping always use ``seq_len``.
+validation, best weights and the target-accuracy stop always use ``seq_len``; ``patience`` counts main-stage
+validations only (the accuracy at ``seq_len`` can sit flat through a short stage and still rise later).
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ import itertools
 import json
 import logging
 import math
+import operator
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,10 +58,10 @@ class SyntheticTrainConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 1e-6
     max_epochs: int = 3000
-    max_steps: int | None = None  # optional hard cap (also the cosine horizon when set)
+    max_steps: int | None = None  # optional cap on the main stage's steps (the cosine spans the curriculum too)
     eval_every: int = 1  # epochs between validation passes
     target_acc: float = 1.0  # stop a seed once validation accuracy reaches this
-    patience: int | None = None  # stop after this many evaluations without improvement
+    patience: int | None = None  # stop after this many main-stage evaluations without improvement
     grad_clip: float | None = None  # the paper states none
     d_model: int = 64
     num_heads: int = 4
@@ -79,6 +81,9 @@ class SyntheticTrainConfig:
     # stage at seq_len, each on n_train sequences of its length (:func:`parse_curriculum`); see the module doc.
     curriculum: tuple[tuple[int, int], ...] = ()
 
+    def __post_init__(self) -> None:  # every way in (YAML, flags, dataclasses.replace, the API) is checked
+        self.curriculum = parse_curriculum(self.curriculum)
+
 
 def cosine_lr(step: float, horizon: int, lr: float, min_lr: float = 0.0) -> float:
     """Cosine from ``lr`` at step 0 to ``min_lr`` at ``horizon`` (held there after), no warm-up."""
@@ -86,13 +91,21 @@ def cosine_lr(step: float, horizon: int, lr: float, min_lr: float = 0.0) -> floa
     return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * frac))
 
 
-def parse_curriculum(specs: Sequence[str]) -> tuple[tuple[int, int], ...]:
-    """``["12:30000", "25:15000"]`` -> ``((12, 30000), (25, 15000))``; anything else is refused with the form."""
+def parse_curriculum(specs: str | Sequence[str | Sequence[int]] | None) -> tuple[tuple[int, int], ...]:
+    """``["12:30000", "25:15000"]``, ``"12:30000 25:15000"`` or ``[[12, 30000], [25, 15000]]`` ->
+    ``((12, 30000), (25, 15000))``; ``None`` -> no curriculum; anything else is refused with the form."""
+    if specs is None:
+        return ()
+    if isinstance(specs, str):
+        specs = specs.split()
     stages = []
     for spec in specs:
-        try:
-            seq_len, steps = (int(v) for v in str(spec).split(":"))
-        except ValueError:
+        try:  # integers only: a float step count or length is a typo, not something to round
+            parts = spec.split(":") if isinstance(spec, str) else list(spec)
+            if len(parts) != 2 or any(isinstance(v, (bool, float)) for v in parts):
+                raise ValueError
+            seq_len, steps = (int(v) if isinstance(v, str) else operator.index(v) for v in parts)
+        except (TypeError, ValueError):
             raise ValueError(f"a curriculum stage is L:STEPS such as 12:30000, got {spec!r}") from None
         if seq_len < 1 or steps < 1:
             raise ValueError(f"a curriculum stage needs L >= 1 and STEPS >= 1, got {spec!r}")
@@ -292,7 +305,7 @@ class SeedRun:
         if acc > self.best_val:
             self.best_val, self.evals_since_best = acc, 0
             self.best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-        else:
+        elif self.stage == len(self.stages) - 1:  # flat validation during a short stage is no reason to stop
             self.evals_since_best += 1
         log.debug("%s/%s seed %d epoch %d step %d val %.4f", cfg.arch, cfg.task, self.seed, self.epoch, self.step, acc)
         if acc >= cfg.target_acc:
@@ -751,10 +764,7 @@ def load_config(path: str | Path) -> SyntheticTrainConfig:
     for k in ("seeds", "betas"):
         if k in raw:
             raw[k] = tuple(raw[k])
-    if raw.get("curriculum"):  # "12:30000" strings or [12, 30000] pairs
-        raw["curriculum"] = parse_curriculum([s if isinstance(s, str) else ":".join(map(str, s))
-                                              for s in raw["curriculum"]])
-    return SyntheticTrainConfig(**raw)
+    return SyntheticTrainConfig(**raw)  # a curriculum of "12:30000" strings or [12, 30000] pairs: __post_init__
 
 
 def _jsonable(obj: Any) -> Any:
@@ -782,7 +792,8 @@ def _parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--n-test", type=int, default=None, help="default 100000")
     p.add_argument("--n-val", type=int, default=None, help="default 2000")
     p.add_argument("--max-epochs", type=int, default=None, help="default 3000")
-    p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--max-steps", type=int, default=None,
+                   help="cap on the main stage's steps (with --curriculum, the stages' steps come on top)")
     p.add_argument("--eval-every", type=int, default=None, help="default 1")
     p.add_argument("--lr", type=float, default=None, help="default 5e-4")
     p.add_argument("--batch-size", type=int, default=None, help="default 16")
