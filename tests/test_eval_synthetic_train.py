@@ -423,3 +423,19 @@ def test_patience_counts_main_stage_validations_only():
         synth_models.unregister_arch("recgru")
     assert run.stop_reason == "patience"
     assert run.model.train_lengths == [8] * 30 + [20] * 6
+
+
+def test_masked_loss_is_the_scored_mean_and_zero_without_scored_positions():
+    from eval.synthetic.train import masked_loss
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 5, 7, generator=g, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 7, (3, 5), generator=g)
+    targets[0, :3] = IGNORE_INDEX
+    scored = targets != IGNORE_INDEX
+    expect = -torch.log_softmax(logits, -1)[scored].gather(-1, targets[scored][:, None]).mean()
+    assert masked_loss(logits, targets).item() == pytest.approx(expect.item(), rel=1e-6)
+    # a batch with nothing to score (short k-hop sequences): zero loss and zero gradient, not NaN
+    loss = masked_loss(logits, torch.full_like(targets, IGNORE_INDEX))
+    loss.backward()
+    assert loss.item() == 0.0 and torch.equal(logits.grad, torch.zeros_like(logits))

@@ -129,7 +129,11 @@ def evaluate(model: nn.Module, data: SyntheticBatch, batch_size: int = 1000, dev
 
 
 def masked_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
+    """Mean cross-entropy over the scored positions; 0 (no gradient) for a batch without any - short k-hop
+    sequences can have none, and the plain mean would be NaN and poison the weights. No host sync."""
+    total = nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX,
+                                        reduction="sum")
+    return total / (targets != IGNORE_INDEX).sum().clamp(min=1)
 
 
 class SeedRun:
