@@ -33,8 +33,8 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from eval.synthetic.models import RNN_ARCHS, DenseGRULM, build_model, logits_of  # noqa: E402
-from eval.synthetic.tasks import IGNORE_INDEX, SyntheticBatch, keep_nth  # noqa: E402
-from eval.synthetic.train import cosine_lr, parse_curriculum  # noqa: E402
+from eval.synthetic.tasks import SyntheticBatch, keep_nth  # noqa: E402
+from eval.synthetic.train import cosine_lr, masked_loss, parse_curriculum  # noqa: E402
 
 log = logging.getLogger("probe_keep_nth")
 
@@ -209,9 +209,7 @@ def main(argv: list[str] | None = None) -> float:
                                  dense=a.dense).to(device)
             else:
                 batch = train[torch.randint(0, len(train), (a.batch_size,), device=device)]
-            logits = logits_of(model(batch.input_ids))
-            # unscored targets are IGNORE_INDEX: the same mean as indexing by loss_mask, without a host sync
-            loss = nn.functional.cross_entropy(logits.flatten(0, 1), batch.targets.flatten(), ignore_index=IGNORE_INDEX)
+            loss = masked_loss(logits_of(model(batch.input_ids)), batch.targets)  # the trainer's loss, no host sync
             opt.zero_grad()
             loss.backward()
             opt.step()
