@@ -9,6 +9,13 @@ batch 16, the paper's 10k training sequences by default.
 
     python scripts/probe_mqar.py --arch paragru --pairs 2 --seq-len 24 --steps 15000 --lr 3e-3
     python scripts/probe_mqar.py --arch mamba2 --pairs 2 --seq-len 24 --steps 15000 --lr 3e-3
+
+``--state OUT/runs/ARCH__mqar__sSEED.pt`` instead reads a Table-6 run that ``eval.synthetic.train`` stopped
+at its time budget (a finished run keeps only its result JSON) and reports its test accuracy by the pair
+index of the queried key: flat for a model that binds keys to values, falling with the index for one that
+answers from the prefix's layout.
+
+    python scripts/probe_mqar.py --state runs/t6full/transformer/runs/transformer__mqar__s2.pt
 """
 from __future__ import annotations
 
@@ -22,11 +29,39 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from eval.synthetic.models import ARCHS, build_model  # noqa: E402
-from eval.synthetic.tasks import SyntheticBatch, make_splits  # noqa: E402
-from eval.synthetic.train import evaluate, masked_loss  # noqa: E402
+from eval.synthetic.models import ARCHS, build_model, logits_of  # noqa: E402
+from eval.synthetic.tasks import TASKS, SyntheticBatch, make_splits, mqar, mqar_pair_index  # noqa: E402
+from eval.synthetic.train import SeedRun, SyntheticTrainConfig, evaluate, masked_loss  # noqa: E402
 
 log = logging.getLogger("probe_mqar")
+
+
+def accuracy_by_pair(model: torch.nn.Module, batch: SyntheticBatch, num_pairs: int,
+                     chunk: int = 1000) -> list[float]:
+    """Test accuracy of an MQAR batch split by the queried key's pair index in the prefix."""
+    index = mqar_pair_index(batch.input_ids, num_pairs)
+    correct, total = torch.zeros(num_pairs), torch.zeros(num_pairs)
+    model.eval()
+    with torch.no_grad():
+        for i in range(0, len(batch), chunk):
+            b, idx = batch[i : i + chunk], index[i : i + chunk]
+            pred = logits_of(model(b.input_ids)).argmax(-1)
+            total += torch.bincount(idx[b.loss_mask], minlength=num_pairs)
+            correct += torch.bincount(idx[b.loss_mask & (pred == b.targets)], minlength=num_pairs)
+    return (correct / total.clamp(min=1)).tolist()
+
+
+def load_saved_run(path: str) -> tuple[torch.nn.Module, SyntheticTrainConfig]:
+    """The best-validation weights of a run saved by the trainer at its time budget, in the model it trained."""
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    cfg = SyntheticTrainConfig(**state["run_config"])
+    # the trainer builds the model; a tiny data split keeps that cheap (the weights are loaded next)
+    run = SeedRun(SyntheticTrainConfig(**{**state["run_config"], "n_train": cfg.batch_size, "n_test": 1,
+                                          "n_val": 0, "curriculum": None}), seed=0)
+    run.model.load_state_dict(state["best_state"] or state["model"])
+    log.info("%s: %s/%s, epoch %d, best validation accuracy %.4f", path, cfg.arch, cfg.task, state["epoch"],
+             state["best_val"])
+    return run.model, cfg
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
@@ -40,8 +75,21 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     p.add_argument("--gain-bound", type=float, default=0.9, help="recurrent-gain bound (paper: 0.9)")
     p.add_argument("--evals", type=int, default=6, help="evaluations over the run")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--state", help="a saved Table-6 MQAR run (OUT/runs/KEY.pt): accuracy by pair index")
+    p.add_argument("--n-test", type=int, default=20_000, help="with --state: fresh test sequences")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if a.state:
+        model, cfg = load_saved_run(a.state)
+        if cfg.task != "mqar":
+            p.error(f"--state {a.state} is a {cfg.task} run; accuracy by pair index needs an MQAR run")
+        pairs = cfg.task_kwargs.get("num_pairs", 8)
+        test = mqar(a.n_test, cfg.seq_len, TASKS["mqar"].vocab_size, pairs, seed=987_654_321 + a.seed)  # seeds no split uses
+        by_pair = accuracy_by_pair(model, test, pairs)
+        log.info("test accuracy by the queried key's pair index (pair m sits at positions 2m, 2m+1), %d "
+                 "sequences: %s; all: %.4f", a.n_test, " ".join(f"{m}:{acc:.3f}" for m, acc in enumerate(by_pair)),
+                 evaluate(model, test))
+        return {f"pair_{m}": acc for m, acc in enumerate(by_pair)}
     torch.manual_seed(a.seed)
     splits = make_splits("mqar", seed=a.seed, seq_len=a.seq_len, n_train=a.n_train, n_test=2_000,
                          num_pairs=a.pairs)

@@ -148,6 +148,17 @@ def mqar(num: int, seq_len: int = 100, vocab_size: int = 128, num_pairs: int = 8
     return _finish(x, targets, mask)
 
 
+def mqar_pair_index(input_ids: torch.Tensor, num_pairs: int = 8) -> torch.Tensor:
+    """For an MQAR batch: at each query-region position holding a key, that key's pair index m in the
+    prefix (the key sits at position 2m); -1 everywhere else. Accuracy by m tells a model that binds keys
+    to values (flat in m) from one that answers by the prefix layout (falling with m)."""
+    keys = input_ids[:, 0 : 2 * num_pairs : 2]  # (N, D)
+    match = input_ids[:, :, None] == keys[:, None, :]  # (N, L, D); keys are distinct, so at most one hit
+    index = torch.where(match.any(-1), match.long().argmax(-1), torch.full_like(input_ids, -1))
+    index[:, : 2 * num_pairs] = -1  # the prefix itself is not queried
+    return index
+
+
 def _find(x: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """find(i) = 1 + last p < i with x[p] == x[i], or -1 (vectorised over rows, loop over time)."""
     num, seq_len = x.shape
