@@ -76,3 +76,20 @@ def test_graphed_curriculum_recaptures_per_length_and_equals_eager():
     for name, ref in eager.items():
         torch.testing.assert_close(graphed[name], ref, atol=5e-5, rtol=2e-4, msg=lambda m: f"{name}: {m}")
     assert [h["train_seq_len"] for h in runs[True].val_history] == [h["train_seq_len"] for h in runs[False].val_history]
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_runs_spread_over_two_gpus_match_one_gpu(tmp_path):
+    from eval.synthetic.train import train_runs_on_devices
+
+    jobs = [(SyntheticTrainConfig(task=t, arch=a, **SMALL), s)
+            for a, t in (("paragru", "hop2"), ("mamba2", "keep_nth")) for s in (0, 1)]
+    one_gpu = train_runs(jobs, concurrent_runs=4, progress=False)
+    two_gpus = train_runs_on_devices(jobs, devices=("cuda:0", "cuda:1"), concurrent_runs=2, progress=False,
+                                     state_dir=tmp_path)
+    assert [r["seed"] for r in two_gpus] == [0, 1, 0, 1] and all(r["cuda_graph"] for r in two_gpus)
+    for a, b in zip(one_gpu, two_gpus):
+        assert b["steps"] == a["steps"] == 12
+        assert b["test_acc"] == pytest.approx(a["test_acc"], abs=2 / 256)
+        assert b["final_train_loss"] == pytest.approx(a["final_train_loss"], rel=1e-4, abs=1e-5)
+    assert len(list(tmp_path.glob("*.result.json"))) == 4

@@ -439,3 +439,67 @@ def test_masked_loss_is_the_scored_mean_and_zero_without_scored_positions():
     loss = masked_loss(logits, torch.full_like(targets, IGNORE_INDEX))
     loss.backward()
     assert loss.item() == 0.0 and torch.equal(logits.grad, torch.zeros_like(logits))
+
+
+class CrashOnTenTokens(synth_models.DenseGRULM):
+    """Kills its whole process when built for a 10-token task (1-hop): a worker dying, not a run failing."""
+
+    def __init__(self, vocab_size: int, d_model: int, **kw) -> None:
+        if vocab_size == 10:
+            import os
+
+            os._exit(3)
+        super().__init__(vocab_size, d_model, **kw)
+
+
+def test_runs_spread_over_devices_equal_one_process(tiny_gru, tmp_path):
+    from eval.synthetic.train import train_runs, train_runs_on_devices
+
+    base = dict(arch=tiny_gru, seq_len=20, n_train=48, n_test=64, n_val=32, batch_size=16, max_epochs=3,
+                d_model=16, progress=False)
+    jobs = [(SyntheticTrainConfig(task=t, **base), s) for t in ("parity", "hop1") for s in (0, 1, 2)]
+    one = train_runs(jobs, progress=False)
+    spread = train_runs_on_devices(jobs, devices=("cpu", "cpu"), concurrent_runs=2, progress=False,
+                                   state_dir=tmp_path)
+    assert [r["seed"] for r in spread] == [0, 1, 2, 0, 1, 2]  # job order, though dealt 0,2,4 / 1,3,5
+    for a, b in zip(one, spread):
+        assert (b["test_acc"], b["steps"], b["epochs"]) == (a["test_acc"], a["steps"], a["epochs"])
+        assert b["final_train_loss"] == pytest.approx(a["final_train_loss"], rel=1e-6)
+        assert [h["val_acc"] for h in b["val_history"]] == [h["val_acc"] for h in a["val_history"]]
+    assert sorted(p.name for p in tmp_path.glob("*.result.json")) == sorted(
+        f"tinygru__{t}__s{s}.result.json" for t in ("parity", "hop1") for s in (0, 1, 2))
+
+
+def test_a_dead_worker_fails_only_its_own_runs():
+    from eval.synthetic.train import train_runs_on_devices
+
+    synth_models.register_arch("crashy", CrashOnTenTokens)
+    try:
+        base = dict(arch="crashy", seq_len=20, n_train=48, n_test=64, n_val=32, batch_size=16, max_epochs=2,
+                    d_model=16, progress=False)
+        jobs = [(SyntheticTrainConfig(task="parity", **base), 0), (SyntheticTrainConfig(task="hop1", **base), 0),
+                (SyntheticTrainConfig(task="parity", **base), 1)]
+        res = train_runs_on_devices(jobs, devices=("cpu", "cpu"), progress=False)
+    finally:
+        synth_models.unregister_arch("crashy")
+    assert res[0]["test_acc"] is not None and res[2]["test_acc"] is not None  # the surviving worker's runs
+    assert res[1]["test_acc"] is None and res[1]["error"].startswith("worker on cpu failed")
+
+
+def test_cli_devices_then_resume_in_one_process(tiny_gru, tmp_path):
+    from eval.synthetic.train import main, resolve_devices
+
+    args = ["--grid", "--archs", tiny_gru, "--tasks", "parity", "hop1", "--seeds", "0", "1", "--seq-len", "20",
+            "--n-train", "48", "--n-test", "32", "--n-val", "16", "--max-epochs", "40", "--out", str(tmp_path),
+            "--no-progress", "--device", "cpu"]
+    first = main(args + ["--devices", "cpu", "cpu", "--concurrent-runs", "2", "--time-budget-min", "0"])
+    assert first["device"] == "2 x cpu"
+    assert [s["stopped"] for r in first["results"] for s in r["seeds"]] == ["time budget"] * 4
+    assert len(list((tmp_path / "runs").glob("*.pt"))) == 4
+    done = main(args + ["--resume"])  # states written by two workers, continued by one process
+    assert [(s["stopped"], s["steps"]) for r in done["results"] for s in r["seeds"]] == [("budget", 120)] * 4
+    with pytest.raises(ValueError, match="not a device"):
+        resolve_devices(["gpu0"])
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no GPU"):
+            resolve_devices(["all"])

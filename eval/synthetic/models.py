@@ -46,6 +46,11 @@ def unregister_arch(name: str) -> None:
     _FACTORIES.pop(name, None)
 
 
+def registered_archs() -> dict[str, Factory]:
+    """The factories registered so far (a copy): worker processes re-register them (their registry starts empty)."""
+    return dict(_FACTORIES)
+
+
 def logits_of(out: Any) -> torch.Tensor:
     return out if isinstance(out, torch.Tensor) else out.logits
 

@@ -12,6 +12,12 @@ CLI (one task / the whole grid):
     python -m eval.synthetic.train --grid --tasks mqar --sweep lr=5e-4,2e-3 --out results/mqar_lr
     python -m eval.synthetic.train --grid --archs paragru --tasks keep_nth --curriculum 12:30000 25:15000 \
         --out results/keep_nth_curriculum      # shorter sequences first (not the paper's recipe)
+    python -m eval.synthetic.train --grid --devices all --concurrent-runs 15 --out results/synthetic  # every GPU
+
+With several ``devices`` each gets one worker process and every len(devices)-th run (so each device trains a
+mix of architectures), up to ``concurrent_runs`` at once; the runs, their saved states and the table are the
+same as in one process. One GPU is the limit for a single process: a d=64 step is a chain of tiny kernels,
+so more runs per GPU overlap only so far, and a second GPU needs a second host thread to feed it.
 
 A length curriculum (``curriculum``, ours - the paper states none) trains each (L, steps) stage on its own
 ``n_train`` sequences of length L before the main stage at ``seq_len``; the cosine spans every stage, and
@@ -21,6 +27,7 @@ validations only (the accuracy at ``seq_len`` can sit flat through a short stage
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import contextlib
 import dataclasses
 import itertools
@@ -28,6 +35,7 @@ import json
 import logging
 import math
 import operator
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +45,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .models import ARCHS, RNN_ARCHS, build_model, logits_of
+from .models import ARCHS, RNN_ARCHS, build_model, logits_of, register_arch, registered_archs
 from .tasks import IGNORE_INDEX, TASKS, SyntheticBatch, make_splits
 
 log = logging.getLogger(__name__)
@@ -67,6 +75,7 @@ class SyntheticTrainConfig:
     num_heads: int = 4
     eval_batch_size: int = 1000
     device: str = "cpu"
+    devices: tuple[str, ...] = ()  # several: one worker process each, the runs dealt round-robin (overrides device)
     cuda_graph: bool = True  # on CUDA: capture each training step once, replay it (launch-bound otherwise)
     concurrent_runs: int = 1  # seeds/cells advanced together (each on its own CUDA stream); 1 = one after another
     time_budget_s: float | None = None  # wall-clock cap of one train call; unfinished runs report their best so far
@@ -403,7 +412,7 @@ def _run_key(cfg: SyntheticTrainConfig, seed: int) -> str:
 
 
 # Fields that only say how a call runs (where, how many at once, for how long), not what a run computes.
-_OPERATIONAL_FIELDS = frozenset({"seeds", "device", "cuda_graph", "concurrent_runs", "time_budget_s", "resume",
+_OPERATIONAL_FIELDS = frozenset({"seeds", "device", "devices", "cuda_graph", "concurrent_runs", "time_budget_s", "resume",
                                  "progress", "eval_batch_size"})
 
 
@@ -444,7 +453,7 @@ def train_runs(jobs: Sequence[tuple[SyntheticTrainConfig, int]],
                model_factory: Callable[..., nn.Module] | None = None, *, concurrent_runs: int = 1,
                time_budget_s: float | None = None, progress: bool = True,
                state_dir: str | Path | Sequence[str | Path | None] | None = None,
-               resume: bool = False) -> list[dict[str, Any]]:
+               resume: bool = False, progress_position: int | None = None) -> list[dict[str, Any]]:
     """Train ``(cfg, seed)`` jobs, at most ``concurrent_runs`` at a time, advanced round-robin.
 
     On a GPU each run enqueues on its own stream, so graphed runs overlap; on a CPU interleaving gains
@@ -474,7 +483,9 @@ def train_runs(jobs: Sequence[tuple[SyntheticTrainConfig, int]],
     results: list[dict[str, Any] | None] = [None] * len(jobs)
     queue = list(range(len(jobs)))
     active: list[tuple[int, SeedRun]] = []
-    bar = tqdm(total=sum(planned_steps(cfg) for cfg, _ in jobs), desc=f"{len(jobs)} run(s)", disable=not progress)
+    where = "" if progress_position is None or not jobs else f"{jobs[0][0].device}: "
+    bar = tqdm(total=sum(planned_steps(cfg) for cfg, _ in jobs), desc=f"{where}{len(jobs)} run(s)",
+               disable=not progress, position=progress_position)
 
     def fail(i: int, err: BaseException | str) -> None:
         cfg, seed = jobs[i]
@@ -560,6 +571,66 @@ def train_runs(jobs: Sequence[tuple[SyntheticTrainConfig, int]],
     return [r for r in results if r is not None]
 
 
+def train_runs_on_devices(jobs: Sequence[tuple[SyntheticTrainConfig, int]],
+                          model_factory: Callable[..., nn.Module] | None = None, *, devices: Sequence[str] = (),
+                          state_dir: str | Path | Sequence[str | Path | None] | None = None,
+                          **kwargs: Any) -> list[dict[str, Any]]:
+    """:func:`train_runs` spread over ``devices``: one worker process per device (spawned: CUDA cannot be
+    used in a forked child), each training every len(devices)-th job with the same ``kwargs`` (concurrency,
+    time budget, resume); the state folders are shared, a run's files being named by its key. Results come
+    back in job order. A worker that dies records its own jobs as failed and keeps the others' results.
+    ``model_factory`` and factories registered with ``register_arch`` must be picklable (module-level)."""
+    if len(devices) <= 1:
+        if devices:
+            jobs = [(dataclasses.replace(cfg, device=devices[0]), seed) for cfg, seed in jobs]
+        return train_runs(jobs, model_factory, state_dir=state_dir, **kwargs)
+    states = list(state_dir) if isinstance(state_dir, (list, tuple)) else [state_dir] * len(jobs)
+    if len(states) != len(jobs):
+        raise ValueError(f"{len(states)} state folders for {len(jobs)} jobs")
+    results: list[dict[str, Any] | None] = [None] * len(jobs)
+    context = torch.multiprocessing.get_context("spawn")
+    # one single-process pool per device: a worker that dies breaks its own pool only
+    threads = max(1, (os.cpu_count() or 1) // len(devices))  # the host's cores shared, not oversubscribed
+    pools = [concurrent.futures.ProcessPoolExecutor(1, mp_context=context) for _ in devices]
+    try:
+        shards = {}
+        for rank, (device, pool) in enumerate(zip(devices, pools)):
+            shard = list(range(rank, len(jobs), len(devices)))
+            if shard:
+                own = [(dataclasses.replace(jobs[i][0], device=device), jobs[i][1]) for i in shard]
+                future = pool.submit(_device_worker, device, rank, own, [states[i] for i in shard], model_factory,
+                                     registered_archs(), logging.getLogger().getEffectiveLevel(), threads, kwargs)
+                shards[future] = (device, shard)
+        for future in concurrent.futures.as_completed(shards):
+            device, shard = shards[future]
+            try:
+                out = future.result()
+            except Exception as err:  # the worker process itself failed (a run's own error is in its result)
+                log.error("worker on %s failed: %r", device, err)
+                out = [{"seed": jobs[i][1], "test_acc": None, "error": f"worker on {device} failed: {err!r}"}
+                       for i in shard]
+            for i, res in zip(shard, out):
+                results[i] = res
+    finally:
+        for pool in pools:
+            pool.shutdown(cancel_futures=True)
+    return [r for r in results if r is not None]
+
+
+def _device_worker(device: str, rank: int, jobs: list[tuple[SyntheticTrainConfig, int]],
+                   states: list[str | Path | None], model_factory: Callable[..., nn.Module] | None,
+                   registered: dict[str, Callable[..., nn.Module]], log_level: int, threads: int,
+                   kwargs: dict[str, Any]) -> list[dict[str, Any]]:
+    """One device's share of :func:`train_runs_on_devices`, in its own process."""
+    logging.basicConfig(level=log_level, format=f"%(levelname)s %(name)s [{device}]: %(message)s")
+    torch.set_num_threads(threads)  # workers each taking every core spin against each other (100x slower)
+    for name, factory in registered.items():
+        register_arch(name, factory)
+    if torch.device(device).type == "cuda":
+        torch.cuda.set_device(torch.device(device))  # streams, graphs and allocations default to it
+    return train_runs(jobs, model_factory, state_dir=states, progress_position=rank, **kwargs)
+
+
 def train_seed(cfg: SyntheticTrainConfig, seed: int,
                model_factory: Callable[..., nn.Module] | None = None) -> dict[str, Any]:
     """Train one seed; returns its metrics (test accuracy of the best-validation weights)."""
@@ -589,9 +660,10 @@ def _cell_result(cfg: SyntheticTrainConfig, runs: list[dict[str, Any]], out_dir:
 def run_task(cfg: SyntheticTrainConfig, model_factory: Callable[..., nn.Module] | None = None,
              out_dir: str | Path | None = None) -> dict[str, Any]:
     """All seeds of one (arch, task); ``accuracy`` is the best test accuracy over seeds (paper)."""
-    runs = train_runs([(cfg, s) for s in cfg.seeds], model_factory, concurrent_runs=cfg.concurrent_runs,
-                      time_budget_s=cfg.time_budget_s, progress=cfg.progress,
-                      state_dir=None if out_dir is None else Path(out_dir) / "runs", resume=cfg.resume)
+    runs = train_runs_on_devices([(cfg, s) for s in cfg.seeds], model_factory, devices=cfg.devices,
+                                 concurrent_runs=cfg.concurrent_runs, time_budget_s=cfg.time_budget_s,
+                                 progress=cfg.progress, resume=cfg.resume,
+                                 state_dir=None if out_dir is None else Path(out_dir) / "runs")
     errors = [r["error"] for r in runs if r.get("error")]
     if len(errors) == len(runs):
         raise RuntimeError(f"{cfg.arch}/{cfg.task}: every seed failed: {errors}")
@@ -690,6 +762,13 @@ def with_overrides(cfg: SyntheticTrainConfig, overrides: dict[str, Any]) -> Synt
     return dataclasses.replace(cfg, **plain)
 
 
+def describe_devices(devices: Sequence[str]) -> str:
+    """``"NVIDIA H200"``, ``"4 x NVIDIA H200"``, ``"cpu"``: where a grid ran, for its result file."""
+    names = [torch.cuda.get_device_name(torch.device(d)) if torch.device(d).type == "cuda" else torch.device(d).type
+             for d in devices]
+    return " + ".join(f"{names.count(n)} x {n}" if names.count(n) > 1 else n for n in dict.fromkeys(names))
+
+
 def run_grid(base: SyntheticTrainConfig, archs: Sequence[str] = ARCHS, tasks: Sequence[str] = tuple(TASKS),
              out_dir: str | Path | None = None,
              model_factory: Callable[..., nn.Module] | None = None, *,
@@ -724,9 +803,10 @@ def run_grid(base: SyntheticTrainConfig, archs: Sequence[str] = ARCHS, tasks: Se
             jobs += [(cfg, seed) for seed in cfg.seeds]
             states += [None if folder is None else folder / "runs"] * len(cfg.seeds)
     t0 = time.time()
-    runs = train_runs(jobs, model_factory, concurrent_runs=base.concurrent_runs,
-                      time_budget_s=base.time_budget_s, progress=base.progress, state_dir=states, resume=base.resume)
-    device = torch.cuda.get_device_name() if torch.device(base.device).type == "cuda" else "cpu"
+    runs = train_runs_on_devices(jobs, model_factory, devices=base.devices, concurrent_runs=base.concurrent_runs,
+                                 time_budget_s=base.time_budget_s, progress=base.progress, state_dir=states,
+                                 resume=base.resume)
+    device = describe_devices(base.devices or (base.device,))
     from eval.tables import grid_curves, plot_curves, render_table6, write_sweep
 
     k, grids = 0, []
@@ -765,7 +845,7 @@ def load_config(path: str | Path) -> SyntheticTrainConfig:
     unknown = set(raw) - known
     if unknown:
         raise ValueError(f"{path}: unknown SyntheticTrainConfig keys {sorted(unknown)}")
-    for k in ("seeds", "betas"):
+    for k in ("seeds", "betas", "devices"):
         if k in raw:
             raw[k] = tuple(raw[k])
     return SyntheticTrainConfig(**raw)  # a curriculum of "12:30000" strings or [12, 30000] pairs: __post_init__
@@ -773,6 +853,24 @@ def load_config(path: str | Path) -> SyntheticTrainConfig:
 
 def _jsonable(obj: Any) -> Any:
     return json.loads(json.dumps(obj, default=str))
+
+
+def resolve_devices(names: Sequence[str]) -> tuple[str, ...]:
+    """``["all"]`` -> every visible GPU; otherwise the names as given (each a valid torch device; a GPU
+    index must exist). Repeats are allowed (two workers on one device)."""
+    if list(names) == ["all"]:
+        count = torch.cuda.device_count()
+        if not count:
+            raise ValueError("--devices all: no GPU is visible")
+        return tuple(f"cuda:{i}" for i in range(count))
+    for name in names:
+        try:
+            device = torch.device(name)
+        except RuntimeError:
+            raise ValueError(f"--devices: {name!r} is not a device (e.g. cuda:0, cpu)") from None
+        if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+            raise ValueError(f"--devices: {name} is not visible ({torch.cuda.device_count()} GPU(s))")
+    return tuple(names)
 
 
 def _parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -808,6 +906,9 @@ def _parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="train these (length, steps) stages first, e.g. 12:30000 25:15000 50:15000, then the main "
                         "stage at --seq-len; validation always at --seq-len (ours: the paper states no curriculum)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--devices", nargs="+", default=None, metavar="DEV",
+                   help="train on several devices, one worker process each, the runs dealt round-robin "
+                        "(e.g. cuda:0 cuda:1; 'all' = every visible GPU); --concurrent-runs counts per device")
     p.add_argument("--concurrent-runs", type=int, default=None,
                    help="runs trained at once, each on its own CUDA stream (default 1; the whole grid on a GPU: e.g. 60)")
     p.add_argument("--time-budget-min", type=float, default=None,
@@ -840,8 +941,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     both = sorted(k for k in sweep or {} if flags.get(k) is not None)
     if both:
         raise SystemExit(f"{both} given both as a flag and in --sweep")
+    try:
+        devices = resolve_devices(a.devices) if a.devices else None
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
     cfg = dataclasses.replace(cfg, task=a.task or cfg.task, arch=a.arch, device=a.device, progress=not a.no_progress,
-                              **{k: v for k, v in flags.items() if v is not None})
+                              **{k: v for k, v in flags.items() if v is not None},
+                              **({"devices": devices} if devices else {}))
     if a.grid:
         cells = None
         if a.cells:
