@@ -970,4 +970,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    # the importable module's main, not this __main__ copy: spawned --devices workers then unpickle the same
+    # classes and functions (and log under the module's name)
+    from eval.synthetic.train import main as _main
+
+    _main()
