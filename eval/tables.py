@@ -288,6 +288,18 @@ def curriculum_stage_starts(result: dict[str, Any]) -> list[tuple[int, int]]:
     return [*starts, (step, int(cfg["seq_len"]))]
 
 
+def panel_stage_starts(results: Sequence[dict[str, Any]]) -> list[tuple[int, int]]:
+    """The curriculum stage starts one panel of curves draws: only when all its runs share one curriculum,
+    and only the stages some run trained (one stopped early does not stretch the axis to stages it never
+    reached)."""
+    starts = {tuple(curriculum_stage_starts(r)) for r in results}
+    if len(starts) != 1:
+        return []
+    last = max((h["step"] for r in results for seed in r.get("seeds", []) for h in seed.get("val_history") or []),
+               default=0)
+    return [(step, seq_len) for step, seq_len in next(iter(starts)) if step < last]
+
+
 def plot_curves(panels: dict[str, Sequence[dict[str, Any]]], path: str | Path) -> Path | None:
     """Validation accuracy (solid) and mean training loss (dashed, right axis) against the step, one panel per
     key of ``panels`` (a task, or a swept setting), one colour per architecture and one line per seed; the
@@ -323,8 +335,7 @@ def plot_curves(panels: dict[str, Sequence[dict[str, Any]]], path: str | Path) -
             paper = TABLE6.get(r["arch"], {}).get(r["task"])
             if paper is not None:
                 ax.axhline(paper, color=colour[r["arch"]], linestyle=":", linewidth=1)
-        stage_starts = {tuple(curriculum_stage_starts(r)) for r in results}  # drawn when the panel shares one
-        for step, seq_len in next(iter(stage_starts)) if len(stage_starts) == 1 else ():
+        for step, seq_len in panel_stage_starts(results):
             if step:
                 ax.axvline(step, color="0.6", linewidth=0.8, linestyle="-.")
             ax.annotate(f"L={seq_len}", (step, 1), xycoords=("data", "axes fraction"), xytext=(2, -9),

@@ -325,6 +325,15 @@ def test_curriculum_trains_short_stages_first_and_validates_at_seq_len():
     assert curriculum_stage_starts(res) == [(0, 8), (4, 12), (7, 20)]
     assert [h["step"] for h, after in zip(hist, hist[1:]) if h["train_seq_len"] != after["train_seq_len"]] == [4, 7]
     assert curriculum_stage_starts({"config": {"curriculum": [], "seq_len": 20}}) == []
+    # a panel draws the stages its runs reached, and none when its runs differ in curriculum
+    from eval.tables import panel_stage_starts
+
+    res["seeds"] = [{"val_history": hist}]
+    stopped = {**res, "seeds": [{"val_history": hist[:2]}]}  # stopped at step 4, as stage 2 began
+    assert panel_stage_starts([res]) == [(0, 8), (4, 12), (7, 20)]
+    assert panel_stage_starts([stopped]) == [(0, 8)] and panel_stage_starts([stopped, res]) == [(0, 8), (4, 12), (7, 20)]
+    other = {**res, "config": {**res["config"], "curriculum": [(8, 5)]}}
+    assert panel_stage_starts([res, other]) == []
     assert (res["steps"], res["epochs"], res["stopped"]) == (13, 5, "budget")
     assert res["best_val_acc"] == max(h["val_acc"] for h in hist)
     # one cosine over every stage: the schedule's horizon is the whole budget
