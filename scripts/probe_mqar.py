@@ -20,6 +20,7 @@ answers from the prefix's layout.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import math
 import os
@@ -56,8 +57,7 @@ def load_saved_run(path: str) -> tuple[torch.nn.Module, SyntheticTrainConfig]:
     state = torch.load(path, map_location="cpu", weights_only=False)
     cfg = SyntheticTrainConfig(**state["run_config"])
     # the trainer builds the model; a tiny data split keeps that cheap (the weights are loaded next)
-    run = SeedRun(SyntheticTrainConfig(**{**state["run_config"], "n_train": cfg.batch_size, "n_test": 1,
-                                          "n_val": 0, "curriculum": None}), seed=0)
+    run = SeedRun(dataclasses.replace(cfg, n_train=cfg.batch_size, n_test=1, n_val=0, curriculum=()), seed=0)
     run.model.load_state_dict(state["best_state"] or state["model"])
     log.info("%s: %s/%s, epoch %d, best validation accuracy %.4f", path, cfg.arch, cfg.task, state["epoch"],
              state["best_val"])

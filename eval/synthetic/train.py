@@ -449,6 +449,15 @@ def _check_resumable(jobs: Sequence[tuple[SyntheticTrainConfig, int]], state: Pa
                          "pass the same settings or a new --out:\n  " + "\n  ".join(clashes))
 
 
+def _state_folders(state_dir: str | Path | Sequence[str | Path | None] | None, num_jobs: int) -> list[Path | None]:
+    """One state folder (or None) per job: a sequence gives each job its own, a single folder is shared."""
+    if isinstance(state_dir, (list, tuple)):
+        if len(state_dir) != num_jobs:
+            raise ValueError(f"{len(state_dir)} state folders for {num_jobs} jobs")
+        return [None if d is None else Path(d) for d in state_dir]
+    return [None if state_dir is None else Path(state_dir)] * num_jobs
+
+
 def train_runs(jobs: Sequence[tuple[SyntheticTrainConfig, int]],
                model_factory: Callable[..., nn.Module] | None = None, *, concurrent_runs: int = 1,
                time_budget_s: float | None = None, progress: bool = True,
@@ -470,12 +479,7 @@ def train_runs(jobs: Sequence[tuple[SyntheticTrainConfig, int]],
     gives each job its own folder (a sweep keeps each setting's runs apart under the same keys).
     """
     t0 = time.time()
-    if isinstance(state_dir, (list, tuple)):
-        if len(state_dir) != len(jobs):
-            raise ValueError(f"{len(state_dir)} state folders for {len(jobs)} jobs")
-        states = [None if d is None else Path(d) for d in state_dir]
-    else:
-        states = [None if state_dir is None else Path(state_dir)] * len(jobs)
+    states = _state_folders(state_dir, len(jobs))
     for folder in dict.fromkeys(d for d in states if d is not None):
         folder.mkdir(parents=True, exist_ok=True)
         if resume:
@@ -584,9 +588,7 @@ def train_runs_on_devices(jobs: Sequence[tuple[SyntheticTrainConfig, int]],
         if devices:
             jobs = [(dataclasses.replace(cfg, device=devices[0]), seed) for cfg, seed in jobs]
         return train_runs(jobs, model_factory, state_dir=state_dir, **kwargs)
-    states = list(state_dir) if isinstance(state_dir, (list, tuple)) else [state_dir] * len(jobs)
-    if len(states) != len(jobs):
-        raise ValueError(f"{len(states)} state folders for {len(jobs)} jobs")
+    states = _state_folders(state_dir, len(jobs))
     results: list[dict[str, Any] | None] = [None] * len(jobs)
     context = torch.multiprocessing.get_context("spawn")
     # one single-process pool per device: a worker that dies breaks its own pool only
@@ -618,7 +620,7 @@ def train_runs_on_devices(jobs: Sequence[tuple[SyntheticTrainConfig, int]],
 
 
 def _device_worker(device: str, rank: int, jobs: list[tuple[SyntheticTrainConfig, int]],
-                   states: list[str | Path | None], model_factory: Callable[..., nn.Module] | None,
+                   states: list[Path | None], model_factory: Callable[..., nn.Module] | None,
                    registered: dict[str, Callable[..., nn.Module]], log_level: int, threads: int,
                    kwargs: dict[str, Any]) -> list[dict[str, Any]]:
     """One device's share of :func:`train_runs_on_devices`, in its own process."""
@@ -930,24 +932,20 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     cfg = load_config(a.config) if a.config else SyntheticTrainConfig()
     try:
         curriculum = parse_curriculum(a.curriculum) if a.curriculum else None
+        devices = resolve_devices(a.devices) if a.devices else None
     except ValueError as err:
         raise SystemExit(f"error: {err}") from None
     flags = dict(seeds=tuple(a.seeds) if a.seeds else None, seq_len=a.seq_len, n_train=a.n_train, n_test=a.n_test,
                  n_val=a.n_val, max_epochs=a.max_epochs, max_steps=a.max_steps, eval_every=a.eval_every, lr=a.lr,
                  batch_size=a.batch_size, retain_gate_bias=a.retain_gate_bias, concurrent_runs=a.concurrent_runs,
-                 curriculum=curriculum,
+                 curriculum=curriculum, devices=devices,
                  time_budget_s=None if a.time_budget_min is None else 60 * a.time_budget_min,
                  cuda_graph=False if a.no_cuda_graph else None, resume=True if a.resume else None)
     both = sorted(k for k in sweep or {} if flags.get(k) is not None)
     if both:
         raise SystemExit(f"{both} given both as a flag and in --sweep")
-    try:
-        devices = resolve_devices(a.devices) if a.devices else None
-    except ValueError as err:
-        raise SystemExit(f"error: {err}") from None
     cfg = dataclasses.replace(cfg, task=a.task or cfg.task, arch=a.arch, device=a.device, progress=not a.no_progress,
-                              **{k: v for k, v in flags.items() if v is not None},
-                              **({"devices": devices} if devices else {}))
+                              **{k: v for k, v in flags.items() if v is not None})
     if a.grid:
         cells = None
         if a.cells:
