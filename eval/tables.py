@@ -326,8 +326,10 @@ def plot_curves(panels: dict[str, Sequence[dict[str, Any]]], path: str | Path) -
             for k, seed in enumerate(s for s in r["seeds"] if s.get("val_history")):
                 hist = seed["val_history"]
                 steps = [h["step"] for h in hist]
+                # a marker per epoch shows short runs' evaluation points; thousands of them only thicken the line
                 ax.plot(steps, [100 * h["val_acc"] for h in hist], color=colour[r["arch"]], linewidth=1.2,
-                        marker="o", markersize=2.5, label=_name(r["arch"]) if k == 0 else None)
+                        marker="o" if len(hist) <= 100 else None, markersize=2.5,
+                        label=_name(r["arch"]) if k == 0 else None)
                 losses = [h.get("train_loss") for h in hist]
                 if any(x is not None for x in losses):
                     loss_ax.plot(steps, [float("nan") if x is None else x for x in losses], color=colour[r["arch"]],
