@@ -20,7 +20,6 @@ answers from the prefix's layout.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import math
 import os
@@ -32,7 +31,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from eval.synthetic.models import ARCHS, build_model, logits_of  # noqa: E402
 from eval.synthetic.tasks import TASKS, SyntheticBatch, make_splits, mqar, mqar_pair_index  # noqa: E402
-from eval.synthetic.train import SeedRun, SyntheticTrainConfig, evaluate, masked_loss  # noqa: E402
+from eval.synthetic.train import SyntheticTrainConfig, build_run_model, evaluate, masked_loss  # noqa: E402
 
 log = logging.getLogger("probe_mqar")
 
@@ -56,12 +55,11 @@ def load_saved_run(path: str) -> tuple[torch.nn.Module, SyntheticTrainConfig]:
     """The best-validation weights of a run saved by the trainer at its time budget, in the model it trained."""
     state = torch.load(path, map_location="cpu", weights_only=False)
     cfg = SyntheticTrainConfig(**state["run_config"])
-    # the trainer builds the model; a tiny data split keeps that cheap (the weights are loaded next)
-    run = SeedRun(dataclasses.replace(cfg, n_train=cfg.batch_size, n_test=1, n_val=0, curriculum=()), seed=0)
-    run.model.load_state_dict(state["best_state"] or state["model"])
+    model = build_run_model(cfg)
+    model.load_state_dict(state["best_state"] or state["model"])
     log.info("%s: %s/%s, epoch %d, best validation accuracy %.4f", path, cfg.arch, cfg.task, state["epoch"],
              state["best_val"])
-    return run.model, cfg
+    return model, cfg
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:

@@ -145,6 +145,17 @@ def masked_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return total / (targets != IGNORE_INDEX).sum().clamp(min=1)
 
 
+def build_run_model(cfg: SyntheticTrainConfig, model_factory: Callable[..., nn.Module] | None = None) -> nn.Module:
+    """The model a run of ``cfg`` trains (on the CPU, initialised from the current torch seed): its task's
+    vocabulary, mixer and gain bound, ``cfg``'s width and model settings."""
+    spec = TASKS[cfg.task]
+    model_kwargs = {"gain_bound": spec.gain_bound, **cfg.model_kwargs}
+    if cfg.retain_gate_bias and cfg.arch in RNN_ARCHS:
+        model_kwargs["retain_gate_bias"] = cfg.retain_gate_bias
+    return (model_factory or build_model)(cfg.arch, spec.vocab_size, bare_mixer=spec.bare_mixer,
+                                          d_model=cfg.d_model, num_heads=cfg.num_heads, **model_kwargs)
+
+
 class SeedRun:
     """One seed of one (arch, task): its data, model, optimiser and schedule, advanced one step at a time.
 
@@ -166,12 +177,7 @@ class SeedRun:
         self.splits = make_splits(spec, seed=seed, seq_len=cfg.seq_len, n_train=cfg.n_train, n_test=cfg.n_test,
                                   n_val=cfg.n_val, **cfg.task_kwargs)
         torch.manual_seed(seed)
-        factory = model_factory or build_model
-        model_kwargs = {"gain_bound": spec.gain_bound, **cfg.model_kwargs}
-        if cfg.retain_gate_bias and cfg.arch in RNN_ARCHS:
-            model_kwargs["retain_gate_bias"] = cfg.retain_gate_bias
-        self.model = factory(cfg.arch, spec.vocab_size, bare_mixer=spec.bare_mixer, d_model=cfg.d_model,
-                             num_heads=cfg.num_heads, **model_kwargs)
+        self.model = build_run_model(cfg, model_factory)
         self.device = torch.device(cfg.device)
         self.model.to(self.device).train()
         self.graphed = bool(cfg.cuda_graph) and self.device.type == "cuda"
