@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from kernels import NewtonStats, ParaGRULayer, ParaLSTMLayer
+from pararnn_lm.kernels import NewtonStats, ParaGRULayer, ParaLSTMLayer
 
 logger = logging.getLogger("bench_engine_cpu")
 LAYERS = {"paragru": ParaGRULayer, "paralstm": ParaLSTMLayer}

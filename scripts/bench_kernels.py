@@ -25,14 +25,12 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-from kernels.cells.fused_common import compact_start_map, start_map_batch  # noqa: E402
-from kernels.cells.paragru.fused import fused_paragru, fused_paragru_stepwise, paragru_fused_bwd  # noqa: E402
-from kernels.cells.paralstm.fused import fused_paralstm, fused_paralstm_stepwise, paralstm_fused_bwd  # noqa: E402
-from kernels.config import NewtonStats  # noqa: E402
-from kernels.projection import head_projection  # noqa: E402
-from kernels.sequential_triton import sequential_triton_rnn  # noqa: E402
+from pararnn_lm.kernels.cells.fused_common import compact_start_map, start_map_batch
+from pararnn_lm.kernels.cells.paragru.fused import fused_paragru, fused_paragru_stepwise, paragru_fused_bwd
+from pararnn_lm.kernels.cells.paralstm.fused import fused_paralstm, fused_paralstm_stepwise, paralstm_fused_bwd
+from pararnn_lm.kernels.config import NewtonStats
+from pararnn_lm.kernels.projection import head_projection
+from pararnn_lm.kernels.sequential_triton import sequential_triton_rnn
 
 SHAPES = [(8, 2048, 1024, 16), (16, 2048, 2048, 32), (2, 16384, 1024, 16), (4, 4096, 4096, 64),
           (32, 2048, 2048, 4), (1, 131072, 1024, 16)]
@@ -112,7 +110,7 @@ def rel(a, b):
 
 def check_small():
     """sequential_triton vs the PyTorch loop in fp64 (so it can serve as the reference at scale)."""
-    from kernels import ParaGRU, ParaLSTM, parallel_rnn
+    from pararnn_lm.kernels import ParaGRU, ParaLSTM, parallel_rnn
     out = {}
     for cell, obj in (("gru", ParaGRU()), ("lstm", ParaLSTM())):
         u, p, h0, K = make_inputs(cell, 2, 300, 200, torch.float32, seed=1)
@@ -176,7 +174,7 @@ def bench_shape(cell, B, T, D, H, dtype_name, reps, do_module, do_seq, copy_bw):
             row["stepwise_bwd_ms"] = row["stepwise_fwdbwd_ms"] - row["stepwise_fwd_ms"]
             del uu, pp, hh, hs_
             row["seq_fwd_ms"] = timed(lambda: sequential_triton_rnn(name, u, p, h0r, smap), reps)
-            from kernels.sequential_triton import sequential_triton_bwd
+            from pararnn_lm.kernels.sequential_triton import sequential_triton_bwd
             row["seq_bwd_ms"] = timed(lambda: sequential_triton_bwd(u, p, h0r, smap, hstate, g, cell == "lstm"), reps)
     es = u.element_size()
     n = B * T * D
@@ -251,8 +249,8 @@ def main():
     if a.quick:
         a.reps, a.no_sweep = 20, True
     if a.blocks:
-        from kernels.cells.paragru import fused as fg
-        from kernels.cells.paralstm import fused as fl
+        from pararnn_lm.kernels.cells.paragru import fused as fg
+        from pararnn_lm.kernels.cells.paralstm import fused as fl
         ct, bd, nw = (int(v) for v in a.blocks.split(","))
         for mod in (fg, fl):
             mod._BLOCKS.update(CT=ct, BD=bd, num_warps=nw)

@@ -40,11 +40,9 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-from models import ParaRNNLMConfig, ParaRNNLMForCausalLM, StaticDecoder, build_mixer, config_for  # noqa: E402
-from models.packing import SequenceInfo  # noqa: E402
-from models.ssd import import_mamba_ssm  # noqa: E402
+from pararnn_lm.models import ParaRNNLMConfig, ParaRNNLMForCausalLM, StaticDecoder, build_mixer, config_for
+from pararnn_lm.models.packing import SequenceInfo
+from pararnn_lm.models.ssd import import_mamba_ssm
 
 LAYER_SHAPES = [(8, 2048, 1024), (16, 2048, 2048), (2, 16384, 1024)]
 # the layer section's rows, in order; "mamba2_ref" is mamba_ssm's Mamba2 module (optional)
@@ -331,7 +329,7 @@ def bench_training(run: Run) -> None:
                 model = ParaRNNLMForCausalLM(cfg)
             model.train()
             if a.compile:
-                from training.factory import compile_blocks
+                from pararnn_lm.training.factory import compile_blocks
                 # Every architecture's blocks share one forward code object: without a reset the
                 # architectures measured later inherit the earlier ones' cache entries and can hit
                 # dynamo's recompile limit, silently running eagerly.

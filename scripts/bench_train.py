@@ -32,6 +32,8 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+from pararnn_lm.provenance import config_dir
+
 ROOT = Path(__file__).resolve().parents[1]
 log = logging.getLogger("bench_train")
 
@@ -77,10 +79,9 @@ def measure(arch: str, layout: str, a: argparse.Namespace) -> dict:
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    sys.path.insert(0, str(ROOT))
-    import train as train_script
-    import training.factory as factory
-    import training.metrics as metrics
+    import pararnn_lm.train as train_script
+    import pararnn_lm.training.factory as factory
+    import pararnn_lm.training.metrics as metrics
 
     run_dir = Path(a.work_dir) / f"{arch}-{layout}"
     overrides = [
@@ -90,7 +91,7 @@ def measure(arch: str, layout: str, a: argparse.Namespace) -> dict:
         "eval.at_end=false", "export.at_end=false", "logging.wandb_mode=disabled", "logging.progress_bar=false",
         "checkpoint.every=0", "resume=none", f"run_dir={run_dir}",
     ] + ([f"data.cache_dir={a.cache_dir}"] if a.cache_dir else [])
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         cfg = OmegaConf.to_object(compose("train", overrides=overrides))
     if layout == "rows":
         to_device = factory.to_device

@@ -23,7 +23,6 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # the GPU default; silences triton >= 3.9's notice
 
 import triton  # noqa: E402
@@ -94,7 +93,7 @@ def compile_usage(cfg: KernelConfig, arch: int = 90) -> Usage:
 
 
 def builtin_configs() -> dict[str, list[KernelConfig]]:
-    from kernels import conv, shooting
+    from pararnn_lm.kernels import conv, shooting
 
     conv_types = dict(X="*bf16", W="*fp32", BIAS="*fp32", POS="*i64", DY="*bf16", G="*bf16", DWP="*fp32",
                       DBP="*fp32", Y="*bf16", DX="*bf16")

@@ -18,10 +18,8 @@ import sys
 import typing
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from data.build import prepare_dataset  # noqa: E402
-from data.config import DataConfig  # noqa: E402
+from pararnn_lm.data.build import prepare_dataset
+from pararnn_lm.data.config import DataConfig
 
 
 def _optional(kind):

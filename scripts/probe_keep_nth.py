@@ -31,10 +31,9 @@ import time
 import torch
 from torch import nn
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from eval.synthetic.models import RNN_ARCHS, DenseGRULM, build_model, logits_of  # noqa: E402
-from eval.synthetic.tasks import SyntheticBatch, keep_nth  # noqa: E402
-from eval.synthetic.train import cosine_lr, masked_loss, parse_curriculum  # noqa: E402
+from pararnn_lm.eval.synthetic.models import RNN_ARCHS, DenseGRULM, build_model, logits_of
+from pararnn_lm.eval.synthetic.tasks import SyntheticBatch, keep_nth
+from pararnn_lm.eval.synthetic.train import cosine_lr, masked_loss, parse_curriculum
 
 log = logging.getLogger("probe_keep_nth")
 

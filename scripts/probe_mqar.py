@@ -28,10 +28,9 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from eval.synthetic.models import ARCHS, build_model, logits_of  # noqa: E402
-from eval.synthetic.tasks import TASKS, SyntheticBatch, make_splits, mqar, mqar_pair_index  # noqa: E402
-from eval.synthetic.train import SyntheticTrainConfig, build_run_model, evaluate, masked_loss  # noqa: E402
+from pararnn_lm.eval.synthetic.models import ARCHS, build_model, logits_of
+from pararnn_lm.eval.synthetic.tasks import TASKS, SyntheticBatch, make_splits, mqar, mqar_pair_index
+from pararnn_lm.eval.synthetic.train import SyntheticTrainConfig, build_run_model, evaluate, masked_loss
 
 log = logging.getLogger("probe_mqar")
 

@@ -6,9 +6,7 @@
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from eval.tables import main  # noqa: E402
+from pararnn_lm.eval.tables import main
 
 if __name__ == "__main__":
     main()

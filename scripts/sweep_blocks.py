@@ -8,13 +8,12 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from bench_kernels import make_inputs, timed  # noqa: E402
 
-from kernels.cells.fused_common import start_map_batch  # noqa: E402
-from kernels.cells.paragru import fused as fg  # noqa: E402
-from kernels.cells.paralstm import fused as fl  # noqa: E402
-from kernels.sequential_triton import sequential_triton_rnn  # noqa: E402
+from pararnn_lm.kernels.cells.fused_common import start_map_batch
+from pararnn_lm.kernels.cells.paragru import fused as fg
+from pararnn_lm.kernels.cells.paralstm import fused as fl
+from pararnn_lm.kernels.sequential_triton import sequential_triton_rnn
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--shape", default="8,2048,1024")

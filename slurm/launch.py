@@ -20,16 +20,16 @@ import sys
 from pathlib import Path
 from string import Template
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from hydra import compose, initialize_config_dir
+from hydra.errors import HydraException
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
-from hydra import compose, initialize_config_dir  # noqa: E402
-from hydra.errors import HydraException  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
-from omegaconf.errors import OmegaConfBaseException  # noqa: E402
+from pararnn_lm.provenance import config_dir
+from pararnn_lm.training.config import TrainConfig, register_configs, reject_unknown_keys, validate
+from pararnn_lm.training.signals import REQUEUE_EXIT_CODE
 
-from training.config import TrainConfig, register_configs, reject_unknown_keys, validate  # noqa: E402
-from training.signals import REQUEUE_EXIT_CODE  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]  # the checkout the job runs train.py in
 
 
 def with_defaults(overrides: list[str]) -> list[str]:
@@ -46,7 +46,7 @@ def with_defaults(overrides: list[str]) -> list[str]:
 def render(overrides: list[str]) -> tuple[str, TrainConfig]:
     """The sbatch script for these Hydra overrides (already completed by ``with_defaults``)."""
     register_configs()
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         composed = compose("train", overrides=overrides)
     reject_unknown_keys(composed)  # the same checks as train.py: fail here, not after hours in the queue
     cfg: TrainConfig = OmegaConf.to_object(composed)

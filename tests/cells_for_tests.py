@@ -1,7 +1,7 @@
 """Cells defined only for the tests: the engine must handle any channelwise cell, not just ours."""
 import torch
 
-from kernels import Cell, ParaGRU, ParaLSTM
+from pararnn_lm.kernels import Cell, ParaGRU, ParaLSTM
 
 
 class ElmanCell(Cell):

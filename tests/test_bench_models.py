@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from repo_scripts import load_script
+
 REPO = Path(__file__).resolve().parent.parent
 ARCHS = ["paragru", "paralstm", "mamba2", "attention"]
 
@@ -49,8 +51,7 @@ def test_smoke_run_writes_every_section(tmp_path):
 
 
 def test_batch_search_grows_until_oom(monkeypatch, tmp_path):
-    sys.path.insert(0, str(REPO))
-    from scripts import bench_models as bm
+    bm = load_script("scripts/bench_models.py")
 
     calls = []
 
@@ -76,8 +77,7 @@ def test_batch_search_grows_until_oom(monkeypatch, tmp_path):
 
 
 def test_back_to_back_clock_averages_over_the_calls():
-    sys.path.insert(0, str(REPO))
-    from scripts import bench_models as bm
+    bm = load_script("scripts/bench_models.py")
 
     calls = []
     ms = bm.Clock(torch.device("cpu")).back_to_back(lambda: (calls.append(1), time.sleep(0.02)), 5)
@@ -87,8 +87,7 @@ def test_back_to_back_clock_averages_over_the_calls():
 def test_reference_mamba2_import_survives_a_missing_cuda_extension(tmp_path, monkeypatch):
     """mamba-ssm built without CUDA (MAMBA_SKIP_CUDA_BUILD) imports Mamba-1's selective_scan_cuda in its
     __init__: the loader stands in for it, and anything that touches the stand-in still fails clearly."""
-    sys.path.insert(0, str(REPO))
-    from scripts import bench_models as bm
+    bm = load_script("scripts/bench_models.py")
 
     pkg = tmp_path / "mamba_ssm"
     (pkg / "modules").mkdir(parents=True)
@@ -111,8 +110,7 @@ def test_reference_mamba2_import_survives_a_missing_cuda_extension(tmp_path, mon
 
 
 def test_layer_selection():
-    sys.path.insert(0, str(REPO))
-    from scripts import bench_models as bm
+    bm = load_script("scripts/bench_models.py")
 
     assert bm.parse_args(["--layers", "paragru,paragru_compiled,mamba2_ref_compiled"]).layer_names == ["paragru"]
     picked = bm.parse_args(["--compile", "--layers", "paragru_compiled,mamba2_ref,mamba2_ref_compiled"]).layer_names
@@ -124,8 +122,7 @@ def test_layer_selection():
 def test_search_cap_starts_after_the_first_micro_batch(tmp_path):
     """The first attempt pays compilation and kernel autotuning (minutes for mamba_ssm): even a zero cap
     measures it, and only then stops the search."""
-    sys.path.insert(0, str(REPO))
-    from scripts import bench_models as bm
+    bm = load_script("scripts/bench_models.py")
 
     out = tmp_path / "cap.json"
     bm.main(["--smoke", "--device", "cpu", "--sections", "training", "--train-archs", "paragru", "--train-cap", "0",

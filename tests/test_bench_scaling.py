@@ -8,10 +8,9 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
+from repo_scripts import ROOT, load_script
 
-import bench_scaling  # noqa: E402
+bench_scaling = load_script("scripts/bench_scaling.py")
 
 
 def test_summary_skips_the_warm_up_interval_and_takes_medians():

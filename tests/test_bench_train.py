@@ -6,10 +6,9 @@ import math
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
+from repo_scripts import load_script
 
-import bench_train  # noqa: E402
+bench_train = load_script("scripts/bench_train.py")
 
 
 def test_bench_train_smoke(tmp_path):

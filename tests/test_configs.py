@@ -7,7 +7,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from training.config import TrainConfig, register_configs, reject_unknown_keys, validate
+from pararnn_lm.training.config import TrainConfig, register_configs, reject_unknown_keys, validate
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 GROUPS = ["model", "size", "data", "optim", "deepspeed", "cluster", "logging", "eval", "experiment"]

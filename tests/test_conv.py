@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels.conv import causal_conv1d, causal_conv1d_op
-from models.layers import CausalConv1d
+from pararnn_lm.kernels.conv import causal_conv1d, causal_conv1d_op
+from pararnn_lm.models.layers import CausalConv1d
 
 
 def _reference(x, weight, bias, positions, silu):
@@ -96,7 +96,7 @@ def test_other_kernel_widths(K):
 def test_tilings(monkeypatch, fwd_tile, g_tile, dx_tile):
     """Other tiles (several channel blocks, programs walking several token blocks, a ragged last chunk) give
     the same values and gradients."""
-    import kernels.conv as conv
+    import pararnn_lm.kernels.conv as conv
 
     monkeypatch.setattr(conv, "_FWD_TILE", fwd_tile)
     monkeypatch.setattr(conv, "_BWD_G_TILE", g_tile)
@@ -196,7 +196,7 @@ def test_layer_fused_path_equals_its_pytorch_path(silu):
 def test_model_with_fused_conv_equals_pytorch_conv(arch):
     """A debug-preset LM on packed documents: logits and every parameter gradient equal with the conv
     layers on the fused kernel and on their PyTorch code."""
-    from models import ParaRNNLMForCausalLM, config_for
+    from pararnn_lm.models import ParaRNNLMForCausalLM, config_for
 
     torch.manual_seed(0)
     model = ParaRNNLMForCausalLM(config_for(arch, "debug", rnn_mode="newton_torch")).train()

@@ -7,14 +7,14 @@ import numpy as np
 import pytest
 import torch
 
-from data import (
+from pararnn_lm.data import (
     BundledSource, DataConfig, FileSource, FirstN, HoldoutSubset, PackedDataset, PackedLoader, TokenShards,
     build_datasets, bundled_documents, collate_packed, concat_documents, cu_seqlens_from_position_ids,
     get_or_train_tokenizer, load_tokenizer, prepare_dataset, prepare_shards, tokenize_documents,
     tokenizer_fingerprint, train_tokenizer,
 )
-from data.packing import SequenceOrder, feistel_permute
-from data.prepare import token_dtype
+from pararnn_lm.data.packing import SequenceOrder, feistel_permute
+from pararnn_lm.data.prepare import token_dtype
 
 
 @pytest.fixture(autouse=True)
@@ -79,7 +79,7 @@ def test_tokenizer_roundtrip_and_reload(chapters, small_tokenizer, tmp_path):
 
 
 def test_tokenizer_cache_reuses_the_trained_tokenizer(tmp_path, monkeypatch):
-    import data.tokenizer as tokmod
+    import pararnn_lm.data.tokenizer as tokmod
 
     source = FirstN(BundledSource(), 30)
     first = get_or_train_tokenizer(source, 300, str(tmp_path))
@@ -347,7 +347,7 @@ def _jsonl_source(tmp_path, texts):
 
 @pytest.mark.parametrize("label_mode", ["unshifted", "shifted"])
 def test_streaming_matches_packed_dataset_and_resumes(tmp_path, small_tokenizer, chapters, label_mode):
-    from data import StreamingPackedLoader
+    from pararnn_lm.data import StreamingPackedLoader
 
     texts = [d.text for d in chapters[400:420]]
     source = _jsonl_source(tmp_path, texts)
@@ -372,7 +372,7 @@ def test_streaming_matches_packed_dataset_and_resumes(tmp_path, small_tokenizer,
 
 
 def test_streaming_ranks_read_disjoint_documents(tmp_path, small_tokenizer):
-    from data import StreamingPackedLoader
+    from pararnn_lm.data import StreamingPackedLoader
 
     texts = [f"document number {i} " * 5 for i in range(40)]
     source = _jsonl_source(tmp_path, texts)

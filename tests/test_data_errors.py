@@ -6,12 +6,12 @@ import importlib.util
 import numpy as np
 import pytest
 
-from data import (
+from pararnn_lm.data import (
     BundledCorpusError, DataConfig, DataSourceError, FileSource, HFSource, PackedDataset, PackedLoader, ShardError,
     TokenShards, TokenizerError, build_datasets, bundled_documents, concat_documents, load_tokenizer, prepare_shards,
     train_tokenizer,
 )
-from data.config import validate_data_config
+from pararnn_lm.data.config import validate_data_config
 
 
 @pytest.fixture(autouse=True)
@@ -109,7 +109,7 @@ def test_hf_dataset_offline_is_explained():
 
 
 def test_bundled_corpus_missing_says_how_to_install(monkeypatch):
-    from data import corpus
+    from pararnn_lm.data import corpus
 
     real = importlib.util.find_spec
     monkeypatch.setattr(corpus.importlib.util, "find_spec", lambda name, *a: None if name == "bible" else real(name, *a))
@@ -187,7 +187,7 @@ def test_tokenizer_and_vocab_mismatch(shards_dir, tok, other_tok):
 
 def test_prepared_dir_with_another_tokenizer(tmp_path, tok, other_tok):
     cfg = DataConfig(max_documents=40, vocab_size=300, seq_len=32, cache_dir=str(tmp_path / "cache"))
-    from data import prepare_dataset
+    from pararnn_lm.data import prepare_dataset
 
     out = prepare_dataset(cfg, tmp_path / "prepared", progress=False)
     other_tok.save_pretrained(tmp_path / "other")

@@ -5,8 +5,8 @@ import pytest
 import torch
 from cells_for_tests import CELLS, Dense3Cell, make_inputs
 
-from kernels import NewtonConfig, NewtonConvergenceError, NewtonStats, parallel_rnn
-from kernels.newton_torch import step_and_jacobian
+from pararnn_lm.kernels import NewtonConfig, NewtonConvergenceError, NewtonStats, parallel_rnn
+from pararnn_lm.kernels.newton_torch import step_and_jacobian
 
 F64_ATOL = 1e-10
 
@@ -106,7 +106,7 @@ def test_jacobians_come_from_step():
 
 @pytest.mark.parametrize("cell_name", ["paragru", "paralstm"])
 def test_default_layer_init_converges_quickly(cell_name):
-    from kernels import ParaGRULayer, ParaLSTMLayer
+    from pararnn_lm.kernels import ParaGRULayer, ParaLSTMLayer
 
     torch.manual_seed(0)
     layer = (ParaGRULayer if cell_name == "paragru" else ParaLSTMLayer)(64, 4, mode="newton_torch")

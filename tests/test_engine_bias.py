@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import NewtonConfig, NewtonStats, ParaGRU, ParaGRULayer, ParaLSTM, ParaLSTMLayer, parallel_rnn, shooting
-from kernels.modes import MODES
+from pararnn_lm.kernels import NewtonConfig, NewtonStats, ParaGRU, ParaGRULayer, ParaLSTM, ParaLSTMLayer, parallel_rnn, shooting
+from pararnn_lm.kernels.modes import MODES
 
 CELLS = {"gru": (ParaGRU(), 1, 3), "lstm": (ParaLSTM(), 2, 5)}
 
@@ -68,8 +68,8 @@ def test_bias_inside_the_kernels_matches_u_plus_bias(cell, mode, T, dtype):
 def test_fused_op_takes_bias_rows(cell):
     """The cells' fused ops with p + 3 bias rows (ParaLSTM's too, although the engine does not send them),
     several segments and document starts, against the fp64 loop on u + b: trajectory and all gradients."""
-    from kernels.cells.paragru.fused import fused_paragru
-    from kernels.cells.paralstm.fused import fused_paralstm
+    from pararnn_lm.kernels.cells.paragru.fused import fused_paragru
+    from pararnn_lm.kernels.cells.paralstm.fused import fused_paralstm
 
     op = {"gru": fused_paragru, "lstm": fused_paralstm}[cell]
     obj, u, p, b, h0, resets = _problem(cell, 45, seed=7)

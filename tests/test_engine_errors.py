@@ -3,7 +3,7 @@ import pytest
 import torch
 from cells_for_tests import make_inputs
 
-from kernels import NewtonConfig, ParaGRU, ParaGRULayer, ParaLSTM, parallel_rnn
+from pararnn_lm.kernels import NewtonConfig, ParaGRU, ParaGRULayer, ParaLSTM, parallel_rnn
 
 
 @pytest.fixture

@@ -10,11 +10,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import MODES, ParaGRU, ParaLSTM, ParaGRULayer, parallel_rnn
-from kernels import shooting
-from kernels.cells.paragru import fused as fgru
-from kernels.cells.paralstm import fused as flstm
-from kernels.layout import SequenceLayout
+from pararnn_lm.kernels import MODES, ParaGRU, ParaLSTM, ParaGRULayer, parallel_rnn
+from pararnn_lm.kernels import shooting
+from pararnn_lm.kernels.cells.paragru import fused as fgru
+from pararnn_lm.kernels.cells.paralstm import fused as flstm
+from pararnn_lm.kernels.layout import SequenceLayout
 
 CELLS = {"paragru": ParaGRU, "paralstm": ParaLSTM}
 FP64_MODES = {"sequential", "newton_torch"}  # the Triton modes compute in fp32

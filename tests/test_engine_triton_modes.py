@@ -3,7 +3,7 @@ import pytest
 import torch
 from cells_for_tests import CELLS, make_inputs
 
-from kernels import NewtonStats, parallel_rnn
+from pararnn_lm.kernels import NewtonStats, parallel_rnn
 
 
 @pytest.mark.parametrize("mode", ["newton_triton", "fused", "sequential_triton"])

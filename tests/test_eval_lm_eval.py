@@ -10,7 +10,7 @@ import torch
 
 pytest.importorskip("lm_eval")
 
-from eval.lm_eval_tasks import evaluate, loglikelihoods, paper_tasks, rolling_loglikelihoods, wrap_live_model  # noqa: E402
+from pararnn_lm.eval.lm_eval_tasks import evaluate, loglikelihoods, paper_tasks, rolling_loglikelihoods, wrap_live_model  # noqa: E402
 
 FIXTURES = Path(__file__).parent / "fixtures" / "lm_eval"
 
@@ -102,7 +102,7 @@ def test_exported_dir_through_hf_model(model, tokenizer, tmp_path):
 @pytest.mark.parametrize("mixer", ["paragru", "mamba2"])
 def test_project_model_batched_equals_batch1(tokenizer, mixer):
     try:
-        from models import ParaRNNLMConfig, ParaRNNLMForCausalLM
+        from pararnn_lm.models import ParaRNNLMConfig, ParaRNNLMForCausalLM
     except Exception:
         pytest.skip("models/ not available yet")
     torch.manual_seed(0)

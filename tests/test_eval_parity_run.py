@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import pytest
 
-from eval.synthetic import models as synth_models
-from eval.synthetic.models import build_model
-from eval.synthetic.train import SyntheticTrainConfig, run_task
+from pararnn_lm.eval.synthetic import models as synth_models
+from pararnn_lm.eval.synthetic.models import build_model
+from pararnn_lm.eval.synthetic.train import SyntheticTrainConfig, run_task
 
 # L=16 has 65k distinct sequences, so 3k training sequences cannot be memorised: > 95 % means parity is computed.
 SHORT = dict(task="parity", seeds=(0,), seq_len=16, n_train=3000, n_test=2000, n_val=500, batch_size=16,
@@ -24,7 +24,7 @@ SHORT = dict(task="parity", seeds=(0,), seq_len=16, n_train=3000, n_test=2000, n
 
 def _project_models_available() -> bool:
     try:
-        from models import ParaRNNLMConfig, ParaRNNLMForCausalLM  # noqa: F401
+        from pararnn_lm.models import ParaRNNLMConfig, ParaRNNLMForCausalLM  # noqa: F401
     except Exception:
         return False
     return True

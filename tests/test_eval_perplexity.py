@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from eval.perplexity import (IGNORE_INDEX, NLLAccumulator, evaluate_stream, main as ppl_main, plot_loss_by_position,
+from pararnn_lm.eval.perplexity import (IGNORE_INDEX, NLLAccumulator, evaluate_stream, main as ppl_main, plot_loss_by_position,
                              position_ids_from_eos, split_documents, token_nll)
 
 EOS = 1
@@ -160,7 +160,7 @@ def test_plot_and_cli(tmp_path):
 
 def _project_model(mixer: str):
     try:
-        from models import ParaRNNLMConfig, ParaRNNLMForCausalLM
+        from pararnn_lm.models import ParaRNNLMConfig, ParaRNNLMForCausalLM
     except Exception:
         pytest.skip("models/ not available yet")
     torch.manual_seed(0)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from eval.synthetic import IGNORE_INDEX, TASKS, k_hop, keep_nth, make_splits, mqar, parity
+from pararnn_lm.eval.synthetic import IGNORE_INDEX, TASKS, k_hop, keep_nth, make_splits, mqar, parity
 
 
 # ---- independent solvers: plain Python over token lists, no tensors, written from the definitions ----
@@ -120,7 +120,7 @@ def test_mqar_solver():
 
 
 def test_mqar_pair_index_names_each_querys_prefix_pair():
-    from eval.synthetic.tasks import mqar_pair_index
+    from pararnn_lm.eval.synthetic.tasks import mqar_pair_index
     b = mqar(200, 60, 128, num_pairs=6, seed=9)
     index = mqar_pair_index(b.input_ids, num_pairs=6)
     for r in range(len(b)):
@@ -147,7 +147,7 @@ def test_k_hop_hand_example():
     assert solve_hop(x, 1) == {2: 1, 4: 0, 5: 2}
     # 2-hop at i=4: find(4)=2, find(2)=1 -> b; at i=5: find(5)=3 (c) has no earlier c -> unscored
     assert solve_hop(x, 2) == {4: 1}
-    from eval.synthetic.tasks import _find
+    from pararnn_lm.eval.synthetic.tasks import _find
     assert _find(torch.tensor([x]), 3).tolist() == [[-1, -1, 1, -1, 2, 3]]
 
 

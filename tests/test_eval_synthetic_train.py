@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from eval.synthetic import models as synth_models
-from eval.synthetic.train import SyntheticTrainConfig, evaluate, run_grid, run_task
-from eval.synthetic.tasks import IGNORE_INDEX, TASKS
+from pararnn_lm.eval.synthetic import models as synth_models
+from pararnn_lm.eval.synthetic.train import SyntheticTrainConfig, evaluate, run_grid, run_task
+from pararnn_lm.eval.synthetic.tasks import IGNORE_INDEX, TASKS
 
 
 @pytest.fixture
@@ -55,7 +55,7 @@ def test_evaluate_counts_only_scored_positions():
 
 
 def test_cli_single_task_and_config(tiny_gru, tmp_path, capsys):
-    from eval.synthetic.train import load_config, main
+    from pararnn_lm.eval.synthetic.train import load_config, main
 
     cfg = load_config("configs/synthetic/table6.yaml")
     assert (cfg.batch_size, cfg.lr, cfg.weight_decay, cfg.betas, cfg.seeds, cfg.d_model, cfg.num_heads) == (
@@ -69,7 +69,7 @@ def test_cli_single_task_and_config(tiny_gru, tmp_path, capsys):
 
 
 def test_interleaved_runs_equal_one_after_another(tiny_gru):
-    from eval.synthetic.train import train_runs
+    from pararnn_lm.eval.synthetic.train import train_runs
 
     base = dict(arch=tiny_gru, seq_len=20, n_train=48, n_test=64, n_val=32, batch_size=16, max_epochs=2,
                 d_model=16, progress=False)
@@ -81,7 +81,7 @@ def test_interleaved_runs_equal_one_after_another(tiny_gru):
 
 
 def test_time_budget_reports_best_so_far_and_unstarted_runs(tiny_gru):
-    from eval.synthetic.train import train_runs
+    from pararnn_lm.eval.synthetic.train import train_runs
 
     cfg = SyntheticTrainConfig(task="parity", arch=tiny_gru, seq_len=20, n_train=64, n_test=64, n_val=32,
                                batch_size=16, max_epochs=10_000, d_model=16, progress=False)
@@ -92,7 +92,7 @@ def test_time_budget_reports_best_so_far_and_unstarted_runs(tiny_gru):
 
 
 def test_stopped_runs_resume_exactly(tiny_gru, tmp_path):
-    from eval.synthetic.train import train_runs
+    from pararnn_lm.eval.synthetic.train import train_runs
 
     cfg = SyntheticTrainConfig(task="hop1", arch=tiny_gru, seq_len=20, n_train=48, n_test=64, n_val=32,
                                batch_size=16, max_epochs=40, d_model=16, progress=False)
@@ -118,7 +118,7 @@ def test_stopped_runs_resume_exactly(tiny_gru, tmp_path):
 def test_resume_refuses_other_settings(tiny_gru, tmp_path):
     """A stopped or finished run continues only under the settings it started with; a clash is refused
     before anything trains and nothing saved is touched."""
-    from eval.synthetic.train import train_runs
+    from pararnn_lm.eval.synthetic.train import train_runs
 
     cfg = SyntheticTrainConfig(task="hop1", arch=tiny_gru, seq_len=20, n_train=48, n_test=64, n_val=32,
                                batch_size=16, max_epochs=40, d_model=16, progress=False)
@@ -138,7 +138,7 @@ def test_resume_refuses_other_settings(tiny_gru, tmp_path):
 
 def test_grid_of_chosen_cells(tiny_gru, tmp_path):
     """--cells trains exactly the named (arch, task) pairs in one grid; bad pairs fail before training."""
-    from eval.synthetic.train import main
+    from pararnn_lm.eval.synthetic.train import main
 
     args = ["--grid", "--seeds", "0", "--seq-len", "20", "--n-train", "32", "--n-test", "16", "--n-val", "16",
             "--max-epochs", "1", "--out", str(tmp_path), "--no-progress", "--device", "cpu"]
@@ -155,7 +155,7 @@ def test_grid_of_chosen_cells(tiny_gru, tmp_path):
 
 
 def test_cli_budget_then_resume(tiny_gru, tmp_path):
-    from eval.synthetic.train import main
+    from pararnn_lm.eval.synthetic.train import main
 
     args = ["--grid", "--archs", tiny_gru, "--tasks", "parity", "--seeds", "0", "1", "--seq-len", "20",
             "--n-train", "48", "--n-test", "32", "--n-val", "16", "--max-epochs", "40", "--concurrent-runs", "2",
@@ -199,7 +199,7 @@ def test_retain_gate_bias_needs_a_recurrent_cell():
 
 
 def test_parse_sweep_types_and_refusals():
-    from eval.synthetic.train import parse_sweep, sweep_variants, variant_name
+    from pararnn_lm.eval.synthetic.train import parse_sweep, sweep_variants, variant_name
 
     sweep = parse_sweep(["lr=5e-4,1e-3", "d_model=16,32", "model_kwargs.gain_bound=none,0.9"])
     assert sweep == {"lr": [5e-4, 1e-3], "d_model": [16, 32], "model_kwargs.gain_bound": [None, 0.9]}
@@ -220,7 +220,7 @@ def test_parse_sweep_types_and_refusals():
 def test_sweep_trains_each_setting_apart_and_equals_plain_runs(tiny_gru, tmp_path):
     """A sweep is the grid under each setting: one folder per setting, each equal to a plain grid run with
     that setting (same seeds, same steps), trained by one scheduler; resuming continues every setting."""
-    from eval.synthetic.train import main
+    from pararnn_lm.eval.synthetic.train import main
 
     args = ["--grid", "--archs", tiny_gru, "--tasks", "parity", "--seeds", "0", "--seq-len", "12",
             "--n-train", "48", "--n-test", "32", "--n-val", "16", "--max-epochs", "30", "--no-progress",
@@ -257,7 +257,7 @@ def test_sweep_trains_each_setting_apart_and_equals_plain_runs(tiny_gru, tmp_pat
 def test_learning_curve_records_validation_and_mean_training_loss(tiny_gru, tmp_path):
     """lr = 0 freezes the model, so an epoch's mean training loss must equal the loss over the whole training
     set computed here independently (parity scores every position: equal weight per batch)."""
-    from eval.synthetic.train import SeedRun, evaluate
+    from pararnn_lm.eval.synthetic.train import SeedRun, evaluate
 
     cfg = SyntheticTrainConfig(task="parity", arch=tiny_gru, seq_len=20, n_train=48, n_test=32, n_val=32,
                                batch_size=16, lr=0.0, max_epochs=2, d_model=16, progress=False)
@@ -274,7 +274,7 @@ def test_learning_curve_records_validation_and_mean_training_loss(tiny_gru, tmp_
     assert all(h["train_loss"] == pytest.approx(expect, abs=2e-5) for h in hist)
     assert all(h["val_acc"] == evaluate(run.model, run.val, 1000) for h in hist)
     # the curves are drawn per task for a grid and per setting for a sweep
-    from eval.tables import grid_curves, plot_curves
+    from pararnn_lm.eval.tables import grid_curves, plot_curves
 
     grid = run_grid(dataclasses.replace(cfg, seeds=(0, 1), lr=1e-2), archs=[tiny_gru], tasks=["parity", "hop1"],
                     out_dir=tmp_path)
@@ -297,7 +297,7 @@ class _LengthRecorder(synth_models.DenseGRULM):
 
 
 def test_curriculum_trains_short_stages_first_and_validates_at_seq_len():
-    from eval.synthetic.train import SeedRun, planned_steps
+    from pararnn_lm.eval.synthetic.train import SeedRun, planned_steps
 
     synth_models.register_arch("recgru", _LengthRecorder)
     try:
@@ -319,14 +319,14 @@ def test_curriculum_trains_short_stages_first_and_validates_at_seq_len():
     assert [h["step"] for h in hist] == [3, 4, 7, 10, 13] and [h["epoch"] for h in hist] == [1, 2, 3, 4, 5]
     assert [h["train_seq_len"] for h in hist] == [8, 8, 12, 20, 20]
     # the curves mark where each stage starts, from the config: where the recorded training length changes
-    from eval.tables import curriculum_stage_starts
+    from pararnn_lm.eval.tables import curriculum_stage_starts
 
     res["config"] = dataclasses.asdict(cfg)
     assert curriculum_stage_starts(res) == [(0, 8), (4, 12), (7, 20)]
     assert [h["step"] for h, after in zip(hist, hist[1:]) if h["train_seq_len"] != after["train_seq_len"]] == [4, 7]
     assert curriculum_stage_starts({"config": {"curriculum": [], "seq_len": 20}}) == []
     # a panel draws the stages its runs reached, and none when its runs differ in curriculum
-    from eval.tables import panel_stage_starts
+    from pararnn_lm.eval.tables import panel_stage_starts
 
     res["seeds"] = [{"val_history": hist}]
     stopped = {**res, "seeds": [{"val_history": hist[:2]}]}  # stopped at step 4, as stage 2 began
@@ -344,7 +344,7 @@ def test_curriculum_trains_short_stages_first_and_validates_at_seq_len():
 
 
 def test_curriculum_run_resumes_exactly_mid_stage(tiny_gru, tmp_path):
-    from eval.synthetic.train import train_runs
+    from pararnn_lm.eval.synthetic.train import train_runs
 
     cfg = SyntheticTrainConfig(task="hop1", arch=tiny_gru, seq_len=20, n_train=48, n_test=64, n_val=32,
                                batch_size=16, max_epochs=10, d_model=16, progress=False,
@@ -370,8 +370,8 @@ def test_curriculum_run_resumes_exactly_mid_stage(tiny_gru, tmp_path):
 
 
 def test_curriculum_from_cli_and_yaml_is_marked_off_recipe(tiny_gru, tmp_path):
-    from eval.synthetic.train import load_config, main
-    from eval.tables import recipe_deviations, render_table6
+    from pararnn_lm.eval.synthetic.train import load_config, main
+    from pararnn_lm.eval.tables import recipe_deviations, render_table6
 
     args = ["--task", "keep_nth", "--arch", tiny_gru, "--seeds", "0", "--seq-len", "16", "--n-train", "32",
             "--n-test", "32", "--n-val", "16", "--max-epochs", "1", "--out", str(tmp_path), "--no-progress",
@@ -388,7 +388,7 @@ def test_curriculum_from_cli_and_yaml_is_marked_off_recipe(tiny_gru, tmp_path):
 
 
 def test_curriculum_length_the_task_cannot_take_fails_before_training(tiny_gru):
-    from eval.synthetic.train import SeedRun
+    from pararnn_lm.eval.synthetic.train import SeedRun
 
     cfg = SyntheticTrainConfig(task="mqar", arch=tiny_gru, seq_len=40, n_train=32, n_test=32, n_val=16,
                                d_model=16, progress=False, curriculum=((40, 2), (8, 2)))
@@ -397,7 +397,7 @@ def test_curriculum_length_the_task_cannot_take_fails_before_training(tiny_gru):
 
 
 def test_curriculum_is_checked_on_every_way_in(tmp_path):
-    from eval.synthetic.train import load_config
+    from pararnn_lm.eval.synthetic.train import load_config
 
     # the API and dataclasses.replace, not only the CLI: negative, zero, float or malformed stages fail
     for bad in [((12, -5),), ((0, 3),), ((12, 2.5),), ((12,),), ("12:100:3",), ("12:x",), ((True, 3),)]:
@@ -416,7 +416,7 @@ def test_curriculum_is_checked_on_every_way_in(tmp_path):
 
 
 def test_patience_counts_main_stage_validations_only():
-    from eval.synthetic.train import SeedRun
+    from pararnn_lm.eval.synthetic.train import SeedRun
 
     synth_models.register_arch("recgru", _LengthRecorder)
     try:
@@ -435,7 +435,7 @@ def test_patience_counts_main_stage_validations_only():
 
 
 def test_masked_loss_is_the_scored_mean_and_zero_without_scored_positions():
-    from eval.synthetic.train import masked_loss
+    from pararnn_lm.eval.synthetic.train import masked_loss
 
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(3, 5, 7, generator=g, dtype=torch.float64, requires_grad=True)
@@ -462,7 +462,7 @@ class CrashOnTenTokens(synth_models.DenseGRULM):
 
 
 def test_runs_spread_over_devices_equal_one_process(tiny_gru, tmp_path):
-    from eval.synthetic.train import train_runs, train_runs_on_devices
+    from pararnn_lm.eval.synthetic.train import train_runs, train_runs_on_devices
 
     base = dict(arch=tiny_gru, seq_len=20, n_train=48, n_test=64, n_val=32, batch_size=16, max_epochs=3,
                 d_model=16, progress=False)
@@ -480,7 +480,7 @@ def test_runs_spread_over_devices_equal_one_process(tiny_gru, tmp_path):
 
 
 def test_a_dead_worker_fails_only_its_own_runs():
-    from eval.synthetic.train import train_runs_on_devices
+    from pararnn_lm.eval.synthetic.train import train_runs_on_devices
 
     synth_models.register_arch("crashy", CrashOnTenTokens)
     try:
@@ -496,7 +496,7 @@ def test_a_dead_worker_fails_only_its_own_runs():
 
 
 def test_cli_devices_then_resume_in_one_process(tiny_gru, tmp_path):
-    from eval.synthetic.train import main, resolve_devices
+    from pararnn_lm.eval.synthetic.train import main, resolve_devices
 
     args = ["--grid", "--archs", tiny_gru, "--tasks", "parity", "hop1", "--seeds", "0", "1", "--seq-len", "20",
             "--n-train", "48", "--n-test", "32", "--n-val", "16", "--max-epochs", "40", "--out", str(tmp_path),

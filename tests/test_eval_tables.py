@@ -6,8 +6,8 @@ import re
 
 import pytest
 
-from eval import tables
-from eval.paper import TABLE5_PPL, TABLE6
+from pararnn_lm.eval import tables
+from pararnn_lm.eval.paper import TABLE5_PPL, TABLE6
 
 
 def _write(path, obj):
@@ -103,8 +103,8 @@ def test_table6_recipe_agrees_with_the_trainer_and_its_config():
     """The recipe is written in three places; a drift would flag (or hide) off-recipe results wrongly."""
     from pathlib import Path
 
-    from eval.paper import TABLE6_RECIPE
-    from eval.synthetic.train import SyntheticTrainConfig, load_config
+    from pararnn_lm.eval.paper import TABLE6_RECIPE
+    from pararnn_lm.eval.synthetic.train import SyntheticTrainConfig, load_config
 
     yaml_cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "synthetic" / "table6.yaml")
     for k, v in TABLE6_RECIPE.items():

@@ -13,16 +13,18 @@ from pathlib import Path
 import pytest
 import triton
 
+from repo_scripts import LOAD_SCRIPT_SOURCE
+
 ROOT = Path(__file__).resolve().parents[1]
 TOOLS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 pytestmark = pytest.mark.skipif(not (TOOLS / "cuobjdump").exists() or not (TOOLS / "ptxas").exists(),
                                 reason="this Triton has no bundled CUDA tools")
 
-PROBE = r"""
+PROBE = LOAD_SCRIPT_SOURCE + r"""
 import json, sys
-sys.path.insert(0, "scripts")
-import kernel_resources as kr
-from kernels import conv
+exec(LOAD_SCRIPT_SOURCE)
+kr = load_script("scripts/kernel_resources.py")
+from pararnn_lm.kernels import conv
 types = dict(X="*bf16", W="*fp32", BIAS="*fp32", POS="*i64", Y="*bf16")
 out = {}
 for name, bt in (("small", 8), ("big", 32)):
@@ -62,11 +64,11 @@ def test_command_prints_a_row_per_kernel():
         assert 16 <= regs <= 255
 
 
-DEFAULTS_PROBE = r"""
+DEFAULTS_PROBE = LOAD_SCRIPT_SOURCE + r"""
 import json, sys
-sys.path.insert(0, "scripts")
-import kernel_resources as kr
-from kernels import shooting
+exec(LOAD_SCRIPT_SOURCE)
+kr = load_script("scripts/kernel_resources.py")
+from pararnn_lm.kernels import shooting
 types = {p: "*fp32" for p in ("U", "P", "H0", "H", "START", "END", "PROD", "RES")}
 types.update(U="*bf16", SMAP="*i32", CNT="*i32", PENDING="*i32", ITERS="*i32", tol="fp32", damping="fp32", tail_eps="fp32")
 cfg = dict(LSTM=True, FIRST=False, WRITE=True, COARSE=True, BD=256, NB=4, DOCS=True)

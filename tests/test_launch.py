@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import launch as launch_mod
+from pararnn_lm.kernels import launch as launch_mod
 
 
 def _kernel_fn(X, Y, n, scale, FLAG, BLOCK: int, EXTRA: int = 7):  # the signature a jit kernel would have
@@ -159,7 +159,7 @@ def test_a_launcher_that_rejects_the_call_switches_the_fast_path_off_without_los
 def test_gpu_direct_launches_equal_tritons(lstm, monkeypatch):
     """The shooting forward and backward (multi-segment: 6 launches) with direct launches and with
     Triton's own path, on the same inputs: identical bits."""
-    from kernels.shooting import shoot_backward, shoot_forward
+    from pararnn_lm.kernels.shooting import shoot_backward, shoot_forward
 
     B, T, D = 2, 1024, 256
     K = 2 if lstm else 1

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from kernels import NewtonConfig, ParaGRULayer, ParaLSTMLayer
+from pararnn_lm.kernels import NewtonConfig, ParaGRULayer, ParaLSTMLayer
 
 LAYERS = {"paragru": ParaGRULayer, "paralstm": ParaLSTMLayer}
 

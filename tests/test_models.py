@@ -10,15 +10,15 @@ import math
 import pytest
 import torch
 
-from models import (
+from pararnn_lm.models import (
     ParaRNNLMConfig,
     ParaRNNLMForCausalLM,
     build_synthetic_model,
     check_tokenizer,
     config_for,
 )
-from models.loss import lm_loss_chunked, lm_loss_from_logits
-from models.packing import SequenceInfo
+from pararnn_lm.models.loss import lm_loss_chunked, lm_loss_from_logits
+from pararnn_lm.models.packing import SequenceInfo
 
 ARCHS = ("paragru", "paralstm", "mamba2", "attention")
 HYBRID = dict(layer_pattern=["paragru", "attention", "mamba2", "paralstm"], num_hidden_layers=4)

@@ -7,7 +7,7 @@ checked against the eager step on a GPU (skipped here).
 import pytest
 import torch
 
-from models import ParaRNNLMForCausalLM, StaticDecoder, config_for
+from pararnn_lm.models import ParaRNNLMForCausalLM, StaticDecoder, config_for
 
 ARCHS = ["paragru", "paralstm", "mamba2", "attention"]
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import ParaGRULayer, ParaLSTMLayer
-from kernels.cells import ParaGRU, ParaLSTM
-from models.standalone_engine import SequentialCellLayer
+from pararnn_lm.kernels import ParaGRULayer, ParaLSTMLayer
+from pararnn_lm.kernels.cells import ParaGRU, ParaLSTM
+from pararnn_lm.models.standalone_engine import SequentialCellLayer
 
 
 @pytest.mark.parametrize("cell_cls, layer_cls", [(ParaGRU, ParaGRULayer), (ParaLSTM, ParaLSTMLayer)])

@@ -1,13 +1,21 @@
-"""scripts/export_hf.py: the export loads in a fresh process that cannot import the repository."""
+"""The HF export (pararnn_lm.models.export, scripts/export_hf.py): it loads in a fresh process that cannot
+import pararnn_lm, with a standard tokenizer, and records the code that wrote it."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from models import ParaRNNLMForCausalLM, config_for
-from scripts.export_hf import _probe_ids, export_model, load_in_isolated_process, load_source, main
+import pararnn_lm
+from pararnn_lm.models import ParaRNNLMForCausalLM, config_for
+from pararnn_lm.models.export import _probe_ids, export_model, load_in_isolated_process, load_source
+from repo_scripts import load_script
+
+main = load_script("scripts/export_hf.py").main
 
 ARCHS = ("paragru", "paralstm", "mamba2", "attention")
 
@@ -29,6 +37,8 @@ def test_export_loads_without_the_repository(arch, tmp_path):
     assert {"config.json", "model.safetensors", "README.md", "modeling_pararnn_lm.py", "engine.py"} <= files
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["auto_map"]["AutoModelForCausalLM"] == "modeling_pararnn_lm.ParaRNNLMForCausalLM"
+    assert cfg["pararnn_lm"]["pararnn_lm_version"] == pararnn_lm.__version__ and "git_commit" in cfg["pararnn_lm"]
+    assert "pararnn_lm" not in model.config.to_dict()  # the stamp is written, not kept on the live config
     assert "import kernels" not in (out / "engine.py").read_text().split("def _project_engine")[0]
     assert "| ppl | 12.5 |" in (out / "README.md").read_text()
     ids = _probe_ids(model.config)
@@ -66,3 +76,37 @@ def test_export_rejects_a_tokenizer_larger_than_the_vocab(tmp_path):
 
     with pytest.raises(ValueError, match="tokenizer has 1000 tokens"):
         export_model(_model("attention"), tmp_path / "x", Tok())
+
+
+TOKENIZER_PROBE = r"""
+import json, sys
+from transformers import AutoTokenizer
+tok = AutoTokenizer.from_pretrained(sys.argv[1], trust_remote_code=False)
+text = "In the beginning, naive cafe\u0301s."
+ids = tok(text)["input_ids"]
+print(json.dumps({"class": type(tok).__module__ + "." + type(tok).__name__, "roundtrip": tok.decode(ids) == text,
+                  "eos": tok.eos_token, "len": len(tok)}))
+"""
+
+
+def test_export_tokenizer_is_a_standard_class_that_runs_no_custom_code(tmp_path):
+    """The exported tokenizer loads with AutoTokenizer in a process that cannot import pararnn_lm, runs no
+    code from the export (trust_remote_code=False, stdin closed: nothing can be asked), is one of
+    transformers' own classes and round-trips text."""
+    from pararnn_lm.data.tokenizer import EOS_TOKEN, train_tokenizer
+
+    texts = ["In the beginning God created the heaven and the earth.", "And the earth was without form."] * 50
+    tokenizer = train_tokenizer(texts, vocab_size=300)
+    model = ParaRNNLMForCausalLM(config_for("paragru", "debug", vocab_size=len(tokenizer))).eval()
+    out = export_model(model, tmp_path / "export", tokenizer)
+    saved = json.loads((out / "tokenizer_config.json").read_text())
+    assert "auto_map" not in saved
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    blocker = ("import sys\nclass B:\n def find_spec(self, n, p=None, t=None):\n"
+               "  if n.split('.')[0] == 'pararnn_lm': raise ModuleNotFoundError(n)\nsys.meta_path.insert(0, B())\n")
+    proc = subprocess.run([sys.executable, "-c", blocker + TOKENIZER_PROBE, str(out)], cwd=tmp_path, env=env,
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["class"].startswith("transformers."), got
+    assert got["roundtrip"] and got["eos"] == EOS_TOKEN and got["len"] == len(tokenizer)

@@ -11,11 +11,11 @@ import warnings
 import pytest
 import torch
 
-import models.attention as attention
-import models.mixers as mixers
-from models import ParaRNNLMConfig, ParaRNNLMForCausalLM
-from models.attention import document_block_mask, flex_available, use_flex
-from models.packing import SequenceInfo
+import pararnn_lm.models.attention as attention
+import pararnn_lm.models.mixers as mixers
+from pararnn_lm.models import ParaRNNLMConfig, ParaRNNLMForCausalLM
+from pararnn_lm.models.attention import document_block_mask, flex_available, use_flex
+from pararnn_lm.models.packing import SequenceInfo
 
 pytestmark = [
     pytest.mark.skipif(not flex_available(), reason="torch without FlexAttention"),
@@ -110,11 +110,11 @@ def test_block_mask_is_the_dense_causal_same_document_mask():
 
 
 def test_flex_model_builds_one_block_mask_per_forward_without_host_sync(monkeypatch, flex_calls):
-    import models.modeling
+    import pararnn_lm.models.modeling as modeling
 
     built = []
-    real = models.modeling.document_block_mask
-    monkeypatch.setattr(models.modeling, "document_block_mask", lambda d: built.append(1) or real(d))
+    real = modeling.document_block_mask
+    monkeypatch.setattr(modeling, "document_block_mask", lambda d: built.append(1) or real(d))
     _, flex = _pair(num_hidden_layers=3)
     ids, pos = _batch()
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models import ParaRNNLMForCausalLM, config_for
+from pararnn_lm.models import ParaRNNLMForCausalLM, config_for
 
 pytestmark = pytest.mark.gpu
 ARCHS = ("paragru", "paralstm", "mamba2", "attention")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models import build_synthetic_model
+from pararnn_lm.models import build_synthetic_model
 
 
 class HostSync(AssertionError):
@@ -47,19 +47,19 @@ def test_packed_training_step_of_rnn_mixers_has_no_host_sync(mixer, bare, forbid
     # Documents packed inside rows (position_ids restart at 0): the RNN mixers hand the starts to the
     # fused kernels as a device-side start map; nothing reads them back (no nonzero, no bool()), and
     # the cell layer sees the (B, T) batch, not a (1, B*T) packed row.
-    import kernels.layers
+    import pararnn_lm.kernels.layers as cell_layers
 
     model = build_synthetic_model(mixer, vocab_size=10, bare_mixer=bare, d_model=32, num_heads=4, rnn_mode="fused")
     ids = torch.randint(0, 10, (2, 12))
     pos = torch.tensor([[0, 1, 2, 3, 0, 1, 0, 0, 1, 2, 3, 4], [5, 6, 7, 0, 1, 2, 3, 4, 5, 6, 7, 8]])
     seen = []
-    engine = kernels.layers.parallel_rnn
+    engine = cell_layers.parallel_rnn
 
     def spy(cell, u, *args, **kwargs):
         seen.append((tuple(u.shape[:2]), kwargs.get("resets") is not None, args[2] if len(args) > 2 else None))
         return engine(cell, u, *args, **kwargs)
 
-    monkeypatch.setattr(kernels.layers, "parallel_rnn", spy)
+    monkeypatch.setattr(cell_layers, "parallel_rnn", spy)
     forbid_host_sync()
 
     def nonzero(*_args, **_kwargs):
@@ -91,7 +91,7 @@ def test_compiled_blocks_share_one_graph(mixer):
     # name once did) recompiles each layer, and past dynamo's recompile limit the rest run eagerly.
     import torch._dynamo
 
-    from models import ParaRNNLMForCausalLM, config_for
+    from pararnn_lm.models import ParaRNNLMForCausalLM, config_for
 
     graphs = []
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models import ParaRNNLMForCausalLM, config_for
-from models.cache import ParaRNNCache
+from pararnn_lm.models import ParaRNNLMForCausalLM, config_for
+from pararnn_lm.models.cache import ParaRNNCache
 
 # Two rows of documents; row 0 also has a one-token document and two adjacent starts.
 ROWS = [(4, 1, 1, 7, 3), (9, 7)]
@@ -91,8 +91,8 @@ def test_decoding_after_a_packed_prefill_continues_the_last_document(arch):
 @pytest.mark.parametrize("kind", ["paragru", "paralstm"])
 def test_standalone_cell_layer_takes_resets(kind):
     """The export's pure-PyTorch cell layer (models/standalone_engine.py) == the engine's with resets."""
-    from models.engine import make_cell_layer
-    from models.standalone_engine import CELLS, SequentialCellLayer
+    from pararnn_lm.models.engine import make_cell_layer
+    from pararnn_lm.models.standalone_engine import CELLS, SequentialCellLayer
 
     torch.manual_seed(0)
     fast = make_cell_layer(kind, 8, 2, gain_bound=0.5, mode="sequential", newton=None, bias=True, name="x").double()

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from models import ParaRNNLMConfig, config_for, count_parameters
-from models.presets import PRESET_SIZES, preset_fields
+from pararnn_lm.models import ParaRNNLMConfig, config_for, count_parameters
+from pararnn_lm.models.presets import PRESET_SIZES, preset_fields
 
 ARCHS = ("paragru", "paralstm", "mamba2", "attention")
 PAPER = {  # docs/method.md, typed in independently of the YAML files

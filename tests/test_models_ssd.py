@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.ssd import ssd_chunked, ssd_naive, ssd_step
+from pararnn_lm.models.ssd import ssd_chunked, ssd_naive, ssd_step
 
 
 def _inputs(B=2, T=37, H=4, P=3, G=2, N=5, dtype=torch.float64, device="cpu", seed=0):
@@ -78,8 +78,8 @@ def test_chunked_gradients_match_naive():
 @pytest.mark.gpu
 def test_fla_kernel_matches_torch_ssd():
     pytest.importorskip("fla")
-    from models.packing import SequenceInfo
-    from models.ssd import ssd_fla
+    from pararnn_lm.models.packing import SequenceInfo
+    from pararnn_lm.models.ssd import ssd_fla
 
     x, dt, A, Bm, Cm, S0 = _inputs(B=2, T=200, H=4, P=64, G=1, N=64, dtype=torch.float32, device="cuda")
     pos = torch.arange(200, device="cuda").repeat(2, 1)
@@ -96,8 +96,8 @@ def test_fla_kernel_matches_torch_ssd():
 
 
 def test_backend_resolution_and_config_errors():
-    from models import ParaRNNLMConfig
-    from models.ssd import SSD_KERNELS, resolve_ssd_backend
+    from pararnn_lm.models import ParaRNNLMConfig
+    from pararnn_lm.models.ssd import SSD_KERNELS, resolve_ssd_backend
 
     cpu = torch.device("cpu")
     assert resolve_ssd_backend("auto", cpu) == "torch" and resolve_ssd_backend("torch", cpu) == "torch"
@@ -114,7 +114,7 @@ def test_mamba_ssm_kernel_matches_fp64_reference(dtype):
     """mamba_ssm's chunked SSD (the GPU backend where fla-core refuses Hopper) against the fp64 chunked SSD
     (itself tested against the naive loop above): outputs, final states and every gradient, with a
     document start mid-chunk, one on a chunk boundary, one at t = 0 (drops the initial state)."""
-    from models.ssd import mamba_ssm_available, ssd_mamba_ssm
+    from pararnn_lm.models.ssd import mamba_ssm_available, ssd_mamba_ssm
 
     if not mamba_ssm_available(torch.device("cuda")):
         pytest.skip("mamba_ssm not installed")
@@ -141,9 +141,9 @@ def test_mamba_ssm_kernel_matches_fp64_reference(dtype):
 
 def test_auto_backend_keeps_fp64_on_the_pytorch_ssd(monkeypatch):
     """A kernel that claims the device must still not take fp64 inputs (its matmuls are fp32)."""
-    from models import ParaRNNLMConfig
-    from models import ssd
-    from models.mixers import Mamba2Mixer
+    from pararnn_lm.models import ParaRNNLMConfig
+    from pararnn_lm.models import ssd
+    from pararnn_lm.models.mixers import Mamba2Mixer
 
     monkeypatch.setitem(ssd.SSD_KERNELS, "mamba_ssm", (lambda device: True, ssd.SSD_KERNELS["mamba_ssm"][1]))
     mixer = Mamba2Mixer(ParaRNNLMConfig(mixer="mamba2", hidden_size=32, num_hidden_layers=1, vocab_size=16,
@@ -154,7 +154,7 @@ def test_auto_backend_keeps_fp64_on_the_pytorch_ssd(monkeypatch):
 
 def test_backend_probes_ask_once_per_cuda_device():
     """The availability probes run on every Mamba2 forward: each CUDA device is probed once, CPU never."""
-    from models.ssd import _probe_per_device
+    from pararnn_lm.models.ssd import _probe_per_device
 
     cache, asked = {}, []
     probe = lambda index: asked.append(index) or index == 1  # noqa: E731

@@ -8,8 +8,11 @@ import math
 
 import pytest
 
-from eval.synthetic.train import parse_curriculum
-from scripts.probe_keep_nth import lr_factor, main
+from pararnn_lm.eval.synthetic.train import parse_curriculum
+from repo_scripts import load_script
+
+probe_keep_nth = load_script("scripts/probe_keep_nth.py")
+lr_factor, main = probe_keep_nth.lr_factor, probe_keep_nth.main
 
 
 def test_stage_parsing_and_bad_input():
@@ -82,8 +85,8 @@ def test_time_budget_stops_with_a_last_check(tmp_path):
 def test_per_token_accuracy_splits_by_the_kept_token():
     import torch
 
-    from eval.synthetic.tasks import keep_nth
-    from scripts.probe_keep_nth import per_token_accuracy
+    from pararnn_lm.eval.synthetic.tasks import keep_nth
+    per_token_accuracy = probe_keep_nth.per_token_accuracy
 
     data = keep_nth(400, 12, 8, 5, seed=0)
 

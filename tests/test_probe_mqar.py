@@ -4,9 +4,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from eval.synthetic.tasks import mqar
-from eval.synthetic.train import SeedRun, SyntheticTrainConfig, run_identity
-from scripts.probe_mqar import accuracy_by_pair, load_saved_run
+from pararnn_lm.eval.synthetic.tasks import mqar
+from pararnn_lm.eval.synthetic.train import SeedRun, SyntheticTrainConfig, run_identity
+from repo_scripts import load_script
+
+probe_mqar = load_script("scripts/probe_mqar.py")
+accuracy_by_pair, load_saved_run = probe_mqar.accuracy_by_pair, probe_mqar.load_saved_run
 
 
 class AnswersSomePairs(nn.Module):

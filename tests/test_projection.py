@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from kernels.projection import head_projection
+from pararnn_lm.kernels.projection import head_projection
 
 
 def _einsum(x, w):
@@ -52,7 +52,7 @@ def test_bad_shapes_raise():
 def test_weight_grad_token_splits(dtype, splits):
     """The split-K weight gradient (chunks of the token axis, fp32 partial sums) equals the
     fp64 per-head reduction for every split count."""
-    from kernels.projection import _weight_grad
+    from pararnn_lm.kernels.projection import _weight_grad
 
     g = torch.Generator().manual_seed(splits)
     N, H, dh, W = 64, 3, 5, 15
@@ -71,7 +71,7 @@ def test_weight_grad_token_splits(dtype, splits):
 def test_weight_grad_split_on_gpu(dtype):
     """At a benchmark shape the GPU path splits the fp32 reduction; dW matches fp64 to the dtype's
     rounding either way."""
-    from kernels.projection import _k_splits
+    from pararnn_lm.kernels.projection import _k_splits
 
     g = torch.Generator(device="cuda").manual_seed(0)
     N, H, dh, G = 16384, 16, 64, 3
@@ -88,7 +88,7 @@ def test_weight_grad_split_on_gpu(dtype):
 # ----------------------------------------------------------------------------- the torch.library ops
 # Under torch.compile head_projection calls pararnn::head_projection (its autograd calls
 # pararnn::head_projection_backward); eager calls take the autograd.Function. Same values either way.
-from kernels.projection import head_projection_backward_op, head_projection_op  # noqa: E402
+from pararnn_lm.kernels.projection import head_projection_backward_op, head_projection_op  # noqa: E402
 
 _TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
 
@@ -243,7 +243,7 @@ def test_copy_free_backward_matches_fp64(dtype, N, H, dh, G):
     """16-bit gradients without the head-major copy of du (Triton dx whose K loop walks the gates, one
     strided GEMM per gate for dW) equal the fp64 einsum gradients to 16-bit rounding; N not a multiple of
     the token tile, du with a row stride that is not G * dim."""
-    from kernels.projection import _backward, _triton_dx_ok
+    from pararnn_lm.kernels.projection import _backward, _triton_dx_ok
 
     g = torch.Generator().manual_seed(N + 10 * H + dh)
     x = torch.randn(N, H * dh, generator=g).to(dtype)
@@ -262,7 +262,7 @@ def test_copy_free_backward_matches_fp64(dtype, N, H, dh, G):
 
 
 def test_copy_free_backward_is_not_taken_for_fp32_or_odd_head_widths():
-    from kernels.projection import _triton_dx_ok
+    from pararnn_lm.kernels.projection import _triton_dx_ok
 
     assert not _triton_dx_ok(torch.randn(4, 3, 32), torch.randn(2, 16, 3, 16))  # fp32: cuBLAS numerics
     bf = torch.bfloat16
@@ -281,7 +281,7 @@ def test_copy_free_backward_on_gpu(dtype, H, dh, G):
     """At the shapes of the presets' layers (4 heads of 256 at 400M, of 1024 at 7B) and the narrowest head
     the GPU path takes (128), 3 gates (ParaGRU) and 4 (ParaLSTM), the copy-free 16-bit backward equals the fp64 einsum
     gradients to 16-bit rounding (the bf16 tensor-core dot is only reachable on a GPU)."""
-    from kernels.projection import _backward, _triton_dx_ok
+    from pararnn_lm.kernels.projection import _backward, _triton_dx_ok
 
     g = torch.Generator(device="cuda").manual_seed(1)
     N = 4096
@@ -302,7 +302,7 @@ def test_one_pass_forward_matches_fp64(dtype, N, H, dh, G):
     """The 16-bit one-launch forward (a program reads its x tile once and writes every gate) equals the fp64
     einsum to 16-bit rounding: N not a multiple of the token tile, x with a row stride that is not dim,
     a non-contiguous weight."""
-    from kernels.projection import _forward, _triton_fwd_ok
+    from pararnn_lm.kernels.projection import _forward, _triton_fwd_ok
 
     g = torch.Generator().manual_seed(N + 10 * H + dh)
     x = torch.randn(N, H * dh + 8, generator=g).to(dtype)[:, 5 : 5 + H * dh]  # strided rows
@@ -315,7 +315,7 @@ def test_one_pass_forward_matches_fp64(dtype, N, H, dh, G):
 
 
 def test_one_pass_forward_is_not_taken_for_fp32_or_odd_head_widths():
-    from kernels.projection import NARROW_FORWARD_MAX_HEAD, _triton_fwd_ok
+    from pararnn_lm.kernels.projection import NARROW_FORWARD_MAX_HEAD, _triton_fwd_ok
 
     bf = torch.bfloat16
     assert not _triton_fwd_ok(torch.randn(4, 32), torch.randn(2, 16, 3, 16))  # fp32: cuBLAS numerics
@@ -332,7 +332,7 @@ def test_one_pass_forward_is_not_taken_for_fp32_or_odd_head_widths():
 def test_one_pass_forward_on_gpu(dtype, H, dh, G):
     """The tensor-core path of the one-pass forward (only reachable on a GPU) against fp64, through the
     public op with its gradients (the backward is unchanged)."""
-    from kernels.projection import _triton_fwd_ok
+    from pararnn_lm.kernels.projection import _triton_fwd_ok
 
     g = torch.Generator(device="cuda").manual_seed(2)
     N = 16384 + 3
@@ -356,7 +356,7 @@ def test_narrow_backward_matches_fp64(dtype, N, H, dh, G):
     """Narrow 16-bit heads: dx and dW both from Triton kernels reading du in place (dW as fp32 partial sums
     over token chunks, summed after) equal the fp64 einsum gradients to 16-bit rounding - N not a multiple
     of the token tile or of the chunk, one chunk and several, strided x and du rows."""
-    from kernels.projection import _backward, _narrow_backward_ok
+    from pararnn_lm.kernels.projection import _backward, _narrow_backward_ok
 
     g = torch.Generator().manual_seed(N + 10 * H + dh)
     x = torch.randn(N, H * dh + 4, generator=g).to(dtype)[:, 2 : 2 + H * dh]
@@ -373,7 +373,7 @@ def test_narrow_backward_matches_fp64(dtype, N, H, dh, G):
 
 
 def test_narrow_backward_is_not_taken_for_fp32_wide_or_odd_heads():
-    from kernels.projection import NARROW_BACKWARD_MAX_HEAD, _narrow_backward_ok
+    from pararnn_lm.kernels.projection import NARROW_BACKWARD_MAX_HEAD, _narrow_backward_ok
 
     bf = torch.bfloat16
     assert not _narrow_backward_ok(torch.randn(4, 3, 32), torch.randn(4, 32), torch.randn(2, 16, 3, 16))
@@ -389,7 +389,7 @@ def test_narrow_backward_is_not_taken_for_fp32_wide_or_odd_heads():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("H,dh,G", [(16, 64, 3), (8, 128, 4), (64, 16, 3)])
 def test_narrow_backward_on_gpu(dtype, H, dh, G):
-    from kernels.projection import _backward, _narrow_backward_ok
+    from pararnn_lm.kernels.projection import _backward, _narrow_backward_ok
 
     g = torch.Generator(device="cuda").manual_seed(3)
     N = 16384 + 5

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from kernels.scan import linear_scan_adjoint_torch, linear_scan_sequential, linear_scan_torch
+from pararnn_lm.kernels.scan import linear_scan_adjoint_torch, linear_scan_sequential, linear_scan_torch
 
 
 @pytest.mark.parametrize("K", [1, 2, 3])

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "slurm"))
-import launch  # noqa: E402
+from repo_scripts import ROOT, load_script
+
+launch = load_script("slurm/launch.py")
 
 
 def _master_port(script: str, job_id: int) -> int:

@@ -13,11 +13,11 @@ import pytest
 import torch
 from torch import nn
 
-from training.checkpoint import CheckpointManager, capture_rng_state, restore_rng_state
-from training.config import DeepSpeedConfig, TrainConfig, validate
-from training.distributed import DistInfo
-from training.optim import build_scheduler, parameter_groups, warmup_cosine
-from training.signals import PreemptionFlag
+from pararnn_lm.training.checkpoint import CheckpointManager, capture_rng_state, restore_rng_state
+from pararnn_lm.training.config import DeepSpeedConfig, TrainConfig, validate
+from pararnn_lm.training.distributed import DistInfo
+from pararnn_lm.training.optim import build_scheduler, parameter_groups, warmup_cosine
+from pararnn_lm.training.signals import PreemptionFlag
 
 
 def _save(manager, step):
@@ -103,7 +103,7 @@ def test_weight_decay_only_on_matrices():
 
 
 def test_deepspeed_json():
-    from training.backends import deepspeed_json
+    from pararnn_lm.training.backends import deepspeed_json
 
     cfg = TrainConfig()
     cfg.deepspeed = DeepSpeedConfig(enabled=True, stage=3, offload_optimizer=True, offload_params=True,
@@ -184,7 +184,7 @@ def _batches(n, seed=0):
 
 
 def _backend(model, fused=True, grad_accum=2, constant_lr=False):
-    from training.backends import TorchBackend
+    from pararnn_lm.training.backends import TorchBackend
 
     cfg = TrainConfig()
     cfg.optim.grad_clip, cfg.train.precision = 0.5, "fp32"
@@ -248,7 +248,7 @@ def test_a_non_finite_step_is_skipped_exactly(fused, fault):
 
 
 def test_torch_backend_step_equals_reference_adamw_with_clipping():
-    from training.optim import warmup_cosine
+    from pararnn_lm.training.optim import warmup_cosine
 
     torch.manual_seed(0)
     model = _Toy()
@@ -298,22 +298,19 @@ SYNCS = ("item", "tolist", "__bool__", "__float__", "__int__")
 def _train_in_process(tmp_path, steps: int) -> collections.Counter:
     """Runs train.py's train() and counts the reads of tensor values it makes outside the model's
     forward and backward (those are the model's business: tests/test_models_no_host_sync.py), by call site."""
-    import importlib.util
-
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    root = Path(__file__).resolve().parents[1]
-    spec = importlib.util.spec_from_file_location("train_script", root / "train.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    import pararnn_lm.train as script
+    from pararnn_lm.provenance import config_dir
+
     overrides = [
         "model.size=debug", "data.seq_len=64", "train.micro_batch_size=2", "train.global_batch_size=4",
         f"train.steps={steps}", "train.log_every=1000", "eval.every=0", "eval.at_end=false", "export.at_end=false",
         "logging.wandb_mode=disabled", "logging.progress_bar=false", "checkpoint.every=0", "resume=none",
         "train.device=cpu", f"run_dir={tmp_path / str(steps)}",
     ]
-    with initialize_config_dir(config_dir=str(root / "configs"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         cfg = OmegaConf.to_object(compose("train", overrides=overrides))
     torch_dir = str(Path(torch.__file__).parent)
     counts: collections.Counter = collections.Counter()
@@ -325,7 +322,7 @@ def _train_in_process(tmp_path, steps: int) -> collections.Counter:
             while frame is not None:
                 frames.append(frame)
                 frame = frame.f_back
-            in_loop = any(f.f_code.co_filename == str(root / "train.py") for f in frames)
+            in_loop = any(f.f_code.co_filename == script.__file__ for f in frames)
             in_model = any(f.f_code.co_name in ("_call_impl", "_wrapped_call_impl")
                            or f.f_code.co_filename.endswith(os.path.join("autograd", "__init__.py")) for f in frames)
             if in_loop and not in_model:
@@ -359,8 +356,8 @@ def test_training_steps_between_log_steps_read_nothing_from_the_device(tmp_path)
 def test_checkpointed_blocks_recompute_and_give_the_same_gradients():
     """factory.checkpoint_activations: every block's forward runs again in the backward; the loss and
     all gradients equal the plain model's (the recompute is the same arithmetic)."""
-    from models import ParaRNNLMForCausalLM, config_for
-    from training import factory
+    from pararnn_lm.models import ParaRNNLMForCausalLM, config_for
+    from pararnn_lm.training import factory
 
     torch.manual_seed(0)
     config = config_for("paragru", "debug", vocab_size=64, num_hidden_layers=2)
@@ -383,8 +380,8 @@ def test_checkpointed_blocks_recompute_and_give_the_same_gradients():
 
 
 def test_flops_terms_count_full_parameters_even_when_zero3_partitions_them():
-    from models import ParaRNNLMConfig, ParaRNNLMForCausalLM
-    from training.factory import flops_terms
+    from pararnn_lm.models import ParaRNNLMConfig, ParaRNNLMForCausalLM
+    from pararnn_lm.training.factory import flops_terms
 
     config = ParaRNNLMConfig(vocab_size=64, hidden_size=32, num_hidden_layers=3, intermediate_size=64,
                              num_attention_heads=4, layer_pattern=["paragru", "attention", "paragru"],
@@ -403,8 +400,8 @@ def test_compiled_blocks_under_zero3_are_leaf_modules_with_a_compiled_forward():
     pytest.importorskip("deepspeed")
     from deepspeed.utils import z3_leaf_module
 
-    from models import ParaRNNLMConfig, ParaRNNLMForCausalLM
-    from training.factory import compile_blocks
+    from pararnn_lm.models import ParaRNNLMConfig, ParaRNNLMForCausalLM
+    from pararnn_lm.training.factory import compile_blocks
 
     torch.manual_seed(0)
     config = ParaRNNLMConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, intermediate_size=64,
@@ -422,7 +419,7 @@ def test_compiled_blocks_under_zero3_are_leaf_modules_with_a_compiled_forward():
 
 _ONE_PROCESS_GROUP = """
 import os, socket, torch, torch.distributed as dist
-from training.distributed import init_distributed
+from pararnn_lm.training.distributed import init_distributed
 info = init_distributed("cpu", process_group=True)
 t = torch.ones(1)
 dist.all_reduce(t)

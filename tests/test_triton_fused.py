@@ -4,12 +4,12 @@
 import pytest
 import torch
 
-from kernels import NewtonConfig, NewtonConvergenceError, NewtonStats, ParaGRU, ParaLSTM, parallel_rnn
-from kernels.cells.fused_common import start_map_batch, start_map_from_cu_seqlens
-from kernels.cells.paragru import fused as fgru
-from kernels.cells.paralstm import fused as flstm
-from kernels import shooting
-from kernels.sequential_triton import sequential_triton_rnn
+from pararnn_lm.kernels import NewtonConfig, NewtonConvergenceError, NewtonStats, ParaGRU, ParaLSTM, parallel_rnn
+from pararnn_lm.kernels.cells.fused_common import start_map_batch, start_map_from_cu_seqlens
+from pararnn_lm.kernels.cells.paragru import fused as fgru
+from pararnn_lm.kernels.cells.paralstm import fused as flstm
+from pararnn_lm.kernels import shooting
+from pararnn_lm.kernels.sequential_triton import sequential_triton_rnn
 
 CELLS = {"gru": (ParaGRU(), 1, 3, fgru), "lstm": (ParaLSTM(), 2, 5, flstm)}
 FUSED = {
@@ -108,7 +108,7 @@ def test_compact_start_map_equals_full_map(cell, segments):
     # Batches without documents pass the (B, 1) map (start at t = 0 only; no per-step start test in
     # the kernels). The full (B, T) map of the same batch takes the per-step path: both must agree
     # exactly, forward and backward, one segment and several (T = 21: blocks cross segment starts).
-    from kernels.cells.fused_common import compact_start_map
+    from pararnn_lm.kernels.cells.fused_common import compact_start_map
     obj, u, p, h0, _ = _problem(cell, 21, False, seed=5)
     K = CELLS[cell][1]
     shooting.TUNING.update(segments=segments)
@@ -138,7 +138,7 @@ def test_first_pass_tail(cell, packed):
     lstm = cell == "lstm"
     obj, u, p, h0, cu = _problem(cell, 130, packed, seed=3)
     uf, pf, hf = u.float(), p.float().contiguous(), h0.float().contiguous()
-    from kernels.cells.fused_common import compact_start_map
+    from pararnn_lm.kernels.cells.fused_common import compact_start_map
     smap = start_map_from_cu_seqlens(cu, 130) if packed else compact_start_map(u.shape[0], "cpu")
     y, _ = parallel_rnn(obj, u, p, h0, cu, mode="sequential")
 
@@ -207,8 +207,8 @@ def test_sequential_triton_matches_reference(cell, packed):
 
 
 def test_engine_mode_adapters():
-    from kernels.cells.paragru.fused import paragru_fused_mode
-    from kernels.layout import SequenceLayout
+    from pararnn_lm.kernels.cells.paragru.fused import paragru_fused_mode
+    from pararnn_lm.kernels.layout import SequenceLayout
     obj, u, p, h0, cu = _problem("gru", 20, True, seed=2)
     layout = SequenceLayout.build(1, 20, u.device, cu)
     stats = NewtonStats()
@@ -283,7 +283,7 @@ def test_zero_state_and_start_map_are_kept_and_usable_after_inference_mode():
     """The read-only zero h0 rows and compact start map are built once per shape and device (each build is
     a kernel launch of host time) - also when first built under inference_mode, after which training
     must still be able to save them for backward."""
-    from kernels.cells.fused_common import compact_start_map, prepare_h0
+    from pararnn_lm.kernels.cells.fused_common import compact_start_map, prepare_h0
 
     assert prepare_h0(None, 3, 1, 7, "cpu") is prepare_h0(None, 3, 1, 7, "cpu")
     assert prepare_h0(None, 3, 2, 7, "cpu").shape == (3, 2, 7)

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from kernels.scan.reference import linear_scan_sequential
-from kernels.scan.triton import _launch, linear_scan_adjoint_triton, linear_scan_triton
+from pararnn_lm.kernels.scan.reference import linear_scan_sequential
+from pararnn_lm.kernels.scan.triton import _launch, linear_scan_adjoint_triton, linear_scan_triton
 
 
 @pytest.mark.parametrize("K", [1, 2])

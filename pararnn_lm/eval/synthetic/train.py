@@ -7,12 +7,12 @@ on a 100k-sequence test set. We stop a seed early once its validation accuracy r
 of the steps that did run), and evaluate the best-validation weights on the test set.
 
 CLI (one task / the whole grid):
-    python -m eval.synthetic.train --task parity --arch paragru --out results/synthetic
-    python -m eval.synthetic.train --grid --out results/synthetic          # 4 archs x 5 tasks x 3 seeds
-    python -m eval.synthetic.train --grid --tasks mqar --sweep lr=5e-4,2e-3 --out results/mqar_lr
-    python -m eval.synthetic.train --grid --archs paragru --tasks keep_nth --curriculum 12:30000 25:15000 \
+    python -m pararnn_lm.eval.synthetic.train --task parity --arch paragru --out results/synthetic
+    python -m pararnn_lm.eval.synthetic.train --grid --out results/synthetic          # 4 archs x 5 tasks x 3 seeds
+    python -m pararnn_lm.eval.synthetic.train --grid --tasks mqar --sweep lr=5e-4,2e-3 --out results/mqar_lr
+    python -m pararnn_lm.eval.synthetic.train --grid --archs paragru --tasks keep_nth --curriculum 12:30000 25:15000 \
         --out results/keep_nth_curriculum      # shorter sequences first (not the paper's recipe)
-    python -m eval.synthetic.train --grid --devices all --concurrent-runs 15 --out results/synthetic  # every GPU
+    python -m pararnn_lm.eval.synthetic.train --grid --devices all --concurrent-runs 15 --out results/synthetic  # every GPU
 
 With several ``devices`` each gets one worker process and every len(devices)-th run (so each device trains a
 mix of architectures), up to ``concurrent_runs`` at once; the runs, their saved states and the table are the
@@ -815,7 +815,7 @@ def run_grid(base: SyntheticTrainConfig, archs: Sequence[str] = ARCHS, tasks: Se
                                  time_budget_s=base.time_budget_s, progress=base.progress, state_dir=states,
                                  resume=base.resume)
     device = describe_devices(base.devices or (base.device,))
-    from eval.tables import grid_curves, plot_curves, render_table6, write_sweep
+    from pararnn_lm.eval.tables import grid_curves, plot_curves, render_table6, write_sweep
 
     k, grids = 0, []
     for overrides, folder, cfgs in variants:
@@ -962,7 +962,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 raise SystemExit(f"--cells takes ARCH:TASK pairs, got {bad}")
             cells = [tuple(c.split(":")) for c in a.cells]
         grid = run_grid(cfg, a.archs or list(ARCHS), a.tasks or list(TASKS), a.out, cells=cells, sweep=sweep)
-        from eval.tables import render_sweep, render_table6
+        from pararnn_lm.eval.tables import render_sweep, render_table6
 
         print(render_sweep(grid) if sweep else render_table6(grid["results"]))
         return grid
@@ -976,6 +976,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 if __name__ == "__main__":
     # the importable module's main, not this __main__ copy: spawned --devices workers then unpickle the same
     # classes and functions (and log under the module's name)
-    from eval.synthetic.train import main as _main
+    from pararnn_lm.eval.synthetic.train import main as _main
 
     _main()

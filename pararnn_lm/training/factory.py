@@ -84,7 +84,7 @@ def memory_stats(info: DistInfo) -> dict[str, float]:
 
 def newton_stats(model: nn.Module) -> dict[str, Any]:
     """Newton iterations and final residual of every parallel-RNN layer's last forward."""
-    from kernels import ParaRNNLayer
+    from pararnn_lm.kernels import ParaRNNLayer
 
     out: dict[str, Any] = {}
     for index, layer in enumerate(m for m in model.modules() if isinstance(m, ParaRNNLayer)):
@@ -95,7 +95,7 @@ def newton_stats(model: nn.Module) -> dict[str, Any]:
 
 def build_data(cfg: TrainConfig, info: DistInfo):
     """The data bundle of this rank: endless resumable train loader, validation loader, tokenizer."""
-    from data import build_datasets
+    from pararnn_lm.data import build_datasets
 
     if cfg.data.label_mode != "unshifted":
         # The HF-style model shifts labels itself (token t predicts labels[t + 1]).
@@ -111,7 +111,7 @@ def build_data(cfg: TrainConfig, info: DistInfo):
 
 def build_model(cfg: TrainConfig, vocab_size: int) -> nn.Module:
     """The preset of ``model.arch`` at ``model.size``, sized to the tokenizer, with the run's settings."""
-    from models import ParaRNNLMForCausalLM, config_for
+    from pararnn_lm.models import ParaRNNLMForCausalLM, config_for
 
     fields: dict[str, Any] = {
         "vocab_size": vocab_size, "tokenizer_vocab_size": vocab_size, "z_loss": cfg.optim.z_loss,
@@ -182,8 +182,8 @@ def export(backend, data, cfg: TrainConfig, run_dir: Path, info: DistInfo, token
     state = backend.consolidated_state_dict()  # collective under ZeRO-3
     if not info.is_main:
         return None
-    from models import ParaRNNLMForCausalLM
-    from scripts.export_hf import export_model
+    from pararnn_lm.models import ParaRNNLMForCausalLM
+    from pararnn_lm.models.export import export_model
 
     model = backend.module
     if cfg.deepspeed.zero3:  # the live module only holds shards
@@ -198,10 +198,10 @@ def export(backend, data, cfg: TrainConfig, run_dir: Path, info: DistInfo, token
 def validation_loss(model: nn.Module, validation, cfg: TrainConfig, info: DistInfo) -> float:
     """Token-weighted validation NLL over ``eval.max_batches`` batches per rank, averaged over ranks.
 
-    The same definition as the standalone ``python -m eval.perplexity`` (packed documents: a
+    The same definition as the standalone ``python -m pararnn_lm.eval.perplexity`` (packed documents: a
     document's first token, which nothing in that document predicts, is not scored).
     """
-    from eval.perplexity import evaluate_batches
+    from pararnn_lm.eval.perplexity import evaluate_batches
 
     from .backends import _use_bf16
 

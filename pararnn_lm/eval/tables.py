@@ -9,8 +9,8 @@ Inputs (JSON):
   (``<arch>[_-]<size>...json``, e.g. ``paragru_400m.json``).
 
 CLI:
-    python -m eval.tables --synthetic results/synthetic --perplexity r/ppl_*.json --lm-eval r/lm_*.json --out tables/
-    python -m eval.tables --sweep results/sweep/sweep.json --out tables/    # sweep.md, sweep.png, sweep_curves.png
+    python -m pararnn_lm.eval.tables --synthetic results/synthetic --perplexity r/ppl_*.json --lm-eval r/lm_*.json --out tables/
+    python -m pararnn_lm.eval.tables --sweep results/sweep/sweep.json --out tables/    # sweep.md, sweep.png, sweep_curves.png
 """
 from __future__ import annotations
 
@@ -183,7 +183,7 @@ def plot_table6(results: Sequence[dict[str, Any]], path: str | Path) -> Path:
 # ------------------------------------------------------------------------------------------ sweeps
 
 def _variant_label(grid: dict[str, Any]) -> str:
-    from eval.synthetic.train import variant_name
+    from pararnn_lm.eval.synthetic.train import variant_name
 
     return variant_name(grid.get("overrides") or {})
 

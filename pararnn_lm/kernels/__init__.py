@@ -1,6 +1,6 @@
 """The parallel-RNN engine: write a channelwise cell's step, get it applied in parallel over time.
 
-    from kernels import Cell, NewtonConfig, parallel_rnn
+    from pararnn_lm.kernels import Cell, NewtonConfig, parallel_rnn
     y, h_last = parallel_rnn(cell, u, p, h0=None, cu_seqlens=None, mode="auto", newton=NewtonConfig())
 """
 from .api import parallel_rnn

@@ -19,7 +19,7 @@ Conventions
 Library API (also for the training loop): :func:`token_nll`, :class:`NLLAccumulator`,
 :func:`evaluate_batches`, :func:`evaluate_stream`, :func:`plot_loss_by_position`.
 CLI on an exported HF directory:
-    python -m eval.perplexity --model DIR --data held_out.jsonl --seq-len 4096 --train-len 2048 \
+    python -m pararnn_lm.eval.perplexity --model DIR --data held_out.jsonl --seq-len 4096 --train-len 2048 \
         --out ppl.json --plot ppl.png
 """
 from __future__ import annotations

@@ -11,7 +11,7 @@ from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 
-from data.config import DataConfig
+from pararnn_lm.data.config import DataConfig
 
 
 @dataclass

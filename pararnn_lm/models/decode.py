@@ -1,6 +1,6 @@
 """Static-shape single-token decoding for ParaRNNLM models, capturable in one CUDA graph.
 
-    from models import StaticDecoder
+    from pararnn_lm.models import StaticDecoder
     dec = StaticDecoder(model, batch_size=1, max_length=2048)   # CUDA graph on CUDA, eager on CPU
     ids = dec.generate(prompt, max_new_tokens=256)                # == model.generate(..., do_sample=False)
     logits = dec.prefill(prompt)                                  # (B, V) logits of the last prompt token

@@ -161,7 +161,7 @@ class _KernelsRNNLM(nn.Module):
 
     def __init__(self, arch: str, vocab_size: int, d_model: int, num_heads: int, gain_bound: float | None = 0.9) -> None:
         super().__init__()
-        from kernels import ParaGRULayer, ParaLSTMLayer
+        from pararnn_lm.kernels import ParaGRULayer, ParaLSTMLayer
 
         layer_cls = ParaGRULayer if arch == "paragru" else ParaLSTMLayer
         self.embed = nn.Embedding(vocab_size, d_model)

@@ -18,9 +18,9 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 # --- CELLS BEGIN (replaced by the cell sources in an export) ---
-from kernels.cell import Cell  # noqa: E402
-from kernels.cells import ParaGRU, ParaLSTM  # noqa: E402
-from kernels.layers import CellLayerBase  # noqa: E402
+from pararnn_lm.kernels.cell import Cell  # noqa: E402
+from pararnn_lm.kernels.cells import ParaGRU, ParaLSTM  # noqa: E402
+from pararnn_lm.kernels.layers import CellLayerBase  # noqa: E402
 # --- CELLS END ---
 
 
@@ -79,7 +79,7 @@ class SequentialCellLayer(CellLayerBase):
 def _project_engine():
     """The project's fast engine if it is importable (a ``kernels`` package with the ParaRNN layers)."""
     try:
-        import kernels as project_kernels
+        import pararnn_lm.kernels as project_kernels
     except Exception:
         return None
     if not all(hasattr(project_kernels, n) for n in ("ParaGRULayer", "ParaLSTMLayer", "NewtonConfig", "ParaRNNLayer")):
@@ -93,8 +93,8 @@ ENGINE = "kernels" if _KERNELS is not None else "standalone"
 fused_causal_conv1d = fused_causal_conv1d_supported = None
 if _KERNELS is not None:
     try:
-        from kernels.conv import causal_conv1d as fused_causal_conv1d  # noqa: F811
-        from kernels.conv import supported as fused_causal_conv1d_supported  # noqa: F811
+        from pararnn_lm.kernels.conv import causal_conv1d as fused_causal_conv1d  # noqa: F811
+        from pararnn_lm.kernels.conv import supported as fused_causal_conv1d_supported  # noqa: F811
     except Exception:  # an older project checkout without the conv kernel
         fused_causal_conv1d = fused_causal_conv1d_supported = None
 CELLS = {"paragru": ParaGRU, "paralstm": ParaLSTM}

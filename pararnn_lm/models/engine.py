@@ -10,10 +10,10 @@ from typing import Any
 
 from torch import nn
 
-from kernels import NewtonConfig, ParaGRULayer, ParaLSTMLayer, ParaRNNLayer
+from pararnn_lm.kernels import NewtonConfig, ParaGRULayer, ParaLSTMLayer, ParaRNNLayer
 # The conv layers' fast path and where it runs (kernels/conv.py).
-from kernels.conv import causal_conv1d as fused_causal_conv1d  # noqa: F401
-from kernels.conv import supported as fused_causal_conv1d_supported  # noqa: F401
+from pararnn_lm.kernels.conv import causal_conv1d as fused_causal_conv1d  # noqa: F401
+from pararnn_lm.kernels.conv import supported as fused_causal_conv1d_supported  # noqa: F401
 
 CELL_LAYERS = {"paragru": ParaGRULayer, "paralstm": ParaLSTMLayer}
 ENGINE = "kernels"

@@ -1,11 +1,11 @@
 """Data pipeline: text sources -> tokenizer -> packed, sharded, resumable token streams.
 
-    from data import DataConfig, build_datasets
+    from pararnn_lm.data import DataConfig, build_datasets
     train, validation, tokenizer = build_datasets(DataConfig(), rank=0, world_size=1, batch_size=8)
     batch = next(iter(train))   # {"input_ids", "labels", "position_ids"}: (B, T) int64
     state = train.state_dict()  # per-rank cursor for checkpoints; train.load_state_dict(state) resumes
 
-Submodules are imported lazily so that ``from data.config import DataConfig`` (the Hydra schema) stays
+Submodules are imported lazily so that ``from pararnn_lm.data.config import DataConfig`` (the Hydra schema) stays
 light, and spawned tokenization workers do not import torch.
 """
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """HF-native language models built from shared blocks and a registry of mixers.
 
-    from models import ParaRNNLMConfig, ParaRNNLMForCausalLM
+    from pararnn_lm.models import ParaRNNLMConfig, ParaRNNLMForCausalLM
     model = ParaRNNLMForCausalLM(ParaRNNLMConfig(mixer="paragru", hidden_size=256, ...))
     model = ParaRNNLMForCausalLM(config_for("paragru", "400m"))   # paper size presets (configs/size/)
 

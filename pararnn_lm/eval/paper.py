@@ -7,8 +7,9 @@ transcribed there are listed; anything else is ``None`` (unknown), never guessed
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
+
+from ..provenance import config_file
 
 SOURCE = "Danieli et al., ParaRNN, arXiv:2510.21450 (ICLR 2026); via docs/method.md"
 
@@ -49,12 +50,12 @@ PARAMS: dict[str, dict[str, float]] = {
 SYNTHETIC_TASK_TITLES = {"keep_nth": "keep-nth (n=5, |V|=128)", "parity": "parity (|V|=2)", "mqar": "MQAR (|V|=128)",
                          "hop1": "1-hop (|V|=10)", "hop2": "2-hop (|V|=5)"}
 
-LM_EVAL_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "lm_eval" / "paper.yaml"
+LM_EVAL_CONFIG = config_file("lm_eval", "paper.yaml")
 
 
 def lm_eval_suite(name: str | None = None) -> dict[str, dict[str, Any]]:
     """task -> {num_fewshot, metric} for the paper's downstream suite (configs/lm_eval/paper.yaml)."""
-    import yaml  # PyYAML comes with lm-eval / hydra / transformers
+    import yaml
 
     cfg = yaml.safe_load(LM_EVAL_CONFIG.read_text())
     return dict(cfg["suites"][name or cfg["default_suite"]])

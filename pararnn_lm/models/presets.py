@@ -6,15 +6,15 @@ live in one YAML per size so the table, its derivation and the paper targets sit
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
 
+from ..provenance import config_dir
 from .configuration import KNOWN_MIXERS, ParaRNNLMConfig
 
-PRESET_DIR = Path(__file__).resolve().parent.parent / "configs" / "model" / "presets"
+PRESET_DIR = config_dir() / "model" / "presets"
 PRESET_SIZES = ("debug", "tiny", "400m", "1b", "2.9b", "7b")
 ARCH_ALIASES = {"transformer": "attention"}
 

@@ -2,12 +2,12 @@
 
 Modules (imported lazily; ``import eval`` itself pulls in nothing heavy):
 * ``eval.perplexity``     token-weighted perplexity over packed held-out streams, loss by position, plot, CLI
-                          (``python -m eval.perplexity --model DIR --data FILE``); ``evaluate_batches`` for
+                          (``python -m pararnn_lm.eval.perplexity --model DIR --data FILE``); ``evaluate_batches`` for
                           the training loop's validation.
 * ``eval.lm_eval_tasks``  the paper's lm-eval suite (configs/lm_eval/paper.yaml), live-model HFLM
                           wrapper, exported-dir ``hf`` model, batched loglikelihood helpers, CLI.
 * ``eval.synthetic``      Table-6 task generators (keep-nth, parity, MQAR, 1-hop, 2-hop) and the single-layer
-                          trainer (``python -m eval.synthetic.train --task parity --arch paragru`` / ``--grid``).
+                          trainer (``python -m pararnn_lm.eval.synthetic.train --task parity --arch paragru`` / ``--grid``).
 * ``eval.tables``         result files -> Table 5 / Table 6 markdown and plots, paper numbers beside ours.
 * ``eval.paper``          the paper's published numbers (one place, with the source).
 """

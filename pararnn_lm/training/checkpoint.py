@@ -29,6 +29,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from ..provenance import build_info
+
 logger = logging.getLogger(__name__)
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 
@@ -117,7 +119,7 @@ class CheckpointManager:
         torch_save_synced(rank_state, tmp / f"rank_{self.rank:05d}.pt")
         self.barrier()
         if self.rank == 0:
-            _atomic_write_text(tmp / "COMPLETE", json.dumps({"step": step}))
+            _atomic_write_text(tmp / "COMPLETE", json.dumps({"step": step, **build_info()}))
             if final.exists():  # re-saving the same step (e.g. a signal right after a periodic save)
                 shutil.rmtree(final)
             os.replace(tmp, final)

@@ -1,0 +1,289 @@
+"""Export a ParaRNN-LM model to a self-contained Hugging Face directory (and optionally push it).
+
+The command-line tool is ``scripts/export_hf.py``; training calls :func:`export_model` at the end of a run.
+A source (:func:`load_source`) is one of
+- an HF directory (``config.json`` + ``model.safetensors`` / ``pytorch_model.bin``), e.g. save_pretrained;
+- a training checkpoint directory (``state.pt`` with a ``model`` state dict, training/checkpoint.py), or a
+  DeepSpeed checkpoint (a directory with ``latest`` / ``global_step*`` or a ``deepspeed/`` subfolder):
+  ZeRO shards are consolidated with deepspeed's ``zero_to_fp32`` (imported only then). These need the
+  model config: ``--config`` (a config.json), or ``--arch``/``--size`` (+ ``--vocab-size``) presets.
+
+The export holds ``model.safetensors``, ``config.json`` (with ``auto_map``), ``generation_config.json``,
+tokenizer files (``--tokenizer``), a model card (README.md) and the modeling code. How the code is made
+self-contained: the modules of ``models/`` are copied flat (they only use relative imports among
+themselves, torch and transformers), with ``engine.py`` - the one module that imports the project's
+``kernels`` package - replaced by ``models/standalone_engine.py`` in which the cell classes' source
+(``kernels/cell.py``, ``kernels/cells/*/cell.py``) is inlined. The export therefore loads with
+``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`` with only torch + transformers
+installed (sequential cell recurrence, PyTorch SSD); where the project is installed it uses ``kernels``
+(Newton + parallel scans, Triton on GPU) and fla-core for Mamba2 on CUDA. After writing, the export is
+reloaded and its logits are compared with the source model's.
+"""
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..provenance import build_info
+from .configuration import ParaRNNLMConfig
+from .modeling import ParaRNNLMForCausalLM, check_tokenizer
+
+MODELS_DIR = Path(__file__).resolve().parent
+log = logging.getLogger(__name__)
+
+# models/ modules the exported code needs (presets.py needs yaml + configs/, so it stays behind).
+BUNDLED = ("configuration", "modeling", "mixers", "attention", "layers", "packing", "ssd", "cache", "loss", "registry")
+RENAMES = {"configuration": "configuration_pararnn_lm", "modeling": "modeling_pararnn_lm"}
+CELLS_BLOCK = re.compile(r"# --- CELLS BEGIN.*?# --- CELLS END ---\n", re.S)
+
+
+# ---------------------------------------------------------------------------------------------- code
+def _rewrite_imports(source: str) -> str:
+    for old, new in RENAMES.items():
+        source = re.sub(rf"^(\s*)from \.{old} import", rf"\1from .{new} import", source, flags=re.M)
+    return source
+
+
+def standalone_engine_source() -> str:
+    """``standalone_engine.py`` with the cell classes inlined from kernels/ (the single source of the math)."""
+    from pararnn_lm.kernels.cell import Cell
+    from pararnn_lm.kernels.cells import ParaGRU, ParaLSTM
+    from pararnn_lm.kernels.layers import CellLayerBase
+
+    cells = "\n\n".join(textwrap.dedent(inspect.getsource(c)) for c in (Cell, ParaGRU, ParaLSTM, CellLayerBase))
+    header = ("# --- inlined by scripts/export_hf.py from kernels/cell.py, kernels/cells/*/cell.py and "
+              "kernels/layers.py ---\n")
+    source = (MODELS_DIR / "standalone_engine.py").read_text()
+    if not CELLS_BLOCK.search(source):
+        raise RuntimeError("models/standalone_engine.py lost its CELLS BEGIN/END markers")
+    return CELLS_BLOCK.sub(lambda _: header + cells + "\n", source)
+
+
+def write_code(out: Path) -> dict[str, str]:
+    """Copy the modeling code into ``out``; returns the ``auto_map``."""
+    for name in BUNDLED:
+        src = (MODELS_DIR / f"{name}.py").read_text()
+        (out / f"{RENAMES.get(name, name)}.py").write_text(_rewrite_imports(src))
+    (out / "engine.py").write_text(standalone_engine_source())
+    return {
+        "AutoConfig": "configuration_pararnn_lm.ParaRNNLMConfig",
+        "AutoModel": "modeling_pararnn_lm.ParaRNNLMModel",
+        "AutoModelForCausalLM": "modeling_pararnn_lm.ParaRNNLMForCausalLM",
+    }
+
+
+# -------------------------------------------------------------------------------------------- loading
+def _clean_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Strip wrappers' prefixes (DDP ``module.``, torch.compile ``_orig_mod.``)."""
+    out = {}
+    for k, v in state.items():
+        for prefix in ("module.", "_orig_mod."):
+            while k.startswith(prefix):
+                k = k[len(prefix):]
+        out[k] = v
+    return out
+
+
+def _zero_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint  # lazy: optional
+
+    tag = None
+    if not (path / "latest").is_file():
+        steps = sorted(p.name for p in path.iterdir() if p.is_dir())
+        if not steps:
+            raise FileNotFoundError(f"{path} holds no DeepSpeed checkpoint tag directory")
+        tag = steps[-1]
+    return get_fp32_state_dict_from_zero_checkpoint(str(path), tag=tag)
+
+
+def _is_deepspeed_dir(path: Path) -> bool:
+    return (path / "latest").is_file() or any(path.glob("global_step*")) or any(path.glob("*/*model_states.pt"))
+
+
+def load_source(source: str | Path, config: ParaRNNLMConfig | None = None) -> ParaRNNLMForCausalLM:
+    path = Path(source)
+    if (path / "config.json").is_file() and any((path / f).is_file() for f in ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json")):
+        return ParaRNNLMForCausalLM.from_pretrained(path)
+    if config is None:
+        if (path / "config.json").is_file():
+            config = ParaRNNLMConfig.from_pretrained(path)
+        else:
+            raise ValueError(f"{path} is not an HF model directory; pass --config or --arch/--size for its model config")
+    if (path / "state.pt").is_file():
+        state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)["model"]
+    elif (path / "deepspeed").is_dir():
+        state = _zero_state_dict(path / "deepspeed")
+    elif _is_deepspeed_dir(path):
+        state = _zero_state_dict(path)
+    elif path.is_file():
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = state.get("model", state)
+    else:
+        raise ValueError(f"cannot find weights in {path} (model.safetensors, state.pt or a DeepSpeed checkpoint)")
+    model = ParaRNNLMForCausalLM(config)
+    missing, unexpected = model.load_state_dict(_clean_keys(state), strict=False)
+    missing = [k for k in missing if not (config.tie_word_embeddings and k == "lm_head.weight")]
+    if missing or unexpected:
+        raise ValueError(f"checkpoint does not match the config: missing {missing[:8]}, unexpected {unexpected[:8]}")
+    return model
+
+
+# ----------------------------------------------------------------------------------------------- card
+def model_card(model: ParaRNNLMForCausalLM, repo_id: str | None, data: str | None, tokens: float | None,
+               results: dict[str, Any] | None) -> str:
+    c = model.config
+    n = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    mixers = c.mixers
+    arch = mixers[0] if len(set(mixers)) == 1 else "hybrid (" + ", ".join(f"{m} x{mixers.count(m)}" for m in dict.fromkeys(mixers)) + ")"
+    name = {"paragru": "ParaGRU", "paralstm": "ParaLSTM", "mamba2": "Mamba2", "attention": "Transformer"}.get(arch, arch)
+    rows = "| (not evaluated yet) | |"
+    if results:
+        rows = "\n".join(f"| {k} | {v:.4g} |" if isinstance(v, (int, float)) else f"| {k} | {v} |" for k, v in results.items())
+    load_id = repo_id or "PATH_TO_THIS_DIRECTORY"
+    return f"""---
+library_name: transformers
+pipeline_tag: text-generation
+tags: [pararnn, {arch.split(' ')[0]}, recurrent, causal-lm]
+---
+# {name} language model ({n / 1e6:,.0f}M parameters)
+
+A causal language model from the ParaRNN-LM project: nonlinear RNNs (ParaGRU, ParaLSTM) trained in
+parallel over the sequence with Newton's method and parallel scans, beside Mamba2 and Transformer baselines
+(Danieli et al., "ParaRNN", arXiv:2510.21450).
+
+## Architecture
+| field | value |
+|---|---|
+| mixer | {arch} |
+| parameters | {n:,} |
+| layers | {c.num_hidden_layers} |
+| hidden size | {c.hidden_size} |
+| MLP (SwiGLU) width | {c.intermediate_size or "none"} |
+| heads | {c.mamba_num_heads if arch == "mamba2" else c.num_attention_heads} |
+| vocabulary | {c.vocab_size:,} ({"tied" if c.tie_word_embeddings else "untied"} embeddings) |
+| context used in training | {c.max_position_embeddings} |
+
+Blocks are pre-norm residual (RMSNorm) mixer + SwiGLU MLP. ParaGRU/ParaLSTM mixer: linear in-projection ->
+short causal depthwise conv -> channelwise cell with diagonal recurrence (recurrent gains bounded at
+{c.rnn_gain_bound}) -> gated RMSNorm -> out-projection. Generation keeps an O(1) recurrent state per RNN/SSM layer.
+
+## Training
+- data: {data or "not recorded"}
+- tokens: {f"{tokens / 1e9:.1f}B" if tokens else "not recorded"}
+
+## Evaluation
+| metric | value |
+|---|---|
+{rows}
+
+## Usage
+```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+model = AutoModelForCausalLM.from_pretrained("{load_id}", trust_remote_code=True)
+tok = AutoTokenizer.from_pretrained("{load_id}", trust_remote_code=False)  # a standard tokenizer class
+print(tok.decode(model.generate(**tok("The", return_tensors="pt"), max_new_tokens=20)[0]))
+```
+The bundled code needs only torch + transformers (the cell recurrence then runs sequentially); with the
+project installed it uses its parallel Newton engine (and Triton kernels on GPU).
+"""
+
+
+# ---------------------------------------------------------------------------------------------- export
+def export_model(model: ParaRNNLMForCausalLM, out: str | Path, tokenizer: Any = None, *, data: str | None = None,
+                 tokens: float | None = None, results: dict[str, Any] | None = None, repo_id: str | None = None,
+                 check: bool = True, atol: float = 1e-4) -> Path:
+    """Write the export directory; with ``check`` reload it (trust_remote_code) and compare logits."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if tokenizer is not None:
+        check_tokenizer(model.config, tokenizer)
+    model = model.float().eval() if next(model.parameters()).dtype not in (torch.float32, torch.float64) else model.eval()
+    auto_map = write_code(out)
+    model.config.auto_map = auto_map
+    model.config.pararnn_lm = build_info()  # the code that wrote the export (version, git commit)
+    try:
+        model.save_pretrained(out, safe_serialization=True)
+    finally:
+        del model.config.auto_map, model.config.pararnn_lm
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    (out / "README.md").write_text(model_card(model, repo_id, data, tokens, results))
+    if check:
+        diff = compare_logits(model, out)
+        if diff > atol:
+            raise RuntimeError(f"reloaded export differs from the source model: max |logit diff| = {diff:.3g} > {atol}")
+        log.info("export reloads with identical logits (max diff %.2g)", diff)
+    return out
+
+
+def _probe_ids(config: ParaRNNLMConfig) -> torch.Tensor:
+    return torch.randint(0, config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+
+
+@torch.no_grad()
+def compare_logits(model: ParaRNNLMForCausalLM, out: Path) -> float:
+    from transformers import AutoModelForCausalLM
+
+    ids = _probe_ids(model.config)
+    reloaded = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).to(next(model.parameters()).dtype).eval()
+    return float((reloaded(ids).logits - model(ids).logits).abs().max())
+
+
+ISOLATED_LOADER = r"""
+import json, sys
+
+class _NoProject:
+    # Simulate an environment without this project: any import of pararnn_lm fails as if it were absent
+    # (it may be pip-installed, editable or not; Hugging Face's own ``kernels`` package stays importable).
+    def find_spec(self, name, path=None, target=None):
+        if name == "pararnn_lm" or name.startswith("pararnn_lm."):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+
+sys.meta_path.insert(0, _NoProject())
+import torch
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained(%(out)r, trust_remote_code=True).eval()
+assert not [m for m in sys.modules if m.split(".")[0] == "pararnn_lm"], "the export imported pararnn_lm"
+ids = torch.tensor(json.loads(sys.argv[1]))
+with torch.no_grad():
+    logits = model(ids).logits
+    gen = model.generate(ids[:1, :4], max_new_tokens=3, do_sample=False, pad_token_id=0)
+engine = sys.modules[type(model).__module__.rsplit(".", 1)[0] + ".engine"].ENGINE
+print(json.dumps({"logits": logits.tolist(), "engine": engine, "generated": gen.tolist()}))
+"""
+
+
+def load_in_isolated_process(out: Path, ids: torch.Tensor, cwd: Path) -> dict[str, Any]:
+    """Load the export in a fresh interpreter in which ``pararnn_lm`` cannot be imported (torch and
+    transformers only), from ``cwd``; returns its logits, a short greedy generation and the engine used."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    code = ISOLATED_LOADER % {"out": str(Path(out).resolve())}
+    proc = subprocess.run([sys.executable, "-c", code, json.dumps(ids.tolist())], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)
+    if proc.returncode:
+        raise RuntimeError(f"isolated load failed:\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def push_to_hub(out: Path, repo_id: str, private: bool = False) -> None:
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    api.upload_folder(folder_path=str(out), repo_id=repo_id, commit_message="Upload ParaRNN-LM export")
+    log.info("pushed %s to https://huggingface.co/%s", out, repo_id)
+
+

@@ -1,0 +1,53 @@
+"""Where this code comes from: the package version, the git commit of a checkout, the shipped configs.
+
+Checkpoints and exports record :func:`build_info` so a result can be traced to the code that made it.
+"""
+from __future__ import annotations
+
+import functools
+import subprocess
+from importlib import metadata, resources
+from pathlib import Path
+
+try:
+    __version__ = metadata.version("pararnn-lm")
+except metadata.PackageNotFoundError:  # imported from a checkout that was never installed
+    __version__ = "0+unknown"
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def config_dir() -> Path:
+    """The Hydra config tree shipped with the package (``configs/`` of the repository)."""
+    return Path(str(resources.files("pararnn_lm") / "configs"))
+
+
+def config_file(*parts: str) -> Path:
+    """A file of the shipped config tree, e.g. ``config_file("lm_eval", "paper.yaml")``."""
+    path = config_dir().joinpath(*parts)
+    if not path.is_file():
+        raise FileNotFoundError(f"{'/'.join(parts)} is not among the configs shipped with pararnn_lm ({config_dir()})")
+    return path
+
+
+@functools.lru_cache(maxsize=1)
+def git_commit() -> str | None:
+    """The commit of the checkout the package is imported from (with ``+dirty`` for local changes);
+    None for an installed wheel or when git is unavailable."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=PACKAGE_DIR, capture_output=True, text=True, timeout=10,
+                              check=True).stdout.strip()
+    try:
+        top = Path(git("rev-parse", "--show-toplevel"))
+        if not (top / "pyproject.toml").is_file() or PACKAGE_DIR.parent != top:
+            return None  # the package sits inside some other repository (e.g. a user's project)
+        commit = git("rev-parse", "HEAD")
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit + ("+dirty" if dirty else "")
+
+
+def build_info() -> dict[str, str | None]:
+    """``{"pararnn_lm_version": ..., "git_commit": ...}``: stamped into checkpoints and exports."""
+    return {"pararnn_lm_version": __version__, "git_commit": git_commit()}

@@ -1,0 +1,233 @@
+"""Pretrain a language model: ``python train.py [group=option ...] [key=value ...]``.
+
+    python train.py                                   # tiny ParaGRU on the bundled corpus (CPU ok)
+    python train.py model=paralstm size=400m data=slimpajama deepspeed=zero3
+    python train.py experiment=paper_400m_paragru
+    torchrun --nproc-per-node 8 train.py ...          # also: the deepspeed launcher and srun (slurm/)
+
+``python -m pararnn_lm.train`` and the ``pararnn-train`` command are the same entry point for an
+installed package (the Hydra configs ship inside it). This file is the training loop; the pieces it
+composes live in ``pararnn_lm.training`` (typed configs, backends, checkpoints, metrics),
+``pararnn_lm.models`` and ``pararnn_lm.data``.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from pararnn_lm.provenance import config_dir
+from pararnn_lm.training.config import TrainConfig, register_configs, reject_unknown_keys, validate
+
+logger = logging.getLogger("train")
+register_configs()
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Run or resume training. Returns a summary (losses, steps, tokens, paths, exit code)."""
+    from pararnn_lm.training import factory
+    from pararnn_lm.training.backends import BACKENDS
+    from pararnn_lm.training.checkpoint import CheckpointManager, capture_rng_state, restore_rng_state
+    from pararnn_lm.training.distributed import all_reduce_max, all_reduce_mean, init_distributed
+    from pararnn_lm.training.metrics import MetricsLogger, StepTimer, flops_per_token, peak_flops
+    from pararnn_lm.training.optim import build_scheduler, parameter_groups
+    from pararnn_lm.training.progress import Progress
+    from pararnn_lm.training.signals import REQUEUE_EXIT_CODE, PreemptionFlag
+
+    info = init_distributed(cfg.train.device, process_group=cfg.deepspeed.enabled)
+    factory.setup_logging(info.rank)
+    run_dir = Path(cfg.run_dir).resolve()
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(OmegaConf.structured(cfg), run_dir / "config.yaml")
+    preempted = PreemptionFlag(sentinel=run_dir / "PREEMPT")
+    if info.is_main:
+        preempted.clear_sentinel()
+    info.barrier()
+    torch.manual_seed(cfg.train.seed)  # same initial weights on every rank
+
+    # --- data, model, optimiser ---------------------------------------------------------------
+    data = factory.build_data(cfg, info)
+    model = factory.build_model(cfg, vocab_size=data.vocab_size).to(info.device)
+    if cfg.train.activation_checkpointing:
+        factory.checkpoint_activations(model)
+    if cfg.train.compile:
+        factory.compile_blocks(model, zero3=cfg.deepspeed.zero3)
+    grad_accum = factory.grad_accum_steps(cfg, info.world_size)
+    optimizer = torch.optim.AdamW(
+        parameter_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
+        betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps,
+        fused=not cfg.deepspeed.enabled,  # lets TorchBackend skip a non-finite step on the device
+    )
+    warmup = int(cfg.optim.warmup_fraction * cfg.train.steps)
+    scheduler = build_scheduler(optimizer, cfg.train.steps, warmup, cfg.optim.min_lr_ratio)
+    backend = BACKENDS[cfg.deepspeed.enabled](model, optimizer, scheduler, cfg, info, grad_accum)
+    checkpoints = CheckpointManager(run_dir / "checkpoints", cfg.checkpoint.keep_last, info.rank, info.barrier)
+
+    # --- resume ---------------------------------------------------------------------------------
+    step, tokens, wandb_id, nonfinite_steps = 0, 0, None, []
+    resume_from = factory.resume_path(cfg, checkpoints)
+    if resume_from is not None:
+        meta = backend.load(resume_from)
+        rank_state = checkpoints.load_rank_state(resume_from)
+        data.train.load_state_dict(rank_state["data"])
+        restore_rng_state(rank_state["rng"])
+        step, tokens, wandb_id = meta["step"], meta["tokens"], meta.get("wandb_id")
+        nonfinite_steps = meta.get("nonfinite_steps", [])
+        logger.info("resumed from %s at step %d (%d tokens)", resume_from, step, tokens)
+
+    metrics = MetricsLogger(run_dir, enabled=info.is_main, resume_step=step if resume_from else None)
+    wandb_id = metrics.start_wandb(
+        cfg.logging.wandb_mode, cfg.logging.wandb_project, cfg.run_name, wandb_id,
+        OmegaConf.to_container(OmegaConf.structured(cfg)), run_dir,
+    )
+    tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_len
+    flops_token = flops_per_token(*factory.flops_terms(model), cfg.data.seq_len)
+    peak = peak_flops(torch.cuda.get_device_name(info.device) if info.device.type == "cuda" else None)
+
+    def evaluate() -> dict[str, float]:
+        loss = factory.validation_loss(backend.module, data.validation, cfg, info)
+        return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
+
+    # --- the loop -------------------------------------------------------------------------------
+    # A step reads nothing back from the device: a read waits for the queued work, and the host then
+    # has to rebuild its lead. Loss, grad norm and whether the update was applied stay on the device
+    # in `pending` until a log step, a checkpoint or the end reads them all at once.
+    train_iter = iter(data.train)
+    progress = Progress(cfg.train.steps, initial=step, enabled=info.is_main and cfg.logging.progress_bar)
+    timer = StepTimer(info.device)
+    losses: list[float] = []
+    pending: list[tuple[int, Any, Any, Any]] = []  # (step, loss, grad norm, applied): tensors or numbers
+    started, exit_code = time.perf_counter(), 0
+
+    def report_nonfinite(at: int) -> None:
+        nonfinite_steps.append(at)
+        logger.warning("step %d: non-finite loss or gradient (%s)", at, cfg.train.on_nonfinite)
+
+    def read_pending() -> dict[int, tuple[float, float, bool]]:
+        """{step: (loss, grad norm, skipped)} of the steps not read yet: one device-to-host transfer,
+        and one all-reduce of their losses over the ranks."""
+        if not pending:
+            return {}
+        steps_read, *columns = zip(*pending)
+        pending.clear()
+        loss, norm, applied = (torch.stack([torch.as_tensor(v, dtype=torch.float32, device=info.device) for v in c])
+                               for c in columns)
+        rows = torch.stack([all_reduce_mean(loss, info), norm, applied]).T.tolist()
+        out = {}
+        for at, (loss_at, norm_at, applied_at) in zip(steps_read, rows):
+            losses.append(loss_at)
+            if not applied_at:
+                report_nonfinite(at)
+            out[at] = (loss_at, norm_at, not applied_at)
+        return out
+
+    def save() -> Path:
+        read_pending()  # the checkpoint's list of non-finite steps is complete
+        meta = {"step": step, "tokens": tokens, "wandb_id": wandb_id, "nonfinite_steps": nonfinite_steps}
+        rank_state = {"data": data.train.state_dict(), "rng": capture_rng_state()}
+        return backend.save(checkpoints, step, rank_state, meta)
+
+    def stop_reason() -> str | None:
+        """Preemption or the time limit. Every rank must stop at the same step, so with several ranks
+        the flags go through an all-reduce that is read on the host: one sync per step there."""
+        out_of_time = cfg.train.max_time_minutes is not None and time.perf_counter() - started > 60 * cfg.train.max_time_minutes
+        flags = [bool(preempted), out_of_time]
+        if info.world_size > 1:
+            flags = [bool(f) for f in all_reduce_max(torch.tensor(flags, dtype=torch.float32, device=info.device), info).tolist()]
+        return "preempted" if flags[0] else "time limit" if flags[1] else None
+
+    while step < cfg.train.steps:
+        step_losses = []
+        for _ in range(grad_accum):
+            batch = factory.to_device(next(train_iter), info.device)
+            loss, _ = backend.forward_backward(batch, poison=factory.poison_loss(step + 1))
+            step_losses.append(torch.as_tensor(loss).float())
+        grad_norm, applied = backend.step()  # skips the update if a loss or the grad norm is not finite
+        step += 1
+        tokens += tokens_per_step
+        timer.step()
+        if cfg.train.on_nonfinite == "stop" and not bool(applied):  # "stop" reads the flag every step
+            read_pending()
+            report_nonfinite(step)
+            save()
+            raise FloatingPointError(f"non-finite loss/gradient at step {step}; checkpoint saved, see metrics.jsonl")
+        pending.append((step, torch.stack(step_losses).mean(), grad_norm, applied))
+        progress.update(step)
+        factory.inject_fault(step)  # tests only: PARARNN_TEST_FAULT=sigkill@N / sigterm@N
+        if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+            step_time = timer.read()  # waits for the device: the one sync of a log interval
+            loss, grad_norm, skipped = read_pending()[step]
+            tok_s = tokens_per_step / step_time
+            metrics.log(step, {
+                "loss": loss, "lr": backend.lr(), "grad_norm": grad_norm, "tokens": tokens, "tokens_per_s": tok_s,
+                "step_time_s": step_time, "mfu": tok_s * flops_token / (peak * info.world_size) if peak else None,
+                "skipped": skipped, **factory.memory_stats(info), **factory.newton_stats(backend.module),
+            })
+            progress.show(loss, tok_s)
+        if cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.train.steps:
+            with timer.paused():
+                metrics.log(step, evaluate())
+        stop = stop_reason()
+        if stop or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
+            with timer.paused():
+                save()
+        if stop:
+            logger.warning("stopping at step %d (%s); resume with resume=auto", step, stop)
+            exit_code = REQUEUE_EXIT_CODE if stop == "preempted" else 0
+            break
+    read_pending()
+    progress.close()
+
+    summary = {"step": step, "tokens": tokens, "losses": losses, "run_dir": str(run_dir), "exit_code": exit_code}
+    if step >= cfg.train.steps:
+        if not (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
+            save()
+        if cfg.eval.at_end:
+            final = evaluate()
+            metrics.log(step, final)
+            summary.update(final)
+            if info.is_main:
+                logger.info("validation loss %.4f, perplexity %.2f", final["val_loss"], final["val_ppl"])
+        if cfg.export.at_end:
+            summary["export_dir"] = factory.export(backend, data, cfg, run_dir, info, tokens)
+    metrics.close()
+    info.barrier()
+    return summary
+
+
+@hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="train")
+def main(dict_cfg: DictConfig) -> None:
+    reject_unknown_keys(dict_cfg)
+    cfg: TrainConfig = OmegaConf.to_object(dict_cfg)
+    validate(cfg)
+    summary = train(cfg)
+    if summary["exit_code"]:
+        sys.exit(summary["exit_code"])
+
+
+def _accept_deepspeed_launcher_args() -> None:
+    """The ``deepspeed`` launcher appends ``--local_rank=N``; Hydra takes only overrides, so move it
+    to the environment (where torchrun and srun put it too)."""
+    for arg in list(sys.argv[1:]):
+        if arg.startswith("--local_rank="):
+            os.environ.setdefault("LOCAL_RANK", arg.split("=", 1)[1])
+            sys.argv.remove(arg)
+
+
+def cli() -> None:
+    """Console entry point (``pararnn-train``, ``python -m pararnn_lm.train``, the repository's ``train.py``)."""
+    _accept_deepspeed_launcher_args()
+    main()
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,1 +1,0 @@
-"""Command-line tools (export, benchmarks, data preparation); importable for their library functions."""
