@@ -25,8 +25,8 @@ _EXPORTS = {
     "concat_documents": "packing", "window_position_ids": "packing", "SequenceOrder": "packing", "IGNORE_INDEX": "packing",
     "PackedLoader": "loader",
     "prepare_shards": "prepare", "TokenShards": "prepare", "ShardError": "prepare", "token_dtype": "prepare",
-    "build_datasets": "build", "build_tokenizer": "build", "prepare_dataset": "build", "DataBundle": "build",
-    "StreamingPackedLoader": "streaming",
+    "build_datasets": "build", "prepare_dataset": "build", "build_tokenizer": "bundle", "DataBundle": "bundle",
+    "StreamingPackedLoader": "streaming", "build_streaming": "streaming",
 }
 
 __all__ = sorted(_EXPORTS)

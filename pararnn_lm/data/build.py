@@ -12,45 +12,19 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, NamedTuple, Optional
+from typing import Optional
 
 from ._cache import cache_root, file_lock
+from .bundle import DataBundle, build_tokenizer
 from .config import DataConfig, validate_data_config
 from .loader import PackedLoader
 from .packing import PackedDataset
 from .prepare import FORMAT, INDEX_FILE, TokenShards, prepare_shards
 from .sources import TextSource, build_sources
-from .tokenizer import get_or_train_tokenizer, load_tokenizer, tokenizer_fingerprint
+from .streaming import build_streaming
+from .tokenizer import tokenizer_fingerprint
 
 logger = logging.getLogger(__name__)
-
-
-class DataBundle(NamedTuple):
-    """What the trainer needs: ``train`` (endless, resumable), ``validation`` (finite), ``tokenizer``."""
-
-    train: Any
-    validation: Any
-    tokenizer: Any
-
-    @property
-    def vocab_size(self) -> int:
-        return len(self.tokenizer)
-
-    @property
-    def eos_token_id(self) -> int:
-        return self.tokenizer.eos_token_id
-
-
-def build_tokenizer(cfg: DataConfig, train_source: Optional[TextSource] = None):
-    """``data.tokenizer`` if set, else the cached BPE trained on the training text (trained on first use)."""
-    if cfg.tokenizer:
-        return load_tokenizer(cfg.tokenizer)
-    if cfg.prepared_dir and (Path(os.path.expanduser(cfg.prepared_dir)) / "tokenizer").is_dir():
-        return load_tokenizer(str(Path(os.path.expanduser(cfg.prepared_dir)) / "tokenizer"))
-    if train_source is None:
-        train_source, _ = build_sources(cfg)
-    return get_or_train_tokenizer(train_source, cfg.vocab_size, cfg.cache_dir, min_frequency=cfg.tokenizer_min_frequency,
-                                  max_chars=cfg.tokenizer_train_max_chars)
 
 
 def prepared_split(cfg: DataConfig, source: TextSource, tokenizer, split: str, *, progress: bool = True) -> TokenShards:
@@ -98,8 +72,6 @@ def build_datasets(cfg: DataConfig, rank: int = 0, world_size: int = 1, batch_si
     validate_data_config(cfg)
     progress = (rank == 0) if progress is None else progress
     if cfg.streaming:
-        from .streaming import build_streaming
-
         return build_streaming(cfg, rank, world_size, batch_size, eval_batch_size or batch_size)
     if cfg.prepared_dir:
         base = Path(os.path.expanduser(cfg.prepared_dir))

@@ -1,5 +1,5 @@
 """Streaming: tokenize and pack on the fly (corpora too large to prepare, e.g. SlimPajama with
-``data.streaming=true``). Same batches and cursor contract as :class:`~data.loader.PackedLoader`.
+``data.streaming=true``). Same batches and cursor contract as :class:`~pararnn_lm.data.loader.PackedLoader`.
 
 Rank ``r`` of ``W`` takes documents ``i`` with ``i % W == r`` (i = position in the source, per epoch),
 packs them into its own token stream and cuts ``(B, T)`` batches from it. Tokenization runs in the main
@@ -19,7 +19,9 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
+from .bundle import DataBundle, build_tokenizer
 from .packing import window_position_ids
+from .sources import build_sources
 from .tokenize import tokenize_documents
 
 logger = logging.getLogger(__name__)
@@ -108,9 +110,6 @@ class StreamingPackedLoader:
 
 
 def build_streaming(cfg, rank: int, world_size: int, batch_size: int, eval_batch_size: int):
-    from .build import DataBundle, build_tokenizer
-    from .sources import build_sources
-
     train_source, validation_source = build_sources(cfg)
     tokenizer = build_tokenizer(cfg, train_source)
     if cfg.num_workers:
