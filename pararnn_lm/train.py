@@ -7,8 +7,8 @@
 
 ``python -m pararnn_lm.train`` and the ``pararnn-train`` command are the same entry point for an
 installed package (the Hydra configs ship inside it). This file is the training loop; the pieces it
-composes live in ``pararnn_lm.training`` (typed configs, backends, checkpoints, metrics),
-``pararnn_lm.models`` and ``pararnn_lm.data``.
+composes live in ``pararnn_lm.training`` (one module per concern: build, backends, checkpoint, metrics,
+evaluation, export, ...), ``pararnn_lm.models`` and ``pararnn_lm.data``.
 """
 from __future__ import annotations
 
@@ -25,7 +25,20 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from pararnn_lm.provenance import config_dir
+from pararnn_lm.training.backends import BACKENDS
+from pararnn_lm.training.build import build_data, build_model, checkpoint_activations, compile_blocks, grad_accum_steps
+from pararnn_lm.training.checkpoint import CheckpointManager, capture_rng_state, resume_path, restore_rng_state
 from pararnn_lm.training.config import TrainConfig, register_configs, reject_unknown_keys, validate
+from pararnn_lm.training.distributed import (
+    all_reduce_max, all_reduce_mean, init_distributed, setup_rank_logging, to_device)
+from pararnn_lm.training.evaluation import validation_loss
+from pararnn_lm.training.export import export_trained_model
+from pararnn_lm.training.faults import inject_fault, poison_loss
+from pararnn_lm.training.metrics import (
+    MetricsLogger, StepTimer, flops_per_token, flops_terms, memory_stats, newton_stats, peak_flops)
+from pararnn_lm.training.optim import build_scheduler, parameter_groups
+from pararnn_lm.training.progress import Progress
+from pararnn_lm.training.signals import REQUEUE_EXIT_CODE, PreemptionFlag
 
 logger = logging.getLogger("train")
 register_configs()
@@ -33,17 +46,8 @@ register_configs()
 
 def train(cfg: TrainConfig) -> dict:
     """Run or resume training. Returns a summary (losses, steps, tokens, paths, exit code)."""
-    from pararnn_lm.training import factory
-    from pararnn_lm.training.backends import BACKENDS
-    from pararnn_lm.training.checkpoint import CheckpointManager, capture_rng_state, restore_rng_state
-    from pararnn_lm.training.distributed import all_reduce_max, all_reduce_mean, init_distributed
-    from pararnn_lm.training.metrics import MetricsLogger, StepTimer, flops_per_token, peak_flops
-    from pararnn_lm.training.optim import build_scheduler, parameter_groups
-    from pararnn_lm.training.progress import Progress
-    from pararnn_lm.training.signals import REQUEUE_EXIT_CODE, PreemptionFlag
-
     info = init_distributed(cfg.train.device, process_group=cfg.deepspeed.enabled)
-    factory.setup_logging(info.rank)
+    setup_rank_logging(info.rank)
     run_dir = Path(cfg.run_dir).resolve()
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -55,13 +59,13 @@ def train(cfg: TrainConfig) -> dict:
     torch.manual_seed(cfg.train.seed)  # same initial weights on every rank
 
     # --- data, model, optimiser ---------------------------------------------------------------
-    data = factory.build_data(cfg, info)
-    model = factory.build_model(cfg, vocab_size=data.vocab_size).to(info.device)
+    data = build_data(cfg, info)
+    model = build_model(cfg, vocab_size=data.vocab_size).to(info.device)
     if cfg.train.activation_checkpointing:
-        factory.checkpoint_activations(model)
+        checkpoint_activations(model)
     if cfg.train.compile:
-        factory.compile_blocks(model, zero3=cfg.deepspeed.zero3)
-    grad_accum = factory.grad_accum_steps(cfg, info.world_size)
+        compile_blocks(model, zero3=cfg.deepspeed.zero3)
+    grad_accum = grad_accum_steps(cfg, info.world_size)
     optimizer = torch.optim.AdamW(
         parameter_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
         betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps,
@@ -74,7 +78,7 @@ def train(cfg: TrainConfig) -> dict:
 
     # --- resume ---------------------------------------------------------------------------------
     step, tokens, wandb_id, nonfinite_steps = 0, 0, None, []
-    resume_from = factory.resume_path(cfg, checkpoints)
+    resume_from = resume_path(cfg, checkpoints)
     if resume_from is not None:
         meta = backend.load(resume_from)
         rank_state = checkpoints.load_rank_state(resume_from)
@@ -90,11 +94,11 @@ def train(cfg: TrainConfig) -> dict:
         OmegaConf.to_container(OmegaConf.structured(cfg)), run_dir,
     )
     tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_len
-    flops_token = flops_per_token(*factory.flops_terms(model), cfg.data.seq_len)
+    flops_token = flops_per_token(*flops_terms(model), cfg.data.seq_len)
     peak = peak_flops(torch.cuda.get_device_name(info.device) if info.device.type == "cuda" else None)
 
     def evaluate() -> dict[str, float]:
-        loss = factory.validation_loss(backend.module, data.validation, cfg, info)
+        loss = validation_loss(backend.module, data.validation, cfg, info)
         return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
 
     # --- the loop -------------------------------------------------------------------------------
@@ -148,8 +152,8 @@ def train(cfg: TrainConfig) -> dict:
     while step < cfg.train.steps:
         step_losses = []
         for _ in range(grad_accum):
-            batch = factory.to_device(next(train_iter), info.device)
-            loss, _ = backend.forward_backward(batch, poison=factory.poison_loss(step + 1))
+            batch = to_device(next(train_iter), info.device)
+            loss, _ = backend.forward_backward(batch, poison=poison_loss(step + 1))
             step_losses.append(torch.as_tensor(loss).float())
         grad_norm, applied = backend.step()  # skips the update if a loss or the grad norm is not finite
         step += 1
@@ -162,7 +166,7 @@ def train(cfg: TrainConfig) -> dict:
             raise FloatingPointError(f"non-finite loss/gradient at step {step}; checkpoint saved, see metrics.jsonl")
         pending.append((step, torch.stack(step_losses).mean(), grad_norm, applied))
         progress.update(step)
-        factory.inject_fault(step)  # tests only: PARARNN_TEST_FAULT=sigkill@N / sigterm@N
+        inject_fault(step)  # tests only: PARARNN_TEST_FAULT=sigkill@N / sigterm@N
         if step % cfg.train.log_every == 0 or step == cfg.train.steps:
             step_time = timer.read()  # waits for the device: the one sync of a log interval
             loss, grad_norm, skipped = read_pending()[step]
@@ -170,7 +174,7 @@ def train(cfg: TrainConfig) -> dict:
             metrics.log(step, {
                 "loss": loss, "lr": backend.lr(), "grad_norm": grad_norm, "tokens": tokens, "tokens_per_s": tok_s,
                 "step_time_s": step_time, "mfu": tok_s * flops_token / (peak * info.world_size) if peak else None,
-                "skipped": skipped, **factory.memory_stats(info), **factory.newton_stats(backend.module),
+                "skipped": skipped, **memory_stats(info), **newton_stats(backend.module),
             })
             progress.show(loss, tok_s)
         if cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.train.steps:
@@ -198,7 +202,7 @@ def train(cfg: TrainConfig) -> dict:
             if info.is_main:
                 logger.info("validation loss %.4f, perplexity %.2f", final["val_loss"], final["val_ppl"])
         if cfg.export.at_end:
-            summary["export_dir"] = factory.export(backend, data, cfg, run_dir, info, tokens)
+            summary["export_dir"] = export_trained_model(backend, data, cfg, run_dir, info, tokens)
     metrics.close()
     info.barrier()
     return summary

@@ -1,4 +1,4 @@
-"""Model-level measurements of issue 4 ("Measure and report"): layers, 400M training, 1B decoding.
+"""Model-level measurements: mixer layers and 1B decoding (training throughput: scripts/bench_train.py).
 
     python scripts/bench_models.py --out $OUT/bench_models.json     # H100: about 5-6 minutes
     python scripts/bench_models.py --smoke --out /tmp/bench.json     # CPU, tiny sizes (tests)
@@ -11,13 +11,6 @@ Sections (JSON keys), each saved as soon as it is measured:
             numbers are printed beside it either way); with --compile each also under torch.compile
             (``NAME_compiled``; --layers picks rows). Loss-free backward: y.backward(randn_like(y)).
             CUDA events, warm-up, median of --reps.
-  training  the 400m preset of each architecture at T=2048: bf16 autocast, fp32 master weights, torch
-            AdamW(fused=True); forward+backward+optimizer step; the largest micro-batch that fits,
-            searched upwards over 1, 2, 4, 8, 16, 24, 32, 48, ... to --max-micro-batch (OOM caught, time cap per
-            architecture from its first measured micro-batch on); tokens/s (steps back to back), peak memory, MFU = (6 N_non_embedding + 12 L_attn d T) * tokens/s /
-            989 TFLOP/s (N_non_embedding = all parameters but the input embedding: the untied LM head is a
-            matmul and is counted; attention term: PaLM's convention, no causal discount; the RNN/SSM
-            recurrences are not counted).
   decode    batch-1 greedy decoding of the 1b preset in bf16 weights: prefill --prompt-len tokens, then
             --new-tokens tokens. ``generate``: plain model.generate (decode rate = (n-1) / (total - prefill));
             ``static_graph``: models.StaticDecoder, static buffers + one CUDA graph per token;
@@ -50,7 +43,6 @@ LAYERS = tuple(f"{n}{c}" for n in ("paragru", "paralstm", "mamba2", "mamba2_ref"
 # Reference Mamba2 layer (mamba_ssm 2.3.2, bf16, H100): fwd / fwd+bwd ms, peer-benchmarks.md.
 PEER_MAMBA2 = {(8, 2048, 1024): (2.50, 12.56), (16, 2048, 2048): (7.00, 27.67), (2, 16384, 1024): (3.21, 14.67)}
 ARCHS = ["paragru", "paralstm", "mamba2", "attention"]
-PEAK_FLOPS = 989e12  # H100 SXM dense bf16
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -84,17 +76,6 @@ class Clock:
         times = sorted(self.once(fn) for _ in range(reps))
         return times[len(times) // 2]
 
-    def back_to_back(self, fn, reps: int) -> float:
-        """ms per call of ``reps`` calls issued back to back and timed as one (a single sync at the end), as
-        a training loop runs: the host queues the next step while the GPU works; a per-call sync drains that
-        lead."""
-
-        def calls():
-            for _ in range(reps):
-                fn()
-
-        return self.once(calls) / reps
-
 
 def wall(fn, device) -> tuple[float, object]:
     """Seconds of one call, synchronised on both ends, and its result."""
@@ -113,17 +94,13 @@ def free_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def is_oom(err: BaseException) -> bool:
-    return isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in str(err).lower()
-
-
 class Run:
     def __init__(self, args) -> None:
         self.args = args
         self.t0 = time.time()
         self.device = torch.device(args.device)
         self.clock = Clock(self.device)
-        self.result = {"meta": self.meta(), "layers": [], "training": [], "decode": [], "skipped": [], "notes": []}
+        self.result = {"meta": self.meta(), "layers": [], "decode": [], "skipped": [], "notes": []}
 
     def meta(self) -> dict:
         a, dev = self.args, torch.device(self.args.device)
@@ -271,123 +248,6 @@ def bench_layers(run: Run) -> None:
                 r["fwdbwd_vs_mamba2_ref_compiled"] = r["fwdbwd_ms"] / ref_compiled
 
 
-# ----------------------------------------------------------------------------- (b) training
-def flops_per_token(model, cfg, T: int) -> tuple[float, int, int]:
-    n_total = sum(p.numel() for p in model.parameters())
-    n_embed = model.model.embed_tokens.weight.numel()
-    n_ne = n_total - n_embed
-    n_attn = sum(1 for m in cfg.mixers if m == "attention")
-    attn = 12 * n_attn * cfg.num_attention_heads * cfg.head_dim * T
-    return 6 * n_ne + attn, n_total, n_ne
-
-
-def try_train(model, opt, mb, T, V, steps, warmup, clock, dev, autocast_dtype):
-    """Per-step ms of ``steps`` back-to-back steps (what training sees), the median of ``steps``
-    synchronised steps, and peak bytes at micro-batch ``mb``; raises on OOM."""
-    ids = torch.randint(0, V, (mb, T), device=dev)
-
-    def step():
-        with torch.autocast(dev.type, dtype=autocast_dtype):
-            loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    ms_synced = clock.median(step, steps, warmup)
-    ms = clock.back_to_back(step, steps)
-    peak = torch.cuda.max_memory_allocated() if dev.type == "cuda" else None
-    return ms, ms_synced, peak
-
-
-def micro_batch_grid(most: int) -> list[int]:
-    """1, 2, 4, 8, then steps of 1.5x (16, 24, 32, 48, 64, 96, ...) up to ``most``: "the largest micro-batch
-    that fits" without the factor-2 cliff of a powers-of-two search (a 400M ParaGRU fits 24 x 2048 tokens
-    on an 80 GB H100 but not 32)."""
-    grid, mb = [], 1
-    while mb <= most:
-        grid.append(mb)
-        if mb < 16:
-            mb *= 2
-        else:  # 16 -> 24 -> 32 -> 48 -> 64 ...: a power of two x 1.5, then up to the next power of two
-            mb = mb * 3 // 2 if mb & (mb - 1) == 0 else mb * 4 // 3
-    return grid
-
-
-def bench_training(run: Run) -> None:
-    a, dev = run.args, run.device
-    for arch in a.train_archs:
-        if run.over_budget(f"training {arch}"):
-            return
-        t_arch = time.time()
-        row = {"arch": arch, "size": a.train_size, "T": a.seq_len, "attempts": []}
-        try:
-            cfg = config_for(arch, a.train_size, rnn_mode="auto", fused_cross_entropy=a.fused_ce)
-            torch.manual_seed(0)
-            with torch.device(dev):
-                model = ParaRNNLMForCausalLM(cfg)
-            model.train()
-            if a.compile:
-                from pararnn_lm.training.factory import compile_blocks
-                # Every architecture's blocks share one forward code object: without a reset the
-                # architectures measured later inherit the earlier ones' cache entries and can hit
-                # dynamo's recompile limit, silently running eagerly.
-                torch._dynamo.reset()
-                if hasattr(torch._dynamo.config, "fail_on_recompile_limit_hit"):  # never time a silent eager fallback
-                    torch._dynamo.config.fail_on_recompile_limit_hit = True
-                compile_blocks(model)
-                row["compiled"] = True
-            fpt, n_total, n_ne = flops_per_token(model, cfg, a.seq_len)
-            row.update(params=n_total, non_embedding_params=n_ne, flops_per_token=fpt,
-                       fused_cross_entropy=a.fused_ce)
-            opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=dev.type == "cuda")
-            # Upwards from 1 until the first OOM (an OOM can leave the allocator fragmented, so
-            # nothing is measured after one).
-            best = None
-            t_search = None  # the cap starts after the first attempt, which pays compilation and autotuning
-            for mb in micro_batch_grid(a.max_micro_batch):
-                if t_search is not None and time.time() - t_search > a.train_cap:
-                    row["attempts"].append({"micro_batch": mb, "skipped": "per-architecture time cap"})
-                    break
-                oom = False
-                try:
-                    ms, ms_synced, peak = try_train(model, opt, mb, a.seq_len, cfg.vocab_size, a.train_steps,
-                                                    a.train_warmup, run.clock, dev, torch.bfloat16)
-                except Exception as err:
-                    if not is_oom(err):
-                        raise
-                    oom = True
-                if oom:  # outside the except block, so the traceback (and its activations) is gone
-                    row["attempts"].append({"micro_batch": mb, "oom": True})
-                    print(f"[train] {arch} micro-batch {mb}: OOM", flush=True)
-                    break
-                if t_search is None:
-                    t_search = time.time()
-                    row["first_attempt_s"] = t_search - t_arch
-                tok_s = mb * a.seq_len / (ms / 1e3)
-                row["attempts"].append({"micro_batch": mb, "step_ms": ms, "step_ms_synced": ms_synced,
-                                        "tokens_per_s": tok_s})
-                if best is None or tok_s > best["tokens_per_s"]:
-                    best = dict(micro_batch=mb, step_ms=ms, step_ms_synced=ms_synced, tokens_per_s=tok_s,
-                                peak_GiB=None if peak is None else peak / 2**30, mfu=fpt * tok_s / PEAK_FLOPS)
-            if best:
-                row.update(best)
-            model = opt = None
-        except Exception as err:
-            row["error"] = f"{type(err).__name__}: {err}"[:500]
-            print(f"[error] training {arch}: {row['error']}", flush=True)
-        free_memory()
-        row["search_s"] = time.time() - t_arch
-        run.result["training"].append(row)
-        print(f"[train] {row}", flush=True)
-        run.save()
-    rows = {r["arch"]: r for r in run.result["training"] if r.get("tokens_per_s")}
-    if "attention" in rows:
-        for r in rows.values():
-            r["tokens_per_s_vs_attention"] = r["tokens_per_s"] / rows["attention"]["tokens_per_s"]
-
-
 # ----------------------------------------------------------------------------- (c) decode
 def build_decode_model(a, arch, dev):
     cfg = config_for(arch, a.decode_size, rnn_mode="auto")
@@ -493,14 +353,6 @@ def print_tables(res: dict) -> None:
                           fmt(r.get("fwdbwd_ms")), fmt(r.get("peer_fwdbwd_ms")), fmt(r.get("fwdbwd_vs_mamba2_ref")),
                           fmt(r.get("fwdbwd_vs_mamba2_ref_compiled")), (r.get("ref_source") or "") + (" skipped" if r.get("skipped") else "")
                           + (" ERROR " + r["error"][:60] if r.get("error") else "")]))
-    print("\n== training: bf16 autocast + fused AdamW ==")
-    print("arch | size | T | micro-batch | step ms (back to back) | step ms (synced) | tokens/s | vs attention | peak GiB | MFU | note")
-    for r in res["training"]:
-        print(" | ".join([r["arch"], r["size"], str(r["T"]), fmt(r.get("micro_batch")), fmt(r.get("step_ms")),
-                          fmt(r.get("step_ms_synced")),
-                          fmt(r.get("tokens_per_s"), ".0f") if r.get("tokens_per_s") else "-",
-                          fmt(r.get("tokens_per_s_vs_attention")), fmt(r.get("peak_GiB")), fmt(r.get("mfu")),
-                          ("ERROR " + r["error"][:60]) if r.get("error") else ""]))
     print("\n== decode: batch 1, greedy ==")
     print("arch | size | variant | decode tok/s | ms/token | end-to-end tok/s | prefill s | setup s | same tokens as generate")
     for r in res["decode"]:
@@ -523,7 +375,7 @@ def parse_args(argv=None):
                                                   "bench_models.json"))
     ap.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU (debug preset), few reps")
     ap.add_argument("--device", default=None)
-    ap.add_argument("--sections", default="layers,training,decode")
+    ap.add_argument("--sections", default="layers,decode")
     ap.add_argument("--layers", default=",".join(LAYERS),
                     help="layers of the layer section; NAME_compiled rows run with --compile only")
     ap.add_argument("--reps", type=int, default=20)
@@ -532,18 +384,7 @@ def parse_args(argv=None):
     ap.add_argument("--mamba-d-state", type=int, default=128)
     ap.add_argument("--mamba-headdim", type=int, default=64)
     ap.add_argument("--mamba-chunk", type=int, default=64)
-    ap.add_argument("--train-archs", default=",".join(ARCHS))
-    ap.add_argument("--compile", action="store_true", help="torch.compile every decoder block (train.compile)")
-    ap.add_argument("--train-size", default="400m")
-    ap.add_argument("--seq-len", type=int, default=2048)
-    ap.add_argument("--max-micro-batch", type=int, default=48)
-    ap.add_argument("--train-steps", type=int, default=5, help="timed optimizer steps: back to back (tokens/s) and synchronised each (median)")
-    ap.add_argument("--train-warmup", type=int, default=2)
-    ap.add_argument("--train-cap", type=float, default=60.0,
-                    help="seconds of batch search per architecture after its first micro-batch (which pays "
-                         "torch.compile and kernel autotuning: mamba_ssm's SSD takes ~90 s on an H100)")
-    ap.add_argument("--no-fused-ce", dest="fused_ce", action="store_false",
-                    help="materialise the full logits (default: chunked fused cross-entropy)")
+    ap.add_argument("--compile", action="store_true", help="also each layer under torch.compile (NAME_compiled rows)")
     ap.add_argument("--decode-archs", default=",".join(ARCHS))
     ap.add_argument("--decode-size", default="1b")
     ap.add_argument("--decode-fp32", action="store_true", help="decode with fp32 weights (default bf16)")
@@ -558,8 +399,6 @@ def parse_args(argv=None):
         a.reps, a.warmup = min(a.reps, 3), 1
         a.layer_shapes = [(2, 32, 64)]
         a.rnn_heads, a.mamba_d_state, a.mamba_headdim, a.mamba_chunk = 2, 16, 16, 8
-        a.train_size, a.seq_len, a.max_micro_batch = "debug", 32, 4
-        a.train_steps, a.train_warmup = 2, 1
         a.decode_size, a.prompt_len, a.new_tokens = "debug", 8, 8
     else:
         a.device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -571,7 +410,6 @@ def parse_args(argv=None):
         ap.error(f"unknown --layers {unknown}; choose from {','.join(LAYERS)}")
     # each compiled layer follows its eager row; without --compile only the eager ones run
     a.layer_names = [n for n in a.layer_names if a.compile or not n.endswith("_compiled")]
-    a.train_archs = [s for s in a.train_archs.split(",") if s]
     a.decode_archs = [s for s in a.decode_archs.split(",") if s]
     a.decode_compile = [s for s in a.decode_compile.split(",") if s]
     return a
@@ -584,7 +422,7 @@ def main(argv=None):
     if run.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    for section, fn in (("layers", bench_layers), ("training", bench_training), ("decode", bench_decode)):
+    for section, fn in (("layers", bench_layers), ("decode", bench_decode)):
         if section in a.sections:
             t = time.time()
             fn(run)

@@ -114,7 +114,7 @@ def test_two_process_data_parallel_equals_one_process(tmp_path, deepspeed, launc
 
 def test_zero3_with_compiled_blocks_equals_eager(tmp_path):
     # ZeRO-3 gathers parameters in module hooks; compiled blocks are ZeRO-3 leaf modules whose forward
-    # alone is compiled (training/factory.py). Two ranks, compiled, against one rank, eager.
+    # alone is compiled (pararnn_lm/training/build.py). Two ranks, compiled, against one rank, eager.
     common = ["train.steps=3", "train.micro_batch_size=2", "train.global_batch_size=4", "checkpoint.every=0",
               "deepspeed=zero3"]
     eager = tmp_path / "eager"

@@ -354,15 +354,15 @@ def test_training_steps_between_log_steps_read_nothing_from_the_device(tmp_path)
 
 
 def test_checkpointed_blocks_recompute_and_give_the_same_gradients():
-    """factory.checkpoint_activations: every block's forward runs again in the backward; the loss and
+    """build.checkpoint_activations: every block's forward runs again in the backward; the loss and
     all gradients equal the plain model's (the recompute is the same arithmetic)."""
     from pararnn_lm.models import ParaRNNLMForCausalLM, config_for
-    from pararnn_lm.training import factory
+    from pararnn_lm.training.build import checkpoint_activations
 
     torch.manual_seed(0)
     config = config_for("paragru", "debug", vocab_size=64, num_hidden_layers=2)
     plain = ParaRNNLMForCausalLM(config).train()
-    recomputed = factory.checkpoint_activations(copy.deepcopy(plain))
+    recomputed = checkpoint_activations(copy.deepcopy(plain))
     calls = collections.Counter()
     for index, layer in enumerate(recomputed.model.layers):
         # a pre-hook: the recompute stops early once it has the saved tensors (no post-forward hook)
@@ -381,7 +381,7 @@ def test_checkpointed_blocks_recompute_and_give_the_same_gradients():
 
 def test_flops_terms_count_full_parameters_even_when_zero3_partitions_them():
     from pararnn_lm.models import ParaRNNLMConfig, ParaRNNLMForCausalLM
-    from pararnn_lm.training.factory import flops_terms
+    from pararnn_lm.training.metrics import flops_terms
 
     config = ParaRNNLMConfig(vocab_size=64, hidden_size=32, num_hidden_layers=3, intermediate_size=64,
                              num_attention_heads=4, layer_pattern=["paragru", "attention", "paragru"],
@@ -401,7 +401,7 @@ def test_compiled_blocks_under_zero3_are_leaf_modules_with_a_compiled_forward():
     from deepspeed.utils import z3_leaf_module
 
     from pararnn_lm.models import ParaRNNLMConfig, ParaRNNLMForCausalLM
-    from pararnn_lm.training.factory import compile_blocks
+    from pararnn_lm.training.build import compile_blocks
 
     torch.manual_seed(0)
     config = ParaRNNLMConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, intermediate_size=64,

@@ -1,5 +1,15 @@
-"""Training support for ``train.py``: typed configs, distributed setup, optimiser and schedule,
-atomic checkpoints with exact resume, metrics logging and preemption signals.
+"""What the training loop (``pararnn_lm/train.py``) composes, one concern per module:
 
-``train.py`` at the repository root is the readable loop; the pieces it composes live here.
+* ``config``       the typed Hydra schema of a run, and the checks a schema cannot express
+* ``distributed``  rank, device and process group under any launcher; collectives; per-rank logging
+* ``build``        the rank's data, the model, activation checkpointing, compiled blocks, grad accumulation
+* ``optim``        AdamW parameter groups and the warm-up + cosine schedule
+* ``backends``     how a step runs: plain PyTorch (DDP) or DeepSpeed ZeRO
+* ``checkpoint``   atomic checkpoints, RNG state, which checkpoint a run resumes from
+* ``metrics``      FLOPs per token, MFU, step time, memory and Newton statistics, metrics.jsonl and W&B
+* ``evaluation``   validation loss during training
+* ``export``       the trained model as a Hugging Face directory
+* ``signals``      preemption (SLURM signals, the PREEMPT sentinel)
+* ``progress``     the progress bar
+* ``faults``       fault injection for the crash-safety tests (``PARARNN_TEST_FAULT``)
 """

@@ -1,7 +1,7 @@
 """How a step is executed: plain PyTorch (single process or DDP) or DeepSpeed ZeRO.
 
-Both expose the same small surface to ``train.py``: ``forward_backward`` per micro-batch, ``step``
-per optimiser step, and checkpoint ``save``/``load``. Chosen by ``deepspeed.enabled``.
+Both expose the same small surface to the loop (``pararnn_lm/train.py``): ``forward_backward`` per
+micro-batch, ``step`` per optimiser step, and checkpoint ``save``/``load``. Chosen by ``deepspeed.enabled``.
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ def zero_loss(model: nn.Module) -> torch.Tensor:
 class TorchBackend:
     """AdamW on fp32 weights, bf16 autocast on GPU, DDP when several ranks.
 
-    A step makes no host sync: losses, grad norm and the skip decision stay on the device (train.py
+    A step makes no host sync: losses, grad norm and the skip decision stay on the device (the loop
     reads them at log steps). A non-finite step is skipped on the device by fused AdamW, which leaves
     weights, moments and its step count untouched when its ``found_inf`` attribute is 1 (the
     mechanism of ``torch.amp.GradScaler``). An optimiser without that (not ``fused=True``) is skipped
@@ -39,7 +39,7 @@ class TorchBackend:
     def __init__(self, model: nn.Module, optimizer, scheduler, cfg: TrainConfig, info: DistInfo, grad_accum: int):
         self.module, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.info, self.grad_accum, self.grad_clip = info, grad_accum, cfg.optim.grad_clip
-        self.bf16 = _use_bf16(cfg, info)
+        self.bf16 = uses_bf16(cfg, info)
         self.model: nn.Module = model
         if info.world_size > 1:
             device_ids = [info.local_rank] if info.device.type == "cuda" else None
@@ -200,7 +200,7 @@ def deepspeed_json(cfg: TrainConfig, info: DistInfo, grad_accum: int) -> dict[st
         "gradient_accumulation_steps": grad_accum,
         "train_batch_size": cfg.train.micro_batch_size * grad_accum * info.world_size,
         "gradient_clipping": cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else 0.0,
-        "bf16": {"enabled": _use_bf16(cfg, info)},
+        "bf16": {"enabled": uses_bf16(cfg, info)},
         "zero_optimization": zero,
         # Our torch AdamW is the client optimiser: no DeepSpeed op has to be compiled.
         "zero_allow_untested_optimizer": True,
@@ -217,7 +217,8 @@ def _deep_merge(base: dict, extra: dict) -> dict:
     return base
 
 
-def _use_bf16(cfg: TrainConfig, info: DistInfo) -> bool:
+def uses_bf16(cfg: TrainConfig, info: DistInfo) -> bool:
+    """Whether forward passes run under bf16 autocast: ``train.precision``, where ``auto`` means on GPU."""
     if cfg.train.precision == "auto":
         return info.device.type == "cuda"
     return cfg.train.precision == "bf16"

@@ -24,12 +24,15 @@ import random
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import torch
 
 from ..provenance import build_info
+
+if TYPE_CHECKING:
+    from .config import TrainConfig
 
 logger = logging.getLogger(__name__)
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
@@ -61,7 +64,9 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a synced temporary file renamed into place: a crash leaves the old
+    file or the new one, never half of one."""
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w") as fh:
         fh.write(text)
@@ -76,6 +81,14 @@ def torch_save_synced(obj: Any, path: Path) -> None:
         torch.save(obj, fh)
         fh.flush()
         os.fsync(fh.fileno())
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    """``torch.save`` to ``path`` through a synced temporary file renamed into place (as :func:`atomic_write_text`)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch_save_synced(obj, tmp)
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
 
 
 class CheckpointManager:
@@ -119,12 +132,12 @@ class CheckpointManager:
         torch_save_synced(rank_state, tmp / f"rank_{self.rank:05d}.pt")
         self.barrier()
         if self.rank == 0:
-            _atomic_write_text(tmp / "COMPLETE", json.dumps({"step": step, **build_info()}))
+            atomic_write_text(tmp / "COMPLETE", json.dumps({"step": step, **build_info()}))
             if final.exists():  # re-saving the same step (e.g. a signal right after a periodic save)
                 shutil.rmtree(final)
             os.replace(tmp, final)
             _fsync_dir(self.root)
-            _atomic_write_text(self.root / "latest", final.name + "\n")
+            atomic_write_text(self.root / "latest", final.name + "\n")
             self._prune()
             logger.info("saved checkpoint %s", final)
         self.barrier()
@@ -172,3 +185,16 @@ class CheckpointManager:
     @staticmethod
     def load_global_state(path: Path) -> dict[str, Any]:
         return torch.load(path / "state.pt", map_location="cpu", weights_only=False)
+
+
+def resume_path(cfg: TrainConfig, checkpoints: CheckpointManager) -> Path | None:
+    """The checkpoint ``resume`` names: none, the newest complete one of the run (``auto``), or a path,
+    which must be a complete checkpoint directory."""
+    if cfg.resume == "none":
+        return None
+    if cfg.resume == "auto":
+        return checkpoints.latest()
+    path = Path(cfg.resume)
+    if not (path / "COMPLETE").is_file():
+        raise FileNotFoundError(f"resume={cfg.resume!r} is not a complete checkpoint directory (no COMPLETE marker)")
+    return path

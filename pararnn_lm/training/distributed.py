@@ -1,10 +1,12 @@
-"""One entry point under ``python``, ``torchrun``, the ``deepspeed`` launcher and ``srun``."""
+"""One entry point under ``python``, ``torchrun``, the ``deepspeed`` launcher and ``srun``: rank, device,
+process group, the collectives the loop uses, logging per rank and moving batches to the device."""
 from __future__ import annotations
 
 import datetime
 import logging
 import os
 import socket
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -87,3 +89,15 @@ def all_reduce_max(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
         value = value.clone()
         dist.all_reduce(value, op=dist.ReduceOp.MAX)
     return value
+
+
+def setup_rank_logging(rank: int) -> None:
+    """INFO on the main rank, warnings only elsewhere (Hydra configures handlers for the main process)."""
+    logging.getLogger().setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(stream=sys.stderr, format="[%(asctime)s][%(name)s][%(levelname)s] %(message)s")
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """A batch's tensors on ``device``; asynchronous from pinned memory (``data.pin_memory``)."""
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}

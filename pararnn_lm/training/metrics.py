@@ -1,4 +1,5 @@
-"""metrics.jsonl in the run directory, mirrored to Weights & Biases (offline unless configured)."""
+"""What a run measures and where it goes: FLOPs per token and MFU, step time, peak memory, Newton
+statistics; ``metrics.jsonl`` in the run directory, mirrored to Weights & Biases (offline unless configured)."""
 from __future__ import annotations
 
 import contextlib
@@ -12,6 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
+
+from .distributed import DistInfo, all_reduce_max
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +35,38 @@ def peak_flops(device_name: str | None) -> float | None:
 def flops_per_token(num_params_non_embedding: int, num_attention_layers: int, hidden_size: int, seq_len: int) -> float:
     """Training FLOPs per token: 6 N for the matmuls, plus 6 * 2 * L_attn * d * T / 2 for causal attention."""
     return 6.0 * num_params_non_embedding + 6.0 * num_attention_layers * hidden_size * seq_len
+
+
+def _full_numel(param: torch.Tensor) -> int:
+    # ZeRO-3 leaves each rank an empty placeholder (numel 0); DeepSpeed keeps the full size in ds_numel.
+    return int(getattr(param, "ds_numel", param.numel()))
+
+
+def flops_terms(model: nn.Module) -> tuple[int, int, int]:
+    """(non-embedding parameters, attention layers, hidden size) of a model, for :func:`flops_per_token`."""
+    config = model.config
+    embedding = _full_numel(model.get_input_embeddings().weight)
+    non_embedding = sum(_full_numel(p) for p in model.parameters()) - embedding
+    return non_embedding, sum(m == "attention" for m in config.mixers), config.hidden_size
+
+
+def memory_stats(info: DistInfo) -> dict[str, float]:
+    """Peak GPU memory allocated so far, the largest over the ranks (one all-reduce at a log step)."""
+    if info.device.type != "cuda":
+        return {}
+    peak = torch.tensor(torch.cuda.max_memory_allocated(info.device) / 2**30, device=info.device)
+    return {"mem_peak_gib": float(all_reduce_max(peak, info))}
+
+
+def newton_stats(model: nn.Module) -> dict[str, Any]:
+    """Newton iterations and final residual of every parallel-RNN layer's last forward."""
+    from pararnn_lm.kernels import ParaRNNLayer
+
+    out: dict[str, Any] = {}
+    for index, layer in enumerate(m for m in model.modules() if isinstance(m, ParaRNNLayer)):
+        out[f"newton/iters/{index}"] = layer.last_stats.iterations
+        out[f"newton/residual/{index}"] = layer.last_stats.residual
+    return out
 
 
 class StepTimer:

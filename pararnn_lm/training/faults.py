@@ -1,0 +1,29 @@
+"""Fault injection for the crash-safety tests, driven by ``PARARNN_TEST_FAULT=<kind>@<step>``.
+
+Kinds: ``sigkill`` (a hard crash after step N), ``sigterm`` (a preemption after step N), ``nan`` (step N's
+loss is NaN). Without the variable every function here does nothing.
+"""
+from __future__ import annotations
+
+import os
+import signal
+
+FAULT_VARIABLE = "PARARNN_TEST_FAULT"
+
+
+def _fault_step(kind: str) -> int | None:
+    """The step of a ``<kind>@<step>`` injection, if that kind is set."""
+    name, _, at = os.environ.get(FAULT_VARIABLE, "").partition("@")
+    return int(at) if name == kind else None
+
+
+def inject_fault(step: int) -> None:
+    """Deliver SIGKILL (``sigkill@N``) or SIGTERM (``sigterm@N``) to this process after step N."""
+    for kind, sig in (("sigkill", signal.SIGKILL), ("sigterm", signal.SIGTERM)):
+        if _fault_step(kind) == step:
+            os.kill(os.getpid(), sig)
+
+
+def poison_loss(step: int) -> bool:
+    """Whether step N's loss is to be made NaN (``nan@N``)."""
+    return _fault_step("nan") == step
