@@ -1,4 +1,8 @@
-"""The reference mode: the recurrence as a plain loop over time, differentiated by autograd."""
+"""The reference mode: the recurrence as a plain loop over time, differentiated by autograd.
+
+Torch only (with cell.py, config.py and layout.py): Hugging Face exports of the models copy these files
+verbatim (``pararnn_lm.models.export``) and run :func:`sequential_rnn` where the engine is not installed.
+"""
 from __future__ import annotations
 
 import torch
@@ -48,3 +52,23 @@ def sequential_mode(
     if stats is not None:
         stats.iterations, stats.residual, stats.converged, stats.fell_back = 0, 0.0, True, False
     return run_sequential_steps(cell, u, p, h0_rows, layout)
+
+
+def sequential_rnn(
+    cell: Cell,
+    u: torch.Tensor,
+    p: torch.Tensor,
+    h0: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    *,
+    resets: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """What ``parallel_rnn(cell, u, p, h0, cu_seqlens, mode="sequential", resets=resets)`` returns, without
+    its input checks and mode registry: y (B, T, D) in u's dtype and h_last in the compute dtype."""
+    compute = torch.float64 if u.dtype == torch.float64 else torch.float32
+    layout = SequenceLayout.build(u.shape[0], u.shape[1], u.device, cu_seqlens, resets)
+    if h0 is not None and cu_seqlens is not None:
+        h0 = h0.expand(layout.num_rows, *h0.shape[1:])  # one initial state shared by every document
+    h0_rows = layout.initial_rows(h0, cell.state_size, u.shape[-1], compute, u.device)
+    h = run_sequential_steps(cell, u.to(compute), p.to(compute), h0_rows, layout)
+    return cell.output(h).to(u.dtype), layout.gather_last(h, h0_rows)
