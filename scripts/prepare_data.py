@@ -1,10 +1,10 @@
 """Tokenize a corpus once into memory-mapped shards (for multi-node runs), then train with
-``data.prepared_dir=OUT``.
+``data.prepared_dir=OUT`` (a directory every node can read).
 
-    python scripts/prepare_data.py --out /shared/data/kjv                      # the bundled corpus
-    python scripts/prepare_data.py --source files --path 'corpus/*.jsonl' --out /shared/data/mine --num-proc 8
+    python scripts/prepare_data.py --out $SCRATCH/prepared/kjv                  # the bundled corpus
+    python scripts/prepare_data.py --source files --path 'corpus/*.jsonl' --out $SCRATCH/prepared/mine --num-proc 8
     python scripts/prepare_data.py --source hf --path roneneldan/TinyStories --validation-split validation \
-        --vocab-size 32000 --out /shared/data/tinystories
+        --vocab-size 32000 --out $SCRATCH/prepared/tinystories
 
 Every ``DataConfig`` field is an option (``--seq-len``, ``--tokenizer``, ...). Writes OUT/tokenizer,
 OUT/train, OUT/validation and OUT/data_config.json.
@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import sys
 import typing
 from pathlib import Path
 

@@ -42,7 +42,7 @@ def test_default_is_the_tiny_paragru_on_the_bundled_corpus():
     assert not cfg.deepspeed.enabled and cfg.resume == "auto"
 
 
-# (size, arch): paper LR, weight decay, tokens, sequences per step (docs/method.md, Tables 3/4).
+# (size, arch): LR, weight decay, tokens, sequences per step of the paper (arXiv 2510.21450, Tables 3 and 4).
 PAPER = {
     ("400m", "paragru"): (5e-3, 1e-3, 10.5e9, 256), ("400m", "paralstm"): (3e-3, 1e-3, 10.5e9, 256),
     ("400m", "mamba2"): (5e-3, 1e-3, 10.5e9, 256), ("400m", "attention"): (3e-3, 1e-3, 10.5e9, 256),

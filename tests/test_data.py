@@ -387,13 +387,9 @@ def test_streaming_ranks_read_disjoint_documents(tmp_path, small_tokenizer):
 
 
 def test_prepare_script_cli(tmp_path):
-    import importlib.util
-    from pathlib import Path
+    from repo_scripts import load_script
 
-    path = Path(__file__).resolve().parents[1] / "scripts" / "prepare_data.py"
-    spec = importlib.util.spec_from_file_location("prepare_data_cli", path)
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
+    cli = load_script("scripts/prepare_data.py")
     out = cli.main(["--out", str(tmp_path / "p"), "--max-documents", "25", "--vocab-size", "300",
                     "--tokenizer-train-max-chars", "none", "--cache-dir", str(tmp_path / "c")])
     shards = TokenShards(out / "train", tokenizer=load_tokenizer(str(out / "tokenizer")))
