@@ -17,7 +17,7 @@ one ``torchrun`` launch per configuration, on one GPU or data-parallel over seve
     # several result files (e.g. one job per GPU count) in one table, efficiency recomputed
     python scripts/bench_train.py --merge a.json b.json --out merged.json
     # CPU check
-    python scripts/bench_train.py --size debug --seq-len 64 --micro-batch 2 --steps 6 --log-every 2 --no-compile
+    python scripts/bench_train.py --size debug --seq-len 64 --micro-batch 2 --steps 6 --log-every 2 --no-compile --vocab-size 0
 
 What runs: ``python -m pararnn_lm.train`` with checkpoints, evaluation, export and W&B off, one process per GPU
 (CPU processes on a machine without GPUs). Weak scaling, as data-parallel pretraining runs: every rank keeps
@@ -36,8 +36,8 @@ micro-batch: GPU-milliseconds per sequence of ``--seq-len`` tokens. Peak memory 
 The text is the bundled corpus; the model's vocabulary is ``--vocab-size`` (default 50,277, the paper's
 GPT-NeoX size, so the LM head costs what it costs there; 0: the corpus tokenizer's 4,096).
 
-``--base REV`` checks REV out in a temporary ``git worktree`` and runs every configuration there too (right
-after the same configuration of this checkout), with ``PYTHONPATH`` pointing at that tree; REV must have the
+``--base REV`` checks REV out in a temporary ``git worktree`` and runs every configuration there too (next to
+the same configuration of this checkout), with ``PYTHONPATH`` pointing at that tree; REV must have the
 ``pararnn_lm`` package layout (016a20d or later). A configuration that fails (e.g. out of memory) is recorded
 with its error and the others still run. Results go to ``--out`` (default ``runs/bench/train/<time>.json``,
 with a tokens/s-against-GPUs plot beside it when several GPU counts ran).
@@ -129,10 +129,13 @@ def worker(spec: dict) -> None:
         drop_document_positions()
     if spec.get("profile"):
         profile_between_log_steps(spec["log_every"], spec["steps"], Path(spec["run_dir"]) / "kernels.json")
-    if os.environ.get("RANK", "0") == "0":  # which code ran: this checkout's package or the --base worktree's
+    if os.environ.get("RANK", "0") == "0":  # what ran: which package (this checkout's or the worktree's), where
         import pararnn_lm
+        import torch
 
-        (Path(spec["run_dir"]) / "package_dir.txt").write_text(str(Path(pararnn_lm.__file__).parent))
+        (Path(spec["run_dir"]) / "worker.json").write_text(json.dumps({
+            "package_dir": str(Path(pararnn_lm.__file__).parent), "torch": torch.__version__,
+            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}))
     sys.argv = ["pararnn_lm.train", *spec["overrides"]]
     runpy.run_module("pararnn_lm.train", run_name="__main__", alter_sys=True)
 
@@ -313,8 +316,8 @@ def run_train(c: Config, run_dir: Path, a: argparse.Namespace, *, devices: str |
     env.pop("PARARNN_TEST_FAULT", None)
     if fault:
         env["PARARNN_TEST_FAULT"] = fault
-    if c.revision.tree is not None:  # the base revision's package, not the installed one
-        env["PYTHONPATH"] = os.pathsep.join([str(c.revision.tree), *filter(None, [os.environ.get("PYTHONPATH")])])
+    # the revision's own package first on the path, whichever checkout is installed
+    env["PYTHONPATH"] = os.pathsep.join([str(c.revision.root), *filter(None, [os.environ.get("PYTHONPATH")])])
     if not a.cuda:
         env["DS_ACCELERATOR"] = "cpu"
     if devices is not None:
@@ -335,7 +338,7 @@ def measure(c: Config, a: argparse.Namespace, devices: str | None = None, port: 
     row = {"revision": c.revision.label, "commit": c.revision.commit, "arch": c.arch, "layout": c.layout,
            "size": a.size, "gpus": c.gpus, "micro_batch": c.micro_batch, "seq_len": a.seq_len,
            "vocab_size": a.vocab_size or None, "deepspeed": a.deepspeed, "compile": a.compile,
-           "activation_checkpointing": a.activation_checkpointing, "precision": a.precision, "device": a.device_name,
+           "activation_checkpointing": a.activation_checkpointing, "precision": a.precision,
            "command": " ".join(["python -m pararnn_lm.train", *overrides(c, run_dir, a)])}
     if devices is not None:
         row["devices"] = devices  # ran beside other configurations, on these GPUs only
@@ -356,7 +359,7 @@ def measure(c: Config, a: argparse.Namespace, devices: str | None = None, port: 
     except (OSError, ValueError) as exc:
         row["error"] = f"{type(exc).__name__}: {exc}"
     with contextlib.suppress(OSError):
-        row["package_dir"] = (run_dir / "package_dir.txt").read_text()
+        row.update(json.loads((run_dir / "worker.json").read_text()))
     if "tokens_per_s" in row:
         row["ms_per_sequence_per_gpu"] = row["step_ms"] / c.micro_batch
         kernels = run_dir / "kernels.json"
@@ -693,8 +696,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     import torch
 
-    a.cuda = torch.cuda.is_available()
-    a.device_name = torch.cuda.get_device_name() if a.cuda else "cpu"
+    a.cuda = torch.cuda.is_available()  # (no CUDA context here: the GPUs stay free for the runs)
     slots = torch.cuda.device_count() if a.cuda else (os.cpu_count() or 1)
     skipped = [n for n in a.gpus if n > slots]
     if skipped:

@@ -25,7 +25,7 @@ TINY = ["--size", "debug", "--seq-len", "256", "--micro-batch", "2", "--steps", 
 def args(tmp_path: Path, *extra: str, cuda: bool = False):
     a = bench_train.parse_args([*TINY, "--work-dir", str(tmp_path / "work"), "--out", str(tmp_path / "out.json"),
                                 *extra])
-    a.cuda, a.device_name = cuda, "cpu"
+    a.cuda = cuda
     return a
 
 
@@ -228,7 +228,7 @@ def test_packed_and_rows_layouts(tmp_path):
                                                   "metrics.jsonl").read_text().splitlines()]
         assert math.isclose(r["step_ms"], 1e3 * records[-1]["step_time_s"])  # one timed interval: its step time
         assert len(r["losses"]) == 2 and all(math.isfinite(x) for x in r["losses"])
-        assert r["package_dir"] == str(ROOT / "pararnn_lm")
+        assert r["package_dir"] == str(ROOT / "pararnn_lm") and r["device"] == "cpu"
     # same batches, same seed: the packed run resets states at document starts, the rows run does not
     assert rows[0]["losses"] != rows[1]["losses"]
     table = bench_train.render(rows)
