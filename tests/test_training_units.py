@@ -13,7 +13,8 @@ import pytest
 import torch
 from torch import nn
 
-from pararnn_lm.training.checkpoint import CheckpointManager, capture_rng_state, restore_rng_state
+from pararnn_lm.training.checkpoint import (
+    CheckpointManager, atomic_torch_save, atomic_write_text, capture_rng_state, restore_rng_state)
 from pararnn_lm.training.config import DeepSpeedConfig, TrainConfig, validate
 from pararnn_lm.training.distributed import DistInfo
 from pararnn_lm.training.optim import build_scheduler, parameter_groups, warmup_cosine
@@ -52,6 +53,24 @@ def test_a_crash_mid_write_never_becomes_latest(tmp_path):
     _save(manager, 40)
     assert not (tmp_path / ".step_00000020.tmp").exists()
     assert CheckpointManager.step_of(manager.latest()) == 40
+
+
+def test_atomic_files_are_replaced_whole_or_not_at_all(tmp_path):
+    text, state = tmp_path / "result.json", tmp_path / "run.pt"
+    atomic_write_text(text, "old")
+    atomic_torch_save({"w": torch.arange(3)}, str(state))
+    atomic_write_text(str(text), "new")
+    atomic_torch_save({"w": torch.arange(4)}, state)
+    assert text.read_text() == "new" and torch.equal(torch.load(state)["w"], torch.arange(4))
+
+    class Unpicklable:
+        def __reduce__(self):
+            raise RuntimeError("cannot pickle")
+
+    with pytest.raises(RuntimeError, match="cannot pickle"):  # fails half-way through writing
+        atomic_torch_save({"w": torch.arange(5), "x": Unpicklable()}, state)
+    assert torch.equal(torch.load(state)["w"], torch.arange(4))  # the previous file, intact
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["result.json", "run.pt"]  # no temporary left
 
 
 def test_no_checkpoint_means_fresh_start(tmp_path):

@@ -64,31 +64,41 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a synced temporary file renamed into place: a crash leaves the old
-    file or the new one, never half of one."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
 def torch_save_synced(obj: Any, path: Path) -> None:
+    """``torch.save`` whose bytes are on disk when it returns."""
     with open(path, "wb") as fh:
         torch.save(obj, fh)
         fh.flush()
         os.fsync(fh.fileno())
 
 
-def atomic_torch_save(obj: Any, path: Path) -> None:
-    """``torch.save`` to ``path`` through a synced temporary file renamed into place (as :func:`atomic_write_text`)."""
+def _replace_atomically(path: Path | str, write: Callable[[Path], None]) -> None:
+    """``write`` a hidden file beside ``path``, then rename it over ``path``: a crash at any point leaves
+    the previous file or the new one, never half of one."""
+    path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    torch_save_synced(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # what a failed write left (nothing after a successful rename)
     _fsync_dir(path.parent)
+
+
+def atomic_write_text(path: Path | str, text: str) -> None:
+    """Replace ``path`` by a file holding ``text``, atomically."""
+    def write(tmp: Path) -> None:
+        with open(tmp, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    _replace_atomically(path, write)
+
+
+def atomic_torch_save(obj: Any, path: Path | str) -> None:
+    """``torch.save(obj, path)``, atomically."""
+    _replace_atomically(path, lambda tmp: torch_save_synced(obj, tmp))
 
 
 class CheckpointManager:
