@@ -119,20 +119,6 @@ def test_mqar_solver():
         assert sorted(toks[p] for p in got) == sorted(keys)  # each key queried exactly once
 
 
-def test_mqar_pair_index_names_each_querys_prefix_pair():
-    from pararnn_lm.eval.synthetic.tasks import mqar_pair_index
-    b = mqar(200, 60, 128, num_pairs=6, seed=9)
-    index = mqar_pair_index(b.input_ids, num_pairs=6)
-    for r in range(len(b)):
-        toks = b.input_ids[r].tolist()
-        where = {toks[2 * m]: m for m in range(6)}  # key -> its pair
-        want = [where.get(t, -1) if i >= 12 else -1 for i, t in enumerate(toks)]
-        assert index[r].tolist() == want
-        # exactly the scored positions carry a pair, and each pair is queried once
-        assert sorted(index[r][b.loss_mask[r]].tolist()) == list(range(6))
-        assert (index[r] >= 0).sum().item() == 6
-
-
 @pytest.mark.parametrize("k,vocab", [(1, 10), (2, 5), (3, 4)])
 def test_k_hop_solver(k, vocab):
     b = k_hop(100, 100, vocab, k=k, seed=7)

@@ -6,8 +6,8 @@ Modules (imported lazily; ``import eval`` itself pulls in nothing heavy):
                           the training loop's validation.
 * ``eval.lm_eval_tasks``  the paper's lm-eval suite (configs/lm_eval/paper.yaml), live-model HFLM
                           wrapper, exported-dir ``hf`` model, batched loglikelihood helpers, CLI.
-* ``eval.synthetic``      Table-6 task generators (keep-nth, parity, MQAR, 1-hop, 2-hop) and the single-layer
-                          trainer (``python -m pararnn_lm.eval.synthetic.train --task parity --arch paragru`` / ``--grid``).
+* ``eval.synthetic``      Table-6 task generators (keep-nth, parity, MQAR, 1-hop, 2-hop), their one-layer models and
+                          the names of their result files; the trainer is the app ``python -m pararnn_lm.synthetic``.
 * ``eval.tables``         result files -> Table 5 / Table 6 markdown and plots, paper numbers beside ours.
 * ``eval.paper``          the paper's published numbers (one place, with the source).
 """

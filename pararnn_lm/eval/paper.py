@@ -1,9 +1,9 @@
 """The ParaRNN paper's published numbers, in one place, with their source.
 
 Source: F. Danieli, P. Rodriguez, M. Sarabia, X. Suau, L. Zappella, "ParaRNN: Unlocking Parallel Training
-of Nonlinear RNNs for Large Language Models", arXiv:2510.21450 (ICLR 2026) - Table 5 (language models)
-and Table 6 (synthetic tasks), as transcribed in docs/method.md (sections 4 and 5). Only numbers
-transcribed there are listed; anything else is ``None`` (unknown), never guessed.
+of Nonlinear RNNs for Large Language Models", arXiv:2510.21450 (ICLR 2026) - Table 5 (language models),
+Table 6 (synthetic tasks) and the appendices giving their setups. Only numbers read from the paper are
+listed; anything else is ``None`` (unknown), never guessed.
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Any
 
 from ..provenance import config_file
 
-SOURCE = "Danieli et al., ParaRNN, arXiv:2510.21450 (ICLR 2026); via docs/method.md"
+SOURCE = "Danieli et al., ParaRNN, arXiv:2510.21450 (ICLR 2026)"
 
 # Architecture display names (rows) in the paper's order.
 ARCH_NAMES = {"transformer": "Transformer", "mamba2": "Mamba2", "paragru": "ParaGRU", "paralstm": "ParaLSTM"}
@@ -24,8 +24,8 @@ TABLE6: dict[str, dict[str, float]] = {
     "paralstm": {"keep_nth": 100, "parity": 100, "mqar": 100, "hop1": 100, "hop2": 100},
 }
 
-# Table 6's recipe where a run could differ (docs/method.md Sec. 5; retain_gate_bias 0 = the paper's zero
-# biases): a result trained otherwise is flagged beside the paper's number (eval.tables.render_table6).
+# Table 6's recipe where a run could differ (the paper's appendix on the synthetic tasks; retain_gate_bias 0 =
+# the paper's zero biases): a result trained otherwise is flagged beside the paper's number (eval.tables.render_table6).
 # The trainer's defaults and configs/synthetic/table6.yaml hold the same values (tests/test_eval_tables.py).
 TABLE6_RECIPE: dict[str, float] = {"seq_len": 100, "n_train": 10_000, "batch_size": 16, "lr": 5e-4,
                                    "weight_decay": 1e-6, "d_model": 64, "num_heads": 4, "retain_gate_bias": 0.0}
@@ -39,7 +39,7 @@ TABLE5_PPL: dict[str, dict[str, float | None]] = {
 }
 TABLE5_ACC: dict[str, dict[str, dict[str, float]]] = {}  # size -> arch -> task -> accuracy %; not transcribed
 
-# Parameter counts (method.md Sec. 4) for plotting perplexity against size.
+# Parameter counts of the paper's language models (its model-size table) for plotting perplexity against size.
 PARAMS: dict[str, dict[str, float]] = {
     "400m": {"paragru": 406e6, "paralstm": 406e6, "mamba2": 409e6, "transformer": 412e6},
     "1b": {"paragru": 1.42e9, "paralstm": 1.42e9, "mamba2": 1.43e9, "transformer": 1.44e9},

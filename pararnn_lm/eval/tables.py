@@ -1,16 +1,16 @@
 """Render result files into the paper's Table 5 / Table 6 layouts (markdown) and plots, paper numbers beside ours.
 
 Inputs (JSON):
-* synthetic: ``{"kind": "synthetic", "arch", "task", "accuracy" (0..1), ...}`` (eval.synthetic.train) or a
-  ``{"kind": "synthetic_grid", "results": [...]}`` file;
+* synthetic: ``{"kind": "synthetic", "arch", "task", "accuracy" (0..1), ...}`` (``python -m pararnn_lm.synthetic``;
+  files named in :mod:`pararnn_lm.eval.synthetic.results`) or a ``{"kind": "synthetic_grid", "results": [...]}`` file;
 * perplexity: ``{"kind": "perplexity", "perplexity", "meta": {"arch", "size", ...}}`` (eval.perplexity);
 * lm-eval: lm-eval's own results JSON (``results`` -> task -> ``"<metric>,<filter>"``); arch and size come
   from ``pararnn_meta`` (added by eval.lm_eval_tasks) or, failing that, from the file name
   (``<arch>[_-]<size>...json``, e.g. ``paragru_400m.json``).
 
 CLI:
-    python -m pararnn_lm.eval.tables --synthetic results/synthetic --perplexity r/ppl_*.json --lm-eval r/lm_*.json --out tables/
-    python -m pararnn_lm.eval.tables --sweep results/sweep/sweep.json --out tables/    # sweep.md, sweep.png, sweep_curves.png
+    python -m pararnn_lm.eval.tables --synthetic runs/synthetic/table6 --perplexity r/ppl_*.json --lm-eval r/lm_*.json --out tables/
+    python -m pararnn_lm.eval.tables --sweep runs/synthetic/mqar_lr/sweep.json --out tables/    # sweep.md, sweep.png, sweep_curves.png
 """
 from __future__ import annotations
 
@@ -21,9 +21,10 @@ import re
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from .plotting import save_figure
 from .paper import (ARCH_NAMES, PARAMS, SOURCE, SYNTHETIC_TASK_TITLES, TABLE5_ACC, TABLE5_PPL, TABLE6, TABLE6_RECIPE,
                     lm_eval_suite)
+from .plotting import save_figure
+from .synthetic.results import SWEEP_CURVES_PNG, SWEEP_MD, SWEEP_PNG, variant_name
 
 log = logging.getLogger(__name__)
 
@@ -183,8 +184,6 @@ def plot_table6(results: Sequence[dict[str, Any]], path: str | Path) -> Path:
 # ------------------------------------------------------------------------------------------ sweeps
 
 def _variant_label(grid: dict[str, Any]) -> str:
-    from pararnn_lm.eval.synthetic.train import variant_name
-
     return variant_name(grid.get("overrides") or {})
 
 
@@ -276,7 +275,7 @@ def _compact_count(x: float, _pos: Any = None) -> str:
 
 def curriculum_stage_starts(result: dict[str, Any]) -> list[tuple[int, int]]:
     """(first step, training length) of each stage of a cell run with a length curriculum, the main length
-    last; empty without one. The stages end at their cumulative step counts (``eval.synthetic.train``)."""
+    last; empty without one. The stages end at their cumulative step counts (as the trainer runs them)."""
     cfg = result.get("config", {})
     stages = [tuple(s) for s in cfg.get("curriculum") or ()]
     if not stages:
@@ -375,9 +374,9 @@ def write_sweep(swept: dict[str, Any], out_dir: str | Path) -> str:
     """``sweep.md``, ``sweep.png`` and ``sweep_curves.png`` (if the runs carry learning curves) in ``out_dir``."""
     out_dir = Path(out_dir)
     md = render_sweep(swept)
-    (out_dir / "sweep.md").write_text(md)
-    plot_sweep(swept, out_dir / "sweep.png")
-    plot_curves(grid_curves(swept), out_dir / "sweep_curves.png")
+    (out_dir / SWEEP_MD).write_text(md)
+    plot_sweep(swept, out_dir / SWEEP_PNG)
+    plot_curves(grid_curves(swept), out_dir / SWEEP_CURVES_PNG)
     return md
 
 
@@ -448,7 +447,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, str]:
     p.add_argument("--synthetic", nargs="*", default=[], help="synthetic result files or directories")
     p.add_argument("--perplexity", nargs="*", default=[], help="perplexity JSON files or directories")
     p.add_argument("--lm-eval", nargs="*", default=[], help="lm-eval results JSON files or directories")
-    p.add_argument("--sweep", default=None, help="a sweep.json (eval.synthetic.train --sweep): sweep.md and plots")
+    p.add_argument("--sweep", default=None, help="a sweep.json (python -m pararnn_lm.synthetic --sweep): sweep.md and plots")
     p.add_argument("--out", default=None, help="directory for table5.md / table6.md and plots")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

@@ -11,9 +11,9 @@ The model emits logits (N, L, |V|) over the task vocabulary, and position ``t`` 
 Accuracy is the fraction of scored positions predicted correctly (token accuracy; with
 ``dense=False`` keep-nth and parity score one position per sequence, i.e. sequence accuracy).
 
-Task definitions (paper settings: L = 100, 10k train / 100k test sequences). The paper's appendix is
-not reproduced verbatim anywhere we could consult offline, so the definitions below are our reading of
-it and of the literature it cites; each is stated precisely so results are reproducible:
+Task definitions (paper settings, arXiv 2510.21450 Table 6 and its appendix on the synthetic tasks: L = 100,
+10k train / 100k test sequences). Where the paper leaves a detail open, the definitions below are our
+reading of it and of the literature it cites; each is stated precisely so results are reproducible:
 
 keep-nth (n=5, |V|=128)
     Tokens i.i.d. uniform over V. Target: the n-th token of the sequence (``input_ids[:, n-1]``), scored
@@ -146,17 +146,6 @@ def mqar(num: int, seq_len: int = 100, vocab_size: int = 128, num_pairs: int = 8
     targets[rows, qpos] = qvals
     mask[rows, qpos] = True
     return _finish(x, targets, mask)
-
-
-def mqar_pair_index(input_ids: torch.Tensor, num_pairs: int = 8) -> torch.Tensor:
-    """For an MQAR batch: at each query-region position holding a key, that key's pair index m in the
-    prefix (the key sits at position 2m); -1 everywhere else. Accuracy by m tells a model that binds keys
-    to values (flat in m) from one that answers by the prefix layout (falling with m)."""
-    keys = input_ids[:, 0 : 2 * num_pairs : 2]  # (N, D)
-    match = input_ids[:, :, None] == keys[:, None, :]  # (N, L, D); keys are distinct, so at most one hit
-    index = torch.where(match.any(-1), match.long().argmax(-1), torch.full_like(input_ids, -1))
-    index[:, : 2 * num_pairs] = -1  # the prefix itself is not queried
-    return index
 
 
 def _find(x: torch.Tensor, vocab_size: int) -> torch.Tensor:

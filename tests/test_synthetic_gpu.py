@@ -1,11 +1,13 @@
-"""GPU checks of the synthetic trainer (skipped without CUDA): a CUDA-graph step equals the eager step,
+"""GPU checks of the synthetic trainer (pararnn_lm.synthetic) (skipped without CUDA): a CUDA-graph step equals the eager step,
 and runs advanced concurrently on their own streams give the same results as one after another."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from pararnn_lm.eval.synthetic.train import SeedRun, SyntheticTrainConfig, train_runs
+from pararnn_lm.synthetic.config import SyntheticTrainConfig
+from pararnn_lm.synthetic.devices import train_runs, train_runs_on_devices
+from pararnn_lm.synthetic.run import SeedRun
 
 pytestmark = pytest.mark.gpu
 SMALL = dict(seq_len=40, n_train=64, n_test=256, n_val=64, batch_size=16, lr=3e-3, max_steps=12,
@@ -80,8 +82,6 @@ def test_graphed_curriculum_recaptures_per_length_and_equals_eager():
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
 def test_runs_spread_over_two_gpus_match_one_gpu(tmp_path):
-    from pararnn_lm.eval.synthetic.train import train_runs_on_devices
-
     jobs = [(SyntheticTrainConfig(task=t, arch=a, **SMALL), s)
             for a, t in (("paragru", "hop2"), ("mamba2", "keep_nth")) for s in (0, 1)]
     one_gpu = train_runs(jobs, concurrent_runs=4, progress=False)

@@ -1,4 +1,5 @@
-"""Synthetic trainer: runs end to end with a tiny torch GRU (registered as an arch) and writes JSON."""
+"""The synthetic-task trainer (pararnn_lm.synthetic): runs end to end with a tiny torch GRU (registered as an
+arch) and writes JSON; resumed, interleaved and multi-process runs equal one uninterrupted run."""
 from __future__ import annotations
 
 import dataclasses
@@ -9,13 +10,31 @@ import torch
 from torch import nn
 
 from pararnn_lm.eval.synthetic import models as synth_models
-from pararnn_lm.eval.synthetic.train import SyntheticTrainConfig, evaluate, run_grid, run_task
+from pararnn_lm.eval.synthetic.results import variant_name
 from pararnn_lm.eval.synthetic.tasks import IGNORE_INDEX, TASKS
+from pararnn_lm.synthetic.cli import main
+from pararnn_lm.synthetic.config import SyntheticTrainConfig, load_config, parse_sweep, sweep_variants
+from pararnn_lm.synthetic.devices import resolve_devices, train_runs, train_runs_on_devices
+from pararnn_lm.synthetic.grid import run_grid, run_task
+from pararnn_lm.synthetic.run import SeedRun, evaluate, masked_loss, planned_steps
+
+
+class TinyGRULM(nn.Module):
+    """A fast stand-in architecture: embedding -> ``torch.nn.GRU`` -> head (registered with register_arch)."""
+
+    def __init__(self, vocab_size: int, d_model: int, **_) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab_size, d_model)
+        self.rnn = nn.GRU(d_model, d_model, batch_first=True)
+        self.head = nn.Linear(d_model, vocab_size)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.rnn(self.embed(input_ids))[0])
 
 
 @pytest.fixture
 def tiny_gru():
-    synth_models.register_arch("tinygru", synth_models.DenseGRULM)
+    synth_models.register_arch("tinygru", TinyGRULM)
     yield "tinygru"
     synth_models.unregister_arch("tinygru")
 
@@ -55,8 +74,6 @@ def test_evaluate_counts_only_scored_positions():
 
 
 def test_cli_single_task_and_config(tiny_gru, tmp_path, capsys):
-    from pararnn_lm.eval.synthetic.train import load_config, main
-
     cfg = load_config("configs/synthetic/table6.yaml")
     assert (cfg.batch_size, cfg.lr, cfg.weight_decay, cfg.betas, cfg.seeds, cfg.d_model, cfg.num_heads) == (
         16, 5e-4, 1e-6, (0.9, 0.999), (0, 1, 2), 64, 4)
@@ -69,8 +86,6 @@ def test_cli_single_task_and_config(tiny_gru, tmp_path, capsys):
 
 
 def test_interleaved_runs_equal_one_after_another(tiny_gru):
-    from pararnn_lm.eval.synthetic.train import train_runs
-
     base = dict(arch=tiny_gru, seq_len=20, n_train=48, n_test=64, n_val=32, batch_size=16, max_epochs=2,
                 d_model=16, progress=False)
     jobs = [(SyntheticTrainConfig(task=t, **base), s) for t in ("parity", "hop1") for s in (0, 1)]
@@ -81,8 +96,6 @@ def test_interleaved_runs_equal_one_after_another(tiny_gru):
 
 
 def test_time_budget_reports_best_so_far_and_unstarted_runs(tiny_gru):
-    from pararnn_lm.eval.synthetic.train import train_runs
-
     cfg = SyntheticTrainConfig(task="parity", arch=tiny_gru, seq_len=20, n_train=64, n_test=64, n_val=32,
                                batch_size=16, max_epochs=10_000, d_model=16, progress=False)
     res = train_runs([(cfg, 0), (cfg, 1)], concurrent_runs=1, time_budget_s=0.0, progress=False)
@@ -92,8 +105,6 @@ def test_time_budget_reports_best_so_far_and_unstarted_runs(tiny_gru):
 
 
 def test_stopped_runs_resume_exactly(tiny_gru, tmp_path):
-    from pararnn_lm.eval.synthetic.train import train_runs
-
     cfg = SyntheticTrainConfig(task="hop1", arch=tiny_gru, seq_len=20, n_train=48, n_test=64, n_val=32,
                                batch_size=16, max_epochs=40, d_model=16, progress=False)
     whole = train_runs([(cfg, 0), (cfg, 1)], progress=False)
@@ -118,8 +129,6 @@ def test_stopped_runs_resume_exactly(tiny_gru, tmp_path):
 def test_resume_refuses_other_settings(tiny_gru, tmp_path):
     """A stopped or finished run continues only under the settings it started with; a clash is refused
     before anything trains and nothing saved is touched."""
-    from pararnn_lm.eval.synthetic.train import train_runs
-
     cfg = SyntheticTrainConfig(task="hop1", arch=tiny_gru, seq_len=20, n_train=48, n_test=64, n_val=32,
                                batch_size=16, max_epochs=40, d_model=16, progress=False)
     train_runs([(cfg, 0)], time_budget_s=0.0, progress=False, state_dir=tmp_path)
@@ -138,8 +147,6 @@ def test_resume_refuses_other_settings(tiny_gru, tmp_path):
 
 def test_grid_of_chosen_cells(tiny_gru, tmp_path):
     """--cells trains exactly the named (arch, task) pairs in one grid; bad pairs fail before training."""
-    from pararnn_lm.eval.synthetic.train import main
-
     args = ["--grid", "--seeds", "0", "--seq-len", "20", "--n-train", "32", "--n-test", "16", "--n-val", "16",
             "--max-epochs", "1", "--out", str(tmp_path), "--no-progress", "--device", "cpu"]
     grid = main(args + ["--cells", f"{tiny_gru}:hop1", f"{tiny_gru}:parity"])
@@ -155,8 +162,6 @@ def test_grid_of_chosen_cells(tiny_gru, tmp_path):
 
 
 def test_cli_budget_then_resume(tiny_gru, tmp_path):
-    from pararnn_lm.eval.synthetic.train import main
-
     args = ["--grid", "--archs", tiny_gru, "--tasks", "parity", "--seeds", "0", "1", "--seq-len", "20",
             "--n-train", "48", "--n-test", "32", "--n-val", "16", "--max-epochs", "40", "--concurrent-runs", "2",
             "--out", str(tmp_path), "--no-progress", "--device", "cpu"]
@@ -199,8 +204,6 @@ def test_retain_gate_bias_needs_a_recurrent_cell():
 
 
 def test_parse_sweep_types_and_refusals():
-    from pararnn_lm.eval.synthetic.train import parse_sweep, sweep_variants, variant_name
-
     sweep = parse_sweep(["lr=5e-4,1e-3", "d_model=16,32", "model_kwargs.gain_bound=none,0.9"])
     assert sweep == {"lr": [5e-4, 1e-3], "d_model": [16, 32], "model_kwargs.gain_bound": [None, 0.9]}
     assert isinstance(parse_sweep(["lr=1"])["lr"][0], float)  # a float field takes an integer literal as float
@@ -220,8 +223,6 @@ def test_parse_sweep_types_and_refusals():
 def test_sweep_trains_each_setting_apart_and_equals_plain_runs(tiny_gru, tmp_path):
     """A sweep is the grid under each setting: one folder per setting, each equal to a plain grid run with
     that setting (same seeds, same steps), trained by one scheduler; resuming continues every setting."""
-    from pararnn_lm.eval.synthetic.train import main
-
     args = ["--grid", "--archs", tiny_gru, "--tasks", "parity", "--seeds", "0", "--seq-len", "12",
             "--n-train", "48", "--n-test", "32", "--n-val", "16", "--max-epochs", "30", "--no-progress",
             "--device", "cpu", "--concurrent-runs", "2"]
@@ -257,8 +258,6 @@ def test_sweep_trains_each_setting_apart_and_equals_plain_runs(tiny_gru, tmp_pat
 def test_learning_curve_records_validation_and_mean_training_loss(tiny_gru, tmp_path):
     """lr = 0 freezes the model, so an epoch's mean training loss must equal the loss over the whole training
     set computed here independently (parity scores every position: equal weight per batch)."""
-    from pararnn_lm.eval.synthetic.train import SeedRun, evaluate
-
     cfg = SyntheticTrainConfig(task="parity", arch=tiny_gru, seq_len=20, n_train=48, n_test=32, n_val=32,
                                batch_size=16, lr=0.0, max_epochs=2, d_model=16, progress=False)
     run = SeedRun(cfg, seed=0)
@@ -284,7 +283,7 @@ def test_learning_curve_records_validation_and_mean_training_loss(tiny_gru, tmp_
                        tmp_path / "none.png") is None and not (tmp_path / "none.png").exists()
 
 
-class _LengthRecorder(synth_models.DenseGRULM):
+class _LengthRecorder(TinyGRULM):
     """The tiny GRU, recording the length of every training-mode batch it sees."""
 
     def __init__(self, vocab_size, d_model, **kw):
@@ -297,8 +296,6 @@ class _LengthRecorder(synth_models.DenseGRULM):
 
 
 def test_curriculum_trains_short_stages_first_and_validates_at_seq_len():
-    from pararnn_lm.eval.synthetic.train import SeedRun, planned_steps
-
     synth_models.register_arch("recgru", _LengthRecorder)
     try:
         # 48 sequences of batch 16: 3 steps per epoch; stages of 4 and 3 steps, then 2 epochs at L = 20
@@ -344,8 +341,6 @@ def test_curriculum_trains_short_stages_first_and_validates_at_seq_len():
 
 
 def test_curriculum_run_resumes_exactly_mid_stage(tiny_gru, tmp_path):
-    from pararnn_lm.eval.synthetic.train import train_runs
-
     cfg = SyntheticTrainConfig(task="hop1", arch=tiny_gru, seq_len=20, n_train=48, n_test=64, n_val=32,
                                batch_size=16, max_epochs=10, d_model=16, progress=False,
                                curriculum=((8, 50), (12, 30)))
@@ -370,7 +365,6 @@ def test_curriculum_run_resumes_exactly_mid_stage(tiny_gru, tmp_path):
 
 
 def test_curriculum_from_cli_and_yaml_is_marked_off_recipe(tiny_gru, tmp_path):
-    from pararnn_lm.eval.synthetic.train import load_config, main
     from pararnn_lm.eval.tables import recipe_deviations, render_table6
 
     args = ["--task", "keep_nth", "--arch", tiny_gru, "--seeds", "0", "--seq-len", "16", "--n-train", "32",
@@ -388,8 +382,6 @@ def test_curriculum_from_cli_and_yaml_is_marked_off_recipe(tiny_gru, tmp_path):
 
 
 def test_curriculum_length_the_task_cannot_take_fails_before_training(tiny_gru):
-    from pararnn_lm.eval.synthetic.train import SeedRun
-
     cfg = SyntheticTrainConfig(task="mqar", arch=tiny_gru, seq_len=40, n_train=32, n_test=32, n_val=16,
                                d_model=16, progress=False, curriculum=((40, 2), (8, 2)))
     with pytest.raises(ValueError, match="does not fit seq_len=8"):
@@ -397,8 +389,6 @@ def test_curriculum_length_the_task_cannot_take_fails_before_training(tiny_gru):
 
 
 def test_curriculum_is_checked_on_every_way_in(tmp_path):
-    from pararnn_lm.eval.synthetic.train import load_config
-
     # the API and dataclasses.replace, not only the CLI: negative, zero, float or malformed stages fail
     for bad in [((12, -5),), ((0, 3),), ((12, 2.5),), ((12,),), ("12:100:3",), ("12:x",), ((True, 3),)]:
         with pytest.raises(ValueError, match="curriculum stage"):
@@ -416,8 +406,6 @@ def test_curriculum_is_checked_on_every_way_in(tmp_path):
 
 
 def test_patience_counts_main_stage_validations_only():
-    from pararnn_lm.eval.synthetic.train import SeedRun
-
     synth_models.register_arch("recgru", _LengthRecorder)
     try:
         # lr = 0: validation never improves after its first check, so patience 2 stops two checks later -
@@ -435,8 +423,6 @@ def test_patience_counts_main_stage_validations_only():
 
 
 def test_masked_loss_is_the_scored_mean_and_zero_without_scored_positions():
-    from pararnn_lm.eval.synthetic.train import masked_loss
-
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(3, 5, 7, generator=g, dtype=torch.float64, requires_grad=True)
     targets = torch.randint(0, 7, (3, 5), generator=g)
@@ -450,7 +436,7 @@ def test_masked_loss_is_the_scored_mean_and_zero_without_scored_positions():
     assert loss.item() == 0.0 and torch.equal(logits.grad, torch.zeros_like(logits))
 
 
-class CrashOnTenTokens(synth_models.DenseGRULM):
+class CrashOnTenTokens(TinyGRULM):
     """Kills its whole process when built for a 10-token task (1-hop): a worker dying, not a run failing."""
 
     def __init__(self, vocab_size: int, d_model: int, **kw) -> None:
@@ -462,8 +448,6 @@ class CrashOnTenTokens(synth_models.DenseGRULM):
 
 
 def test_runs_spread_over_devices_equal_one_process(tiny_gru, tmp_path):
-    from pararnn_lm.eval.synthetic.train import train_runs, train_runs_on_devices
-
     base = dict(arch=tiny_gru, seq_len=20, n_train=48, n_test=64, n_val=32, batch_size=16, max_epochs=3,
                 d_model=16, progress=False)
     jobs = [(SyntheticTrainConfig(task=t, **base), s) for t in ("parity", "hop1") for s in (0, 1, 2)]
@@ -480,8 +464,6 @@ def test_runs_spread_over_devices_equal_one_process(tiny_gru, tmp_path):
 
 
 def test_a_dead_worker_fails_only_its_own_runs():
-    from pararnn_lm.eval.synthetic.train import train_runs_on_devices
-
     synth_models.register_arch("crashy", CrashOnTenTokens)
     try:
         base = dict(arch="crashy", seq_len=20, n_train=48, n_test=64, n_val=32, batch_size=16, max_epochs=2,
@@ -496,8 +478,6 @@ def test_a_dead_worker_fails_only_its_own_runs():
 
 
 def test_cli_devices_then_resume_in_one_process(tiny_gru, tmp_path):
-    from pararnn_lm.eval.synthetic.train import main, resolve_devices
-
     args = ["--grid", "--archs", tiny_gru, "--tasks", "parity", "hop1", "--seeds", "0", "1", "--seq-len", "20",
             "--n-train", "48", "--n-test", "32", "--n-val", "16", "--max-epochs", "40", "--out", str(tmp_path),
             "--no-progress", "--device", "cpu"]
@@ -512,3 +492,47 @@ def test_cli_devices_then_resume_in_one_process(tiny_gru, tmp_path):
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="no GPU"):
             resolve_devices(["all"])
+
+
+def test_schedule_is_the_cosine_to_min_lr_bit_for_bit():
+    """The run's learning rate comes from the training loop's schedule (warm-up 0); with min_lr = 0 it equals
+    0.5 lr (1 + cos(pi t / T)) exactly, so a run is the same float for float as with a formula of its own."""
+    import math
+
+    from pararnn_lm.synthetic.run import SeedRun
+
+    cfg = SyntheticTrainConfig(task="parity", arch="paragru", seq_len=8, n_train=32, n_test=16, n_val=16, max_steps=37,
+                               d_model=8, num_heads=2, lr=3e-3)
+    run = SeedRun(cfg, seed=0)
+    assert run.horizon == 37
+    for step in range(0, 45):
+        assert run.lr_at(step) == 0.5 * cfg.lr * (1 + math.cos(math.pi * min(step / 37, 1.0)))
+    run.cfg = dataclasses.replace(cfg, min_lr=1e-4)
+    assert run.lr_at(0) == pytest.approx(3e-3) and run.lr_at(37) == pytest.approx(1e-4)
+    assert run.lr_at(18.5) == pytest.approx(1e-4 + 0.5 * (3e-3 - 1e-4))
+    with pytest.raises(ValueError, match="min_lr"):
+        SyntheticTrainConfig(lr=1e-4, min_lr=1e-3)
+
+
+def test_config_by_shipped_name_and_state_files_written_atomically(tiny_gru, tmp_path):
+    assert load_config("table6") == load_config("configs/synthetic/table6.yaml")
+    assert load_config("quick.yaml").max_epochs == 20
+    with pytest.raises(FileNotFoundError, match="configs/synthetic"):
+        load_config("no_such_config")
+    cfg = SyntheticTrainConfig(task="hop1", arch=tiny_gru, seq_len=20, n_train=48, n_test=32, n_val=16,
+                               max_epochs=40, d_model=16, progress=False)
+    train_runs([(cfg, 0)], time_budget_s=0.0, progress=False, state_dir=tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tinygru__hop1__s0.pt"]  # no temporary file left
+    train_runs([(cfg, 0)], progress=False, state_dir=tmp_path, resume=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tinygru__hop1__s0.result.json"]
+
+
+def test_tables_do_not_import_the_app():
+    """Layering: eval (tables, result names) sits below the app; rendering a sweep needs no trainer."""
+    import subprocess
+    import sys
+
+    code = ("import sys, pararnn_lm.eval.tables; "
+            "print(sorted(m for m in sys.modules if m.startswith('pararnn_lm.synthetic') or m.startswith('pararnn_lm.training')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
