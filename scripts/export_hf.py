@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--private", action="store_true")
     ap.add_argument("--no-check", action="store_true", help="skip the reload-and-compare check")
     ap.add_argument("--check-isolated", action="store_true",
-                    help="also load the export in a subprocess that cannot import the repository")
+                    help="also load the export in a subprocess that cannot import pararnn_lm")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 

@@ -1,4 +1,5 @@
-"""StaticDecoder (models/decode.py): the static-buffer single-token path reproduces the model.
+"""StaticDecoder (models/decode.py): the static-buffer single-token path reproduces the model, for the
+built-in mixers and for a mixer registered from outside the package.
 
 CPU, fp32, debug presets: greedy tokens equal ``model.generate(do_sample=False)`` exactly, and teacher-
 forced step logits equal the full (parallel, no-cache) forward logits to 1e-4. The CUDA-graph capture is
@@ -7,7 +8,7 @@ checked against the eager step on a GPU (skipped here).
 import pytest
 import torch
 
-from pararnn_lm.models import ParaRNNLMForCausalLM, StaticDecoder, config_for
+from pararnn_lm.models import MIXERS, ParaRNNLMForCausalLM, RecurrentState, StaticDecoder, config_for, register_mixer
 
 ARCHS = ["paragru", "paralstm", "mamba2", "attention"]
 
@@ -128,3 +129,63 @@ def test_compiled_block_matches_eager():
     out = StaticDecoder(model, batch_size=2, compile=True).generate(prompt, 6)
     assert torch.equal(out, ref)
     assert counters["stats"]["unique_graphs"] == 1
+
+
+class DecayMixer(torch.nn.Module):
+    """A mixer the decoder has never heard of: h_t = a * h_{t-1} + W_in x_t per channel (a = sigmoid of a
+    parameter, h restarting at document starts), y_t = W_out h_t, with its own inference state and step."""
+
+    def __init__(self, config, layer_idx: int) -> None:
+        super().__init__()
+        d = config.hidden_size
+        self.layer_idx = layer_idx
+        self.in_proj = torch.nn.Linear(d, d, bias=False)
+        self.out_proj = torch.nn.Linear(d, d, bias=False)
+        self.decay_logit = torch.nn.Parameter(torch.randn(d))
+
+    def forward(self, x, seq, cache=None, attn_mask=None):  # a plain loop over time, reading/writing the cache
+        layer = cache.recurrent_layer(self.layer_idx) if cache is not None else None
+        _, h = layer.get_state() if layer is not None else (None, None)
+        h = x.new_zeros(x.shape[0], x.shape[-1]) if h is None else h
+        a, u, ys = torch.sigmoid(self.decay_logit), self.in_proj(x), []
+        for t in range(x.shape[1]):
+            h = a * (h * (~seq.resets[:, t, None]).to(h.dtype)) + u[:, t]
+            ys.append(h)
+        if layer is not None:
+            layer.set_state(None, h)
+        return self.out_proj(torch.stack(ys, 1))
+
+    def allocate_inference_state(self, batch_size, max_length, dtype, device):
+        return RecurrentState(None, torch.zeros(batch_size, self.in_proj.in_features, dtype=dtype, device=device))
+
+    def step(self, x_t, state, position):
+        h = torch.sigmoid(self.decay_logit) * position.carried(state.state) + self.in_proj(x_t)
+        state.state.copy_(h)
+        return self.out_proj(h)
+
+
+@pytest.fixture
+def decay_mixer():
+    register_mixer("decay_test")(DecayMixer)
+    yield "decay_test"
+    MIXERS.pop("decay_test")
+
+
+def test_registered_mixer_decodes_through_its_own_state_and_step(decay_mixer):
+    """A mixer registered from outside the package decodes with StaticDecoder through its
+    allocate_inference_state / step alone, beside built-in mixers: greedy tokens equal model.generate and
+    teacher-forced logits equal the full forward (which runs the mixer's own loop, not its step)."""
+    torch.manual_seed(2)
+    cfg = config_for("paragru", "debug", rnn_mode="sequential", num_hidden_layers=3,
+                     layer_pattern=[decay_mixer, "attention", "paragru"])
+    model = ParaRNNLMForCausalLM(cfg).eval()
+    prompt = torch.randint(1, cfg.vocab_size, (2, 5), generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        ref = model.generate(prompt, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    assert torch.equal(StaticDecoder(model, batch_size=2, max_length=32).generate(prompt, max_new_tokens=8), ref)
+    ids = torch.randint(0, cfg.vocab_size, (2, 12), generator=torch.Generator().manual_seed(10))
+    with torch.no_grad():
+        full = model(ids, use_cache=False).logits
+    dec = StaticDecoder(model, batch_size=2, max_length=32)
+    got = [dec.prefill(ids[:, :4]).clone()] + [dec.step(ids[:, t]).clone() for t in range(4, ids.shape[1])]
+    torch.testing.assert_close(torch.stack(got, dim=1), full[:, 3:], atol=1e-4, rtol=1e-4)

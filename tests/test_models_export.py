@@ -1,18 +1,22 @@
 """The HF export (pararnn_lm.models.export, scripts/export_hf.py): it loads in a fresh process that cannot
-import pararnn_lm, with a standard tokenizer, and records the code that wrote it."""
+import pararnn_lm, with a standard tokenizer, and records the code that wrote it; its files import only
+each other, torch and transformers, and the engine's files in it are the package's, verbatim."""
 from __future__ import annotations
 
+import ast
+import importlib.util
 import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 import pararnn_lm
 from pararnn_lm.models import ParaRNNLMForCausalLM, config_for
-from pararnn_lm.models.export import _probe_ids, export_model, load_in_isolated_process, load_source
+from pararnn_lm.models.export import BUNDLE, _probe_ids, export_model, load_in_isolated_process, load_source, write_code
 from repo_scripts import load_script
 
 main = load_script("scripts/export_hf.py").main
@@ -39,18 +43,65 @@ def test_export_loads_without_the_repository(arch, tmp_path):
     assert cfg["auto_map"]["AutoModelForCausalLM"] == "modeling_pararnn_lm.ParaRNNLMForCausalLM"
     assert cfg["pararnn_lm"]["pararnn_lm_version"] == pararnn_lm.__version__ and "git_commit" in cfg["pararnn_lm"]
     assert "pararnn_lm" not in model.config.to_dict()  # the stamp is written, not kept on the live config
-    assert "import kernels" not in (out / "engine.py").read_text().split("def _project_engine")[0]
     assert "| ppl | 12.5 |" in (out / "README.md").read_text()
     ids = _probe_ids(model.config)
     elsewhere = tmp_path / "cwd"
     elsewhere.mkdir()
     got = load_in_isolated_process(out, ids, cwd=elsewhere)
-    assert got["engine"] == "standalone"  # the repository's kernels/ was not importable
+    assert got["engine"] == "reference"  # the engine's reference files in the export, not pararnn_lm.kernels
     with torch.no_grad():
         want = model(ids).logits
         gen = model.generate(ids[:1, :4], max_new_tokens=3, do_sample=False, pad_token_id=0)
     torch.testing.assert_close(torch.tensor(got["logits"]), want, atol=1e-4, rtol=1e-4)
     assert got["generated"] == gen.tolist()
+
+
+# What an export may import unconditionally: Python's standard library, torch and transformers (HF's loader
+# refuses a remote module whose imports outside ``try`` blocks are not installed).
+ALLOWED = set(sys.stdlib_module_names) | {"__future__", "torch", "transformers"}
+
+
+def imports_outside_bundle(folder: Path) -> list[str]:
+    """``file: import`` for every import outside a ``try`` block of a .py file in ``folder`` that is neither
+    ``from .<a file of the folder> import`` nor of an allowed package."""
+    bundle = {p.stem for p in folder.glob("*.py")}
+    bad = []
+
+    def visit(path: Path, node: ast.AST) -> None:
+        if isinstance(node, ast.Try):  # optional dependencies (fla-core, the project's engine)
+            return
+        if isinstance(node, ast.ImportFrom) and node.level:
+            if node.level != 1 or node.module not in bundle:
+                bad.append(f"{path.name}: from {'.' * node.level}{node.module or ''} import")
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module]
+            bad.extend(f"{path.name}: import {n}" for n in names if n.split(".")[0] not in ALLOWED)
+        for child in ast.iter_child_nodes(node):
+            visit(path, child)
+
+    for path in sorted(folder.glob("*.py")):
+        visit(path, ast.parse(path.read_text()))
+    return bad
+
+
+def test_bundled_files_import_only_each_other_torch_and_transformers(tmp_path):
+    write_code(tmp_path)
+    assert {p.stem for p in tmp_path.glob("*.py")} == set(BUNDLE)
+    assert imports_outside_bundle(tmp_path) == []
+    # the check itself: a bundled file importing the package, or a file that is not bundled, is caught
+    (tmp_path / "kernels_sequential.py").write_text("from pararnn_lm.kernels.modes import MODES\nfrom .modes import x\n")
+    assert imports_outside_bundle(tmp_path) == ["kernels_sequential.py: import pararnn_lm.kernels.modes",
+                                                "kernels_sequential.py: from .modes import"]
+
+
+def test_engine_files_are_copied_verbatim_but_for_their_imports(tmp_path):
+    write_code(tmp_path)
+    for flat, module in BUNDLE.items():
+        source = Path(importlib.util.find_spec(module).origin).read_text().splitlines()
+        copy = (tmp_path / f"{flat}.py").read_text().splitlines()
+        assert len(copy) == len(source), flat
+        changed = [(a, b) for a, b in zip(source, copy) if a != b]
+        assert all(a.lstrip().startswith("from ") and b.lstrip().startswith("from .") for a, b in changed), changed
 
 
 def test_export_from_training_checkpoint_with_prefixed_keys(tmp_path):

@@ -86,25 +86,3 @@ def test_decoding_after_a_packed_prefill_continues_the_last_document(arch):
             last = ids[b : b + 1, sum(row) - row[-1] :]
             full = model(torch.cat((last, nxt[b : b + 1]), 1), use_cache=False).logits[0, last.shape[1] - 1 :]
             torch.testing.assert_close(torch.stack([s[b] for s in steps]), full, atol=1e-4, rtol=1e-4)
-
-
-@pytest.mark.parametrize("kind", ["paragru", "paralstm"])
-def test_standalone_cell_layer_takes_resets(kind):
-    """The export's pure-PyTorch cell layer (models/standalone_engine.py) == the engine's with resets."""
-    from pararnn_lm.models.engine import make_cell_layer
-    from pararnn_lm.models.standalone_engine import CELLS, SequentialCellLayer
-
-    torch.manual_seed(0)
-    fast = make_cell_layer(kind, 8, 2, gain_bound=0.5, mode="sequential", newton=None, bias=True, name="x").double()
-    slow = SequentialCellLayer(CELLS[kind](), 8, 2).double()
-    slow.load_state_dict(fast.state_dict())
-    x = torch.randn(3, 9, 8, dtype=torch.float64)
-    h0 = torch.randn(3, fast.state_size, 8, dtype=torch.float64)
-    R = torch.zeros(3, 9, dtype=torch.bool)
-    R[0, 0] = R[0, 4] = R[1, 2] = R[1, 3] = True
-    y_f, h_f = fast(x, h0, resets=R)
-    y_s, h_s = slow(x, h0, resets=R)
-    torch.testing.assert_close(y_s, y_f, atol=1e-12, rtol=0)
-    torch.testing.assert_close(h_s, h_f, atol=1e-12, rtol=0)
-    y_plain, _ = slow(x, h0)
-    assert (y_plain[:2] - y_s[:2]).abs().max() > 1e-3 and torch.equal(y_plain[2], y_s[2])

@@ -1,4 +1,5 @@
-"""Size presets reproduce the paper's parameter counts (docs/method.md) within 2%, counted on meta."""
+"""Size presets reproduce the paper's parameter counts (arXiv 2510.21450, Tables 3-4: the language-model
+configurations) within 2%, counted on meta."""
 from __future__ import annotations
 
 import pytest
@@ -7,7 +8,7 @@ from pararnn_lm.models import ParaRNNLMConfig, config_for, count_parameters
 from pararnn_lm.models.presets import PRESET_SIZES, preset_fields
 
 ARCHS = ("paragru", "paralstm", "mamba2", "attention")
-PAPER = {  # docs/method.md, typed in independently of the YAML files
+PAPER = {  # the paper's table, typed in independently of the YAML files
     "400m": {"paragru": 406e6, "paralstm": 406e6, "mamba2": 409e6, "attention": 412e6},
     "1b": {"paragru": 1.42e9, "paralstm": 1.42e9, "mamba2": 1.43e9, "attention": 1.44e9},
     "2.9b": {"paragru": 2.90e9, "paralstm": 2.90e9, "mamba2": 2.83e9, "attention": 2.80e9},

@@ -26,8 +26,7 @@ class CellLayerBase(nn.Module):
             of the diagonal recurrence matrix diag(a), which is what keeps each channel's Jacobian
             small whatever the width (the reference implementation truncates its Gaussian gain init
             elementwise at the same bound). "row": the L2 norm of each parameter row over all
-            channels (this project's behaviour before 2026-11-26; per-channel gains then shrink as
-            bound / sqrt(dim)).
+            channels (per-channel gains then shrink as bound / sqrt(dim)).
         name: how errors and warnings name this layer (e.g. "model.layers.3.mixer").
     """
 

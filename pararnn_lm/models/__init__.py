@@ -11,6 +11,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 from .cache import ParaRNNCache
 from .configuration import KNOWN_MIXERS, ParaRNNLMConfig
 from .decode import StaticDecoder
+from .inference import InferenceState, RecurrentState, TokenPosition
 from .modeling import (
     ParaRNNLMForCausalLM,
     ParaRNNLMModel,
@@ -31,5 +32,6 @@ AutoModelForCausalLM.register(ParaRNNLMConfig, ParaRNNLMForCausalLM, exist_ok=Tr
 __all__ = [
     "ParaRNNLMConfig", "ParaRNNLMModel", "ParaRNNLMForCausalLM", "ParaRNNLMPreTrainedModel", "ParaRNNLMOutput",
     "ParaRNNCache", "MIXERS", "register_mixer", "build_mixer", "build_synthetic_model", "check_tokenizer",
-    "config_for", "count_parameters", "PRESET_SIZES", "StaticDecoder",
+    "config_for", "count_parameters", "PRESET_SIZES", "StaticDecoder", "InferenceState", "RecurrentState",
+    "TokenPosition",
 ]

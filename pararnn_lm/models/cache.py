@@ -1,11 +1,12 @@
 """Generation cache for mixed stacks: a KV cache for attention layers, O(1) states for recurrent ones.
 
 Built on transformers' ``Cache`` container (layers list): attention layers use ``DynamicLayer``,
-recurrent layers (ParaGRU, ParaLSTM, Mamba2) a ``LinearAttentionLayer``-shaped holder whose
-``conv_states[0]`` is the causal conv's window of the last K-1 inputs (B, K-1, C) and
-``recurrent_states[0]`` the cell/SSM state. The cache also carries what the model needs to continue
-documents across calls: each row's last position and, for attention, the document id of every
-cached token (so a decode step never attends across a document boundary or to left padding).
+every other layer (ParaGRU, ParaLSTM, Mamba2, registered mixers) a ``LinearAttentionLayer``-shaped
+holder whose ``conv_states[0]`` is the causal conv's window of the last K-1 inputs (B, K-1, C) and
+``recurrent_states[0]`` the cell/SSM state: a multi-token forward sets them, a one-token forward's mixer
+``step`` updates them in place. The cache also carries what the model needs to continue documents
+across calls: each row's last position and, for attention, the document id of every cached token (so
+a decode step never attends across a document boundary or to left padding).
 """
 from __future__ import annotations
 
@@ -56,9 +57,10 @@ class RecurrentStateLayer(_StateLayerBase):
         return self.conv_states[0], self.recurrent_states[0]
 
     def set_state(self, conv: torch.Tensor | None, recurrent: torch.Tensor) -> None:
-        # Plain assignment: shapes are fixed after prefill, and states must not alias autograd buffers.
-        self.conv_states[0] = conv.detach() if conv is not None else None
-        self.recurrent_states[0] = recurrent.detach()
+        # Copies that the cache owns: a one-token step of the mixer (models/inference.py) then updates
+        # them in place, which must not touch tensors of the forward's autograd graph.
+        self.conv_states[0] = conv.detach().clone() if conv is not None else None
+        self.recurrent_states[0] = recurrent.detach().clone()
         self.is_conv_states_initialized[0] = conv is not None
         self.is_recurrent_states_initialized[0] = True
         self.has_previous_state[0] = True

@@ -13,12 +13,20 @@ from typing import Any
 
 from transformers import PretrainedConfig
 
-# Mixer names known to the registry. Kept here (not imported from the registry) so the config can be
-# validated without importing the modules; ``models.registry`` asserts both lists agree.
+from .registry import MIXERS
+
+# The built-in mixers, listed here so that a config validates before the mixer modules are imported
+# (exports load the config first; ``models/__init__`` asserts the registry holds exactly these). Mixers
+# registered later with ``register_mixer`` are accepted too (:func:`known_mixers`).
 KNOWN_MIXERS = ("paragru", "paralstm", "mamba2", "attention")
 RNN_MIXERS = ("paragru", "paralstm")
 ATTENTION_IMPLS = ("auto", "sdpa", "flex")
 SSD_BACKENDS = ("auto", "torch", "fla", "mamba_ssm")  # models.ssd asserts its kernels agree
+
+
+def known_mixers() -> tuple[str, ...]:
+    """The built-in mixers and those registered since."""
+    return KNOWN_MIXERS + tuple(name for name in MIXERS if name not in KNOWN_MIXERS)
 
 
 class ParaRNNLMConfig(PretrainedConfig):
@@ -33,8 +41,8 @@ class ParaRNNLMConfig(PretrainedConfig):
         rnn_num_heads: ParaRNN heads when they differ from the attention heads (hybrid stacks).
         rnn_expand: ParaRNN inner width = rnn_expand * hidden_size.
         rnn_gain_bound: bound on the cell's recurrent gains (paper: 0.5 for LMs, 0.9 synthetic); None = no bound.
-        rnn_gain_norm: "channel" (each gain |a_i| <= bound; default) or "row" (L2 norm of each parameter row
-            over all channels: checkpoints made before 2026-11-26 were trained with it).
+        rnn_gain_norm: "channel" (each gain |a_i| <= bound; default) or "row" (the L2 norm of each parameter
+            row over all channels is bounded, so per-channel gains shrink as bound / sqrt(width)).
         rnn_mode: ``kernels.parallel_rnn`` mode (``auto``, ``sequential``, ``newton_torch``, ...).
         rnn_newton: dict of ``kernels.NewtonConfig`` fields (max_iters, tol, damping, on_failure, validate).
         conv_kernel: width of the short causal depthwise conv (ParaRNN and Mamba2 mixers).
@@ -201,12 +209,13 @@ class ParaRNNLMConfig(PretrainedConfig):
             need(isinstance(value, int) and value > 0, f"{name} must be a positive int, got {value!r}")
         need(isinstance(self.intermediate_size, int) and self.intermediate_size >= 0,
              f"intermediate_size must be an int >= 0 (0 = no MLP), got {self.intermediate_size!r}")
-        need(self.mixer in KNOWN_MIXERS, f"unknown mixer {self.mixer!r}; known mixers: {', '.join(KNOWN_MIXERS)}")
+        known = known_mixers()
+        need(self.mixer in known, f"unknown mixer {self.mixer!r}; known mixers: {', '.join(known)}")
         if self.layer_pattern is not None:
             need(len(self.layer_pattern) == self.num_hidden_layers,
                  f"layer_pattern has {len(self.layer_pattern)} entries but num_hidden_layers={self.num_hidden_layers}")
-            bad = sorted({m for m in self.layer_pattern if m not in KNOWN_MIXERS})
-            need(not bad, f"unknown mixer(s) {bad} in layer_pattern; known mixers: {', '.join(KNOWN_MIXERS)}")
+            bad = sorted({m for m in self.layer_pattern if m not in known})
+            need(not bad, f"unknown mixer(s) {bad} in layer_pattern; known mixers: {', '.join(known)}")
         used = set(self.mixers)
         if "attention" in used:
             need(self.hidden_size % self.num_attention_heads == 0,

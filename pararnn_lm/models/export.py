@@ -9,25 +9,24 @@ A source (:func:`load_source`) is one of
   model config: ``--config`` (a config.json), or ``--arch``/``--size`` (+ ``--vocab-size``) presets.
 
 The export holds ``model.safetensors``, ``config.json`` (with ``auto_map``), ``generation_config.json``,
-tokenizer files (``--tokenizer``), a model card (README.md) and the modeling code. How the code is made
-self-contained: the modules of ``models/`` are copied flat (they only use relative imports among
-themselves, torch and transformers), with ``engine.py`` - the one module that imports the project's
-``kernels`` package - replaced by ``models/standalone_engine.py`` in which the cell classes' source
-(``kernels/cell.py``, ``kernels/cells/*/cell.py``) is inlined. The export therefore loads with
-``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`` with only torch + transformers
-installed (sequential cell recurrence, PyTorch SSD); where the project is installed it uses ``kernels``
-(Newton + parallel scans, Triton on GPU) and fla-core for Mamba2 on CUDA. After writing, the export is
-reloaded and its logits are compared with the source model's.
+tokenizer files (``--tokenizer``), a model card (README.md) and the modeling code, flat in one folder
+(:data:`BUNDLE`): the modules of ``models/`` and the engine's torch-only reference files (the cell base
+and cells, ``config.py``, ``layout.py``, the sequential recurrence and the layer base), copied verbatim
+with every import of a bundled module pointed at its flat file (:func:`rewrite_imports`). The export
+loads with ``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`` with only torch +
+transformers installed: ``engine.py`` then builds the cell layers from the copied files (sequential
+recurrence) and Mamba2 runs the PyTorch SSD; where the project is installed ``engine.py`` takes its
+engine (Newton + parallel scans, Triton on GPU) and Mamba2 takes fla-core on CUDA. After writing, the
+export is reloaded and its logits are compared with the source model's.
 """
 from __future__ import annotations
 
-import inspect
+import importlib.util
 import json
 import logging
 import re
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -37,43 +36,51 @@ from ..provenance import build_info
 from .configuration import ParaRNNLMConfig
 from .modeling import ParaRNNLMForCausalLM, check_tokenizer
 
-MODELS_DIR = Path(__file__).resolve().parent
 log = logging.getLogger(__name__)
 
-# models/ modules the exported code needs (presets.py needs yaml + configs/, so it stays behind).
-BUNDLED = ("configuration", "modeling", "mixers", "attention", "layers", "packing", "ssd", "cache", "loss", "registry")
-RENAMES = {"configuration": "configuration_pararnn_lm", "modeling": "modeling_pararnn_lm"}
-CELLS_BLOCK = re.compile(r"# --- CELLS BEGIN.*?# --- CELLS END ---\n", re.S)
+# The export's modules: flat file name -> the package module copied verbatim (imports rewritten). The models
+# (presets.py needs yaml + configs/ and stays behind; decode.py and export.py are tools, not the model) and
+# the engine's torch-only reference files, which import only each other.
+BUNDLE = {
+    "configuration_pararnn_lm": "pararnn_lm.models.configuration",
+    "modeling_pararnn_lm": "pararnn_lm.models.modeling",
+    **{name: f"pararnn_lm.models.{name}" for name in (
+        "mixers", "inference", "attention", "layers", "packing", "ssd", "cache", "loss", "registry", "engine")},
+    "kernels_cell": "pararnn_lm.kernels.cell",
+    "kernels_config": "pararnn_lm.kernels.config",
+    "kernels_layout": "pararnn_lm.kernels.layout",
+    "kernels_sequential": "pararnn_lm.kernels.sequential",
+    "kernels_layer_base": "pararnn_lm.kernels.layer_base",
+    "kernels_paragru_cell": "pararnn_lm.kernels.cells.paragru.cell",
+    "kernels_paralstm_cell": "pararnn_lm.kernels.cells.paralstm.cell",
+}
+FLAT_NAMES = {module: flat for flat, module in BUNDLE.items()}
+_FROM_IMPORT = re.compile(r"^(\s*)from\s+(\.*)([\w.]*)(\s+import\b)", re.M)
 
 
 # ---------------------------------------------------------------------------------------------- code
-def _rewrite_imports(source: str) -> str:
-    for old, new in RENAMES.items():
-        source = re.sub(rf"^(\s*)from \.{old} import", rf"\1from .{new} import", source, flags=re.M)
-    return source
+def _absolute(module: str, dots: str, name: str) -> str:
+    """The module that ``from <dots><name> import`` names inside ``module`` (a plain module, not a package)."""
+    if not dots:
+        return name
+    package = module.split(".")[: -len(dots)]
+    return ".".join(package + ([name] if name else []))
 
 
-def standalone_engine_source() -> str:
-    """``standalone_engine.py`` with the cell classes inlined from kernels/ (the single source of the math)."""
-    from pararnn_lm.kernels.cell import Cell
-    from pararnn_lm.kernels.cells import ParaGRU, ParaLSTM
-    from pararnn_lm.kernels.layers import CellLayerBase
+def rewrite_imports(source: str, module: str) -> str:
+    """Point every import of a bundled module at its flat file (``from .<flat> import``); others stay."""
+    def flat(match: re.Match) -> str:
+        target = FLAT_NAMES.get(_absolute(module, match[2], match[3]))
+        return match[0] if target is None else f"{match[1]}from .{target}{match[4]}"
 
-    cells = "\n\n".join(textwrap.dedent(inspect.getsource(c)) for c in (Cell, ParaGRU, ParaLSTM, CellLayerBase))
-    header = ("# --- inlined by scripts/export_hf.py from kernels/cell.py, kernels/cells/*/cell.py and "
-              "kernels/layers.py ---\n")
-    source = (MODELS_DIR / "standalone_engine.py").read_text()
-    if not CELLS_BLOCK.search(source):
-        raise RuntimeError("models/standalone_engine.py lost its CELLS BEGIN/END markers")
-    return CELLS_BLOCK.sub(lambda _: header + cells + "\n", source)
+    return _FROM_IMPORT.sub(flat, source)
 
 
 def write_code(out: Path) -> dict[str, str]:
     """Copy the modeling code into ``out``; returns the ``auto_map``."""
-    for name in BUNDLED:
-        src = (MODELS_DIR / f"{name}.py").read_text()
-        (out / f"{RENAMES.get(name, name)}.py").write_text(_rewrite_imports(src))
-    (out / "engine.py").write_text(standalone_engine_source())
+    for flat, module in BUNDLE.items():
+        source = Path(importlib.util.find_spec(module).origin).read_text()
+        (out / f"{flat}.py").write_text(rewrite_imports(source, module))
     return {
         "AutoConfig": "configuration_pararnn_lm.ParaRNNLMConfig",
         "AutoModel": "modeling_pararnn_lm.ParaRNNLMModel",

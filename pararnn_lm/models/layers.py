@@ -68,7 +68,8 @@ class CausalConv1d(nn.Module):
     Without a carried window (training, prefill) on CUDA it runs the engine's fused Triton conv
     (kernels/conv.py: one kernel forward, two backward, fp32 accumulation); ``fused`` forces it on (tests, under
     TRITON_INTERPRET) or off. Otherwise - decoding, CPU, exports without the project - the PyTorch code
-    below, which is also the reference the fused kernels are tested against.
+    below, which is also the reference the fused kernels are tested against. :meth:`step` is one token of
+    it for decoding with a static window buffer (``allocate_inference_state``).
     """
 
     def __init__(self, channels: int, kernel: int) -> None:
@@ -103,6 +104,18 @@ class CausalConv1d(nn.Module):
             y = y + tap * w[:, K - 1 - j]
         y = y + self.conv.bias.to(x.dtype)
         return (F.silu(y) if silu else y), xx[:, xx.shape[1] - (K - 1) :]
+
+    def allocate_inference_state(self, batch_size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """The window of the last K-1 inputs (B, K-1, C) that :meth:`step` reads and updates."""
+        return torch.zeros(batch_size, self.kernel - 1, self.conv.in_channels, dtype=dtype, device=device)
+
+    def step(self, x_t: torch.Tensor, window: torch.Tensor, positions: torch.Tensor, *,
+             silu: bool = False) -> torch.Tensor:
+        """One token: x_t (B, C), positions (B,) -> y_t (B, C), as :meth:`forward` with ``window`` as
+        the context; ``window`` is updated in place."""
+        y, new_window = self.forward(x_t.unsqueeze(1), positions.unsqueeze(1), window, silu=silu)
+        window.copy_(new_window.detach())
+        return y[:, 0]
 
 
 class RotaryEmbedding(nn.Module):

@@ -2,7 +2,9 @@
 
 Every mixer: ``forward(x (B, T, d), seq, cache, attn_mask) -> (B, T, d)``; with a cache it reads
 its state (if a previous call left one) and writes the state after the chunk, so prefill runs the
-parallel path and decoding continues from its final states with O(1) work per token.
+parallel path and decoding continues from its final states with O(1) work per token. For decoding
+with static buffers every mixer also has ``allocate_inference_state`` and a one-token ``step``
+(models/inference.py); the recurrent mixers run that same step when the cache path gets one token.
 
 Init (DCLM / open_lm style, applied by ``ParaRNNLMPreTrainedModel._init_weights``): input-side projections truncated-normal (+-3 std)
 with std = 1/sqrt(fan_in); residual-branch output projections additionally / sqrt(2 (layer_idx+1));
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +23,7 @@ from torch import nn
 
 from .attention import flex_attention, is_block_mask
 from .engine import make_cell_layer
+from .inference import InferenceState, RecurrentState, TokenPosition, compute_dtype
 from .layers import CausalConv1d, GatedRMSNorm, RotaryEmbedding, apply_rope, mark_residual_output
 from .registry import register_mixer
 from .ssd import SSD_KERNELS, resolve_ssd_backend, ssd_chunked, ssd_step
@@ -50,11 +54,7 @@ class ParaRNNMixer(nn.Module):
             self.norm = GatedRMSNorm(di, eps=config.rms_norm_eps)
             self.out_proj = mark_residual_output(nn.Linear(di, d, bias=False), layer_idx)
 
-
     def _run_cell(self, u: torch.Tensor, seq, h0: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        if h0 is not None and u.shape[1] == 1:  # decoding: one step of the cell, no Newton
-            y, h = self.cell.step(u[:, 0], seq.masked_initial(h0))
-            return y.unsqueeze(1), h
         if seq.known_one_document_per_row:  # no document starts after t = 0: the compact start map
             return self.cell(u, seq.masked_initial(h0))
         # Documents may start inside rows: each start restarts from zero (the first step from the carried
@@ -65,6 +65,8 @@ class ParaRNNMixer(nn.Module):
     def forward(self, x: torch.Tensor, seq, cache=None, attn_mask=None) -> torch.Tensor:
         state = cache.recurrent_layer(self.layer_idx) if cache is not None else None
         ctx, h0 = state.get_state() if state is not None else (None, None)
+        if h0 is not None and x.shape[1] == 1:  # decoding: one step from the cached state, updated in place
+            return self.step(x[:, 0], RecurrentState(ctx, h0), TokenPosition(seq.positions[:, 0])).unsqueeze(1)
         if self.bare:
             y, h = self._run_cell(x, seq, h0)
             if state is not None:
@@ -75,6 +77,25 @@ class ParaRNNMixer(nn.Module):
         y, h = self._run_cell(u, seq, h0)
         if state is not None:
             state.set_state(new_ctx, h)
+        return self.out_proj(self.norm(y, z))
+
+    def allocate_inference_state(self, batch_size: int, max_length: int, dtype: torch.dtype,
+                                 device: torch.device) -> RecurrentState:
+        """The conv window (B, K-1, inner) and the cell state (B, K, inner) in fp32 (fp64 for fp64)."""
+        window = None if self.bare else self.conv.allocate_inference_state(batch_size, dtype, device)
+        h = torch.zeros(batch_size, self.cell.state_size, self.cell.dim, dtype=compute_dtype(dtype), device=device)
+        return RecurrentState(window, h)
+
+    def step(self, x_t: torch.Tensor, state: RecurrentState, position: TokenPosition) -> torch.Tensor:
+        """One token (B, d) -> (B, d): the forward's operations, with the cell's single step (no Newton)."""
+        if self.bare:
+            y, h = self.cell.step(x_t, position.carried(state.state))
+            state.state.copy_(h.detach())
+            return y
+        u, z = self.in_proj(x_t).chunk(2, dim=-1)
+        u = self.conv.step(u, state.conv_window, position.positions, silu=True)
+        y, h = self.cell.step(u, position.carried(state.state))
+        state.state.copy_(h.detach())
         return self.out_proj(self.norm(y, z))
 
 
@@ -124,7 +145,6 @@ class Mamba2Mixer(nn.Module):
                 self.A_log.copy_(torch.log(torch.empty(self.H, device=u.device).uniform_(lo, hi)))
                 self.D.fill_(1.0)
 
-
     def kernel_backend(self, x: torch.Tensor) -> str:
         """``torch`` (chunked PyTorch SSD) or the ``SSD_KERNELS`` entry that runs this input. ``auto``
         keeps fp64 (reference runs) on the PyTorch SSD: the Triton kernels compute in fp32."""
@@ -132,42 +152,92 @@ class Mamba2Mixer(nn.Module):
             return "torch"
         return resolve_ssd_backend(self.backend, x.device)
 
+    def _split(self, proj: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        """in_proj's output -> z (None when bare), xBC (before the conv), dt (before the softplus)."""
+        if self.bare:
+            xBC, dt = proj.split([self.conv_dim, self.H], dim=-1)
+            return None, xBC, dt
+        return proj.split([self.di, self.conv_dim, self.H], dim=-1)
+
+    def _discretisation(self, dt: torch.Tensor, compute: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Step sizes softplus(dt + dt_bias) and the decay rates A = -exp(A_log), in ``compute``."""
+        return F.softplus(dt.to(compute) + self.dt_bias.to(compute)), -torch.exp(self.A_log.to(compute))
+
+    def _output(self, y: torch.Tensor, xs: torch.Tensor, z: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+        """SSD output (..., H, P) + D skip -> gated norm (unless bare) -> out_proj."""
+        y = y + xs * self.D.to(xs.dtype)[:, None]
+        y = y.reshape(*y.shape[:-2], self.di).to(dtype)
+        return self.out_proj(y if self.bare else self.norm(y, z))
+
     def forward(self, x: torch.Tensor, seq, cache=None, attn_mask=None) -> torch.Tensor:
         B, T, _ = x.shape
         state = cache.recurrent_layer(self.layer_idx) if cache is not None else None
         ctx, S0 = state.get_state() if state is not None else (None, None)
-        proj = self.in_proj(x)
-        if self.bare:
-            z = None
-            xBC, dt = proj.split([self.conv_dim, self.H], dim=-1)
-            new_ctx = None
-        else:
-            z, xBC, dt = proj.split([self.di, self.conv_dim, self.H], dim=-1)
+        if S0 is not None and T == 1:  # decoding: one step from the cached state, updated in place
+            return self.step(x[:, 0], RecurrentState(ctx, S0), TokenPosition(seq.positions[:, 0])).unsqueeze(1)
+        z, xBC, dt = self._split(self.in_proj(x))
+        new_ctx = None
+        if not self.bare:
             xBC, new_ctx = self.conv(xBC, seq.positions, ctx, silu=True)
         xs, Bm, Cm = xBC.split([self.di, self.G * self.N, self.G * self.N], dim=-1)
-        compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+        compute = compute_dtype(x.dtype)
         xs = xs.reshape(B, T, self.H, self.P)
         Bm, Cm = Bm.reshape(B, T, self.G, self.N), Cm.reshape(B, T, self.G, self.N)
-        dt = F.softplus(dt.to(compute) + self.dt_bias.to(compute))
-        A = -torch.exp(self.A_log.to(compute))
-        if S0 is not None and T == 1:  # decoding step
-            y, S = ssd_step(seq.masked_initial(S0).to(compute), xs[:, 0].to(compute), dt[:, 0], A,
-                            Bm[:, 0].to(compute), Cm[:, 0].to(compute))
-            y = y.unsqueeze(1)
-        elif (backend := self.kernel_backend(x)) != "torch":
+        dt, A = self._discretisation(dt, compute)
+        if (backend := self.kernel_backend(x)) != "torch":
             kernel = SSD_KERNELS[backend][1]
             y, S = kernel(xs, dt, A, Bm, Cm, None if S0 is None else S0.float(), seq.resets, seq)
             y, S = y.to(compute), S.to(compute)
         else:
             y, S = ssd_chunked(xs.to(compute), dt, A, Bm.to(compute), Cm.to(compute),
                                None if S0 is None else S0.to(compute), seq.resets, self.config.mamba_chunk_size)
-        y = y + xs.to(compute) * self.D.to(compute)[:, None]
-        y = y.reshape(B, T, self.di).to(x.dtype)
         if state is not None:
             state.set_state(new_ctx, S)
+        return self._output(y, xs.to(compute), z, x.dtype)
+
+    def allocate_inference_state(self, batch_size: int, max_length: int, dtype: torch.dtype,
+                                 device: torch.device) -> RecurrentState:
+        """The conv window (B, K-1, conv_dim) and the SSM state (B, H, P, N) in fp32 (fp64 for fp64)."""
+        window = None if self.bare else self.conv.allocate_inference_state(batch_size, dtype, device)
+        S = torch.zeros(batch_size, self.H, self.P, self.N, dtype=compute_dtype(dtype), device=device)
+        return RecurrentState(window, S)
+
+    def step(self, x_t: torch.Tensor, state: RecurrentState, position: TokenPosition) -> torch.Tensor:
+        """One token (B, d) -> (B, d): the forward's operations with the SSD's single step."""
+        B, compute = x_t.shape[0], compute_dtype(x_t.dtype)
+        z, xBC, dt = self._split(self.in_proj(x_t))
         if not self.bare:
-            y = self.norm(y, z)
-        return self.out_proj(y)
+            xBC = self.conv.step(xBC, state.conv_window, position.positions, silu=True)
+        xs, Bm, Cm = xBC.split([self.di, self.G * self.N, self.G * self.N], dim=-1)
+        xs = xs.reshape(B, self.H, self.P).to(compute)
+        Bm, Cm = Bm.reshape(B, self.G, self.N).to(compute), Cm.reshape(B, self.G, self.N).to(compute)
+        dt, A = self._discretisation(dt, compute)
+        y, S = ssd_step(position.carried(state.state).to(compute), xs, dt, A, Bm, Cm)
+        state.state.copy_(S.detach())
+        return self._output(y, xs, z, x_t.dtype)
+
+
+@dataclass
+class KVState(InferenceState):
+    """An attention layer's decoding buffers: ``max_length`` key/value slots and which of them the
+    current token may attend to (the keys of its own document)."""
+
+    keys: torch.Tensor  # (B, Hkv, max_length, head_dim)
+    values: torch.Tensor  # (B, Hkv, max_length, head_dim)
+    valid: torch.Tensor  # (B, max_length) bool
+
+    @property
+    def capacity(self) -> int:
+        return self.keys.shape[2]
+
+    def load(self, cache, layer_idx: int) -> None:
+        layer = cache.layers[layer_idx]
+        S = layer.keys.shape[2]
+        self.keys[:, :, :S].copy_(layer.keys)
+        self.values[:, :, :S].copy_(layer.values)
+        doc = cache.doc_ids
+        self.valid.zero_()
+        self.valid[:, :S].copy_(doc == doc[:, -1:])
 
 
 @register_mixer("attention")
@@ -188,7 +258,6 @@ class AttentionMixer(nn.Module):
         self.o_proj = mark_residual_output(nn.Linear(self.H * self.hd, d, bias=config.attention_bias), layer_idx)
         self.rope = RotaryEmbedding(self.hd, config.rope_theta)
 
-
     def forward(self, x: torch.Tensor, seq, cache=None, attn_mask=None) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.H, self.hd).transpose(1, 2)
@@ -203,11 +272,36 @@ class AttentionMixer(nn.Module):
             return self.o_proj(out.transpose(1, 2).reshape(B, T, self.H * self.hd))
         if cache is not None:
             k, v = cache.layers[self.layer_idx].update(k, v)
-        if self.Hkv != self.H:
-            k = k.repeat_interleave(self.H // self.Hkv, dim=1)
-            v = v.repeat_interleave(self.H // self.Hkv, dim=1)
+        k, v = self._repeat_kv(k), self._repeat_kv(v)
         if attn_mask is None:  # one document per row, no cached prefix: plain causal (flash path on GPU)
             out = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.H * self.hd))
+
+    def _repeat_kv(self, t: torch.Tensor) -> torch.Tensor:
+        """GQA: (B, Hkv, S, hd) -> (B, H, S, hd), query head h reading kv head h // (H / Hkv)."""
+        return t if self.Hkv == self.H else t.repeat_interleave(self.H // self.Hkv, dim=1)
+
+    def allocate_inference_state(self, batch_size: int, max_length: int, dtype: torch.dtype,
+                                 device: torch.device) -> KVState:
+        shape = (batch_size, self.Hkv, max_length, self.hd)
+        return KVState(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device),
+                       torch.zeros(batch_size, max_length, dtype=torch.bool, device=device))
+
+    def step(self, x_t: torch.Tensor, state: KVState, position: TokenPosition) -> torch.Tensor:
+        """One token (B, d) -> (B, d): its key and value go to slot ``position.slot``; it attends to the
+        valid slots (SDPA with the boolean mask over all ``max_length`` slots: static shapes)."""
+        B = x_t.shape[0]
+        q = self.q_proj(x_t).view(B, self.H, 1, self.hd)
+        k = self.k_proj(x_t).view(B, self.Hkv, 1, self.hd)
+        v = self.v_proj(x_t).view(B, self.Hkv, 1, self.hd)
+        cos, sin = self.rope(position.positions.unsqueeze(1))
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        state.keys.index_copy_(2, position.slot, k)
+        state.values.index_copy_(2, position.slot, v)
+        state.valid.logical_and_(position.continues.unsqueeze(1))  # a new document sees no earlier key
+        state.valid.index_fill_(1, position.slot, True)
+        out = F.scaled_dot_product_attention(q, self._repeat_kv(state.keys), self._repeat_kv(state.values),
+                                             attn_mask=state.valid[:, None, None, :])
+        return self.o_proj(out.reshape(B, self.H * self.hd))

@@ -90,6 +90,17 @@ class ParaRNNLMBlock(nn.Module):
             x = x + self.mlp(self.mlp_norm(x))
         return x
 
+    def step(self, x_t: torch.Tensor, state, position) -> torch.Tensor:
+        """One token (B, hidden) through the block: :meth:`forward` with the mixer's one-token ``step``,
+        which updates the mixer's inference ``state`` in place (models/inference.py)."""
+        if self.bare:
+            x_t = self.mixer.step(x_t, state, position)
+        else:
+            x_t = x_t + self.mixer.step(self.mixer_norm(x_t), state, position)
+        if self.mlp is not None:
+            x_t = x_t + self.mlp(self.mlp_norm(x_t))
+        return x_t
+
 
 def _all_loaded(module: nn.Module) -> bool:
     """True when every parameter below ``module`` came from a checkpoint (HF marks them)."""

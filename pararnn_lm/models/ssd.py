@@ -144,7 +144,7 @@ def _fla_serves(index: int) -> bool:
 
 def fla_available(device: torch.device) -> bool:
     """fla-core's kernel can serve this device: installed, CUDA, and not the Hopper + triton < 3.7.1 pair
-    on which fla refuses its gated backward (peer-benchmarks.md)."""
+    on which fla refuses its gated backward."""
     return _probe_per_device(_FLA_STATUS, device, _fla_serves)
 
 
