@@ -1,8 +1,10 @@
 """Registry of sequence mixers: name -> factory(config, layer_idx) -> nn.Module.
 
-A mixer module implements ``forward(x, seq, cache, attn_mask) -> y`` (x, y: (B, T, hidden)) and
-``init_weights(base_std)``; ``seq`` is a :class:`models.packing.SequenceInfo`, ``cache`` a
-:class:`models.cache.ParaRNNCache` or None. New mixers register with ``@register_mixer("name")``.
+A mixer module implements ``forward(x, seq, cache, attn_mask) -> y`` (x, y: (B, T, hidden)); ``seq`` is a
+:class:`models.packing.SequenceInfo`, ``cache`` a :class:`models.cache.ParaRNNCache` or None. For decoding
+with static buffers (:class:`models.decode.StaticDecoder`) it also implements ``allocate_inference_state``
+and a one-token ``step`` (models/inference.py). New mixers register with ``@register_mixer("name")``; the
+config accepts their names once registered.
 """
 from __future__ import annotations
 
