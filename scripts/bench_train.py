@@ -243,7 +243,7 @@ class Config:
         return f"{label}-{self.arch}-{self.layout}-{self.gpus}gpu-mb{self.micro_batch}"
 
 
-def overrides(c: Config, run_dir: Path, a: argparse.Namespace) -> list[str]:
+def overrides(c: Config, run_dir: Path, a: argparse.Namespace, resume: bool = False) -> list[str]:
     return [
         f"run_dir={run_dir}", f"model={c.arch}", f"size={a.size}", f"deepspeed={a.deepspeed}",
         f"data.seq_len={a.seq_len}", *([f"+model.overrides.vocab_size={a.vocab_size}"] if a.vocab_size else []),
@@ -251,7 +251,7 @@ def overrides(c: Config, run_dir: Path, a: argparse.Namespace) -> list[str]:
         f"train.steps={a.steps}", f"train.log_every={a.log_every}", f"train.compile={str(a.compile).lower()}",
         f"train.activation_checkpointing={str(a.activation_checkpointing).lower()}",
         f"train.precision={a.precision}", "eval.every=0", "eval.at_end=false", "export.at_end=false",
-        f"checkpoint.every={a.checkpoint_every if a.check_resume else 0}", "resume=none",
+        f"checkpoint.every={a.checkpoint_every if a.check_resume else 0}", f"resume={'auto' if resume else 'none'}",
         "logging.wandb_mode=disabled", "logging.progress_bar=false",
         *([f"data.cache_dir={a.cache_dir}"] if a.cache_dir else []), *a.extra,
     ]
@@ -290,8 +290,8 @@ def summarise(records: list[dict], log_every: int) -> dict:
     if not timed:
         raise ValueError(f"no log step after step {log_every}: raise --steps")
     step_s = sum(r["step_time_s"] * n for r, n in timed) / sum(n for _, n in timed)
-    tokens_per_s = timed[-1][0]["tokens_per_s"] * timed[-1][0]["step_time_s"] / step_s
     last = timed[-1][0]
+    tokens_per_s = last["tokens_per_s"] * last["step_time_s"] / step_s  # tokens per step / step time
     return {
         "tokens_per_s": tokens_per_s,
         "step_ms": 1e3 * step_s,
@@ -308,8 +308,7 @@ def run_train(c: Config, run_dir: Path, a: argparse.Namespace, *, devices: str |
     if not resume:
         shutil.rmtree(run_dir, ignore_errors=True)  # no stale steps or checkpoints of an earlier run
     run_dir.mkdir(parents=True, exist_ok=True)
-    args = overrides(c, run_dir, a) + (["resume=auto"] if resume else [])
-    spec = {"overrides": args, "layout": c.layout, "profile": a.profile, "run_dir": str(run_dir),
+    spec = {"overrides": overrides(c, run_dir, a, resume), "layout": c.layout, "profile": a.profile, "run_dir": str(run_dir),
             "log_every": a.log_every, "steps": a.steps}
     env = {**os.environ, "PYTHONUNBUFFERED": "1",
            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, min(4, (os.cpu_count() or 1) // c.gpus))))}
