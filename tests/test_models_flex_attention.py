@@ -173,7 +173,7 @@ def test_decoding_keeps_sdpa_with_flex_forced(flex_calls):
 
 @pytest.mark.slow
 def test_compiled_block_takes_the_block_mask_without_recompiling():
-    """Training compiles each block (training/factory.py): the BlockMask is a block input, a new packing
+    """Training compiles each block (pararnn_lm/training/build.py): the BlockMask is a block input, a new packing
     (new document ids, same shapes) must not recompile, and the compiled flex == SDPA."""
     import torch._dynamo
 

@@ -91,7 +91,7 @@ def document_block_mask(doc_ids: torch.Tensor):
 def flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask, enable_gqa: bool) -> torch.Tensor:
     """(B, H, T, hd) x (B, Hkv, T, hd) -> (B, H, T, hd) under ``block_mask``.
 
-    Inside torch.compile (training compiles every decoder block: training/factory.py compile_blocks)
+    Inside torch.compile (training compiles every decoder block: pararnn_lm/training/build.py compile_blocks)
     ``flex_attention`` is traced into the block's graph and lowered to the fused kernel. Called
     eagerly it would run PyTorch's unfused reference (it materialises the full score matrix, slower
     than the SDPA dense-mask path), so on CUDA eager callers go through one module-level

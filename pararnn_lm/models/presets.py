@@ -1,7 +1,7 @@
 """Size presets (configs/model/presets/<size>.yaml) -> ParaRNNLMConfig, and parameter counting.
 
 Hydra selects ``model.arch`` (configs/model/<arch>.yaml) and ``model.size`` (configs/size/<size>.yaml);
-the training factory then calls ``config_for(arch, size, vocab_size=..., **overrides)``. The numbers
+the training run (pararnn_lm/training/build.py) then calls ``config_for(arch, size, vocab_size=..., **overrides)``. The numbers
 live in one YAML per size so the table, its derivation and the paper targets sit side by side.
 """
 from __future__ import annotations
