@@ -9,31 +9,38 @@ from pararnn_lm.eval.synthetic import IGNORE_INDEX, TASKS, k_hop, keep_nth, make
 
 # ---- independent solvers: plain Python over token lists, no tensors, written from the definitions ----
 
-def solve_keep_nth(tokens: list[int], n: int, dense: bool = False) -> dict[int, int]:
+def solve_keep_nth(tokens: list[int], n: int, scoring: str = "dense") -> dict[int, int]:
     answer = tokens[n - 1]
-    if not dense:
+    if scoring == "last":
         return {len(tokens) - 1: answer}
     return {i: answer for i in range(n, len(tokens))}  # every position after the n-th token
 
 
-def solve_parity(tokens: list[int], dense: bool = True) -> dict[int, int]:
+def solve_parity(tokens: list[int], scoring: str = "dense") -> dict[int, int]:
     ones, answers = 0, {}
     for i, t in enumerate(tokens):
         if t == 1:
             ones += 1
         answers[i] = ones % 2
-    return answers if dense else {len(tokens) - 1: answers[len(tokens) - 1]}
+    return answers if scoring == "dense" else {len(tokens) - 1: answers[len(tokens) - 1]}
 
 
-def solve_mqar(tokens: list[int], vocab: int, pairs: int) -> dict[int, int]:
-    binding = {}
-    for i in range(pairs):
-        binding[tokens[2 * i]] = tokens[2 * i + 1]
-    answers = {}
+def solve_mqar_dense(tokens: list[int], pairs: int) -> dict[int, int]:
+    """From the first bound key read after the prefix on: the value of the most recent one."""
+    binding = {tokens[2 * i]: tokens[2 * i + 1] for i in range(pairs)}
+    answers, current = {}, None
     for pos in range(2 * pairs, len(tokens)):
-        if tokens[pos] < vocab // 2:  # a key outside the prefix is a query
-            answers[pos] = binding[tokens[pos]]
+        if tokens[pos] in binding:
+            current = binding[tokens[pos]]
+        if current is not None:
+            answers[pos] = current
     return answers
+
+
+def solve_mqar_ours(tokens: list[int], vocab: int, pairs: int) -> dict[int, int]:
+    """Our layout: every key after the prefix is a query (noise holds values only)."""
+    binding = {tokens[2 * i]: tokens[2 * i + 1] for i in range(pairs)}
+    return {pos: binding[tokens[pos]] for pos in range(2 * pairs, len(tokens)) if tokens[pos] < vocab // 2}
 
 
 def solve_hop(tokens: list[int], k: int) -> dict[int, int]:
@@ -72,15 +79,16 @@ def check_row_common(batch, row: int, vocab: int) -> None:
     assert bool((tg[~m] == IGNORE_INDEX).all()) and bool((tg[m] >= 0).all()) and bool((tg[m] < vocab).all())
 
 
-@pytest.mark.parametrize("dense", [True, False])
+@pytest.mark.parametrize("scoring", ["dense", "last"])
 @pytest.mark.parametrize("seq_len", [100, 17, 6])
-def test_keep_nth_solver(seq_len, dense):
-    b = keep_nth(200, seq_len, 128, n=5, seed=3, dense=dense)
+def test_keep_nth_solver(seq_len, scoring):
+    b = keep_nth(200, seq_len, 128, n=5, seed=3, scoring=scoring)
     for r in range(len(b)):
         check_row_common(b, r, 128)
-        assert labels_of(b, r) == solve_keep_nth(b.input_ids[r].tolist(), 5, dense)
-    assert int(b.loss_mask.sum()) == 200 * ((seq_len - 5) if dense else 1)
-    if not dense:  # the paper's keep-nth (module doc): the default scores the last position only
+        assert labels_of(b, r) == solve_keep_nth(b.input_ids[r].tolist(), 5, scoring)
+    assert int(b.loss_mask.sum()) == 200 * ((seq_len - 5) if scoring == "dense" else 1)
+    assert torch.equal(b.input_ids, keep_nth(200, seq_len, 128, n=5, seed=3).input_ids)  # scoring moves labels only
+    if scoring == "dense":  # Table 6's reading (module doc) is the default
         assert torch.equal(b.loss_mask, keep_nth(200, seq_len, 128, n=5, seed=3).loss_mask)
 
 
@@ -89,13 +97,13 @@ def test_keep_nth_needs_a_position_after_the_nth_token():
         keep_nth(4, 5, 128, n=5)
 
 
-@pytest.mark.parametrize("dense", [True, False])
+@pytest.mark.parametrize("scoring", ["dense", "last"])
 @pytest.mark.parametrize("seq_len", [100, 9])
-def test_parity_solver(seq_len, dense):
-    b = parity(300, seq_len, seed=4, dense=dense)
+def test_parity_solver(seq_len, scoring):
+    b = parity(300, seq_len, seed=4, scoring=scoring)
     for r in range(len(b)):
         check_row_common(b, r, 2)
-        assert labels_of(b, r) == solve_parity(b.input_ids[r].tolist(), dense)
+        assert labels_of(b, r) == solve_parity(b.input_ids[r].tolist(), scoring)
     # labels are balanced, so chance is 50 %
     assert 0.4 < b.targets[:, -1].float().mean().item() < 0.6
 
@@ -107,16 +115,71 @@ def test_parity_dense_is_running_parity():
         assert labels_of(b, r) == {i: sum(toks[: i + 1]) % 2 for i in range(30)}
 
 
-def test_mqar_solver():
-    b = mqar(300, 100, 128, num_pairs=8, seed=6)
+@pytest.mark.parametrize("pairs", [2, 8])
+def test_mqar_our_layout_solver(pairs):
+    b = mqar(300, 100, 128, num_pairs=pairs, seed=6, layout="ours")
     for r in range(len(b)):
         check_row_common(b, r, 128)
         toks = b.input_ids[r].tolist()
-        keys = toks[0:16:2]
-        assert len(set(keys)) == 8 and all(k < 64 for k in keys) and all(v >= 64 for v in toks[1:16:2])
+        keys = toks[0 : 2 * pairs : 2]
+        assert len(set(keys)) == pairs and all(k < 64 for k in keys) and all(v >= 64 for v in toks[1 : 2 * pairs : 2])
         got = labels_of(b, r)
-        assert got == solve_mqar(toks, 128, 8)
+        assert got == solve_mqar_ours(toks, 128, pairs)
         assert sorted(toks[p] for p in got) == sorted(keys)  # each key queried exactly once
+        assert all((p - 2 * pairs) % 2 == 0 and toks[p + 1] == v for p, v in got.items())  # its value follows
+
+
+@pytest.mark.parametrize("pairs", [2, 8])
+def test_mqar_zoology_layout(pairs):
+    """Zoology's multiquery_ar: distinct keys in [1, |V|/2) and values in [|V|/2, |V|), each key queried once at an
+    even offset of the query region, noise over the whole vocabulary and no value after a query."""
+    n, L, V = 400, 100, 128
+    b = mqar(n, L, V, num_pairs=pairs, seed=6)  # the default layout
+    assert torch.equal(b.input_ids, mqar(n, L, V, num_pairs=pairs, seed=6, layout="zoology").input_ids)
+    context, offsets, followers, noise = 2 * pairs, [], [], []
+    for r in range(n):
+        check_row_common(b, r, V)
+        toks = b.input_ids[r].tolist()
+        keys, values = toks[0:context:2], toks[1:context:2]
+        assert len(set(keys)) == pairs and all(1 <= k < V // 2 for k in keys)
+        assert len(set(values)) == pairs and all(V // 2 <= v < V for v in values)
+        got = labels_of(b, r)
+        assert len(got) == pairs and sorted(toks[p] for p in got) == sorted(keys)  # each key queried once
+        for p, v in got.items():
+            assert p >= context and (p - context) % 2 == 0 and v == values[keys.index(toks[p])]
+            offsets.append((p - context) // 2)
+            followers.append(toks[p + 1])
+        noise += [t for p, t in enumerate(toks[context:], context) if p not in got]
+    assert any(t < V // 2 for t in followers) and len(set(noise)) == V  # noise (keys too) follows a query
+    # gaps follow Zoology's power law P(g) ~ (g + 1)^-0.99: short recall distances are the most frequent
+    space = (L - context) // 2
+    first_slot = sum(o == 0 for o in offsets) / len(offsets)
+    assert max(offsets) < space and first_slot > 2 / space  # uniform offsets would give 1 / space
+
+
+@pytest.mark.parametrize("layout", ["zoology", "ours"])
+def test_mqar_dense_scoring_holds_the_last_recalled_value(layout):
+    b = mqar(300, 100, 128, num_pairs=2, seed=8, layout=layout, scoring="dense")
+    queried = mqar(300, 100, 128, num_pairs=2, seed=8, layout=layout)
+    assert torch.equal(b.input_ids, queried.input_ids)  # scoring moves labels only
+    for r in range(len(b)):
+        check_row_common(b, r, 128)
+        got = labels_of(b, r)
+        assert got == solve_mqar_dense(b.input_ids[r].tolist(), 2)
+        assert labels_of(queried, r).items() <= got.items()  # every query is scored densely too
+
+
+def test_task_options_are_checked():
+    for bad, match in [(dict(scoring="all"), "scoring"), (dict(layout="mad"), "layout")]:
+        with pytest.raises(ValueError, match=match):
+            mqar(4, 100, 128, **bad)
+    with pytest.raises(ValueError, match="scoring"):
+        keep_nth(4, 10, 8, scoring="query")
+    with pytest.raises(ValueError, match="zoology"):
+        mqar(4, 100, 64, num_pairs=2)  # Zoology's layout needs |V| > L
+    with pytest.raises(ValueError, match="unknown task option"):
+        TASKS["parity"].generate(4, dense=True)  # the option before scoring
+    assert TASKS["mqar"].options(num_pairs=8) == {"num_pairs": 8, "layout": "zoology", "scoring": "query"}
 
 
 @pytest.mark.parametrize("k,vocab", [(1, 10), (2, 5), (3, 4)])
@@ -159,5 +222,6 @@ def test_global_rng_untouched():
 
 def test_paper_settings():
     assert {n: s.vocab_size for n, s in TASKS.items()} == {"keep_nth": 128, "parity": 2, "mqar": 128, "hop1": 10, "hop2": 5}
-    assert TASKS["keep_nth"].kwargs["n"] == 5 and TASKS["hop2"].kwargs["k"] == 2
-    assert TASKS["keep_nth"].bare_mixer and TASKS["parity"].bare_mixer and not TASKS["mqar"].bare_mixer
+    assert {n: s.options() for n, s in TASKS.items()} == {
+        "keep_nth": {"n": 5, "scoring": "dense"}, "parity": {"scoring": "dense"},
+        "mqar": {"num_pairs": 2, "layout": "zoology", "scoring": "query"}, "hop1": {"k": 1}, "hop2": {"k": 2}}

@@ -78,42 +78,80 @@ def test_paper_numbers_match_the_paper():
     assert TABLE5_PPL["400m"] == {"paragru": 18.56, "paralstm": 18.40, "mamba2": 16.49, "transformer": 17.00}
 
 
+def _paper_setup(arch, task, model=None, task_options=None):
+    """What the trainer records of a run's model and task when it follows the paper (JSON-normalised)."""
+    from pararnn_lm.eval.paper import TABLE6_MODELS, TABLE6_TASKS
+
+    return {"model_spec": json.loads(json.dumps({**TABLE6_MODELS[(arch, task)], **(model or {})})),
+            "task_options": {**TABLE6_TASKS[task], **(task_options or {})}}
+
+
 def test_table6_flags_results_off_the_papers_recipe():
     recipe = {"seq_len": 100, "n_train": 10_000, "batch_size": 16, "lr": 5e-4, "weight_decay": 1e-6,
               "retain_gate_bias": 0.0, "max_epochs": 3000}
-    res = [{"kind": "synthetic", "arch": "paragru", "task": "parity", "accuracy": 1.0, "config": recipe},
+    res = [{"kind": "synthetic", "arch": "paragru", "task": "parity", "accuracy": 1.0, "config": recipe,
+            **_paper_setup("paragru", "parity")},
            {"kind": "synthetic", "arch": "paralstm", "task": "keep_nth", "accuracy": 0.011,
-            "config": {**recipe, "retain_gate_bias": 4.0, "n_train": 1_000_000}},
+            "config": {**recipe, "retain_gate_bias": 4.0, "n_train": 1_000_000}, **_paper_setup("paralstm", "keep_nth")},
            {"kind": "synthetic", "arch": "paragru", "task": "keep_nth", "accuracy": 0.02,
-            "config": {**recipe, "model_kwargs": {"gain_bound": None}, "task_kwargs": {"dense": True}}},
+            "config": {**recipe, "model_kwargs": {"gain_bound": None, "position_encoding": None},
+                       "task_kwargs": {"scoring": "last"}},
+            **_paper_setup("paragru", "keep_nth", {"gain_bound": None, "position_encoding": None}, {"scoring": "last"})},
+           # the paper's setting given explicitly is still the paper's
+           {"kind": "synthetic", "arch": "transformer", "task": "mqar", "accuracy": 1.0,
+            "config": {**recipe, "model_kwargs": {"position_encoding": "sinusoidal"}, "task_kwargs": {"num_pairs": 2}},
+            **_paper_setup("transformer", "mqar")},
+           {"kind": "synthetic", "arch": "mamba2", "task": "mqar", "accuracy": 0.5, "config": recipe,
+            **_paper_setup("mamba2", "mqar", {"mixer": {"mamba_expand": 1, "mamba_headdim": 16, "mamba_d_state": 16}},
+                           {"layout": "ours", "num_pairs": 8})},
+           {"kind": "synthetic", "arch": "paralstm", "task": "hop1", "accuracy": 0.9, "config": recipe},  # older trainer
            {"kind": "synthetic", "arch": "mamba2", "task": "hop1", "accuracy": 0.99}]  # no config: nothing to flag
     md = tables.render_table6(res)
     rows = {l.split("|")[1].strip(): [c.strip() for c in l.split("|")[2:-1]]
             for l in md.splitlines() if l.startswith("| ") and "model" not in l}
     assert rows["ParaGRU"][1] == "100.0 / 100" and rows["Mamba2"][3] == "99.0 / 100"
-    assert rows["ParaLSTM"][0] == "1.1 * / 100"
-    notes = [l for l in md.splitlines() if l.startswith("\\*")]
-    assert len(notes) == 2 and "ParaLSTM" in notes[1] and rows["ParaGRU"][0] == "2.0 * / 100"
-    assert "n_train=1000000 (paper 10000)" in notes[1] and "retain_gate_bias=4.0 (paper 0.0)" in notes[1]
-    assert "seq_len" not in notes[1]
-    assert "model gain_bound=None" in notes[0] and "task dense=True" in notes[0]  # overrides are off-recipe
+    assert rows["Transformer"][2] == "100.0 / 100"
+    assert rows["ParaLSTM"][0] == "1.1 * / 100" and rows["ParaGRU"][0] == "2.0 * / 100"
+    assert rows["Mamba2"][2] == "50.0 * / 100" and rows["ParaLSTM"][3] == "90.0 * / 100"
+    notes = {l.split(":", 1)[0]: l for l in md.splitlines() if l.startswith("\\*")}
+    assert len(notes) == 4
+    lstm = notes["\\* ParaLSTM, keep-nth (n=5, |V|=128)"]
+    assert "n_train=1000000 (paper 10000)" in lstm and "retain_gate_bias=4.0 (paper 0.0)" in lstm
+    assert "seq_len" not in lstm and "model " not in lstm and "task " not in lstm
+    gru = notes["\\* ParaGRU, keep-nth (n=5, |V|=128)"]
+    assert "model gain_bound=None (paper 0.9)" in gru and "model position_encoding=None (paper sinusoidal)" in gru
+    assert "task scoring=last (paper dense)" in gru
+    mamba = notes["\\* Mamba2, MQAR (|V|=128)"]
+    assert "model mamba_d_state=16 (paper 64)" in mamba and "task layout=ours (paper zoology)" in mamba
+    assert "task num_pairs=8 (paper 2)" in mamba
+    assert "not recorded" in notes["\\* ParaLSTM, 1-hop (|V|=10)"]
 
 
 def test_table6_recipe_agrees_with_the_trainer_and_its_config():
-    """The recipe is written in three places; a drift would flag (or hide) off-recipe results wrongly."""
+    """The recipe is written in three places; a drift would flag (or hide) off-recipe results wrongly. The
+    trainer's tasks and models take the paper's per-task setup as their defaults."""
     from pathlib import Path
 
-    from pararnn_lm.eval.paper import TABLE6_RECIPE
-    from pararnn_lm.synthetic.config import SyntheticTrainConfig, load_config
+    from pararnn_lm.eval.paper import TABLE6_MODELS, TABLE6_RECIPE, TABLE6_TASKS
+    from pararnn_lm.eval.synthetic.models import model_spec
+    from pararnn_lm.eval.synthetic.tasks import TASKS
+    from pararnn_lm.synthetic.config import SyntheticTrainConfig, load_config, run_choices
 
     yaml_cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "synthetic" / "table6.yaml")
     for k, v in TABLE6_RECIPE.items():
         assert getattr(SyntheticTrainConfig(), k) == v, k
         assert getattr(yaml_cfg, k) == v, k
+    assert {t: spec.options() for t, spec in TASKS.items()} == TABLE6_TASKS
+    for (arch, task), paper in TABLE6_MODELS.items():
+        assert model_spec(arch, task).as_dict() == paper
+        recorded = {"arch": arch, "task": task, "config": {"seq_len": 100},
+                    **run_choices(SyntheticTrainConfig(arch=arch, task=task))}
+        assert tables.recipe_deviations(recorded) == [], (arch, task)
 
 
 def _cell(arch, task, seeds, **cfg):
     return {"kind": "synthetic", "arch": arch, "task": task, "accuracy": max(seeds),
+            **_paper_setup(arch, task, cfg.get("model_kwargs")),
             "seeds": [{"seed": i, "test_acc": a} for i, a in enumerate(seeds)],
             "config": {"seq_len": 100, "n_train": 10_000, "batch_size": 16, "lr": 5e-4, "weight_decay": 1e-6,
                        "d_model": 64, "num_heads": 4, "retain_gate_bias": 0.0, **cfg}}

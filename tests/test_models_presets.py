@@ -68,3 +68,38 @@ def test_paper_presets_pad_the_vocabulary_for_aligned_gemms(tmp_path):
     assert ParaRNNLMConfig(vocab_size=10).vocab_size == 10  # off by default (small task vocabularies)
     with pytest.raises(ValueError, match="pad_vocab_size_multiple"):
         ParaRNNLMConfig(vocab_size=10, pad_vocab_size_multiple=0)
+
+
+# Table 6 of the paper: one-layer models on the synthetic tasks, parameter counts typed in independently of
+# pararnn_lm.eval.paper (keep-nth, parity, MQAR, 1-hop, 2-hop).
+TABLE6_COUNTS = {
+    "transformer": (48.1e3, 31.8e3, 48.1e3, 32.8e3, 32.2e3),
+    "mamba2": (30.1e3, 14.1e3, 38.4e3, 23.3e3, 22.7e3),
+    "paragru": (19.8e3, 3.8e3, 32.7e3, 17.6e3, 17.0e3),
+    "paralstm": (20.0e3, 4.0e3, 32.8e3, 17.7e3, 17.1e3),
+}
+SYNTHETIC_TASKS = ("keep_nth", "parity", "mqar", "hop1", "hop2")
+# The bare Mamba2 of keep-nth / parity has no reading that gives the paper's count. The paper's cells leave
+# 13.7-13.8k parameters beside the embedding and head (30.1k - 128 x 128, 14.1k - 2 x 128). Ours: in_proj to
+# x, B, C, dt (64 x 196 = 12,544) + out_proj (4,096) + dt/A/D (12) + two norms (128) = 16,780, with the layer
+# shape (expand 1, 4 heads of 16, state 64) whose full-block cells match to 0.7 %. Dropping out_proj as well
+# (or the x projection) gives 12,684: -3.4 % / -8.2 %. Only a state size of 40 fits these two cells
+# (30,092 / 13,964), and it takes the full-block cells to -8.9 % (34,972 against 38.4k on MQAR).
+MAMBA2_BARE = pytest.mark.xfail(strict=True, reason="the bare Mamba2 is 33,164 / 17,036 against the paper's 30.1k / "
+                                "14.1k (+10.2 % / +20.8 %): see MAMBA2_BARE's comment")
+
+
+TABLE6_CELLS = [pytest.param(a, t, marks=MAMBA2_BARE) if (a, t) in {("mamba2", "keep_nth"), ("mamba2", "parity")}
+                else (a, t) for a in TABLE6_COUNTS for t in SYNTHETIC_TASKS]
+
+
+@pytest.mark.parametrize("arch,task", TABLE6_CELLS)
+def test_table6_parameter_counts_within_3_percent(arch, task):
+    """The model the synthetic trainer builds for a Table-6 cell (its spec, d = 64, 4 heads) has the paper's size."""
+    from pararnn_lm.eval.paper import TABLE6_PARAMS
+    from pararnn_lm.eval.synthetic.models import build_model
+
+    paper = TABLE6_COUNTS[arch][SYNTHETIC_TASKS.index(task)]
+    assert TABLE6_PARAMS[arch][task] == paper
+    n = sum(p.numel() for p in build_model(arch, task).parameters())
+    assert abs(n / paper - 1) <= 0.03, f"{arch}/{task}: {n:,} parameters, paper {paper:,.0f} ({100 * (n / paper - 1):+.1f} %)"

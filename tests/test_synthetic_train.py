@@ -16,7 +16,7 @@ from pararnn_lm.synthetic.cli import main
 from pararnn_lm.synthetic.config import SyntheticTrainConfig, load_config, parse_sweep, sweep_variants
 from pararnn_lm.synthetic.devices import resolve_devices, train_runs, train_runs_on_devices
 from pararnn_lm.synthetic.grid import run_grid, run_task
-from pararnn_lm.synthetic.run import SeedRun, evaluate, masked_loss, planned_steps
+from pararnn_lm.synthetic.run import SeedRun, accuracies, evaluate, masked_loss, planned_steps
 
 
 class TinyGRULM(nn.Module):
@@ -71,6 +71,20 @@ def test_evaluate_counts_only_scored_positions():
 
     b = TASKS["hop1"].generate(50, 40, seed=0)
     assert evaluate(Oracle(b), b, batch_size=50) == 1.0
+    # the last-position accuracy counts the rows that score their last position
+    wrong_last = b.targets.clone()
+    wrong_last[::2, -1] = (wrong_last[::2, -1] + 1) % 10  # rows 0, 2, ...: the last prediction is wrong
+    scored_last = b.loss_mask[:, -1]
+    expect = 1 - int(scored_last[::2].sum()) / int(scored_last.sum())
+    oracle = Oracle(b)
+    oracle.b = dataclasses.replace(b, targets=wrong_last)
+    acc, last = accuracies(oracle, b, batch_size=50)
+    assert last == pytest.approx(expect) and acc == pytest.approx(1 - int(scored_last[::2].sum()) / int(b.loss_mask.sum()))
+    class Constant(nn.Module):
+        def forward(self, input_ids):
+            return torch.zeros(*input_ids.shape, 128)
+
+    assert accuracies(Constant(), TASKS["mqar"].generate(8, 40, seed=0))[1] is None  # MQAR never scores the end
 
 
 def test_cli_single_task_and_config(tiny_gru, tmp_path, capsys):
@@ -145,6 +159,33 @@ def test_resume_refuses_other_settings(tiny_gru, tmp_path):
         train_runs([(dataclasses.replace(cfg, max_epochs=80), 0)], progress=False, state_dir=tmp_path, resume=True)
 
 
+def test_result_files_record_the_model_and_task_options(tmp_path):
+    """Every result file says which model and task options it trained (the paper's per-cell spec, updated by
+    the run's model_kwargs / task_kwargs); --resume refuses a run saved under another model or none recorded."""
+    from pararnn_lm.eval.synthetic.models import model_spec
+
+    cfg = SyntheticTrainConfig(task="keep_nth", arch="paragru", seeds=(0,), seq_len=12, n_train=32, n_test=16,
+                               n_val=16, max_epochs=1, d_model=8, num_heads=2, progress=False,
+                               model_kwargs={"rnn_mode": "newton_torch"}, task_kwargs={"scoring": "last"})
+    cell = run_task(cfg, out_dir=tmp_path)
+    spec = json.loads(json.dumps(model_spec("paragru", "keep_nth", rnn_mode="newton_torch").as_dict()))
+    assert spec["block"] == "bare" and spec["position_encoding"] == "sinusoidal" and spec["gain_bound"] == 0.9
+    saved = json.loads((tmp_path / "paragru__keep_nth.json").read_text())
+    assert saved["model_spec"] == cell["model_spec"] == spec
+    assert saved["task_options"] == {"n": 5, "scoring": "last"}
+    seed = saved["seeds"][0]
+    assert saved["accuracy_last"] == seed["test_acc_last"] == seed["test_acc"]  # "last" scores the last position only
+    run_file = tmp_path / "runs" / "paragru__keep_nth__s0.result.json"
+    run_config = json.loads(run_file.read_text())["run_config"]
+    assert run_config["model_spec"] == spec and run_config["task_options"] == saved["task_options"]
+    with pytest.raises(ValueError, match="task_options saved"):  # another scoring is another run
+        run_task(dataclasses.replace(cfg, task_kwargs={}, resume=True), out_dir=tmp_path)
+    del run_config["model_spec"]  # a run saved before models were recorded: its model may not be today's
+    run_file.write_text(json.dumps({**json.loads(run_file.read_text()), "run_config": run_config}))
+    with pytest.raises(ValueError, match="model_spec saved None"):
+        run_task(dataclasses.replace(cfg, resume=True), out_dir=tmp_path)
+
+
 def test_grid_of_chosen_cells(tiny_gru, tmp_path):
     """--cells trains exactly the named (arch, task) pairs in one grid; bad pairs fail before training."""
     args = ["--grid", "--seeds", "0", "--seq-len", "20", "--n-train", "32", "--n-test", "16", "--n-val", "16",
@@ -180,7 +221,7 @@ def test_retain_gate_bias_keeps_sigmoid_b_per_step(arch, bias):
     keeps exactly sigmoid(bias) of its state per step (ParaGRU: h_t = (1 - z) h_{t-1} with z =
     sigmoid(-bias), candidate tanh(0) = 0; ParaLSTM: c_t = f c_{t-1} with f = sigmoid(bias))."""
     torch.manual_seed(0)
-    model = synth_models.build_model(arch, 16, bare_mixer=True, d_model=8, num_heads=2, retain_gate_bias=bias)
+    model = synth_models.build_model(arch, "keep_nth", d_model=8, num_heads=2, retain_gate_bias=bias)
     layers = [m for m in model.modules() if type(getattr(m, "cell", None)).__name__ in synth_models.RETAIN_GATE]
     assert len(layers) == 1
     layer = layers[0]
@@ -198,7 +239,7 @@ def test_retain_gate_bias_keeps_sigmoid_b_per_step(arch, bias):
 
 
 def test_retain_gate_bias_needs_a_recurrent_cell():
-    model = synth_models.build_model("transformer", 16, bare_mixer=False, d_model=8, num_heads=2)
+    model = synth_models.build_model("transformer", "hop1", d_model=8, num_heads=2)
     with pytest.raises(ValueError, match="no ParaGRU/ParaLSTM cell"):
         synth_models.init_retain_gate(model, 3.0)
 
@@ -383,8 +424,8 @@ def test_curriculum_from_cli_and_yaml_is_marked_off_recipe(tiny_gru, tmp_path):
 
 def test_curriculum_length_the_task_cannot_take_fails_before_training(tiny_gru):
     cfg = SyntheticTrainConfig(task="mqar", arch=tiny_gru, seq_len=40, n_train=32, n_test=32, n_val=16,
-                               d_model=16, progress=False, curriculum=((40, 2), (8, 2)))
-    with pytest.raises(ValueError, match="does not fit seq_len=8"):
+                               d_model=16, progress=False, curriculum=((40, 2), (6, 2)))
+    with pytest.raises(ValueError, match="does not fit seq_len=6"):
         SeedRun(cfg, seed=0)
 
 

@@ -21,8 +21,8 @@ import re
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from .paper import (ARCH_NAMES, PARAMS, SOURCE, SYNTHETIC_TASK_TITLES, TABLE5_ACC, TABLE5_PPL, TABLE6, TABLE6_RECIPE,
-                    lm_eval_suite)
+from .paper import (ARCH_NAMES, PARAMS, SOURCE, SYNTHETIC_TASK_TITLES, TABLE5_ACC, TABLE5_PPL, TABLE6, TABLE6_MODELS,
+                    TABLE6_RECIPE, TABLE6_TASKS, lm_eval_suite)
 from .plotting import save_figure
 from .synthetic.results import SWEEP_CURVES_PNG, SWEEP_MD, SWEEP_PNG, variant_name
 
@@ -142,16 +142,36 @@ def render_table6(results: Sequence[dict[str, Any]], include_paper_rows: bool = 
 
 
 def recipe_deviations(result: dict[str, Any]) -> list[str]:
-    """``key=ours (paper value)`` for each Table-6 recipe setting a result's ``config`` changes."""
+    """``key=ours (paper value)`` for each Table-6 setting a result differs in: the training recipe of its
+    ``config``, and the model and task options it recorded (``model_spec``, ``task_options``) against the
+    paper's for its cell (``TABLE6_MODELS``, ``TABLE6_TASKS``). A result without a ``config`` has nothing to
+    compare; one with a config but no model record predates the paper's per-task models and is flagged."""
     cfg = result.get("config") or {}
     out = [f"{k}={cfg[k]} (paper {v})" for k, v in TABLE6_RECIPE.items()
            if isinstance(cfg.get(k), (int, float)) and cfg[k] != v]
-    # the paper's cells take the task's own settings: any override of the model or task is off-recipe
-    for group, label in (("model_kwargs", "model"), ("task_kwargs", "task")):
-        out += [f"{label} {k}={v}" for k, v in sorted((cfg.get(group) or {}).items())]
+    if cfg:
+        out += _setup_deviations(result)
     if cfg.get("curriculum"):  # stages of (length, steps) before the main length
         out.append("curriculum " + " ".join(f"{length}:{steps}" for length, steps in cfg["curriculum"]) + " (paper none)")
     return out
+
+
+def _differences(label: str, ours: dict[str, Any], paper: dict[str, Any]) -> list[str]:
+    return [f"{label} {k}={ours.get(k)} (paper {paper.get(k)})" for k in sorted(set(ours) | set(paper))
+            if ours.get(k) != paper.get(k)]
+
+
+def _setup_deviations(result: dict[str, Any]) -> list[str]:
+    """How the model and task options a result recorded differ from the paper's for its cell."""
+    if "model_spec" not in result or "task_options" not in result:
+        return ["model and task options not recorded (trained before the paper's per-task models)"]
+    out = []
+    ours, paper = result["model_spec"], TABLE6_MODELS.get((result["arch"], result["task"]))
+    if ours is not None and paper is not None:  # a registered architecture has no paper model to match
+        out += _differences("model", {k: v for k, v in ours.items() if k != "mixer"},
+                            {k: v for k, v in paper.items() if k != "mixer"})
+        out += _differences("model", ours.get("mixer") or {}, paper["mixer"])
+    return out + _differences("task", result["task_options"] or {}, TABLE6_TASKS.get(result["task"], {}))
 
 
 def plot_table6(results: Sequence[dict[str, Any]], path: str | Path) -> Path:

@@ -22,6 +22,7 @@ KNOWN_MIXERS = ("paragru", "paralstm", "mamba2", "attention")
 RNN_MIXERS = ("paragru", "paralstm")
 ATTENTION_IMPLS = ("auto", "sdpa", "flex")
 SSD_BACKENDS = ("auto", "torch", "fla", "mamba_ssm")  # models.ssd asserts its kernels agree
+POSITION_ENCODINGS = (None, "sinusoidal")
 
 
 def known_mixers() -> tuple[str, ...]:
@@ -55,12 +56,17 @@ class ParaRNNLMConfig(PretrainedConfig):
             models/attention.py.
         ssd_backend: ``auto`` (on CUDA the first installed Triton kernel: fla-core's chunk kernel, then
             mamba_ssm's; else PyTorch) | ``torch`` | ``fla`` | ``mamba_ssm``.
-        bare_mixer: the paper's keep-nth / parity model (Table 6): embedding -> mixer -> lm_head, where the
-            mixer has no conv / norm / gate (the cell layer for RNNs, in_proj -> SSD -> out_proj for Mamba2,
-            a "linear recurrence control") and the backbone around it is dropped too: no pre-norm, no
-            residual, no final norm (``model.norm`` is an Identity); the embedding is initialised with std 1
-            (it feeds the mixer directly). Keeping the residual stream makes a 1-layer ParaGRU fail short
-            parity (the last token's embedding bypasses the cell; see tests/test_eval_parity_run.py).
+        bare_mixer: the mixer of the paper's keep-nth / parity models (Table 6): no conv / norm / gate (the cell
+            layer for RNNs, in_proj -> SSD -> out_proj for Mamba2, a "linear recurrence control") and no
+            residual around it: embedding -> mixer -> lm_head (``model.norm`` is an Identity) unless
+            ``bare_mixer_norms`` adds the two norms. The embedding is initialised with std 1. A residual stream
+            makes a 1-layer ParaGRU fail short parity (the last token's embedding bypasses the cell).
+        bare_mixer_norms: with ``bare_mixer``, an RMSNorm before the mixer and one before the head, still
+            without a residual: embedding -> RMSNorm -> mixer -> RMSNorm -> lm_head, the paper's one-layer
+            models of Table 6 (its appendix on the synthetic setup).
+        position_encoding: None | ``sinusoidal``: a fixed sin/cos table of each token's position inside its
+            document (no parameters) added to the token embeddings, at the embeddings' init scale (the paper
+            adds one on some synthetic tasks). Attention layers apply RoPE either way.
         z_loss: coefficient of mean(logsumexp(logits)^2), added to the loss in training mode only.
         fused_cross_entropy: compute the loss chunk by chunk from the hidden states without
             materialising the full fp32 logits (logits are then not returned when labels are given).
@@ -111,6 +117,8 @@ class ParaRNNLMConfig(PretrainedConfig):
         ssd_backend: str = "auto",
         attention_impl: str = "auto",
         bare_mixer: bool = False,
+        bare_mixer_norms: bool = False,
+        position_encoding: str | None = None,
         z_loss: float = 0.0,
         fused_cross_entropy: bool = False,
         ce_chunk_size: int = 4096,
@@ -160,6 +168,8 @@ class ParaRNNLMConfig(PretrainedConfig):
         self.ssd_backend = ssd_backend
         self.attention_impl = attention_impl
         self.bare_mixer = bare_mixer
+        self.bare_mixer_norms = bare_mixer_norms
+        self.position_encoding = position_encoding
         self.z_loss = z_loss
         self.fused_cross_entropy = fused_cross_entropy
         self.ce_chunk_size = ce_chunk_size
@@ -243,6 +253,11 @@ class ParaRNNLMConfig(PretrainedConfig):
              f"ssd_backend must be one of {'|'.join(SSD_BACKENDS)}, got {self.ssd_backend!r}")
         need(self.attention_impl in ATTENTION_IMPLS,
              f"attention_impl must be one of {'|'.join(ATTENTION_IMPLS)}, got {self.attention_impl!r}")
+        need(self.position_encoding in POSITION_ENCODINGS,
+             f"position_encoding must be None or 'sinusoidal', got {self.position_encoding!r}")
+        need(not self.bare_mixer_norms or self.bare_mixer, "bare_mixer_norms needs bare_mixer=True")
+        if self.position_encoding == "sinusoidal":
+            need(self.hidden_size % 2 == 0, f"a sinusoidal position encoding needs an even hidden_size, got {self.hidden_size}")
         need(self.z_loss >= 0, f"z_loss must be >= 0, got {self.z_loss}")
         need(self.ce_chunk_size > 0, f"ce_chunk_size must be > 0, got {self.ce_chunk_size}")
         if self.tokenizer_vocab_size is not None:

@@ -30,7 +30,7 @@ fp32 arithmetic then differs from eager in the last bits.
 Scope: every mixer with an inference state (paragru, paralstm, mamba2, attention) and hybrid stacks;
 padded prompts (``attention_mask``) work as in ``model.generate`` (the prefill runs the model's parallel
 path and its cache provides each row's position and, for attention, which cached keys belong to the
-current document). Not supported: ``bare_mixer`` models, sampling, beams, stopping at EOS (generation
+current document). Not supported: ``bare_mixer`` models, position encodings added to the embeddings, sampling, beams, stopping at EOS (generation
 always runs ``max_new_tokens`` steps; ``generate`` of HF would pad after EOS instead).
 """
 from __future__ import annotations
@@ -59,6 +59,9 @@ class StaticDecoder:
         cfg = model.config
         if cfg.bare_mixer:
             raise NotImplementedError("StaticDecoder does not support bare_mixer models; use model.generate")
+        if cfg.position_encoding is not None:
+            raise NotImplementedError(f"StaticDecoder does not add position_encoding={cfg.position_encoding!r} "
+                                      "to the embeddings; use model.generate")
         self.model = model
         self.config = cfg
         self.B, self.max_length = batch_size, max_length

@@ -61,11 +61,31 @@ class ParaRNNLMModelOutput(ModelOutput):
     hidden_states: tuple[torch.Tensor, ...] | None = None
 
 
+def embedding_init_std(config: ParaRNNLMConfig) -> float:
+    """Init std of the token embeddings: ``init_std``, else 1/sqrt(hidden_size), else 1 for bare-mixer models.
+
+    A bare mixer without norms reads the embedding directly: unit scale there (PyTorch's default), so the
+    cell's pre-activations are O(1) and its gates can depend on the token."""
+    return config.init_std or (1.0 if config.bare_mixer else 1.0 / math.sqrt(config.hidden_size))
+
+
+def sinusoidal_position_encoding(positions: torch.Tensor, dim: int) -> torch.Tensor:
+    """The fixed position table of Vaswani et al. (2017) at per-token ``positions`` (B, T) -> (B, T, dim) fp32:
+    sin(p w_i) in the first half of the channels, cos(p w_i) in the second, w_i = 10000^(-2i/dim).
+
+    Computed per call from the positions (no buffer: a model built on the meta device keeps nothing
+    uninitialised), so packed documents and decoding continue each document's own positions."""
+    exponent = torch.arange(0, dim, 2, dtype=torch.float32, device=positions.device) / dim
+    angles = positions.to(torch.float32).unsqueeze(-1) * (1.0 / 10000.0 ** exponent)
+    return torch.cat((angles.sin(), angles.cos()), dim=-1)
+
+
 class ParaRNNLMBlock(nn.Module):
     """Pre-norm residual mixer (+ pre-norm residual SwiGLU when ``intermediate_size > 0``).
 
-    With ``config.bare_mixer`` the block is the mixer alone, ``x -> mixer(x)``: no pre-norm and no
-    residual (the paper's bare-mixer setting for keep-nth and parity, see ``ParaRNNLMConfig``).
+    With ``config.bare_mixer`` the block is the mixer without a residual, ``x -> mixer(x)``, or
+    ``x -> mixer(norm(x))`` with ``bare_mixer_norms`` (the paper's bare-mixer setting for keep-nth and parity,
+    see ``ParaRNNLMConfig``).
     """
 
     def __init__(self, config: ParaRNNLMConfig, layer_idx: int) -> None:
@@ -73,7 +93,8 @@ class ParaRNNLMBlock(nn.Module):
         self.layer_idx = layer_idx
         self.mixer_type = config.mixers[layer_idx]
         self.bare = config.bare_mixer
-        self.mixer_norm = None if self.bare else RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        has_norm = not self.bare or config.bare_mixer_norms
+        self.mixer_norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps) if has_norm else None
         self.mixer = build_mixer(self.mixer_type, config, layer_idx)
         if config.intermediate_size > 0:
             self.mlp_norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
@@ -82,10 +103,8 @@ class ParaRNNLMBlock(nn.Module):
             self.mlp_norm = self.mlp = None
 
     def forward(self, x: torch.Tensor, seq: SequenceInfo, cache, attn_mask) -> torch.Tensor:
-        if self.bare:
-            x = self.mixer(x, seq, cache, attn_mask)
-        else:
-            x = x + self.mixer(self.mixer_norm(x), seq, cache, attn_mask)
+        mixed = self.mixer(x if self.mixer_norm is None else self.mixer_norm(x), seq, cache, attn_mask)
+        x = mixed if self.bare else x + mixed
         if self.mlp is not None:
             x = x + self.mlp(self.mlp_norm(x))
         return x
@@ -93,10 +112,8 @@ class ParaRNNLMBlock(nn.Module):
     def step(self, x_t: torch.Tensor, state, position) -> torch.Tensor:
         """One token (B, hidden) through the block: :meth:`forward` with the mixer's one-token ``step``,
         which updates the mixer's inference ``state`` in place (models/inference.py)."""
-        if self.bare:
-            x_t = self.mixer.step(x_t, state, position)
-        else:
-            x_t = x_t + self.mixer.step(self.mixer_norm(x_t), state, position)
+        mixed = self.mixer.step(x_t if self.mixer_norm is None else self.mixer_norm(x_t), state, position)
+        x_t = mixed if self.bare else x_t + mixed
         if self.mlp is not None:
             x_t = x_t + self.mlp(self.mlp_norm(x_t))
         return x_t
@@ -141,10 +158,7 @@ class ParaRNNLMPreTrainedModel(PreTrainedModel):
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
-            # Bare-mixer models feed the embedding straight into the mixer (no pre-norm): unit scale there
-            # (PyTorch's default), so the cell's pre-activations are O(1) and its gates can depend on the token.
-            std = 1.0 if self.config.bare_mixer else 1.0 / math.sqrt(self.config.hidden_size)
-            trunc_normal_init_(module.weight, base or std)
+            trunc_normal_init_(module.weight, embedding_init_std(self.config))
         elif isinstance(module, nn.Conv1d):
             module.reset_parameters()
         elif isinstance(module, RMSNorm):
@@ -160,8 +174,9 @@ class ParaRNNLMModel(ParaRNNLMPreTrainedModel):
         super().__init__(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(ParaRNNLMBlock(config, i) for i in range(config.num_hidden_layers))
-        # Bare-mixer models (paper, keep-nth / parity): embedding -> mixer(s) -> head, no final norm.
-        self.norm = nn.Identity() if config.bare_mixer else RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        # Bare-mixer models without their norms: embedding -> mixer(s) -> head, no final norm.
+        bare_without_norms = config.bare_mixer and not config.bare_mixer_norms
+        self.norm = nn.Identity() if bare_without_norms else RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.has_attention = "attention" in config.mixers
         if self.has_attention and config.attention_impl == "flex" and not flex_available():
             raise RuntimeError(f"attention_impl='flex' needs torch.nn.attention.flex_attention (torch >= 2.5); "
@@ -245,6 +260,9 @@ class ParaRNNLMModel(ParaRNNLMPreTrainedModel):
         if cache is not None and not isinstance(cache, ParaRNNCache):
             raise TypeError(f"cache must be a ParaRNNCache (built by the model), got {type(cache).__name__}")
         seq = self._sequence(B, T, x.device, attention_mask, position_ids, cu_seqlens, cache)
+        if self.config.position_encoding == "sinusoidal":
+            table = sinusoidal_position_encoding(seq.positions, self.config.hidden_size)
+            x = x + (embedding_init_std(self.config) * table).to(x.dtype)
         attn_mask, doc_ids = self._attention_mask(seq, cache, x) if (self.has_attention or cache is not None) else (None, None)
         hidden = [x] if output_hidden_states else None
         for layer in self.layers:
@@ -332,19 +350,20 @@ def check_tokenizer(config: ParaRNNLMConfig, tokenizer) -> None:
 
 def build_synthetic_model(mixer: str, *, vocab_size: int, bare_mixer: bool, d_model: int = 64, num_heads: int = 4,
                           **extra) -> ParaRNNLMForCausalLM:
-    """One-layer model of the paper's synthetic tasks (Table 6): d=64, 4 heads by default.
+    """One-layer model of the paper's synthetic tasks (Table 6): d=64, 4 heads by default, no MLP unless
+    ``intermediate_size`` is given, recurrent gains bounded at 0.9 (the paper's synthetic setting) unless
+    ``rnn_gain_bound`` is given (None: unbounded).
 
-    ``bare_mixer``: embedding -> the mixer alone -> head: no MLP, no pre-norm, no residual, no final norm
-    (keep-nth, parity; see ``ParaRNNLMConfig.bare_mixer``); otherwise the full block with a SwiGLU.
-    Recurrent gains are bounded at 0.9 (paper, synthetic tasks) unless ``rnn_gain_bound`` is given
-    (None for parity). Mamba2 uses head dim 16 here so d=64 gives 8 heads.
+    ``bare_mixer``: the mixer without conv / norm / gate and without a residual (``ParaRNNLMConfig.bare_mixer``;
+    ``bare_mixer_norms=True`` puts the paper's RMSNorms around it); otherwise the language model's block.
+    ``extra``: any further ``ParaRNNLMConfig`` field (the per-task choices of
+    :mod:`pararnn_lm.eval.synthetic.models`: position encoding, MLP width, Mamba2's layer shape, ...).
     """
     if mixer not in MIXERS:
         raise ValueError(f"unknown mixer {mixer!r}; registered mixers: {', '.join(sorted(MIXERS))}")
     kw = dict(
         vocab_size=vocab_size, hidden_size=d_model, num_hidden_layers=1, num_attention_heads=num_heads,
-        mixer=mixer, bare_mixer=bare_mixer, intermediate_size=0 if bare_mixer else 64 * math.ceil(8 * d_model / 3 / 64),
-        rnn_gain_bound=0.9, mamba_headdim=16, mamba_d_state=16, max_position_embeddings=4096,
+        mixer=mixer, bare_mixer=bare_mixer, intermediate_size=0, rnn_gain_bound=0.9, max_position_embeddings=4096,
         use_cache=False,  # scored by full forwards; generate() still builds its cache
     )
     kw.update(extra)

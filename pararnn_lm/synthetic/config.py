@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from pararnn_lm.eval.synthetic.models import resolved_spec
+from pararnn_lm.eval.synthetic.tasks import TASKS
 from pararnn_lm.provenance import config_file
 
 
@@ -50,8 +52,8 @@ class SyntheticTrainConfig:
     time_budget_s: float | None = None  # wall-clock cap of one call; unfinished runs report their best so far
     resume: bool = False  # continue the runs saved in OUT/runs by an earlier call (finished ones are read back)
     progress: bool = True
-    task_kwargs: dict[str, Any] = field(default_factory=dict)  # generator overrides (e.g. dense=False)
-    model_kwargs: dict[str, Any] = field(default_factory=dict)  # model overrides (e.g. gain_bound=None)
+    task_kwargs: dict[str, Any] = field(default_factory=dict)  # generator options (e.g. scoring="last")
+    model_kwargs: dict[str, Any] = field(default_factory=dict)  # ModelSpec overrides (e.g. gain_bound=None)
     # ours, a diagnostic (the paper's biases are 0): initial retention-gate bias of the RNN cells
     # (pararnn_lm.eval.synthetic.models.init_retain_gate); Transformer and Mamba2 runs ignore it.
     retain_gate_bias: float = 0.0
@@ -128,10 +130,24 @@ OPERATIONAL_FIELDS = frozenset({"seeds", "device", "devices", "cuda_graph", "con
                                 "resume", "progress", "eval_batch_size"})
 
 
+# What a run's settings resolve to, recorded beside them: the model (ModelSpec) and the task's generator options.
+RECORDED_CHOICES = ("model_spec", "task_options")
+
+
+def run_choices(cfg: SyntheticTrainConfig) -> dict[str, Any]:
+    """The model and task a run of ``cfg`` trains, as every result file records them: the resolved
+    :class:`~pararnn_lm.eval.synthetic.models.ModelSpec` (None for a registered architecture) and the
+    generator options (the paper's, updated by ``task_kwargs``; e.g. ``scoring``)."""
+    return jsonable({"model_spec": resolved_spec(cfg.arch, cfg.task, **cfg.model_kwargs),
+                     "task_options": TASKS[cfg.task].options(**cfg.task_kwargs)})
+
+
 def run_identity(cfg: SyntheticTrainConfig) -> dict[str, Any]:
-    """The settings that define a run's trajectory and result; saved with its state so ``--resume``
-    continues a run only under the settings it started with (JSON-normalised: tuples become lists)."""
-    return jsonable({k: v for k, v in dataclasses.asdict(cfg).items() if k not in OPERATIONAL_FIELDS})
+    """The settings that define a run's trajectory and result, and what they resolve to (:func:`run_choices`);
+    saved with its state so ``--resume`` continues a run only under the settings and the model it started
+    with (JSON-normalised: tuples become lists)."""
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in OPERATIONAL_FIELDS}
+    return {**jsonable(settings), **run_choices(cfg)}
 
 
 # -- sweeps: the grid under several settings at once ------------------------------------------------

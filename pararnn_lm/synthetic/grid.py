@@ -2,7 +2,9 @@
 architectures x tasks x seeds, optionally under every combination of swept settings. The files and
 their names are listed in :mod:`pararnn_lm.eval.synthetic.results`.
 
-A cell's ``accuracy`` is the best test accuracy over its seeds (the paper's protocol).
+A cell's ``accuracy`` is the best test accuracy over its seeds (the paper's protocol); ``accuracy_last`` is
+that seed's accuracy at the last position. Every cell records the model it trained (``model_spec``) and its
+task's options (``task_options``, e.g. ``scoring``).
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from pararnn_lm.eval.synthetic.models import ARCHS
 from pararnn_lm.eval.synthetic.tasks import TASKS
 from pararnn_lm.eval.tables import grid_curves, plot_curves, render_table6, write_sweep
 
-from .config import SyntheticTrainConfig, jsonable, sweep_variants, with_overrides
+from .config import SyntheticTrainConfig, jsonable, run_choices, sweep_variants, with_overrides
 from .devices import describe_devices, train_runs_on_devices
 
 log = logging.getLogger(__name__)
@@ -27,10 +29,11 @@ log = logging.getLogger(__name__)
 def cell_result(cfg: SyntheticTrainConfig, runs: list[dict[str, Any]], out_dir: str | Path | None) -> dict[str, Any]:
     """One Table-6 cell from its seeds' results; written to ``out_dir/ARCH__TASK.json`` when given."""
     ok = [r for r in runs if r.get("test_acc") is not None]
+    best = max(ok, key=lambda r: r["test_acc"]) if ok else {}
     result: dict[str, Any] = {"kind": "synthetic", "task": cfg.task, "arch": cfg.arch,
-                              "accuracy": max(r["test_acc"] for r in ok) if ok else None,
-                              "best_seed": max(ok, key=lambda r: r["test_acc"])["seed"] if ok else None,
-                              "seeds": runs, "config": jsonable(dataclasses.asdict(cfg))}
+                              "accuracy": best.get("test_acc"), "best_seed": best.get("seed"),
+                              "accuracy_last": best.get("test_acc_last"),  # the best seed's, at the last position
+                              **run_choices(cfg), "seeds": runs, "config": jsonable(dataclasses.asdict(cfg))}
     if not ok:
         result["error"] = "; ".join(str(r.get("error")) for r in runs)
     if out_dir is not None:
@@ -41,8 +44,19 @@ def cell_result(cfg: SyntheticTrainConfig, runs: list[dict[str, Any]], out_dir: 
     return result
 
 
+def check_settings(cfg: SyntheticTrainConfig) -> None:
+    """Fail before anything trains on a model or task option the cell cannot take (e.g. MQAR's ``layout``
+    swept over a grid with keep-nth), not when its result is written."""
+    try:
+        run_choices(cfg)
+        TASKS[cfg.task].generate(1, cfg.seq_len, seed=0, **cfg.task_kwargs)
+    except ValueError as err:
+        raise ValueError(f"{cfg.arch}/{cfg.task}: {err}") from None
+
+
 def run_task(cfg: SyntheticTrainConfig, out_dir: str | Path | None = None) -> dict[str, Any]:
     """All seeds of one (arch, task); raises if every seed failed."""
+    check_settings(cfg)
     runs = train_runs_on_devices([(cfg, s) for s in cfg.seeds], devices=cfg.devices,
                                  concurrent_runs=cfg.concurrent_runs, time_budget_s=cfg.time_budget_s,
                                  progress=cfg.progress, resume=cfg.resume,
@@ -82,6 +96,7 @@ def run_grid(base: SyntheticTrainConfig, archs: Sequence[str] = ARCHS, tasks: Se
     jobs, states = [], []
     for _, folder, cfgs in variants:
         for cfg in cfgs:
+            check_settings(cfg)
             jobs += [(cfg, seed) for seed in cfg.seeds]
             states += [None if folder is None else folder / files.RUNS_DIR] * len(cfg.seeds)
     t0 = time.time()

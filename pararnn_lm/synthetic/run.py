@@ -25,24 +25,33 @@ from pararnn_lm.eval.synthetic.tasks import IGNORE_INDEX, TASKS, SyntheticBatch,
 from pararnn_lm.training.checkpoint import atomic_torch_save, atomic_write_text
 from pararnn_lm.training.optim import warmup_cosine
 
-from .config import SyntheticTrainConfig, run_identity
+from .config import RECORDED_CHOICES, SyntheticTrainConfig, run_identity
 
 log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data: SyntheticBatch, batch_size: int = 1000, device: str = "cpu") -> float:
-    """Fraction of scored positions whose argmax logit equals the target."""
+def accuracies(model: nn.Module, data: SyntheticBatch, batch_size: int = 1000,
+               device: str = "cpu") -> tuple[float, float | None]:
+    """(fraction of scored positions whose argmax logit equals the target, the same at the last position of
+    the sequences that score it - None if none does)."""
     was_training = model.training
     model.eval()
-    correct = total = 0
+    correct = total = last_correct = last_total = 0
     for i in range(0, len(data), batch_size):
         b = data[i : i + batch_size].to(device)
-        pred = logits_of(model(b.input_ids)).argmax(-1)
-        correct += int((pred == b.targets)[b.loss_mask].sum())
+        hit = logits_of(model(b.input_ids)).argmax(-1) == b.targets
+        correct += int(hit[b.loss_mask].sum())
         total += int(b.loss_mask.sum())
+        last_correct += int(hit[:, -1][b.loss_mask[:, -1]].sum())
+        last_total += int(b.loss_mask[:, -1].sum())
     model.train(was_training)
-    return correct / max(total, 1)
+    return correct / max(total, 1), (last_correct / last_total if last_total else None)
+
+
+def evaluate(model: nn.Module, data: SyntheticBatch, batch_size: int = 1000, device: str = "cpu") -> float:
+    """Fraction of scored positions whose argmax logit equals the target (the task's accuracy)."""
+    return accuracies(model, data, batch_size, device)[0]
 
 
 def masked_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -54,14 +63,12 @@ def masked_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 def build_run_model(cfg: SyntheticTrainConfig) -> nn.Module:
-    """The model a run of ``cfg`` trains (on the CPU, initialised from the current torch seed): its task's
-    vocabulary, mixer and gain bound, ``cfg``'s width and model settings."""
-    spec = TASKS[cfg.task]
-    model_kwargs = {"gain_bound": spec.gain_bound, **cfg.model_kwargs}
-    if cfg.retain_gate_bias and cfg.arch in RNN_ARCHS:
-        model_kwargs["retain_gate_bias"] = cfg.retain_gate_bias
-    return build_model(cfg.arch, spec.vocab_size, bare_mixer=spec.bare_mixer, d_model=cfg.d_model,
-                       num_heads=cfg.num_heads, **model_kwargs)
+    """The model a run of ``cfg`` trains (on the CPU, initialised from the current torch seed): its
+    (arch, task) Table-6 model (:func:`~pararnn_lm.eval.synthetic.models.model_spec`) with ``cfg``'s width
+    and model settings."""
+    bias = cfg.retain_gate_bias if cfg.arch in RNN_ARCHS else 0.0
+    return build_model(cfg.arch, cfg.task, d_model=cfg.d_model, num_heads=cfg.num_heads, retain_gate_bias=bias,
+                       **cfg.model_kwargs)
 
 
 def batches_per_epoch(cfg: SyntheticTrainConfig) -> int:
@@ -310,9 +317,10 @@ class SeedRun:
             self.best_val = evaluate(self.model, self.val, self.cfg.eval_batch_size, self.cfg.device)
         else:
             self.model.load_state_dict(self.best_state)
-        test_acc = evaluate(self.model, self.splits["test"], self.cfg.eval_batch_size, self.cfg.device)
+        test_acc, test_acc_last = accuracies(self.model, self.splits["test"], self.cfg.eval_batch_size, self.cfg.device)
         cfg = self.cfg
-        res = {"seed": self.seed, "test_acc": test_acc, "best_val_acc": self.best_val, "epochs": self.epoch,
+        res = {"seed": self.seed, "test_acc": test_acc, "test_acc_last": test_acc_last,
+               "best_val_acc": self.best_val, "epochs": self.epoch,
                "steps": self.step, "stopped": self.stop_reason or "time budget", "cuda_graph": self.graph is not None,
                "final_train_loss": None if self.last_loss is None else float(self.last_loss.detach()),
                "train_seconds": round(self.elapsed(), 2),
@@ -364,9 +372,10 @@ class RunFiles:
 def check_resumable(jobs: Sequence[tuple[SyntheticTrainConfig, int]], folder: Path) -> None:
     """Refuse, before anything trains, to resume a saved run under different settings (it would mix two
     trajectories under one key). Files saved without their settings are accepted with a warning; a setting
-    missing from a saved file counts as its default."""
+    missing from a saved file counts as its default, a missing model or task record as a different one (the
+    file predates them: its model may not be today's)."""
     clashes = []
-    defaults = run_identity(SyntheticTrainConfig())
+    defaults = {k: v for k, v in run_identity(SyntheticTrainConfig()).items() if k not in RECORDED_CHOICES}
     for cfg, seed in jobs:
         files = RunFiles(folder, cfg, seed)
         found, saved = files.saved_identity()
