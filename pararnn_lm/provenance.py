@@ -4,8 +4,12 @@ Checkpoints and exports record :func:`build_info` so a result can be traced to t
 """
 from __future__ import annotations
 
+import contextlib
 import functools
+import shutil
 import subprocess
+import tempfile
+from collections.abc import Iterator
 from importlib import metadata, resources
 from pathlib import Path
 
@@ -51,3 +55,47 @@ def git_commit() -> str | None:
 def build_info() -> dict[str, str | None]:
     """``{"pararnn_lm_version": ..., "git_commit": ...}``: stamped into checkpoints and exports."""
     return {"pararnn_lm_version": __version__, "git_commit": git_commit()}
+
+
+@contextlib.contextmanager
+def revision_tree(rev: str, repo: Path | None = None) -> Iterator[tuple[str, Path]]:
+    """A source tree of revision ``rev`` for benchmarks that compare commits: yields (commit, tree).
+
+    ``rev`` is a git revision of ``repo`` (checked out in a temporary ``git worktree``, removed afterwards)
+    or an existing folder that holds such a tree (a worktree prepared earlier, e.g. for a machine without
+    the repository's ``.git``; its commit is read from git or from a ``REVISION`` file in it). The tree
+    must have the ``pararnn_lm`` package layout.
+    """
+    repo = Path(repo or PACKAGE_DIR.parent)
+    folder = Path(rev)
+    if folder.is_dir():
+        if not (folder / "pararnn_lm" / "train.py").is_file():
+            raise ValueError(f"{folder} holds no pararnn_lm/train.py: not a tree of this project")
+        marker = folder / "REVISION"
+        try:
+            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=folder, capture_output=True,
+                                    text=True, check=True).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            commit = marker.read_text().strip() if marker.is_file() else "unknown"
+        yield commit, folder.resolve()
+        return
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, check=True).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "--verify", "--short", f"{rev}^{{commit}}")
+    except (OSError, subprocess.CalledProcessError):
+        raise ValueError(f"{rev} is not a folder and not a revision of {repo}") from None
+    if subprocess.run(["git", "cat-file", "-e", f"{commit}:pararnn_lm/train.py"], cwd=repo,
+                      capture_output=True).returncode:
+        raise ValueError(f"{rev} ({commit}) has no pararnn_lm/train.py; the revision must have the pararnn_lm "
+                         "package layout (016a20d or later)")
+    parent = Path(tempfile.mkdtemp(prefix="pararnn_base_"))
+    tree = parent / commit
+    git("worktree", "add", "--detach", str(tree), commit)
+    try:
+        yield commit, tree
+    finally:
+        subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=repo, capture_output=True)
+        shutil.rmtree(parent, ignore_errors=True)

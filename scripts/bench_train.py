@@ -56,7 +56,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
@@ -209,23 +208,14 @@ def this_checkout() -> Revision:
 
 @contextlib.contextmanager
 def base_worktree(rev: str) -> Iterator[Revision]:
-    """REV checked out in a temporary worktree (removed afterwards)."""
+    """REV as a source tree: a temporary worktree of a git revision, or a folder holding one."""
+    from pararnn_lm.provenance import revision_tree  # this checkout's (workers import the tree they measure)
+
     try:
-        commit = git("rev-parse", "--verify", "--short", f"{rev}^{{commit}}")
-    except subprocess.CalledProcessError:
-        raise SystemExit(f"--base {rev}: not a revision of {ROOT}") from None
-    if subprocess.run(["git", "cat-file", "-e", f"{commit}:pararnn_lm/train.py"], cwd=ROOT,
-                      capture_output=True).returncode:
-        raise SystemExit(f"--base {rev}: {commit} has no pararnn_lm/train.py; the revision must have the "
-                         "pararnn_lm package layout (016a20d or later)")
-    parent = Path(tempfile.mkdtemp(prefix="bench_train_base_"))
-    tree = parent / commit
-    git("worktree", "add", "--detach", str(tree), commit)
-    try:
-        yield Revision(rev, commit, tree)
-    finally:
-        subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT, capture_output=True)
-        shutil.rmtree(parent, ignore_errors=True)
+        with revision_tree(rev, ROOT) as (commit, tree):
+            yield Revision(rev, commit, tree)
+    except ValueError as err:
+        raise SystemExit(f"--base {rev}: {err}") from None
 
 
 # ----------------------------------------------------------------------------- one configuration
@@ -650,7 +640,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="train.compile: torch.compile every decoder block (default on)")
     p.add_argument("--activation-checkpointing", action="store_true")
     p.add_argument("--base", default=None, metavar="REV",
-                   help="also run every configuration at git revision REV (a temporary worktree) and compare")
+                   help="also run every configuration at git revision REV (a temporary worktree; or a folder "
+                        "holding a tree of the project, e.g. where there is no .git) and compare")
     p.add_argument("--check-resume", action="store_true",
                    help="also kill each configuration after --kill-after steps, resume it, compare the losses")
     p.add_argument("--checkpoint-every", type=int, default=20, help="--check-resume: checkpoint interval")

@@ -189,3 +189,26 @@ def test_checkpoints_record_the_version_and_commit_that_wrote_them(tmp_path):
     manager = CheckpointManager(tmp_path, 2, 0, lambda: None)
     path = manager.save(3, {"data": {}}, {"model": {}})
     assert json.loads((path / "COMPLETE").read_text()) == {"step": 3, **info}
+
+
+def test_revision_tree_takes_a_git_revision_or_a_prepared_folder(tmp_path):
+    from pararnn_lm.provenance import revision_tree
+
+    if not (ROOT / ".git").exists():
+        pytest.skip("needs the repository's git history")
+    with revision_tree("HEAD", ROOT) as (commit, tree):
+        assert (tree / "pararnn_lm" / "train.py").is_file() and tree != ROOT
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        assert commit == head
+        copy = tmp_path / "tree"
+        shutil.copytree(tree, copy, ignore=shutil.ignore_patterns(".git"))
+    assert not tree.exists()  # the temporary worktree is removed
+    (copy / "REVISION").write_text("abc1234\n")
+    with revision_tree(str(copy), ROOT) as (commit, folder):  # a folder without .git: its REVISION file
+        assert (commit, folder) == ("abc1234", copy.resolve())
+    with pytest.raises(ValueError, match="no pararnn_lm/train.py"):
+        with revision_tree(str(tmp_path), ROOT):
+            pass
+    with pytest.raises(ValueError, match="not a revision"):
+        with revision_tree("no-such-revision-xyz", ROOT):
+            pass
