@@ -1,7 +1,7 @@
-"""parallel_rnn(..., u_bias=b): the modes that add the input bias inside their kernels (``fused``,
-``sequential_triton``; TRITON_INTERPRET=1 on the CPU) against the fp64 sequential loop run on u + b -
-outputs, final states and the gradients of u, p, b and h0; with packed documents (resets), several
-shooting segments and the fallback pass; and the layer's bias through every path."""
+"""parallel_rnn(..., u_bias=b): the mode that adds the input bias inside its kernels (``fused``;
+TRITON_INTERPRET=1 on the CPU) against the fp64 sequential loop run on u + b - outputs, final states and
+the gradients of u, p, b and h0; with packed documents (resets), one and several shooting segments and
+the fallback pass; and the layer's bias through every path."""
 from __future__ import annotations
 
 import pytest
@@ -42,9 +42,11 @@ def _run(obj, u, p, b, h0, resets, gy, gh, **kw):
 
 
 @pytest.mark.parametrize("cell", ["gru", "lstm"])
-@pytest.mark.parametrize("mode", ["fused", "sequential_triton"])
+@pytest.mark.parametrize("segments", [1, 4])
 @pytest.mark.parametrize("T,dtype", [(13, torch.float32), (70, torch.float32), (70, torch.bfloat16)])
-def test_bias_inside_the_kernels_matches_u_plus_bias(cell, mode, T, dtype):
+def test_bias_inside_the_kernels_matches_u_plus_bias(cell, segments, T, dtype):
+    shooting.TUNING.update(segments=segments)  # 1: the exact one-pass walk; 4: Newton on the segment starts
+    mode = "fused"
     obj, u, p, b, h0, resets = _problem(cell, T, seed=T)
     # ParaGRU: the bias goes into the kernels; ParaLSTM: the engine adds it to u first (slower in-kernel).
     assert MODES[mode].input_bias(obj) == (cell == "gru")

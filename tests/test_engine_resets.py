@@ -12,13 +12,11 @@ import torch
 
 from pararnn_lm.kernels import MODES, ParaGRU, ParaLSTM, ParaGRULayer, parallel_rnn
 from pararnn_lm.kernels import shooting
-from pararnn_lm.kernels.cells.paragru import fused as fgru
-from pararnn_lm.kernels.cells.paralstm import fused as flstm
 from pararnn_lm.kernels.layout import SequenceLayout
 
 CELLS = {"paragru": ParaGRU, "paralstm": ParaLSTM}
 FP64_MODES = {"sequential", "newton_torch"}  # the Triton modes compute in fp32
-SHOOTING_MODES = {"fused", "fused_stepwise", "sequential_triton"}  # kernels the 'small_tiles' settings reach
+SHOOTING_MODES = {"fused"}  # kernels the 'small' tiles settings reach
 
 
 def _resets(B: int, T: int) -> torch.Tensor:
@@ -81,19 +79,15 @@ def _packed_reference(cell, u, p, h0, R, mode="sequential"):
 
 @pytest.fixture
 def tiles(request):
-    """'small': 16-channel blocks and 4 shooting segments / 16-step stepwise chunks, so resets fall
-    inside and at the borders of segments and chunks, and D = 19 spans two channel blocks."""
+    """'small': 16-channel blocks and 4 shooting segments, so resets fall inside and at the borders of
+    segments, and D = 19 spans two channel blocks."""
     if request.param == "small":
-        for mod in (fgru, flstm):
-            mod._BLOCKS.update(CT=16, BD=16)
         shooting.TUNING.update(segments=4, BD=16)
     yield request.param
-    for mod in (fgru, flstm):
-        mod._BLOCKS.clear()
     shooting.TUNING.clear()
 
 
-# Every registered mode at the default tiles; the shooting / stepwise kernels also at small tiles.
+# Every registered mode at the default tiles; the shooting kernels also at small tiles.
 CASES = [(tiles, mode, cell, T, with_h0)
          for tiles in ("default", "small")
          for mode in sorted(MODES) if tiles == "default" or mode in SHOOTING_MODES

@@ -6,7 +6,7 @@ from cells_for_tests import CELLS, make_inputs
 from pararnn_lm.kernels import NewtonStats, parallel_rnn
 
 
-@pytest.mark.parametrize("mode", ["newton_triton", "fused", "sequential_triton"])
+@pytest.mark.parametrize("mode", ["newton_triton", "fused"])
 @pytest.mark.parametrize("cell_name", ["paragru", "paralstm"])
 def test_triton_modes_equal_the_fp64_reference(mode, cell_name):
     cell = CELLS[cell_name]()

@@ -44,8 +44,8 @@ def parallel_rnn(
         stats: filled with the iterations used and the final residual of this call.
         name: the layer's name, used in convergence errors and warnings.
         u_bias: (G, D) added to u_t at every step (the input projection's bias), differentiable. Modes
-            that take it for this cell (``fused`` and ``sequential_triton`` for ParaGRU) add it inside their
-            kernels, saving a pass over u; the others get ``u + u_bias`` (in u's dtype).
+            that take it for this cell (``fused`` for ParaGRU) add it inside their kernels, saving a pass
+            over u; the others get ``u + u_bias`` (in u's dtype).
 
     Returns:
         y (B, T, D) in u's dtype, and h_last: (B, K, D) (with resets too: the state at each row's

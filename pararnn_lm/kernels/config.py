@@ -96,7 +96,7 @@ class NewtonStats:
             if failed and self.who not in _warned_fallback:
                 _warned_fallback.add(self.who)
                 logging.getLogger("kernels").warning(
-                    "Newton did not converge for %s in some time chunks; those chunks were finished by "
-                    "the exact sequential recurrence inside the kernel.", self.who)
+                    "Newton did not converge for %s in some channels; those channels were finished by "
+                    "the exact sequential recurrence inside the kernels.", self.who)
             self.pending = False
         return self

@@ -78,20 +78,8 @@ def _fused_cells() -> dict[type, Callable[..., torch.Tensor]]:
     return {ParaGRU: paragru_fused_mode, ParaLSTM: paralstm_fused_mode}
 
 
-def _stepwise_cells() -> dict[type, Callable[..., torch.Tensor]]:
-    from .cells import ParaGRU, ParaLSTM
-    from .cells.paragru.fused import paragru_stepwise_mode
-    from .cells.paralstm.fused import paralstm_stepwise_mode
-
-    return {ParaGRU: paragru_stepwise_mode, ParaLSTM: paralstm_stepwise_mode}
-
-
 def _fused_run(cell, u, p, h0_rows, layout, newton, stats, name):
     return _fused_cells()[type(cell)](cell, u, p, h0_rows, layout, newton, stats, name)
-
-
-def _stepwise_run(cell, u, p, h0_rows, layout, newton, stats, name):
-    return _stepwise_cells()[type(cell)](cell, u, p, h0_rows, layout, newton, stats, name)
 
 
 def _has_fused_kernel(cell: Cell) -> bool:
@@ -101,10 +89,10 @@ def _has_fused_kernel(cell: Cell) -> bool:
 
 
 def _bias_in_kernels(cell: Cell) -> bool:
-    """Cells whose fused kernels get the input bias: only where it measured faster. The ParaLSTM kernels take
-    it too (tested), but its compiled 400M mixer got slower with it - 3.18 -> 5.39 ms on an H200, 3.62 ->
-    4.34 ms on an H100 ((16, 2048, 1024), bf16) - of which the shooting kernels themselves account for only
-    ~0.08 ms (H100 profile); ParaGRU's went 3.94 -> 3.68 ms (H200). See kernels/NOTES-perf.md, session 12."""
+    """Cells whose fused kernels get the input bias: only where it measured faster. Compiled 400M mixers,
+    (16, 2048, 1024) bf16: ParaGRU 3.94 -> 3.68 ms (H200); ParaLSTM 3.18 -> 5.39 ms (H200) and
+    3.62 -> 4.34 ms (H100), of which its shooting kernels account for only ~0.08 ms (H100 profile: the
+    compiled graph around the op changes). The ParaLSTM kernels take the bias all the same (tested)."""
     from .cells import ParaGRU
 
     return type(cell) is ParaGRU
@@ -114,7 +102,6 @@ def _register_builtin() -> None:
     from .newton_torch import newton_torch_mode, newton_triton_mode
     from .scan.triton import MAX_K
     from .sequential import sequential_mode
-    from .sequential_triton import sequential_triton_mode
 
     register_mode("sequential", sequential_mode, description="reference loop over time (autograd)")
     register_mode(
@@ -134,20 +121,6 @@ def _register_builtin() -> None:
         half_inputs=True, input_bias=_bias_in_kernels,
         description="multiple-shooting Newton: exact sequential segments in parallel, Newton on the "
                     "segment starts (kernels/shooting.py); ParaGRU/ParaLSTM",
-    )
-    register_mode(
-        "fused_stepwise", _stepwise_run,
-        available=lambda cell, u: _has_fused_kernel(cell) and triton_usable(u),
-        auto=lambda cell, u: False,  # superseded by 'fused' (kernels/NOTES-perf.md); kept for comparison
-        half_inputs=True,
-        description="per-step Newton solve in registers, one Triton kernel per solve; ParaGRU/ParaLSTM",
-    )
-    register_mode(
-        "sequential_triton", sequential_triton_mode,
-        available=lambda cell, u: _has_fused_kernel(cell) and triton_usable(u),
-        auto=lambda cell, u: False,  # a baseline, never the default
-        half_inputs=True, input_bias=_bias_in_kernels,
-        description="one thread per channel walking the sequence (baseline); ParaGRU/ParaLSTM",
     )
 
 

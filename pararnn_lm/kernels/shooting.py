@@ -1,7 +1,9 @@
 """Multiple-shooting Newton kernels for ParaGRU / ParaLSTM: the ``fused`` mode's engine.
 
-The system h_t = f(h_{t-1}, u_t), t < T, is cut into S segments of L steps. Newton's method is applied
-to the S unknown segment-start states instead of to all T states:
+The paper (Danieli et al., "ParaRNN", arXiv 2510.21450) applies Newton's method to all T states of
+h_t = f(h_{t-1}, u_t), one parallel linear scan per iteration (modes ``newton_torch`` / ``newton_triton``).
+Here the sequence is cut into S segments of L steps and Newton's method is applied to the S unknown
+segment-start states only:
 
     x_s = F_{s-1}(x_{s-1})      F_s = the exact sequential recurrence over segment s
 
@@ -14,9 +16,9 @@ followed by the coarse update, a K x K linear recurrence over the S segments:
 
 Within a segment the residual f(h_{t-1}, u_t) - h_t is exactly zero; at the segment starts it is
 r_s = e_{s-1} - x_s. Converged when max_s |r_s| / (1 + |x_s|) <= tol after a pass that wrote h, so
-the solution meets the same scaled-residual criterion as the step-wise Newton modes. On contractive
+the solution meets the same scaled-residual criterion as the ``newton_*`` modes. On contractive
 cells P_s is tiny and the first correction is exact: 2 passes (one that only finds the segment ends,
-one that writes h). Each pass does 1 cell evaluation per step (the step-wise Newton solve needs ~5),
+one that writes h). Each pass does 1 cell evaluation per step (Newton over all T states needs ~5),
 and the work is parallel over B x D x S, so S is chosen to fill the GPU (S = 1 when B x D already
 does: then it is the plain sequential kernel, exact in one pass).
 
@@ -34,8 +36,6 @@ reruns every segment from its exact carry m_s and writes du, per-segment dp part
 Document starts (the start map) zero the Jacobian at that step, so no state or gradient crosses them.
 """
 from __future__ import annotations
-
-import contextlib
 
 import torch
 import triton
@@ -420,7 +420,7 @@ def _coarse_update(START, END, PROD, PENDING, ITERS, RES, b, d, last, S, D, max_
 
 
 @triton.jit
-def _bload_block(ub, sUt, sUg, gb, sGt, sGk, hb, t, t0, dm, d, D, NB: tl.constexpr, LSTM: tl.constexpr):
+def _load_block_reverse(ub, sUt, sUg, gb, sGt, sGk, hb, t, t0, dm, d, D, NB: tl.constexpr, LSTM: tl.constexpr):
     """Steps t, t-1, .., t-NB+1 (entry i = step t - i, masked below t0) as NB-tuples of [BD] vectors:
     u (3 gates, u's dtype), dh (h and c rows, fp32) and the previous state h_{t-1} (h and c rows;
     zero at t = 0). Tuples of 1-D loads for the reason given at ``_load_block``."""
@@ -573,11 +573,11 @@ def _shoot_bwd_kernel(
     # Reverse walk, NB steps per block, the next block's loads issued before this block's chain.
     smap_row = SMAP + b * T if DOCS else SMAP + b  # the compact map has one entry per row
     sm0 = tl.load(smap_row) if not DOCS else 0  # compact map: the h0 row of this batch row (start at t = 0)
-    n0, n1, n2, ngh, ngc, nhh, nhc = _bload_block(ub, sUt, sUg, gb, sGt, sGk, hb, t1 - 1, t0, dm, d, D, NB, LSTM)
+    n0, n1, n2, ngh, ngc, nhh, nhc = _load_block_reverse(ub, sUt, sUg, gb, sGt, sGk, hb, t1 - 1, t0, dm, d, D, NB, LSTM)
     for tt in range(0, t1 - t0, NB):
         tb = t1 - 1 - tt
         x0, x1, x2, xgh, xgc, xhh, xhc = n0, n1, n2, ngh, ngc, nhh, nhc
-        n0, n1, n2, ngh, ngc, nhh, nhc = _bload_block(ub, sUt, sUg, gb, sGt, sGk, hb, tb - NB, t0, dm, d, D, NB, LSTM)
+        n0, n1, n2, ngh, ngc, nhh, nhc = _load_block_reverse(ub, sUt, sUg, gb, sGt, sGk, hb, tb - NB, t0, dm, d, D, NB, LSTM)
         for j in tl.static_range(NB):
             if DOCS:  # a scalar load (every thread, same address): an L1 hit, off the chain
                 sm_j = tl.load(smap_row + tb - j, mask=tb - j >= t0, other=-1)
@@ -650,8 +650,9 @@ def _shoot_bwd_kernel(
 # (NewtonConfig.on_failure='fallback'): each launch costs CPU time even when it exits at once, and
 # contractive cells converge after the first. 'raise' launches all max_iters passes.
 FALLBACK_PASS_CAP = 2
-TUNING: dict = {}  # bench / test overrides: segments, BD, num_warps, threads_per_sm, single_tps, NB, NB_bwd,
-# tail, tail_eps, maxnreg_bwd
+# Overrides of the plan for tests and `bench_kernels.py sweep`: segments, BD, num_warps, threads_per_sm,
+# single_tps, NB, NB_bwd, tail, tail_eps, maxnreg_bwd.
+TUNING: dict = {}
 # Steps of each segment the first forward pass walks (its end state from a zero start). At the
 # benchmark's default-like init the Jacobian product over 48 steps is <= 2e-9 (32 steps: up to 2e-5,
 # above tol/8 = 1.25e-6 for some channels); a larger product makes that program walk its whole segment.
@@ -662,18 +663,14 @@ FIRST_PASS_TAIL = 40
 
 
 # Steps per block (= prefetch depth: the next block's loads are in flight while this block's dependent
-# steps run). H200 measurements (kernels/NOTES-perf.md): one segment (few warps per SM, latency
-# exposed) wants 8 steps (ParaLSTM backward at (16, 2048, 2048): 0.97 -> 0.69 ms over 4); many
-# segments (the SMs full of warps) do best with 4 - deeper blocks only cost registers there.
+# steps run). H200 sweep (kernels/README.md): one segment (few warps per SM, latency exposed) wants
+# 8 steps (ParaLSTM backward at (16, 2048, 2048): 0.97 -> 0.69 ms over 4); many segments (the SMs full
+# of warps) do best with 4 - deeper blocks only cost registers there.
 def _prefetch_steps(which: str, lstm: bool, segments: int) -> int:
     key = "NB" if which == "fwd" else "NB_bwd"
     if key in TUNING:
         return TUNING[key]
     return 8 if segments == 1 else 4
-
-
-def _dev(u):
-    return torch.cuda.device(u.device) if u.is_cuda else contextlib.nullcontext()
 
 
 def plan(B: int, T: int, D: int, device, which: str = "fwd", lstm: bool = False) -> tuple[int, int, int, int]:
@@ -685,7 +682,7 @@ def plan(B: int, T: int, D: int, device, which: str = "fwd", lstm: bool = False)
     if "segments" in TUNING:
         S = max(1, min(int(TUNING["segments"]), T))
     else:
-        # H100/H200 sweeps (kernels/NOTES-perf.md): one segment once B x D gives 200 threads per SM; else
+        # H100/H200 sweeps (kernels/README.md): one segment once B x D gives 200 threads per SM; else
         # segments up to ~900 (forward) / ~2048 (backward) threads per SM.
         sm = planning_sm_count(device)
         single = TUNING.get("single_tps", 200) * sm
@@ -772,19 +769,7 @@ def shoot_forward(lstm: bool, u, p, h0_rows, smap, max_iters: int, tol: float, d
     return h, iters, res, pending
 
 
-def sequential_forward(lstm: bool, u, p, h0_rows, smap):
-    """The exact one-pass sequential recurrence (the ``sequential_triton`` baseline): h only."""
-    with _dev(u):
-        return shoot_forward(lstm, u, p, h0_rows, smap, 0, 0.0, 1.0)[0]
-
-
-def sequential_backward(lstm: bool, u, p, h0_rows, smap, h, g):
-    """The baseline's backward: one reverse walk over the whole sequence per channel."""
-    with _dev(u):
-        return shoot_backward(lstm, u, p, h0_rows, smap, h, g, segments=1)
-
-
-def shoot_backward(lstm: bool, u, p, h0_rows, smap, h, g, segments: int | None = None):
+def shoot_backward(lstm: bool, u, p, h0_rows, smap, h, g):
     """-> du (u's dtype), dp (like p's rows, fp32: with the input bias its last 3 rows are du summed over
     batch and time), dh0 (like h0_rows)."""
     B, T, _, D = u.shape
@@ -792,8 +777,6 @@ def shoot_backward(lstm: bool, u, p, h0_rows, smap, h, g, segments: int | None =
     NP = 5 if lstm else 3
     has_bias = _has_bias(lstm, p)
     S, L, BD, nw = plan(B, T, D, u.device, "bwd", lstm)
-    if segments is not None:
-        L, S = max(T, 1), 1
     docs = smap.shape[1] > 1  # else the compact map: starts at t = 0 only
     nb = _prefetch_steps("bwd", lstm, S)
     dev = u.device

@@ -1,4 +1,5 @@
-"""The paper's cells, one folder each (the cell's step function; fused kernels join them later)."""
+"""The paper's cells, one folder each: ``cell.py`` (the step, what every mode runs) and ``fused.py`` (the
+``fused`` mode's ops for that cell, on the shared kernels of kernels/shooting.py)."""
 from .paragru import ParaGRU
 from .paralstm import ParaLSTM
 

@@ -1,10 +1,11 @@
-"""What the fused ParaGRU / ParaLSTM kernels share: Triton math helpers, the start map, block sizes,
-the convergence-policy plumbing and the adapter to the engine's mode registry.
+"""What the fused ParaGRU / ParaLSTM ops share: Triton math helpers, the start map, the SM count the
+launch plans are made for, the convergence-policy plumbing, and the torch.library ops with their
+autograd and engine adapter (:class:`FusedCellOps`), built here once for both cells.
 
 Start map: an int32 tensor (B, T): -1 where h_{t-1} is the previous step's state, r >= 0 where step
 t starts a sequence/document from initial-state row r of h0_rows (R, K, D). Built on the device
 with no host sync from the batch layout (t = 0 starts row b), cu_seqlens, or per-step ``resets``
-(documents inside batch rows restart from an extra zero row of h0_rows). Kernels that accept it also
+(documents inside batch rows restart from an extra zero row of h0_rows). The shooting kernels also
 take the compact (B, 1) map of one-document-per-row batches (row b starts at t = 0 from row SMAP[b]).
 """
 from __future__ import annotations
@@ -62,28 +63,6 @@ def sigmoid_(x):
     return rcp_(1.0 + exp2_(x * -_LOG2E))
 
 
-@triton.jit
-def shift_down(x, rows, first):
-    """Row t of the result is row t-1 of x; row 0 is ``first`` (a [BD] vector)."""
-    idx = tl.maximum(rows - 1, 0)[:, None] + tl.zeros_like(x).to(tl.int32)
-    y = tl.gather(x, idx, 0)
-    return tl.where(rows[:, None] == 0, first[None, :], y)
-
-
-@triton.jit
-def row_of(x, rows, r):
-    """Row r of a [CT, BD] tile as a [BD] vector."""
-    return tl.sum(tl.where(rows[:, None] == r, x, 0.0), axis=0)
-
-
-@triton.jit
-def max_scaled_residual(r, h, m):
-    """max |r| / (1 + |h|) over the valid tile; NaN reads as +inf (never as converged)."""
-    s = tl.abs(r) / (1.0 + tl.abs(h))
-    s = tl.where(m, tl.where(s != s, float("inf"), s), 0.0)
-    return tl.max(tl.max(s, axis=1), axis=0)
-
-
 # ----------------------------------------------------------------------------- host helpers
 def start_map_from_cu_seqlens(cu_seqlens: torch.Tensor, T: int) -> torch.Tensor:
     """(1, T) int32: document index at each document's first step, -1 elsewhere (empty docs skipped)."""
@@ -94,12 +73,6 @@ def start_map_from_cu_seqlens(cu_seqlens: torch.Tensor, T: int) -> torch.Tensor:
     smap = torch.full((T + 1,), -1, dtype=torch.int32, device=cu.device)
     smap.scatter_(0, idx, torch.arange(n, dtype=torch.int32, device=cu.device))
     return smap[:T].unsqueeze(0).contiguous()
-
-
-def start_map_batch(B: int, T: int, device) -> torch.Tensor:
-    smap = torch.full((B, T), -1, dtype=torch.int32, device=device)
-    smap[:, 0] = torch.arange(B, dtype=torch.int32, device=device)
-    return smap
 
 
 _CONSTANTS: dict = {}
@@ -128,19 +101,6 @@ def compact_start_map(B: int, device) -> torch.Tensor:
     """(B, 1): row b starts at t = 0 from h0 row b and nowhere else. Kernels that accept it skip the
     per-step start test (the shooting kernels); its meaning equals the full map's at T = 1. Read only."""
     return _constant(("compact_map", B), device, lambda: torch.arange(B, dtype=torch.int32, device=device)[:, None])
-
-
-def pick_blocks(B: int, D: int, K: int, sm_count: int | None = None) -> tuple[int, int]:
-    """(CT, BD): time-chunk length and channel block of one program's register tile."""
-    CT = 64 if K == 1 else 32
-    if D <= 16:
-        return CT, max(triton.next_power_of_2(D), 2)
-    sm = sm_count or 132
-    BD = 32
-    # Programs are (batch, channel block): prefer smaller blocks until there are ~4 per SM.
-    while BD > 16 and B * triton.cdiv(D, BD) < 4 * sm:
-        BD //= 2
-    return CT, BD
 
 
 def sm_count(device: torch.device) -> int | None:
@@ -172,7 +132,7 @@ def prepare_h0(h0: torch.Tensor | None, R: int, K: int, D: int, device) -> torch
 def finish_stats(iters: torch.Tensor, res: torch.Tensor, fail: torch.Tensor, newton: NewtonConfig,
                  stats: NewtonStats | None, who: str, mode: str) -> None:
     """Apply the convergence policy. 'raise' syncs on the failure flag; 'fallback' does not (the
-    kernel already finished unconverged chunks with the exact sequential recurrence), except to fill
+    kernels already finished unconverged channels with the exact sequential recurrence), except to fill
     ``stats`` (pass stats=None in tuned loops; the device tensors are in ``stats.device``)."""
     iters, res, fail = iters.detach(), res.detach(), fail.detach()
     if newton.on_failure == "raise":
@@ -180,7 +140,7 @@ def finish_stats(iters: torch.Tensor, res: torch.Tensor, fail: torch.Tensor, new
             r = float(res.max())
             raise NewtonConvergenceError(
                 f"Newton did not converge for {who}: scaled residual {r:.3e} > tol after "
-                f"{newton.max_iters} iteration(s) in at least one time chunk (fused kernel). The "
+                f"{newton.max_iters} iteration(s) in at least one channel (fused kernel). The "
                 "recurrence is probably not contractive: bound the recurrent gains, raise max_iters, "
                 "or use on_failure='fallback'.")
     if stats is not None:
@@ -207,24 +167,19 @@ class _EagerFused(torch.autograd.Function):
 
 
 class FusedCellOps:
-    """The torch.library ops, their autograd and the engine adapters of one fused cell.
+    """The torch.library ops, their autograd and the engine adapter of one fused cell.
 
     Each cell module provides only its launch functions ``forward(u, p, h0_rows, smap, max_iters,
-    tol, damping) -> (h, iters, residual, fail)`` and ``backward(u, p, h0_rows, smap, h, g) ->
-    (du, dp, dh0)`` plus ``num_programs(u)`` (the size of the per-program stats); everything else is
-    shared here so the two cells cannot drift apart.
+    tol, damping) -> (h, iters, residual, fail)`` (the last three per (batch row, channel)) and
+    ``backward(u, p, h0_rows, smap, h, g) -> (du, dp, dh0)``; everything else is shared here so the
+    two cells cannot drift apart. The launch functions take p with G extra rows, the gates' input bias
+    (added to u in the kernels), and return its gradient in the same rows of dp. ``pass_cap``: at most
+    this many Newton iterations under on_failure='fallback' (each iteration is a kernel launch; the
+    exact fallback pass finishes whatever is left).
     """
 
-    def __init__(self, op_name: str, label: str, K: int, G: int, P: int, forward, backward, num_programs,
-                 pass_cap: int | None = None, compact_start_map: bool = False, input_bias: bool = False):
-        # pass_cap: at most this many Newton iterations under on_failure='fallback' (kernels whose
-        # iterations are kernel launches; the exact fallback finishes whatever is left).
-        # compact_start_map: the kernels accept the (B, 1) map of batches without document starts.
+    def __init__(self, op_name: str, label: str, K: int, G: int, P: int, forward, backward, pass_cap: int):
         self.label, self.K, self.G, self.P, self.pass_cap = label, K, G, P, pass_cap
-        self.compact = compact_start_map
-        # input_bias: the launch functions also take p with G more rows, the gates' input bias (added
-        # to u in the kernels), and return its gradient in the same rows of dp.
-        self.input_bias = input_bias
 
         def fwd_impl(u, p, h0_rows, smap, max_iters, tol, damping):
             with torch.cuda.device(u.device) if u.is_cuda else contextlib.nullcontext():
@@ -246,7 +201,7 @@ class FusedCellOps:
         @self.fwd.register_fake
         def _(u, p, h0_rows, smap, max_iters, tol, damping):
             B, T, _, D = u.shape
-            n = num_programs(u)
+            n = B * D  # iterations, residual and failure flag per (batch row, channel)
             return (u.new_empty(B, T, K, D, dtype=torch.float32), u.new_empty(n, dtype=torch.int32),
                     u.new_empty(n, dtype=torch.float32), u.new_empty(n, dtype=torch.int32))
 
@@ -279,23 +234,23 @@ class FusedCellOps:
         if u.dim() != 4 or u.shape[2] != self.G:
             raise ValueError(f"fused {self.label}: u must be (B, T, {self.G}, D), got {tuple(u.shape)}")
         D = u.shape[-1]
-        rows = (self.P, self.P + self.G) if self.input_bias else (self.P,)
-        if p.dim() != 2 or p.shape[0] not in rows or p.shape[1] != D:
-            want = f"({self.P}, {D})" + (f" or ({self.P + self.G}, {D}) with the input bias" if self.input_bias else "")
-            raise ValueError(f"fused {self.label}: p must be {want}, got {tuple(p.shape)}")
+        if p.dim() != 2 or p.shape[0] not in (self.P, self.P + self.G) or p.shape[1] != D:
+            raise ValueError(f"fused {self.label}: p must be ({self.P}, {D}) or ({self.P + self.G}, {D}) with "
+                             f"the input bias, got {tuple(p.shape)}")
         tol = newton.tolerance_for(torch.float32)
         max_iters = newton.max_iters
-        if self.pass_cap is not None and newton.on_failure == "fallback":
+        if newton.on_failure == "fallback":
             max_iters = min(max_iters, self.pass_cap)
         h, iters, res, fail = self.solve(u, p.float().contiguous(), h0_rows, smap,
                                          max_iters, float(tol), float(newton.damping))
         finish_stats(iters, res, fail, newton, stats, who, "fused")
         return h
 
-    def fused(self, u: torch.Tensor, p: torch.Tensor, h0: torch.Tensor | None = None,
+    def trajectory(self, u: torch.Tensor, p: torch.Tensor, h0: torch.Tensor | None = None,
               cu_seqlens: torch.Tensor | None = None, newton: NewtonConfig = NewtonConfig(),
               stats: NewtonStats | None = None, name: str | None = None) -> torch.Tensor:
-        """The state trajectory (B, T, K, D) fp32, differentiable w.r.t. u, p and h0."""
+        """The state trajectory (B, T, K, D) fp32, differentiable w.r.t. u, p and h0 (the op called directly:
+        no mode registry, the input bias as G extra rows of p)."""
         B, T, _, D = u.shape
         if cu_seqlens is not None:
             if B != 1:
@@ -303,15 +258,12 @@ class FusedCellOps:
             smap = start_map_from_cu_seqlens(cu_seqlens.to(u.device), T)
             R = cu_seqlens.numel() - 1
         else:
-            smap = compact_start_map(B, u.device) if self.compact else start_map_batch(B, T, u.device)
+            smap = compact_start_map(B, u.device)
             R = B
         h0_rows = prepare_h0(h0, R, self.K, D, u.device)
         return self.run(u, p, h0_rows, smap, newton, stats, name or self.label)
 
     def mode(self, cell, u, p, h0_rows, layout, newton, stats, name) -> torch.Tensor:
         """Engine adapter: run(cell, u, p, h0_rows, layout, newton, stats, name) -> h (B, T, K, D)."""
-        if self.compact and layout.rows_only:
-            smap = compact_start_map(layout.batch, u.device)
-        else:
-            smap = layout.start_map()
+        smap = compact_start_map(layout.batch, u.device) if layout.rows_only else layout.start_map()
         return self.run(u, p, h0_rows.float().contiguous(), smap, newton, stats, name or self.label)

@@ -138,7 +138,8 @@ def _scan_chunk_kernel(
 
 
 # ----------------------------------------------------------------------------- launch functions
-def _pick_blocks(D: int, K: int) -> tuple[int, int]:
+def _tile_shape(D: int, K: int) -> tuple[int, int]:
+    """(CT steps, BD channels) of one program's register tile; 2x2 blocks hold 6 tiles, so half the steps."""
     BD = 32 if D >= 32 else max(triton.next_power_of_2(D), 1)
     CT = 64 if K == 1 else 32
     return CT, BD
@@ -146,7 +147,7 @@ def _pick_blocks(D: int, K: int) -> tuple[int, int]:
 
 def _launch(A, b, out, reverse: bool, CT: int | None = None, BD: int | None = None):
     Bn, T, K, _, D = A.shape
-    ct, bd = _pick_blocks(D, K)
+    ct, bd = _tile_shape(D, K)
     CT = CT or ct
     BD = BD or bd
     NC = triton.cdiv(T, CT)
