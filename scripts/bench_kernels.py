@@ -14,8 +14,9 @@ GPU time of a CUDA-graph replay for the kernels: their time without the host's l
 perf_counter on the CPU. A table goes to the log (stdout), JSON to --out (default: runs/bench/, ignored).
 
 --base REV runs the same subcommand with the same options a second time against git revision REV: a
-``git worktree`` of REV in a temporary folder, the benchmark in a subprocess whose PYTHONPATH puts that
-worktree first, so ``pararnn_lm`` is REV's while this script stays the same. Both runs are subprocesses;
+``git worktree`` of REV in a temporary folder (or REV names a folder holding such a tree, for machines
+without the repository's .git), the benchmark in a subprocess whose PYTHONPATH puts that tree first, so
+``pararnn_lm`` is REV's while this script stays the same. Both runs are subprocesses;
 the log then shows one table with this checkout, REV and their ratio. REV must have the ``pararnn_lm``
 package layout (commit 016a20d or later).
 """
@@ -25,6 +26,7 @@ import argparse
 import copy
 import gc
 import json
+import contextlib
 import logging
 import math
 import os
@@ -825,28 +827,23 @@ def run_child(argv: list[str], out: Path, package_root: Path) -> dict:
 
 
 def run_against_base(sub: str, argv: list[str], rev: str, out: Path) -> dict:
-    """The subcommand on this checkout and on a git worktree of ``rev``, each in its own subprocess."""
-    try:
-        sha = git("rev-parse", "--verify", f"{rev}^{{commit}}")
-    except subprocess.CalledProcessError as err:
-        raise SystemExit(f"--base {rev}: not a commit of this repository ({err.stderr.strip()})") from None
-    if subprocess.run(["git", "cat-file", "-e", f"{sha}:pararnn_lm/__init__.py"], cwd=REPO, capture_output=True).returncode:
-        raise SystemExit(f"--base {rev}: {sha[:12]} has no pararnn_lm package; REV must have the package layout "
-                         "(commit 016a20d or later)")
-    with tempfile.TemporaryDirectory(prefix="bench-base-") as tmp:
-        tree = Path(tmp) / "tree"
-        git("worktree", "add", "--detach", str(tree), sha)
+    """The subcommand on this checkout and on a tree of ``rev`` (a temporary git worktree, or a folder that
+    holds one), each in its own subprocess."""
+    from pararnn_lm.provenance import revision_tree
+
+    with contextlib.ExitStack() as stack:
         try:
-            log.info("== this checkout (%s)", REPO)
-            this = run_child(argv, Path(tmp) / "this.json", REPO)
-            log.info("== %s (%s, worktree %s)", rev, sha[:12], tree)
-            base = run_child(argv, Path(tmp) / "base.json", tree)
-        finally:
-            subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=REPO, capture_output=True)
-            subprocess.run(["git", "worktree", "prune"], cwd=REPO, capture_output=True)
+            sha, tree = stack.enter_context(revision_tree(rev, REPO))
+        except ValueError as err:
+            raise SystemExit(f"--base {rev}: {err}") from None
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-base-")))
+        log.info("== this checkout (%s)", REPO)
+        this = run_child(argv, tmp / "this.json", REPO)
+        log.info("== %s (%s, tree %s)", rev, sha, tree)
+        base = run_child(argv, tmp / "base.json", tree)
     text, pairs = side_by_side(sub, this, base, rev)
     log.info("\n== %s: this checkout vs %s (%s); ms and s: lower is better, tok_s / frac / vs_: see the "
-             "quantity\n%s", sub, rev, sha[:12], text)
+             "quantity\n%s", sub, rev, sha, text)
     result = {"subcommand": sub, "base_rev": rev, "base_commit": sha, "this": this, "base": base, "comparison": pairs}
     save(out, result)
     log.info("JSON: %s", out)
