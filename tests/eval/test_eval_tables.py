@@ -140,7 +140,7 @@ def test_table6_recipe_agrees_with_the_trainer_and_its_config():
     from pararnn_lm.eval.synthetic.tasks import TASKS
     from pararnn_lm.synthetic.config import SyntheticTrainConfig, load_config, run_choices
 
-    yaml_cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "synthetic" / "table6.yaml")
+    yaml_cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / "synthetic" / "table6.yaml")
     for k, v in TABLE6_RECIPE.items():
         assert getattr(SyntheticTrainConfig(), k) == v, k
         assert getattr(yaml_cfg, k) == v, k

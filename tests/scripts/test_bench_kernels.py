@@ -15,7 +15,7 @@ import triton
 
 from repo_scripts import LOAD_SCRIPT_SOURCE, load_script
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TIMING = ["--reps", "1", "--warmup", "0"]
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 STATE = Path(os.environ.get("PARARNN_SLURM_STATE", "/tmp/pararnn-slurm"))
 pytestmark = [pytest.mark.slurm, pytest.mark.timeout(480)]
 
