@@ -8,8 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from pararnn_lm.eval.perplexity import (IGNORE_INDEX, NLLAccumulator, evaluate_stream, main as ppl_main, plot_loss_by_position,
-                             position_ids_from_eos, split_documents, token_nll)
+from pararnn_lm.eval.perplexity import (IGNORE_INDEX, evaluate_batches, evaluate_stream, main as ppl_main,
+                                        plot_loss_by_position, position_ids_from_eos, split_documents)
+from pararnn_lm.models import ParaRNNLMConfig, ParaRNNLMForCausalLM
 
 EOS = 1
 
@@ -119,21 +120,33 @@ def test_packed_equals_unpacked_when_docs_fit():
         assert (x is None and y is None) or x == pytest.approx(y, rel=1e-4, abs=1e-5)
 
 
-def test_ignore_index_and_weighting():
+def test_ignore_index_and_token_weighting_across_batches():
+    """Perplexity is exp(total NLL / total scored tokens) over every batch and row, not an average of
+    per-batch (or per-row) means; IGNORE_INDEX labels are not scored."""
     model = tiny_llama()
-    ids = torch.randint(3, 50, (2, 10), generator=torch.Generator().manual_seed(2))
-    labels = ids.clone()
-    labels[0, 4:] = IGNORE_INDEX
+    g = torch.Generator().manual_seed(2)
+    ids_a = torch.randint(3, 50, (2, 10), generator=g)
+    labels_a = ids_a.clone()
+    labels_a[0, 4:] = IGNORE_INDEX  # row 0 scores 3 tokens, row 1 scores 9
+    ids_b = torch.randint(3, 50, (1, 6), generator=g)  # a second batch of 5 scored tokens
+    batches = [{"input_ids": ids_a, "labels": labels_a}, {"input_ids": ids_b}]
+    per_batch = []  # each batch's token NLLs, one row at a time at batch size 1
     with torch.no_grad():
-        nll, mask, ctx = token_nll(model, ids, labels)
-        logits = model(input_ids=ids).logits.double()
-    assert int(mask.sum()) == 3 + 9
-    expect = [-torch.log_softmax(logits[r, t], -1)[ids[r, t + 1]].item()
-              for r in range(2) for t in range(9) if labels[r, t + 1] != IGNORE_INDEX]
-    acc = NLLAccumulator()
-    acc.add(nll, mask, ctx)
-    # token-weighted: the 9-token row counts 3x the 3-token row
-    assert acc.perplexity == pytest.approx(math.exp(sum(expect) / len(expect)), rel=1e-5)
+        for b in batches:
+            nlls = []
+            for ids, labels in zip(b["input_ids"], b.get("labels", b["input_ids"])):
+                logp = torch.log_softmax(model(input_ids=ids[None]).logits[0].double(), -1)
+                nlls += [-float(logp[t, labels[t + 1]]) for t in range(len(ids) - 1) if labels[t + 1] != IGNORE_INDEX]
+            per_batch.append(nlls)
+    tokens = [v for nlls in per_batch for v in nlls]
+    expect = math.exp(sum(tokens) / len(tokens))
+    # the test can tell the weightings apart: the mean of per-batch means is a different perplexity
+    batch_weighted = math.exp(sum(sum(n) / len(n) for n in per_batch) / len(per_batch))
+    assert abs(batch_weighted / expect - 1) > 1e-3
+    acc = evaluate_batches(model, batches)
+    assert acc.total_tokens == len(tokens) == 3 + 9 + 5
+    assert acc.perplexity == pytest.approx(expect, rel=1e-5)
+    assert acc.mean_nll == pytest.approx(sum(tokens) / len(tokens), rel=1e-5)
 
 
 def test_plot_and_cli(tmp_path):
@@ -159,10 +172,6 @@ def test_plot_and_cli(tmp_path):
 
 
 def _project_model(mixer: str):
-    try:
-        from pararnn_lm.models import ParaRNNLMConfig, ParaRNNLMForCausalLM
-    except Exception:
-        pytest.skip("models/ not available yet")
     torch.manual_seed(0)
     cfg = ParaRNNLMConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, intermediate_size=64,
                           num_attention_heads=4, mixer=mixer, eos_token_id=EOS, pad_token_id=0,
