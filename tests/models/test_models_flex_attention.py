@@ -14,13 +14,11 @@ import torch
 import pararnn_lm.models.attention as attention
 import pararnn_lm.models.mixers as mixers
 from pararnn_lm.models import ParaRNNLMConfig, ParaRNNLMForCausalLM
-from pararnn_lm.models.attention import document_block_mask, flex_available, use_flex
+from pararnn_lm.models.attention import document_block_mask, use_flex
 from pararnn_lm.models.packing import SequenceInfo
 
-pytestmark = [
-    pytest.mark.skipif(not flex_available(), reason="torch without FlexAttention"),
-    pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile"),
-]
+# torch >= 2.11 (a requirement) always has FlexAttention: no skip guard, a broken import must fail.
+pytestmark = [pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")]
 
 ROWS = [(4, 1, 1, 7, 3, 5), (9, 7, 5), (21,)]  # several documents, adjacent starts, one unpacked row
 T = 21
