@@ -11,7 +11,7 @@
 
 CLI:
     python -m pararnn_lm.eval.lm_eval_tasks --model EXPORT_DIR --suite fewshot --arch paragru --size 400m --out r/paragru_400m.json
-    python -m pararnn_lm.eval.lm_eval_tasks --model DIR --tasks pararnn_tiny_mc:0 --include-path tests/fixtures/lm_eval
+    python -m pararnn_lm.eval.lm_eval_tasks --model DIR --tasks pararnn_tiny_mc:0 --include-path tests/eval/fixtures/lm_eval
 """
 from __future__ import annotations
 
