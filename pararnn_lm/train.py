@@ -18,7 +18,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import hydra
 import torch
@@ -27,10 +27,10 @@ from omegaconf import DictConfig, OmegaConf
 from pararnn_lm.provenance import config_dir
 from pararnn_lm.training.backends import BACKENDS
 from pararnn_lm.training.build import build_data, build_model, checkpoint_activations, compile_blocks, grad_accum_steps
-from pararnn_lm.training.checkpoint import CheckpointManager, capture_rng_state, resume_path, restore_rng_state
+from pararnn_lm.training.checkpoint import CheckpointManager, capture_rng_state, restore_rng_state
 from pararnn_lm.training.config import TrainConfig, register_configs, reject_unknown_keys, validate
 from pararnn_lm.training.distributed import (
-    all_reduce_max, all_reduce_mean, init_distributed, setup_rank_logging, to_device)
+    DistInfo, all_reduce_max, all_reduce_mean, init_distributed, setup_rank_logging, to_device)
 from pararnn_lm.training.evaluation import validation_loss
 from pararnn_lm.training.export import export_trained_model
 from pararnn_lm.training.faults import inject_fault, poison_loss
@@ -38,7 +38,8 @@ from pararnn_lm.training.metrics import (
     MetricsLogger, StepTimer, flops_per_token, flops_terms, memory_stats, newton_stats, peak_flops)
 from pararnn_lm.training.optim import build_scheduler, parameter_groups
 from pararnn_lm.training.progress import Progress
-from pararnn_lm.training.signals import REQUEUE_EXIT_CODE, PreemptionFlag
+from pararnn_lm.training.run_folder import RunLock, clear_run, config_dict, plan_run
+from pararnn_lm.training.signals import INTERRUPT_EXIT_CODE, REQUEUE_EXIT_CODE, PreemptionFlag
 
 logger = logging.getLogger("train")
 register_configs()
@@ -46,14 +47,45 @@ register_configs()
 
 def train(cfg: TrainConfig) -> dict:
     """Run or resume training. Returns a summary (losses, steps, tokens, paths, exit code)."""
+    validate(cfg)  # before anything is prepared or written
     info = init_distributed(cfg.train.device, process_group=cfg.deepspeed.enabled)
     setup_rank_logging(info.rank)
     run_dir = Path(cfg.run_dir).resolve()
+    lock = RunLock(run_dir)
+    agree(info, lambda: lock.acquire() if info.is_main else None)
+    preempted = None
+    try:
+        preempted = PreemptionFlag(sentinel=run_dir / "PREEMPT")
+        return _train(cfg, info, run_dir, preempted)
+    finally:
+        if preempted is not None:
+            preempted.restore()
+        lock.release()
+
+
+def agree(info: DistInfo, action: Callable[[], Any]) -> Any:
+    """Run ``action`` on every rank; if it fails on one, fail on all (instead of leaving the others
+    waiting in the next collective). The failing rank raises its own error."""
+    error: BaseException | None = None
+    try:
+        result = action()
+    except Exception as err:  # noqa: BLE001 - re-raised below, after every rank knows
+        error, result = err, None
+    if bool(all_reduce_max(torch.tensor(float(error is not None), device=info.device), info)):
+        raise error if error is not None else RuntimeError("another rank could not start the run (see its log)")
+    return result
+
+
+def _train(cfg: TrainConfig, info: DistInfo, run_dir: Path, preempted: PreemptionFlag) -> dict:
+    def any_rank(flag: bool) -> bool:
+        return bool(all_reduce_max(torch.tensor(float(flag), device=info.device), info))
+
+    checkpoints = CheckpointManager(run_dir / "checkpoints", cfg.checkpoint.keep_last, info.rank, info.barrier,
+                                    info.world_size, any_rank)
+    plan = agree(info, lambda: plan_run(cfg, checkpoints))  # reads only: nothing is written before this
     if info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(OmegaConf.structured(cfg), run_dir / "config.yaml")
-    preempted = PreemptionFlag(sentinel=run_dir / "PREEMPT")
-    if info.is_main:
+        if plan.clear_first:
+            clear_run(run_dir)
         preempted.clear_sentinel()
     info.barrier()
     torch.manual_seed(cfg.train.seed)  # same initial weights on every rank
@@ -74,21 +106,27 @@ def train(cfg: TrainConfig) -> dict:
     warmup = int(cfg.optim.warmup_fraction * cfg.train.steps)
     scheduler = build_scheduler(optimizer, cfg.train.steps, warmup, cfg.optim.min_lr_ratio)
     backend = BACKENDS[cfg.deepspeed.enabled](model, optimizer, scheduler, cfg, info, grad_accum)
-    checkpoints = CheckpointManager(run_dir / "checkpoints", cfg.checkpoint.keep_last, info.rank, info.barrier)
 
     # --- resume ---------------------------------------------------------------------------------
     step, tokens, wandb_id, nonfinite_steps = 0, 0, None, []
-    resume_from = resume_path(cfg, checkpoints)
-    if resume_from is not None:
-        meta = backend.load(resume_from)
-        rank_state = checkpoints.load_rank_state(resume_from)
+    if plan.checkpoint is not None:
+        meta = backend.load(plan.checkpoint)
+        rank_state = checkpoints.load_rank_state(plan.checkpoint)
         data.train.load_state_dict(rank_state["data"])
         restore_rng_state(rank_state["rng"])
         step, tokens, wandb_id = meta["step"], meta["tokens"], meta.get("wandb_id")
         nonfinite_steps = meta.get("nonfinite_steps", [])
-        logger.info("resumed from %s at step %d (%d tokens)", resume_from, step, tokens)
+        logger.info("resumed from %s at step %d (%d tokens)", plan.checkpoint, step, tokens)
+    for key, (old, new) in plan.changes.items():
+        logger.warning("resuming with %s=%r (the checkpoint has %r): run.allow_changes names it", key, new, old)
+    record = {"run_id": plan.run_id, "config": config_dict(cfg), "slurm_job": os.environ.get("SLURM_JOB_ID")}
+    if info.is_main:  # the configuration this run trains with, once it has loaded
+        OmegaConf.save(OmegaConf.structured(cfg), run_dir / "config.yaml")
 
-    metrics = MetricsLogger(run_dir, enabled=info.is_main, resume_step=step if resume_from else None)
+    metrics = MetricsLogger(run_dir, enabled=info.is_main, start_step=step)
+    metrics.event(step, "start", run_id=plan.run_id,
+                  resumed_from=None if plan.checkpoint is None else str(plan.checkpoint),
+                  changed={key: {"checkpoint": old, "now": new} for key, (old, new) in plan.changes.items()})
     wandb_id = metrics.start_wandb(
         cfg.logging.wandb_mode, cfg.logging.wandb_project, cfg.run_name, wandb_id,
         OmegaConf.to_container(OmegaConf.structured(cfg)), run_dir,
@@ -138,16 +176,16 @@ def train(cfg: TrainConfig) -> dict:
         read_pending()  # the checkpoint's list of non-finite steps is complete
         meta = {"step": step, "tokens": tokens, "wandb_id": wandb_id, "nonfinite_steps": nonfinite_steps}
         rank_state = {"data": data.train.state_dict(), "rng": capture_rng_state()}
-        return backend.save(checkpoints, step, rank_state, meta)
+        return backend.save(checkpoints, step, rank_state, meta, record)
 
     def stop_reason() -> str | None:
-        """Preemption or the time limit. Every rank must stop at the same step, so with several ranks
-        the flags go through an all-reduce that is read on the host: one sync per step there."""
+        """Ctrl-C, preemption or the time limit. Every rank must stop at the same step, so with several
+        ranks the flags go through an all-reduce that is read on the host: one sync per step there."""
         out_of_time = cfg.train.max_time_minutes is not None and time.perf_counter() - started > 60 * cfg.train.max_time_minutes
-        flags = [bool(preempted), out_of_time]
+        flags = [preempted.interrupted, bool(preempted), out_of_time]
         if info.world_size > 1:
             flags = [bool(f) for f in all_reduce_max(torch.tensor(flags, dtype=torch.float32, device=info.device), info).tolist()]
-        return "preempted" if flags[0] else "time limit" if flags[1] else None
+        return "interrupted" if flags[0] else "preempted" if flags[1] else "time limit" if flags[2] else None
 
     while step < cfg.train.steps:
         step_losses = []
@@ -186,7 +224,7 @@ def train(cfg: TrainConfig) -> dict:
                 save()
         if stop:
             logger.warning("stopping at step %d (%s); resume with resume=auto", step, stop)
-            exit_code = REQUEUE_EXIT_CODE if stop == "preempted" else 0
+            exit_code = {"preempted": REQUEUE_EXIT_CODE, "interrupted": INTERRUPT_EXIT_CODE}.get(stop, 0)
             break
     read_pending()
     progress.close()
@@ -212,7 +250,6 @@ def train(cfg: TrainConfig) -> dict:
 def main(dict_cfg: DictConfig) -> None:
     reject_unknown_keys(dict_cfg)
     cfg: TrainConfig = OmegaConf.to_object(dict_cfg)
-    validate(cfg)
     summary = train(cfg)
     if summary["exit_code"]:
         sys.exit(summary["exit_code"])

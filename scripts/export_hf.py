@@ -3,10 +3,12 @@
 
     python scripts/export_hf.py SOURCE OUT [--tokenizer TOK] [--config config.json | --arch A --size S]
                                 [--results results.json] [--data "SlimPajama ..."] [--tokens 10.5e9]
+                                [--dtype fp32|bf16]
                                 [--push-to-hub user/repo] [--no-check] [--check-isolated]
 
 SOURCE is an HF directory, a training checkpoint directory (``checkpoints/step_*``) or a DeepSpeed
-checkpoint (ZeRO shards are consolidated). The export loads with
+checkpoint (ZeRO shards are consolidated). Weights are exported in fp32 (the training masters) unless
+``--dtype bf16`` (half the size, for the hub). The export loads with
 ``AutoModelForCausalLM.from_pretrained(OUT, trust_remote_code=True)`` with only torch + transformers
 installed. The library behind it: ``pararnn_lm.models.export``.
 """
@@ -20,8 +22,8 @@ from pathlib import Path
 import torch
 
 from pararnn_lm.models import ParaRNNLMConfig, config_for, count_parameters
-from pararnn_lm.models.export import (_probe_ids, export_model, load_in_isolated_process, load_source,
-                                      push_to_hub)
+from pararnn_lm.models.export import (EXPORT_DTYPES, _probe_ids, export_model, load_in_isolated_process,
+                                      load_source, push_to_hub)
 
 log = logging.getLogger("export_hf")
 
@@ -38,6 +40,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--results", help="JSON file {metric: value} for the model card's evaluation table")
     ap.add_argument("--data", help="training data description for the model card")
     ap.add_argument("--tokens", type=float, help="training tokens for the model card")
+    ap.add_argument("--dtype", choices=sorted(EXPORT_DTYPES), default="fp32",
+                    help="dtype of the exported weights (default fp32; bf16 halves the size)")
     ap.add_argument("--push-to-hub", metavar="REPO", help="upload the export to this hub repository")
     ap.add_argument("--private", action="store_true")
     ap.add_argument("--no-check", action="store_true", help="skip the reload-and-compare check")
@@ -59,12 +63,12 @@ def main(argv: list[str] | None = None) -> None:
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
     results = json.loads(Path(args.results).read_text()) if args.results else None
     out = export_model(model, args.out, tokenizer, data=args.data, tokens=args.tokens, results=results,
-                       repo_id=args.push_to_hub, check=not args.no_check)
+                       repo_id=args.push_to_hub, check=not args.no_check, dtype=args.dtype)
     if args.check_isolated:
         ids = _probe_ids(model.config)
         got = load_in_isolated_process(out, ids, cwd=Path(out).resolve().parent)
         with torch.no_grad():
-            diff = (torch.tensor(got["logits"]) - model.float()(ids).logits).abs().max().item()
+            diff = (torch.tensor(got["logits"]) - model(ids).logits.float()).abs().max().item()
         log.info("isolated load (engine=%s): max |logit diff| = %.2g", got["engine"], diff)
         if diff > 1e-4:
             raise SystemExit(f"isolated export differs: {diff}")

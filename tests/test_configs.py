@@ -68,6 +68,17 @@ def test_paper_experiments_match_the_paper(size, arch):
     assert cfg.deepspeed.enabled and cfg.train.precision == "bf16"
 
 
+def test_run_folder_and_export_settings_compose():
+    cfg = _compose([])
+    assert not cfg.run.overwrite and cfg.run.allow_changes == [] and cfg.export.dtype == "fp32"
+    cfg = _compose(["run.overwrite=true", "run.allow_changes=[optim.lr,train.steps]", "export.dtype=bf16"])
+    assert cfg.run.overwrite and cfg.run.allow_changes == ["optim.lr", "train.steps"] and cfg.export.dtype == "bf16"
+    with pytest.raises(ValueError, match="export.dtype='fp16' is not one of fp32, bf16"):
+        _compose(["export.dtype=fp16"])
+    with pytest.raises(ValueError, match="unknown architecture 'gru'"):
+        _compose(["model.arch=gru"])
+
+
 def test_unknown_keys_and_wrong_types_are_refused():
     with pytest.raises(ValueError, match="unknown config key 'optim.lrr'"):
         _compose(["+optim.lrr=1"])

@@ -84,11 +84,38 @@ def test_missing_rank_file_has_a_clear_error(tmp_path):
         CheckpointManager(tmp_path, keep_last=1, rank=1).load_rank_state(path)
 
 
-def test_rng_state_round_trip():
-    state = capture_rng_state()
-    a = (torch.rand(3), os.urandom(0))
-    restore_rng_state(state)
-    assert torch.equal(torch.rand(3), a[0])
+def test_rng_state_round_trips_through_a_file_that_loads_without_unpickling_code(tmp_path):
+    import random
+
+    import numpy as np
+
+    random.random(), np.random.standard_normal()  # a cached Gaussian in NumPy's state
+    torch.save(capture_rng_state(), tmp_path / "rng.pt")
+    drawn = (random.random(), random.getrandbits(64), np.random.standard_normal(3), np.random.rand(), torch.rand(3))
+    restore_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
+    again = (random.random(), random.getrandbits(64), np.random.standard_normal(3), np.random.rand(), torch.rand(3))
+    assert drawn[:2] == again[:2] and np.array_equal(drawn[2], again[2]) and drawn[3] == again[3]
+    assert torch.equal(drawn[4], again[4])
+
+
+def test_resume_config_changes_are_free_fixed_or_allowed_by_name(tmp_path):
+    from pararnn_lm.training.run_folder import RunFolderError, allowed_changes, config_changes, config_dict
+
+    saved = config_dict(TrainConfig())
+    now = TrainConfig()
+    now.logging.wandb_mode, now.checkpoint.every, now.run.overwrite = "disabled", 7, True  # how a run is run
+    assert config_changes(saved, config_dict(now)).keys() == {"logging.wandb_mode", "checkpoint.every", "run.overwrite"}
+    assert allowed_changes(config_changes(saved, config_dict(now)), [], tmp_path) == {}
+    now.optim.lr, now.train.steps = 1e-3, 50
+    with pytest.raises(RunFolderError, match=r"optim\.lr \(checkpoint 0\.003, now 0\.001\); train\.steps"):
+        allowed_changes(config_changes(saved, config_dict(now)), ["optim.beta1"], tmp_path)
+    assert allowed_changes(config_changes(saved, config_dict(now)), ["optim", "train.steps"], tmp_path) == {
+        "optim.lr": (3e-3, 1e-3), "train.steps": (300, 50)}
+    now.model.overrides = {"num_hidden_layers": 1}
+    with pytest.raises(RunFolderError, match="another model or backend: model.overrides.num_hidden_layers"):
+        allowed_changes(config_changes(saved, config_dict(now)), ["optim", "train.steps"], tmp_path)
+    del saved["export"]["dtype"]  # a checkpoint written before the field existed: its default
+    assert "export.dtype" not in config_changes(saved, config_dict(TrainConfig()))
 
 
 def test_warmup_cosine_formula():
@@ -147,6 +174,9 @@ def test_deepspeed_json():
         ("train", "on_nonfinite", "ignore", "train.on_nonfinite"),
         ("deepspeed", "stage", 4, "deepspeed.stage must be 0..3"),
         ("optim", "warmup_fraction", 1.0, "warmup_fraction"),
+        ("export", "dtype", "fp16", "export.dtype='fp16' is not one of"),
+        ("run", "allow_changes", ["model.size"], "run.allow_changes cannot include model.size"),
+        ("model", "arch", "gru", "unknown architecture 'gru'"),
     ],
 )
 def test_config_value_checks(section, key, value, message):
@@ -467,3 +497,23 @@ def test_a_single_process_group_uses_its_own_host_and_a_free_port():
     fields = [out.split() for out, _ in outs]
     assert [(f[0], f[1], f[3]) for f in fields] == [("1", "127.0.0.1", "1")] * 2
     assert fields[0][2] != fields[1][2]
+
+
+def test_export_weights_are_fp32_unless_bf16_is_asked_for(tmp_path):
+    """scripts/export_hf.py --dtype (and export.dtype of a run): fp32 by default, the fp32 weights rounded
+    to bf16 on request; either export reloads with the logits of the model it was written from."""
+    from safetensors.torch import load_file
+
+    from pararnn_lm.models import ParaRNNLMForCausalLM, config_for
+    from repo_scripts import load_script
+
+    torch.manual_seed(0)
+    ParaRNNLMForCausalLM(config_for("paragru", "debug", vocab_size=64)).save_pretrained(tmp_path / "source")
+    export_hf = load_script("scripts/export_hf.py")
+    export_hf.main([str(tmp_path / "source"), str(tmp_path / "fp32")])
+    export_hf.main([str(tmp_path / "source"), str(tmp_path / "bf16"), "--dtype", "bf16"])
+    fp32, bf16 = load_file(tmp_path / "fp32" / "model.safetensors"), load_file(tmp_path / "bf16" / "model.safetensors")
+    assert {t.dtype for t in fp32.values()} == {torch.float32} and {t.dtype for t in bf16.values()} == {torch.bfloat16}
+    assert fp32.keys() == bf16.keys() and all(torch.equal(bf16[k], fp32[k].to(torch.bfloat16)) for k in fp32)
+    with pytest.raises(SystemExit):
+        export_hf.main([str(tmp_path / "source"), str(tmp_path / "fp16"), "--dtype", "fp16"])

@@ -8,6 +8,8 @@
 * :class:`HFSource`: a Hugging Face dataset by name, optionally ``streaming=True`` (SlimPajama-size corpora).
 * :class:`HoldoutSubset`: the train or validation part of a source, chosen by a stable hash of each
   document id, so the split does not depend on reading order, worker count or the rest of the corpus.
+* :class:`TailSplit`: the train or validation part of a corpus that is a single .txt file read whole
+  (``text_unit=file``): its last paragraphs are the validation text.
 
 Every source has a ``fingerprint`` (a string that changes whenever its documents may change) used as the
 key of the tokenizer and token-shard caches.
@@ -127,6 +129,20 @@ def _open_text(path: Path) -> io.TextIOBase:
     return path.open("r", encoding="utf-8")
 
 
+def _paragraphs(text: str) -> list[str]:
+    """The blank-line separated paragraphs of ``text``."""
+    paragraphs, current = [], []
+    for line in text.splitlines():
+        if line.strip():
+            current.append(line)
+        elif current:
+            paragraphs.append("\n".join(current))
+            current = []
+    if current:
+        paragraphs.append("\n".join(current))
+    return paragraphs
+
+
 def _read_text_file(path: Path, unit: str) -> Iterator[str]:
     try:
         with _open_text(path) as handle:
@@ -139,16 +155,7 @@ def _read_text_file(path: Path, unit: str) -> Iterator[str]:
     elif unit == "line":
         yield from (line for line in content.splitlines() if line.strip())
     elif unit == "paragraph":
-        paragraphs, current = [], []
-        for line in content.splitlines():
-            if line.strip():
-                current.append(line)
-            elif current:
-                paragraphs.append("\n".join(current))
-                current = []
-        if current:
-            paragraphs.append("\n".join(current))
-        yield from paragraphs
+        yield from _paragraphs(content)
     else:
         raise ValueError(f"text_unit={unit!r} is not one of file | paragraph | line")
 
@@ -334,6 +341,34 @@ class HoldoutSubset(TextSource):
                 yield doc
 
 
+class TailSplit(TextSource):
+    """The ``part`` of a corpus that is one text document (a single .txt file read whole): validation is
+    its last ``fraction`` of paragraphs (of lines, if it is one paragraph), train the rest, one document
+    each. Holding out whole documents cannot split one document; a contiguous tail keeps neighbouring
+    lines of the validation text out of training."""
+
+    def __init__(self, source: FileSource, fraction: float, part: str):
+        if part not in ("train", "validation"):
+            raise ValueError(f"part must be 'train' or 'validation', got {part!r}")
+        self.source, self.fraction, self.part = source, fraction, part
+        self.name = f"{part} part (last {fraction:g} of the paragraphs held out) of {source.name}"
+
+    @property
+    def fingerprint(self) -> str:
+        return _digest("tail-split-v1", self.source.fingerprint, self.fraction, self.part)
+
+    def documents(self) -> Iterator[Document]:
+        for doc in self.source.documents():  # at most one
+            units, joiner = _paragraphs(doc.text), "\n\n"
+            if len(units) < 2:
+                units, joiner = [line for line in doc.text.splitlines() if line.strip()], "\n"
+            if len(units) < 2:
+                raise DataSourceError(f"{self.source.name} is a single line: nothing to hold out for validation; "
+                                      "give validation text with data.validation_split=<file>")
+            held = min(len(units) - 1, max(1, round(self.fraction * len(units))))
+            yield Document(f"{doc.id}:{self.part}", joiner.join(units[-held:] if self.part == "validation" else units[:-held]))
+
+
 class FirstN(TextSource):
     """The first ``n`` documents of ``source``."""
 
@@ -354,6 +389,10 @@ class FirstN(TextSource):
     def num_documents(self) -> Optional[int]:
         total = self.source.num_documents()
         return None if total is None else min(total, self.n)
+
+
+def _files_of(source: TextSource) -> list[Path]:
+    return source.files if isinstance(source, FileSource) else []
 
 
 def build_sources(cfg) -> tuple[TextSource, TextSource]:
@@ -380,5 +419,8 @@ def build_sources(cfg) -> tuple[TextSource, TextSource]:
         return base, validation
     if cfg.validation_fraction <= 0:
         raise ValueError("no validation data: set data.validation_fraction > 0 or data.validation_split")
+    if (cfg.source == "files" and cfg.text_unit == "file" and len(base_files := _files_of(base)) == 1
+            and _suffix(base_files[0]) in TEXT_SUFFIXES):
+        return (TailSplit(base, cfg.validation_fraction, "train"), TailSplit(base, cfg.validation_fraction, "validation"))
     return (HoldoutSubset(base, cfg.validation_fraction, cfg.seed, "train"),
             HoldoutSubset(base, cfg.validation_fraction, cfg.seed, "validation"))

@@ -21,9 +21,11 @@ export is reloaded and its logits are compared with the source model's.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import logging
+import os
 import re
 import subprocess
 import sys
@@ -100,6 +102,27 @@ def _clean_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+@contextlib.contextmanager
+def deepspeed_weights_only():
+    """DeepSpeed reads its checkpoint files with ``torch.load(weights_only=False)``, which would run any
+    code pickled into them. Inside this context every ``torch.load`` is ``weights_only=True`` (torch's
+    ``TORCH_FORCE_WEIGHTS_ONLY_LOAD``), with the few record classes DeepSpeed pickles allowed."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    previous = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    try:
+        with torch.serialization.safe_globals([LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]):
+            yield
+    finally:
+        if previous is None:
+            del os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"]
+        else:
+            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = previous
+
+
 def _zero_state_dict(path: Path) -> dict[str, torch.Tensor]:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint  # lazy: optional
 
@@ -109,7 +132,8 @@ def _zero_state_dict(path: Path) -> dict[str, torch.Tensor]:
         if not steps:
             raise FileNotFoundError(f"{path} holds no DeepSpeed checkpoint tag directory")
         tag = steps[-1]
-    return get_fp32_state_dict_from_zero_checkpoint(str(path), tag=tag)
+    with deepspeed_weights_only():
+        return get_fp32_state_dict_from_zero_checkpoint(str(path), tag=tag)
 
 
 def _is_deepspeed_dir(path: Path) -> bool:
@@ -126,13 +150,13 @@ def load_source(source: str | Path, config: ParaRNNLMConfig | None = None) -> Pa
         else:
             raise ValueError(f"{path} is not an HF model directory; pass --config or --arch/--size for its model config")
     if (path / "state.pt").is_file():
-        state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)["model"]
+        state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)["model"]
     elif (path / "deepspeed").is_dir():
         state = _zero_state_dict(path / "deepspeed")
     elif _is_deepspeed_dir(path):
         state = _zero_state_dict(path)
     elif path.is_file():
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = torch.load(path, map_location="cpu", weights_only=True)
         state = state.get("model", state)
     else:
         raise ValueError(f"cannot find weights in {path} (model.safetensors, state.pt or a DeepSpeed checkpoint)")
@@ -205,15 +229,21 @@ project installed it uses its parallel Newton engine (and Triton kernels on GPU)
 
 
 # ---------------------------------------------------------------------------------------------- export
+EXPORT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
 def export_model(model: ParaRNNLMForCausalLM, out: str | Path, tokenizer: Any = None, *, data: str | None = None,
                  tokens: float | None = None, results: dict[str, Any] | None = None, repo_id: str | None = None,
-                 check: bool = True, atol: float = 1e-4) -> Path:
-    """Write the export directory; with ``check`` reload it (trust_remote_code) and compare logits."""
+                 check: bool = True, atol: float = 1e-4, dtype: str = "fp32") -> Path:
+    """Write the export directory with weights in ``dtype`` (fp32, or bf16: half the size, for the hub;
+    ``model`` is cast in place); with ``check`` reload it (trust_remote_code) and compare logits."""
+    if dtype not in EXPORT_DTYPES:
+        raise ValueError(f"export dtype {dtype!r} is not one of {', '.join(EXPORT_DTYPES)}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if tokenizer is not None:
         check_tokenizer(model.config, tokenizer)
-    model = model.float().eval() if next(model.parameters()).dtype not in (torch.float32, torch.float64) else model.eval()
+    model = model.to(EXPORT_DTYPES[dtype]).eval()
     auto_map = write_code(out)
     model.config.auto_map = auto_map
     model.config.pararnn_lm = build_info()  # the code that wrote the export (version, git commit)

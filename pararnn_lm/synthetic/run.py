@@ -358,14 +358,14 @@ class RunFiles:
 
     def stopped_state(self) -> dict[str, Any] | None:
         """The saved state of a run stopped earlier, or None."""
-        return torch.load(self.state, map_location="cpu", weights_only=False) if self.state.exists() else None
+        return torch.load(self.state, map_location="cpu", weights_only=True) if self.state.exists() else None
 
     def saved_identity(self) -> tuple[bool, dict[str, Any] | None]:
         """(whether anything is saved, the settings it was saved under - None in files written without them)."""
         if self.result.exists():
             return True, json.loads(self.result.read_text()).get("run_config")
         if self.state.exists():
-            return True, torch.load(self.state, map_location="cpu", weights_only=False).get("run_config")
+            return True, torch.load(self.state, map_location="cpu", weights_only=True).get("run_config")
         return False, None
 
 

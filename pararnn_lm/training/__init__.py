@@ -5,11 +5,12 @@
 * ``build``        the rank's data, the model, activation checkpointing, compiled blocks, grad accumulation
 * ``optim``        AdamW parameter groups and the warm-up + cosine schedule
 * ``backends``     how a step runs: plain PyTorch (DDP) or DeepSpeed ZeRO
-* ``checkpoint``   atomic checkpoints, RNG state, which checkpoint a run resumes from
+* ``checkpoint``   atomic, verified checkpoints (sizes and checksums; nothing unpickled), RNG state
+* ``run_folder``   one run per folder: the lock, refusing to overwrite a run, what may change on resume
 * ``metrics``      FLOPs per token, MFU, step time, memory and Newton statistics, metrics.jsonl and W&B
 * ``evaluation``   validation loss during training
 * ``export``       the trained model as a Hugging Face directory
-* ``signals``      preemption (SLURM signals, the PREEMPT sentinel)
+* ``signals``      preemption (SLURM signals, the PREEMPT sentinel) and Ctrl-C
 * ``progress``     the progress bar
 * ``faults``       fault injection for the crash-safety tests (``PARARNN_TEST_FAULT``)
 """

@@ -8,15 +8,17 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import pickle
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from torch import nn
 
-from .checkpoint import CheckpointManager
+from .checkpoint import CheckpointError, CheckpointManager
 from .config import TrainConfig
 from .distributed import DistInfo, all_reduce_max
+from .optim import apply_group_settings, group_settings
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +48,7 @@ class TorchBackend:
             self.model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
         self._micro = 0
         self._finite: torch.Tensor | None = None  # all micro-batch objectives of this step finite (device bool)
+        self._settings = group_settings(optimizer)
 
     def forward_backward(self, batch: dict[str, torch.Tensor], poison: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Cross-entropy of one micro-batch (detached; the objective where that is not finite) and
@@ -99,12 +102,12 @@ class TorchBackend:
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
 
-    def save(self, manager: CheckpointManager, step: int, rank_state: dict, meta: dict) -> Path:
+    def save(self, manager: CheckpointManager, step: int, rank_state: dict, meta: dict, record: dict | None = None) -> Path:
         state = {
             "model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), **meta,
         }
-        return manager.save(step, rank_state, global_state=state)
+        return manager.save(step, rank_state, global_state=state, record=record)
 
     def load(self, path: Path) -> dict:
         state = CheckpointManager.load_global_state(path)
@@ -116,6 +119,7 @@ class TorchBackend:
             saved["fused"], saved["foreach"] = group.get("fused"), group.get("foreach")
         self.optimizer.load_state_dict(optimizer)
         self.scheduler.load_state_dict(state.pop("scheduler"))
+        apply_group_settings(self.optimizer, self.scheduler, self._settings)
         return state
 
     def consolidated_state_dict(self) -> dict[str, torch.Tensor]:
@@ -123,7 +127,13 @@ class TorchBackend:
 
 
 class DeepSpeedBackend:
-    """DeepSpeed ZeRO 0-3 (+ CPU offload) with our AdamW and schedule as client objects."""
+    """DeepSpeed ZeRO 0-3 (+ CPU offload) with our AdamW and schedule as client objects.
+
+    Precision is the torch backend's: fp32 parameters (the masters: no bf16 copy, so the per-channel
+    recurrent parameters and the norms stay fp32 too) and the forward under bf16 autocast (DeepSpeed's
+    ``torch_autocast``), gradients reduced in fp32. DeepSpeed's own ``bf16`` mode would cast every
+    parameter to bf16, which it cannot do for some parameters only.
+    """
 
     def __init__(self, model: nn.Module, optimizer, scheduler, cfg: TrainConfig, info: DistInfo, grad_accum: int):
         if info.device.type == "cpu":
@@ -133,6 +143,7 @@ class DeepSpeedBackend:
         self.info = info
         self.module = model
         self.ds_config = deepspeed_json(cfg, info, grad_accum)
+        self._settings = group_settings(optimizer)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config,
             dist_init_required=False,
@@ -163,20 +174,29 @@ class DeepSpeedBackend:
     def lr(self) -> float:
         return self.engine.get_lr()[0]
 
-    def save(self, manager: CheckpointManager, step: int, rank_state: dict, meta: dict) -> Path:
+    def save(self, manager: CheckpointManager, step: int, rank_state: dict, meta: dict, record: dict | None = None) -> Path:
         def write(tmp: Path) -> None:
             self.engine.save_checkpoint(str(tmp / "deepspeed"), tag="ds", client_state=meta, save_latest=False)
 
-        return manager.save(step, rank_state, write_sharded=write)
+        return manager.save(step, rank_state, write_sharded=write, record=record)
 
     def load(self, path: Path) -> dict:
-        _, client_state = self.engine.load_checkpoint(str(path / "deepspeed"), tag="ds")
+        from pararnn_lm.models.export import deepspeed_weights_only
+
+        try:
+            with deepspeed_weights_only():
+                _, client_state = self.engine.load_checkpoint(str(path / "deepspeed"), tag="ds")
+        except pickle.UnpicklingError as err:
+            raise CheckpointError(f"{path / 'deepspeed'} holds Python objects other than tensors, plain containers "
+                                  f"and DeepSpeed's own records, which are not loaded (unpickling them could run code): "
+                                  f"{str(err).strip().splitlines()[-1]}") from err
         if client_state is None:
             raise RuntimeError(f"DeepSpeed could not load the checkpoint in {path / 'deepspeed'}")
+        apply_group_settings(self.optimizer, self.scheduler, self._settings)
         return client_state
 
     def consolidated_state_dict(self) -> dict[str, torch.Tensor]:
-        """Full fp32-gathered weights on rank 0 (ZeRO-3 gathers the shards)."""
+        """Full weights on rank 0: the fp32 masters (ZeRO-3 gathers the shards)."""
         if self.zero_stage == 3:
             return self.engine._zero3_consolidated_16bit_state_dict() or {}
         return self.engine.module.state_dict()
@@ -200,7 +220,9 @@ def deepspeed_json(cfg: TrainConfig, info: DistInfo, grad_accum: int) -> dict[st
         "gradient_accumulation_steps": grad_accum,
         "train_batch_size": cfg.train.micro_batch_size * grad_accum * info.world_size,
         "gradient_clipping": cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else 0.0,
-        "bf16": {"enabled": uses_bf16(cfg, info)},
+        # fp32 parameters, bf16 autocast: the torch backend's precision (see DeepSpeedBackend)
+        "bf16": {"enabled": False},
+        "torch_autocast": {"enabled": uses_bf16(cfg, info), "dtype": "bfloat16", "lower_precision_safe_modules": []},
         "zero_optimization": zero,
         # Our torch AdamW is the client optimiser: no DeepSpeed op has to be compiled.
         "zero_allow_untested_optimizer": True,

@@ -115,13 +115,26 @@ class ClusterConfig:
 @dataclass
 class ExportConfig:
     at_end: bool = True  # write an HF directory (safetensors + config + tokenizer + code) when training ends
+    dtype: str = "fp32"  # weights of the export: fp32 (the training masters) | bf16 (half the size, for the hub)
+
+
+@dataclass
+class RunConfig:
+    # resume=none in a folder that already holds a run is refused; true deletes that run's checkpoints,
+    # metrics, config and export first and starts over (an earlier attempt of the same SLURM job, i.e.
+    # a requeue, is resumed instead).
+    overwrite: bool = False
+    # Fields that may differ from the checkpoint's configuration on resume, by key or section (e.g.
+    # [optim.lr, train.steps] or [optim]); other changes to what the run computes are refused.
+    allow_changes: list[str] = field(default_factory=list)
 
 
 @dataclass
 class TrainConfig:
     run_name: str = "default"
     run_dir: str = "runs/${run_name}"
-    resume: str = "auto"  # auto (latest complete checkpoint of run_dir, if any) | none | a checkpoint path
+    resume: str = "auto"  # auto (newest checkpoint of run_dir that verifies, if any) | none | a checkpoint path
+    run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -140,7 +153,10 @@ CHOICES = {
     "train.on_nonfinite": ("skip", "stop"),
     "logging.wandb_mode": ("offline", "online", "disabled"),
     "cluster.name": ("local", "slurm"),
+    "export.dtype": ("fp32", "bf16"),
 }
+# Fields a resumed run cannot change: the checkpoint holds this model, written by this backend.
+FIXED_ON_RESUME = ("model.arch", "model.size", "model.overrides", "deepspeed.enabled", "deepspeed.stage")
 
 
 def validate(cfg: TrainConfig) -> None:
@@ -157,6 +173,17 @@ def validate(cfg: TrainConfig) -> None:
         raise ValueError(f"deepspeed.stage must be 0..3, got {cfg.deepspeed.stage}")
     if not 0 <= cfg.optim.warmup_fraction < 1:
         raise ValueError(f"optim.warmup_fraction must be in [0, 1), got {cfg.optim.warmup_fraction}")
+    fixed = [key for key in cfg.run.allow_changes
+             if any(key == f or key.startswith(f + ".") or f.startswith(key + ".") for f in FIXED_ON_RESUME)]
+    if fixed:
+        raise ValueError(f"run.allow_changes cannot include {', '.join(fixed)}: a checkpoint holds one model, "
+                         "written by one backend; start a new run instead")
+    from pararnn_lm.models import config_for  # the model must exist before any data is prepared
+
+    try:
+        config_for(cfg.model.arch, cfg.model.size, **cfg.model.overrides)
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"model.arch={cfg.model.arch!r} / model.size={cfg.model.size!r}: {err}") from err
 
 
 def reject_unknown_keys(node: Any, path: str = "") -> None:

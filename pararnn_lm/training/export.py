@@ -11,7 +11,8 @@ logger = logging.getLogger(__name__)
 
 
 def export_trained_model(backend, data, cfg: TrainConfig, run_dir: Path, info: DistInfo, tokens: int) -> str | None:
-    """Write ``run_dir/export`` (weights, config, tokenizer, self-contained code, card) on rank 0.
+    """Write ``run_dir/export`` (weights in ``export.dtype``, config, tokenizer, self-contained code, card)
+    on rank 0, from the fp32 master weights (both backends train fp32 parameters).
 
     Every rank must call it: under ZeRO-3 gathering the weights is a collective.
     """
@@ -26,6 +27,7 @@ def export_trained_model(backend, data, cfg: TrainConfig, run_dir: Path, info: D
         model = ParaRNNLMForCausalLM(model.config)
         model.load_state_dict(state)
     source = cfg.data.path or f"{cfg.data.source} corpus"
-    out = export_model(model, run_dir / "export", data.tokenizer, data=source, tokens=float(tokens))
+    out = export_model(model, run_dir / "export", data.tokenizer, data=source, tokens=float(tokens),
+                       dtype=cfg.export.dtype)
     logger.info("exported the model to %s", out)
     return str(out)

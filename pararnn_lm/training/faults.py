@@ -1,7 +1,7 @@
 """Fault injection for the crash-safety tests, driven by ``PARARNN_TEST_FAULT=<kind>@<step>``.
 
-Kinds: ``sigkill`` (a hard crash after step N), ``sigterm`` (a preemption after step N), ``nan`` (step N's
-loss is NaN). Without the variable every function here does nothing.
+Kinds: ``sigkill`` (a hard crash after step N), ``sigterm`` (a preemption after step N), ``sigint`` (Ctrl-C
+after step N), ``nan`` (step N's loss is NaN). Without the variable every function here does nothing.
 """
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ def _fault_step(kind: str) -> int | None:
 
 
 def inject_fault(step: int) -> None:
-    """Deliver SIGKILL (``sigkill@N``) or SIGTERM (``sigterm@N``) to this process after step N."""
-    for kind, sig in (("sigkill", signal.SIGKILL), ("sigterm", signal.SIGTERM)):
+    """Deliver SIGKILL (``sigkill@N``), SIGTERM (``sigterm@N``) or SIGINT (``sigint@N``) to this process after step N."""
+    for kind, sig in (("sigkill", signal.SIGKILL), ("sigterm", signal.SIGTERM), ("sigint", signal.SIGINT)):
         if _fault_step(kind) == step:
             os.kill(os.getpid(), sig)
 

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .checkpoint import atomic_write_text
 from .distributed import DistInfo, all_reduce_max
 
 logger = logging.getLogger(__name__)
@@ -108,18 +109,52 @@ class StepTimer:
 
 
 class MetricsLogger:
-    """Appends one JSON object per logged step; on resume, drops lines past the resumed step."""
+    """Appends one JSON object per logged step to ``metrics.jsonl``.
 
-    def __init__(self, run_dir: Path, enabled: bool, resume_step: int | None = None):
+    A run that starts at step N (0 for a fresh start) first drops the records past N (written by an
+    attempt that got further than its last checkpoint) and a half-written last line (a crash mid-write),
+    each with a warning; that rewrite replaces the file atomically, so a crash during it leaves the old
+    file or the new one. After that, records are only appended.
+    """
+
+    def __init__(self, run_dir: Path, enabled: bool, start_step: int = 0):
         self.path = Path(run_dir) / "metrics.jsonl"
         self.enabled = enabled
         self.wandb_run = None
-        if enabled and resume_step is not None and self.path.exists():
-            kept = [
-                line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", -1) <= resume_step
-            ]
-            self.path.write_text("".join(line + "\n" for line in kept))
+        if enabled and self.path.exists():
+            self._keep_until(start_step)
+
+    def _keep_until(self, step: int) -> None:
+        text = self.path.read_text(errors="replace")
+        lines = text.splitlines()
+        kept, dropped = [], 0
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                what = "half-written last line" if number == len(lines) else "unreadable line"
+                logger.warning("%s:%d: dropped a %s: %.80s", self.path, number, what, line)
+                continue
+            if isinstance(record, dict) and record.get("step", -1) > step:
+                dropped += 1
+                continue
+            kept.append(line)
+        if dropped:
+            logger.info("%s: dropped %d records past step %d (the run continues from there)", self.path, dropped, step)
+        new = "".join(line + "\n" for line in kept)
+        if new != text:
+            atomic_write_text(self.path, new)
+
+    def event(self, step: int, name: str, **fields: Any) -> None:
+        """A record of something that happened to the run (a start, a resume and what changed there)."""
+        if self.enabled:
+            self._append({"step": step, "event": name, **fields})
+
+    def _append(self, record: dict[str, Any]) -> None:
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(record) + "\n")
 
     def start_wandb(self, mode: str, project: str, run_name: str, run_id: str | None, config: dict, run_dir: Path) -> str | None:
         """Start (or resume, by id) a W&B run; returns its id, kept in checkpoints across resumes."""
@@ -140,8 +175,7 @@ class MetricsLogger:
         if not self.enabled:
             return
         record = {"step": step, **{k: _jsonable(v) for k, v in metrics.items()}}
-        with open(self.path, "a") as fh:
-            fh.write(json.dumps(record) + "\n")
+        self._append(record)
         if self.wandb_run is not None:
             self.wandb_run.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=step)
 

@@ -28,3 +28,20 @@ def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup_s
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: warmup_cosine(step, total_steps, warmup_steps, min_ratio)
     )
+
+
+def group_settings(optimizer: torch.optim.Optimizer) -> list[dict]:
+    """Each parameter group's hyperparameters as this run's configuration set them (before a resume)."""
+    return [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+
+
+def apply_group_settings(optimizer: torch.optim.Optimizer, scheduler, settings: list[dict]) -> None:
+    """After loading a checkpoint, which carries the hyperparameters it was saved with: make them this
+    run's again (what ``run.allow_changes`` lets differ), the schedule's base rates this run's LRs, and
+    the current LR the schedule's value at its position. Unchanged settings give the saved values back."""
+    for group, mine in zip(optimizer.param_groups, settings, strict=True):
+        group.update({k: v for k, v in mine.items() if k != "lr"})
+    scheduler.base_lrs = [group["initial_lr"] for group in optimizer.param_groups]
+    scheduler._last_lr = [base * fn(scheduler.last_epoch) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    for group, lr in zip(optimizer.param_groups, scheduler._last_lr):
+        group["lr"] = lr
