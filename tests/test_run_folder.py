@@ -18,7 +18,7 @@ import pytest
 import torch
 import yaml
 
-from pararnn_lm.training.checkpoint import CheckpointError, CheckpointManager, file_record
+from pararnn_lm.training.checkpoint import CheckpointManager
 from pararnn_lm.training.metrics import MetricsLogger
 from pararnn_lm.training.optim import warmup_cosine
 from test_train import FAST, ROOT, latest_step, losses, run_train
@@ -120,8 +120,8 @@ class Payload:
 
 
 def plant(file: Path, marker: Path) -> None:
-    """Add a payload to a checkpoint file."""
-    state = torch.load(file, map_location="cpu", weights_only=True)
+    """Add a payload to a checkpoint file (read as it is: this test's own run just wrote it)."""
+    state = torch.load(file, map_location="cpu", weights_only=False)
     state["payload"] = Payload(marker)
     torch.save(state, file)
 
@@ -129,6 +129,8 @@ def plant(file: Path, marker: Path) -> None:
 def forge_manifest(file: Path) -> None:
     """Record a file's present size and checksum in its checkpoint's manifest: a run folder from someone
     else, consistent but malicious."""
+    from pararnn_lm.training.checkpoint import file_record
+
     checkpoint = next(p for p in file.parents if (p / "COMPLETE").is_file())
     manifest = json.loads((checkpoint / "COMPLETE").read_text())
     manifest["files"][file.relative_to(checkpoint).as_posix()] = file_record(file)
@@ -302,7 +304,7 @@ def test_a_second_run_on_a_locked_folder_fails_and_a_stale_lock_is_taken_over(tm
             time.sleep(0.2)
         holder = json.loads((run_dir / "LOCK").read_text())
         assert holder["pid"] == first.pid and holder["host"] == socket.gethostname()
-        second = run_train(run_dir, "train.steps=100000", expect=1)
+        second = run_train(run_dir, "train.steps=100000", "train.max_time_minutes=0.05", expect=1)
         assert f"in use by another training run (pid {first.pid} on host {socket.gethostname()}" in output(second)
         first.send_signal(signal.SIGTERM)
         assert first.wait(timeout=120) == 3, log.read_text()[-3000:]  # checkpointed and released the lock

@@ -161,7 +161,11 @@ def test_deepspeed_json():
     zero = ds["zero_optimization"]
     assert zero["stage"] == 3 and zero["offload_param"]["device"] == "cpu"
     assert zero["offload_optimizer"]["device"] == "cpu" and zero["reduce_bucket_size"] == 123
-    assert ds["bf16"]["enabled"] is False  # precision=auto on CPU
+    assert ds["bf16"]["enabled"] is False and ds["torch_autocast"]["enabled"] is False  # precision=auto on CPU
+    cfg.train.precision = "bf16"  # fp32 parameters under bf16 autocast, as the torch backend; fp32 reductions
+    ds = deepspeed_json(cfg, info, grad_accum=3)
+    assert ds["bf16"]["enabled"] is False and ds["torch_autocast"] == {
+        "enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}
     cfg.deepspeed = DeepSpeedConfig(enabled=True, stage=2, offload_params=True)
     with pytest.raises(ValueError, match="offload_params needs ZeRO stage 3"):
         deepspeed_json(cfg, info, 1)
