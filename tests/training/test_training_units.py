@@ -489,7 +489,7 @@ def test_a_single_process_group_uses_its_own_host_and_a_free_port():
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MASTER_", "SLURM_"))
            and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env.update(SLURM_NTASKS="1", SLURM_PROCID="0", SLURM_LAUNCH_NODE_IPADDR="10.255.255.1",
-               PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+               PYTHONPATH=str(Path(__file__).resolve().parents[2]))
     runs = [subprocess.Popen([sys.executable, "-c", _ONE_PROCESS_GROUP], env=env, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
     try:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 # A small, fast run: the debug preset on 64-token sequences of the bundled corpus.
 FAST = [
     "model.size=debug", "data.seq_len=64", "train.micro_batch_size=4", "train.global_batch_size=4",

@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 
 from pararnn_lm.training.config import TrainConfig, register_configs, reject_unknown_keys, validate
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 GROUPS = ["model", "size", "data", "optim", "deepspeed", "cluster", "logging", "eval", "experiment"]
 register_configs()
 
