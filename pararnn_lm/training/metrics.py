@@ -112,8 +112,8 @@ class MetricsLogger:
     """Appends one JSON object per logged step to ``metrics.jsonl``.
 
     A run that starts at step N (0 for a fresh start) first drops the records past N (written by an
-    attempt that got further than its last checkpoint) and a half-written last line (a crash mid-write),
-    each with a warning; that rewrite replaces the file atomically, so a crash during it leaves the old
+    attempt that got further than its last checkpoint) and, with a warning, a half-written line (a
+    crash mid-write); that rewrite replaces the file atomically, so a crash during it leaves the old
     file or the new one. After that, records are only appended.
     """
 

@@ -85,9 +85,11 @@ def test_default_run_learns_checkpoints_evaluates_and_exports(tmp_path):
     assert sorted(curve) == list(range(1, 41))
     first, last = sum(curve[s] for s in range(1, 6)) / 5, sum(curve[s] for s in range(36, 41)) / 5
     assert last < first - 1.5, f"loss did not fall enough: {first:.3f} -> {last:.3f}"
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    final = [r for r in records if "val_ppl" in r][-1]
-    assert final["val_ppl"] < 2 ** 12 and "newton/iters/0" in records[0] and records[0]["tokens_per_s"] > 0
+    logged = records(run_dir)
+    final = [r for r in logged if "val_ppl" in r][-1]
+    first_step = next(r for r in logged if "loss" in r)
+    assert final["val_ppl"] < 2 ** 12 and "newton/iters/0" in first_step and first_step["tokens_per_s"] > 0
+    assert attempts(run_dir) == [(0, list(range(1, 41)))]
     assert latest_step(run_dir) == 40
     assert (run_dir / "export" / "model.safetensors").is_file() and (run_dir / "export" / "config.json").is_file()
     assert (run_dir / "export" / "tokenizer.json").is_file()
