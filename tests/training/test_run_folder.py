@@ -21,7 +21,7 @@ import yaml
 from pararnn_lm.training.checkpoint import CheckpointManager
 from pararnn_lm.training.metrics import MetricsLogger
 from pararnn_lm.training.optim import warmup_cosine
-from test_train import FAST, ROOT, latest_step, losses, run_train
+from test_train import FAST, ROOT, assert_continues, attempts, latest_step, losses, records, run_train
 
 STEPS = ["train.steps=8"]  # the trajectory every resume test compares with `reference`
 
@@ -32,32 +32,6 @@ def reference(tmp_path_factory) -> dict[int, float]:
     run_dir = tmp_path_factory.mktemp("reference") / "run"
     run_train(run_dir, *STEPS, "checkpoint.every=0")
     return losses(run_dir)
-
-
-def records(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-
-
-def attempts(run_dir: Path) -> list[tuple[int, list[int]]]:
-    """(step it started from, steps it logged) of every process that trained in the folder."""
-    out: list[tuple[int, list[int]]] = []
-    for record in records(run_dir):
-        if record.get("event") == "start":
-            out.append((record["step"], []))
-        elif "loss" in record:
-            out[-1][1].append(record["step"])
-    return out
-
-
-def assert_continues(run_dir: Path, reference: dict[int, float], resumed_at: int) -> None:
-    """The last process started at ``resumed_at`` and logged exactly the steps after it, with the
-    uninterrupted run's losses bit for bit; the file holds each step once."""
-    start, logged = attempts(run_dir)[-1]
-    assert start == resumed_at and logged == list(range(resumed_at + 1, max(reference) + 1)), attempts(run_dir)
-    got = losses(run_dir)
-    assert sorted(got) == sorted(reference)
-    assert [r["step"] for r in records(run_dir) if "loss" in r] == sorted(reference)  # no step twice
-    assert got == reference  # == on CPU: the same arithmetic in the same order
 
 
 def error_line(result: subprocess.CompletedProcess) -> str:
