@@ -16,6 +16,10 @@ one ``torchrun`` launch per configuration, on one GPU or data-parallel over seve
     python scripts/bench_train.py --archs paragru attention --profile
     # several result files (e.g. one job per GPU count) in one table, efficiency recomputed
     python scripts/bench_train.py --merge a.json b.json --out merged.json
+    # long context: T = 2048 .. 32768 at 32,768 tokens per step and GPU (micro-batch 16, 4, 2, 1), one
+    # sequence per row (SDPA flash for attention), tokens/s and peak memory per token against T
+    python scripts/bench_train.py --archs paragru paralstm attention mamba2 --seq-lens 2048 8192 16384 32768 \
+        --tokens-per-step 32768
     # CPU check
     python scripts/bench_train.py --size debug --seq-len 64 --micro-batch 2 --steps 6 --log-every 2 --no-compile --vocab-size 0
 
@@ -27,6 +31,15 @@ accumulation), so ``efficiency = tokens/s(N) / (N x tokens/s(1))`` of the same s
   packed  the data pipeline's batches as they are: documents packed into rows, ``position_ids`` restart
           at every document (RNN states reset there, attention masked to the document);
   rows    the same batches without ``position_ids``: each row one sequence, nothing reset.
+
+Long context (``--tokens-per-step N``, with ``--seq-lens`` or ``--seq-len``): the tokens per step and GPU stay N,
+the micro-batch of sequence length T is N / T (an error unless T divides N). The layout defaults to ``rows``:
+one sequence of T tokens per row, so attention takes SDPA's causal flash kernel (forced there on CUDA: every
+other SDPA backend is switched off, a run that cannot use flash fails instead of measuring another kernel)
+and Mamba2 must run a Triton SSD kernel (``models.ssd.SSD_KERNELS``; the chunked PyTorch SSD is refused on
+CUDA). The table has one line per architecture and one column per T (tokens/s; peak memory per token = peak
+allocated bytes / tokens of a micro-step); a configuration that runs out of memory reads ``OOM`` there and
+the sweep goes on. The plot beside ``--out`` shows both against T.
 
 Numbers come from the run's metrics.jsonl. The first log interval (compilation, warm-up) is excluded;
 ``step_ms`` = the wall time of the later intervals / their steps (train.py synchronises the device once per
@@ -126,6 +139,10 @@ def worker(spec: dict) -> None:
     """
     if spec["layout"] == "rows":
         drop_document_positions()
+    if spec.get("sdpa_flash_only"):
+        sdpa_flash_only()
+    if spec.get("require_ssd_kernel"):
+        require_ssd_kernel(Path(spec["run_dir"]) / "ssd_backend.json")
     if spec.get("profile"):
         profile_between_log_steps(spec["log_every"], spec["steps"], Path(spec["run_dir"]) / "kernels.json")
     if os.environ.get("RANK", "0") == "0":  # what ran: which package (this checkout's or the worktree's), where
@@ -150,6 +167,41 @@ def drop_document_positions() -> None:
             yield {k: v for k, v in batch.items() if k != "position_ids"}
 
     PackedLoader.__iter__ = rows
+
+
+def sdpa_flash_only() -> None:
+    """SDPA with the flash kernel or not at all: attention of a long-context run that would fall back to
+    the memory-efficient or the math kernel fails instead (the global flags are what torch.compile reads)."""
+    import torch
+
+    torch.backends.cuda.enable_flash_sdp(True)
+    torch.backends.cuda.enable_mem_efficient_sdp(False)
+    torch.backends.cuda.enable_math_sdp(False)
+    if hasattr(torch.backends.cuda, "enable_cudnn_sdp"):
+        torch.backends.cuda.enable_cudnn_sdp(False)
+
+
+def require_ssd_kernel(out: Path) -> None:
+    """Mamba2 layers on CUDA must run a Triton SSD kernel (``SSD_KERNELS``): the chunked PyTorch SSD is the
+    CPU reference, and timing it would not measure Mamba2. Checked as each layer is built (eagerly, outside
+    the compiled blocks) for this rank's GPU; the backend is written to ``out``."""
+    import torch
+    from pararnn_lm.models.mixers import Mamba2Mixer
+    from pararnn_lm.models.ssd import resolve_ssd_backend
+
+    build = Mamba2Mixer.__init__
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+
+    def checked(self, config, layer_idx):
+        build(self, config, layer_idx)
+        backend = resolve_ssd_backend(self.backend, device)
+        if backend == "torch":
+            raise RuntimeError(f"Mamba2 would run the chunked PyTorch SSD on CUDA (ssd_backend={self.backend!r}): "
+                               "install a Triton SSD kernel (fla-core: pip install 'pararnn-lm[mamba]'; or mamba-ssm)")
+        if os.environ.get("RANK", "0") == "0":
+            out.write_text(json.dumps({"ssd_backend": backend}))
+
+    Mamba2Mixer.__init__ = checked
 
 
 def profile_between_log_steps(first: int, last: int, out: Path) -> None:
@@ -226,17 +278,18 @@ class Config:
     layout: str
     gpus: int
     micro_batch: int
+    seq_len: int
 
     @property
     def name(self) -> str:
         label = re.sub(r"[^A-Za-z0-9._-]", "_", self.revision.label)
-        return f"{label}-{self.arch}-{self.layout}-{self.gpus}gpu-mb{self.micro_batch}"
+        return f"{label}-{self.arch}-{self.layout}-T{self.seq_len}-{self.gpus}gpu-mb{self.micro_batch}"
 
 
 def overrides(c: Config, run_dir: Path, a: argparse.Namespace, resume: bool = False) -> list[str]:
     return [
         f"run_dir={run_dir}", f"model={c.arch}", f"size={a.size}", f"deepspeed={a.deepspeed}",
-        f"data.seq_len={a.seq_len}", *([f"+model.overrides.vocab_size={a.vocab_size}"] if a.vocab_size else []),
+        f"data.seq_len={c.seq_len}", *([f"+model.overrides.vocab_size={a.vocab_size}"] if a.vocab_size else []),
         f"train.micro_batch_size={c.micro_batch}", f"train.global_batch_size={c.micro_batch * c.gpus}",
         f"train.steps={a.steps}", f"train.log_every={a.log_every}", f"train.compile={str(a.compile).lower()}",
         f"train.activation_checkpointing={str(a.activation_checkpointing).lower()}",
@@ -298,8 +351,11 @@ def run_train(c: Config, run_dir: Path, a: argparse.Namespace, *, devices: str |
     if not resume:
         shutil.rmtree(run_dir, ignore_errors=True)  # no stale steps or checkpoints of an earlier run
     run_dir.mkdir(parents=True, exist_ok=True)
+    long_context_on_cuda = bool(a.tokens_per_step) and a.cuda
     spec = {"overrides": overrides(c, run_dir, a, resume), "layout": c.layout, "profile": a.profile, "run_dir": str(run_dir),
-            "log_every": a.log_every, "steps": a.steps}
+            "log_every": a.log_every, "steps": a.steps,
+            "sdpa_flash_only": long_context_on_cuda and c.layout == "rows",
+            "require_ssd_kernel": long_context_on_cuda and c.arch == "mamba2"}
     env = {**os.environ, "PYTHONUNBUFFERED": "1",
            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, min(4, (os.cpu_count() or 1) // c.gpus))))}
     env.pop("PARARNN_TEST_FAULT", None)
@@ -315,8 +371,16 @@ def run_train(c: Config, run_dir: Path, a: argparse.Namespace, *, devices: str |
 
 
 def failure(proc: subprocess.CompletedProcess) -> str:
+    """The exit status and the end of the output, marked ``out of memory:`` when any rank's output says so
+    (torchrun's own error report can follow the worker's traceback)."""
+    output = (proc.stderr or "") + (proc.stdout or "")
     tail = (proc.stderr or proc.stdout)[-3000:]
-    return ("out of memory: " if "out of memory" in tail.lower() else "") + f"exit {proc.returncode}: {tail}"
+    return ("out of memory: " if is_out_of_memory(output) else "") + f"exit {proc.returncode}: {tail}"
+
+
+def is_out_of_memory(text: str) -> bool:
+    low = text.lower()
+    return "out of memory" in low or "outofmemoryerror" in low
 
 
 def measure(c: Config, a: argparse.Namespace, devices: str | None = None, port: int | None = None) -> dict:
@@ -325,7 +389,8 @@ def measure(c: Config, a: argparse.Namespace, devices: str | None = None, port: 
     run_dir = Path(a.work_dir) / c.name
     port = port or a.port
     row = {"revision": c.revision.label, "commit": c.revision.commit, "arch": c.arch, "layout": c.layout,
-           "size": a.size, "gpus": c.gpus, "micro_batch": c.micro_batch, "seq_len": a.seq_len,
+           "size": a.size, "gpus": c.gpus, "micro_batch": c.micro_batch, "seq_len": c.seq_len,
+           "tokens_per_step_per_gpu": c.micro_batch * c.seq_len, "long_context": bool(a.tokens_per_step),
            "vocab_size": a.vocab_size or None, "deepspeed": a.deepspeed, "compile": a.compile,
            "activation_checkpointing": a.activation_checkpointing, "precision": a.precision,
            "command": " ".join(["python -m pararnn_lm.train", *overrides(c, run_dir, a)])}
@@ -347,10 +412,13 @@ def measure(c: Config, a: argparse.Namespace, devices: str | None = None, port: 
             row["error"] = f"timed out after {a.timeout:.0f} s"
     except (OSError, ValueError) as exc:
         row["error"] = f"{type(exc).__name__}: {exc}"
-    with contextlib.suppress(OSError):
-        row.update(json.loads((run_dir / "worker.json").read_text()))
+    for written in ("worker.json", "ssd_backend.json"):  # what ran: package, device, Mamba2's SSD kernel
+        with contextlib.suppress(OSError):
+            row.update(json.loads((run_dir / written).read_text()))
     if "tokens_per_s" in row:
         row["ms_per_sequence_per_gpu"] = row["step_ms"] / c.micro_batch
+        if row.get("mem_peak_gib"):
+            row["peak_bytes_per_token"] = row["mem_peak_gib"] * 2**30 / row["tokens_per_step_per_gpu"]
         kernels = run_dir / "kernels.json"
         if kernels.is_file():
             row["kernels"] = json.loads(kernels.read_text())
@@ -413,16 +481,25 @@ def run_wave(wave: list[Config], a: argparse.Namespace) -> list[dict]:
         return list(pool.map(lambda job: measure(job[0], a, devices=job[1], port=job[2]), jobs))
 
 
-def run_all(revisions: list[Revision], gpus: list[int], slots: int, a: argparse.Namespace) -> list[dict]:
-    """Every (revision, arch, layout, GPUs) series over its micro-batches, in rounds: round k runs the k-th
-    micro-batch of every series still going (a --micro-batch-search series stops at its first failure).
-    Within a round the revisions of one configuration run one after the other."""
+def shapes(a: argparse.Namespace) -> list[tuple[int, int]]:
+    """The (sequence length, micro-batch) of each round: --tokens-per-step / T for every T of --seq-lens
+    (long context), else the micro-batches of --micro-batch or --micro-batch-search at --seq-len."""
+    if a.tokens_per_step:
+        return [(t, a.tokens_per_step // t) for t in a.seq_lens]
     micro_batches = micro_batch_grid(a.micro_batch_search) if a.micro_batch_search else a.micro_batch
+    return [(a.seq_len, mb) for mb in micro_batches]
+
+
+def run_all(revisions: list[Revision], gpus: list[int], slots: int, a: argparse.Namespace) -> list[dict]:
+    """Every (revision, arch, layout, GPUs) series over its shapes (see :func:`shapes`), in rounds: round k
+    runs the k-th shape of every series still going (a --micro-batch-search series stops at its first
+    failure; other series go on past one, e.g. out of memory at one T). Within a round the revisions of one
+    configuration run one after the other."""
     series = [(arch, layout, n, rev) for arch in a.archs for layout in a.layouts for n in gpus for rev in revisions]
     stopped: set = set()
     rows: list[dict] = []
-    for mb in micro_batches:
-        round_ = [Config(rev, arch, layout, n, mb) for arch, layout, n, rev in series
+    for seq_len, mb in shapes(a):
+        round_ = [Config(rev, arch, layout, n, mb, seq_len) for arch, layout, n, rev in series
                   if (arch, layout, n, rev) not in stopped]
         if not round_:
             break
@@ -472,12 +549,12 @@ def render(rows: list[dict]) -> str:
     attention = {_setting({**r, "arch": "-"}) + (r["gpus"],): r["tokens_per_s"]
                  for r in rows if r["arch"] == "attention" and "tokens_per_s" in r}
     resume = any("resume" in r for r in rows)
-    lines = ["| rev | arch | size | layout | ZeRO | GPUs | micro-batch | mode | tokens/s | per GPU | vs attention "
+    lines = ["| rev | arch | size | layout | T | ZeRO | GPUs | micro-batch | mode | tokens/s | per GPU | vs attention "
              "| efficiency | MFU | ms/step | ms/seq/GPU | peak GiB/GPU |" + (" resume max abs dloss |" if resume else ""),
-             "|---" * (16 + resume) + "|"]
+             "|---" * (17 + resume) + "|"]
     for r in rows:
         head = (f"| {r.get('revision', 'this')} | {r['arch']} | {r['size']} | {r.get('layout', 'packed')} "
-                f"| {r.get('deepspeed', '-')} | {r['gpus']} | {r['micro_batch']} | {_mode(r)} ")
+                f"| {r.get('seq_len', '-')} | {r.get('deepspeed', '-')} | {r['gpus']} | {r['micro_batch']} | {_mode(r)} ")
         if "error" in r:
             lines.append(head + f"| failed: {r['error'][:60].splitlines()[0]} |" + " |" * (7 + resume))
             continue
@@ -559,6 +636,92 @@ def render_kernels(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+LAYOUT_MEANING = {
+    "rows": "one sequence of T tokens per row, no document resets (attention: SDPA causal flash kernel)",
+    "packed": "documents packed into rows, states reset at each (attention: FlexAttention document mask)",
+}
+
+
+def _curve(r: dict) -> tuple:
+    """Rows of one long-context curve differ only in their sequence length (and micro-batch)."""
+    return (r.get("revision", "this"), r["arch"], r["size"], r.get("layout", "rows"), r["gpus"], _mode(r),
+            r.get("tokens_per_step_per_gpu"))
+
+
+def _curve_label(key: tuple) -> str:
+    rev, arch, size, layout, gpus, mode, _ = key
+    return f"{arch} {size} {layout} {gpus} GPU {mode}" + (f" @{rev}" if rev != "this" else "")
+
+
+def _long_context_cell(r: dict | None) -> str:
+    if r is None:
+        return "-"
+    if "error" in r:
+        return "OOM" if r["error"].startswith("out of memory") else f"failed: {r['error'][:40].splitlines()[0]}"
+    cell = f"{r['tokens_per_s']:,.0f}"
+    if r.get("peak_bytes_per_token"):
+        cell += f" / {r['peak_bytes_per_token'] / 2**10:,.1f} KiB"
+    return cell + (" (timed out)" if r.get("timed_out") else "")
+
+
+def render_long_context(rows: list[dict]) -> str:
+    """One line per (revision, arch, layout, GPUs, mode), one column per sequence length: tokens/s and peak
+    memory per token (peak allocated bytes / tokens of a micro-step), ``OOM`` where it ran out of memory."""
+    rows = [r for r in rows if r.get("long_context")]
+    seq_lens = sorted({r["seq_len"] for r in rows})
+    tokens = sorted({r["tokens_per_step_per_gpu"] for r in rows})
+    layouts = list(dict.fromkeys(r.get("layout", "rows") for r in rows))
+
+    def header(t: int) -> str:
+        mbs = sorted({r["micro_batch"] for r in rows if r["seq_len"] == t})
+        return f"T={t} (mb {'/'.join(map(str, mbs))})"
+
+    lines = [f"long context: {' / '.join(f'{n:,}' for n in tokens)} tokens per step and GPU (micro-batch = "
+             f"tokens / T); " + "; ".join(f"layout {lay}: {LAYOUT_MEANING.get(lay, lay)}" for lay in layouts),
+             "cells: tokens/s / peak allocated memory per token (OOM: out of memory)", "",
+             "| rev | arch | size | layout | GPUs | mode | " + " | ".join(header(t) for t in seq_lens) + " |",
+             "|---" * (6 + len(seq_lens)) + "|"]
+    for key in dict.fromkeys(_curve(r) for r in rows):
+        by_t = {r["seq_len"]: r for r in rows if _curve(r) == key}
+        rev, arch, size, layout, gpus, mode, _ = key
+        lines.append(f"| {rev} | {arch} | {size} | {layout} | {gpus} | {mode} | "
+                     + " | ".join(_long_context_cell(by_t.get(t)) for t in seq_lens) + " |")
+    return "\n".join(lines)
+
+
+def plot_long_context(rows: list[dict], path: Path) -> Path:
+    """tokens/s and peak memory per token against T (log2 axis), one line per architecture (curve)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in rows if r.get("long_context")]
+    fig, (speed, memory) = plt.subplots(1, 2, figsize=(10, 4))
+    for key in dict.fromkeys(_curve(r) for r in rows):
+        ran = sorted((r for r in rows if _curve(r) == key and "tokens_per_s" in r), key=lambda r: r["seq_len"])
+        if not ran:
+            continue
+        line, = speed.plot([r["seq_len"] for r in ran], [r["tokens_per_s"] for r in ran], "o-", label=_curve_label(key))
+        measured = [r for r in ran if r.get("peak_bytes_per_token")]
+        if measured:
+            memory.plot([r["seq_len"] for r in measured], [r["peak_bytes_per_token"] / 2**10 for r in measured], "o-",
+                        color=line.get_color(), label=_curve_label(key))
+    seq_lens = sorted({r["seq_len"] for r in rows})
+    for ax, ylabel in ((speed, "training tokens/s"), (memory, "peak allocated KiB per token")):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(seq_lens, [str(t) for t in seq_lens])
+        ax.set_xlabel("sequence length T (tokens per step held)")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    speed.set_title("train.py throughput against T")
+    memory.set_title("peak memory / tokens per micro-step")
+    speed.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def plot(rows: list[dict], path: Path) -> Path | None:
     """tokens/s against GPUs per setting, with the ideal (linear) line from each 1-GPU point."""
     import matplotlib
@@ -601,7 +764,11 @@ def report(rows: list[dict], a: argparse.Namespace) -> None:
         print(render_best_micro_batch(rows))
     if any("kernels" in r for r in rows):
         print(render_kernels(rows))
-    if len({r["gpus"] for r in rows}) > 1:
+    if any(r.get("long_context") for r in rows):
+        print()
+        print(render_long_context(rows))
+        plot_long_context(rows, a.out.with_suffix(".png"))
+    elif len({r["gpus"] for r in rows}) > 1:
         plot(rows, a.out.with_suffix(".png"))
     print(f"\nresults: {a.out}")
 
@@ -622,10 +789,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--archs", nargs="+", default=["paragru", "attention"])
-    p.add_argument("--layouts", nargs="+", default=["packed"], choices=["packed", "rows"])
+    p.add_argument("--layouts", nargs="+", default=None, choices=["packed", "rows"],
+                   help="default: packed; rows with --tokens-per-step (one sequence per row: attention's flash path)")
     p.add_argument("--size", default="400m")
     p.add_argument("--seq-len", type=int, default=2048)
-    p.add_argument("--micro-batch", type=int, nargs="+", default=[16], help="sequences per GPU per step")
+    p.add_argument("--micro-batch", type=int, nargs="+", default=None, help="sequences per GPU per step (default 16)")
+    p.add_argument("--seq-lens", type=int, nargs="+", default=None, metavar="T",
+                   help="long context: one round per sequence length T, with --tokens-per-step")
+    p.add_argument("--tokens-per-step", type=int, default=None, metavar="N",
+                   help="long context: tokens per step and GPU held at N, micro-batch = N / T (T: --seq-lens, "
+                        "else --seq-len)")
     p.add_argument("--micro-batch-search", type=int, default=None, metavar="MAX",
                    help="instead of --micro-batch: 1, 2, 4, 8, 16, 24, ... up to MAX, each series stopping at its "
                         "first failure (out of memory)")
@@ -669,7 +842,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             p.error("--steps must exceed --log-every (the first log interval is warm-up)")
         if a.check_resume and not 0 < a.checkpoint_every < a.kill_after < a.steps:
             p.error("--check-resume needs 0 < --checkpoint-every < --kill-after < --steps")
+        check_long_context(p, a)
+    a.micro_batch = a.micro_batch or [16]
+    a.layouts = a.layouts or (["rows"] if a.tokens_per_step else ["packed"])
     return a
+
+
+def check_long_context(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
+    """--tokens-per-step N: every T divides N (micro-batch N / T >= 1); the micro-batch is not also given."""
+    if a.seq_lens and not a.tokens_per_step:
+        p.error("--seq-lens needs --tokens-per-step (the micro-batch of each T is tokens-per-step / T)")
+    if not a.tokens_per_step:
+        return
+    if a.micro_batch or a.micro_batch_search:
+        p.error("--tokens-per-step sets the micro-batch (tokens-per-step / T): drop --micro-batch / --micro-batch-search")
+    a.seq_lens = a.seq_lens or [a.seq_len]
+    for t in a.seq_lens:
+        if t < 1 or a.tokens_per_step % t or a.tokens_per_step < t:
+            p.error(f"--tokens-per-step {a.tokens_per_step} is not a positive multiple of sequence length {t} "
+                    f"(micro-batch = tokens-per-step / T must be a whole number >= 1)")
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

@@ -142,7 +142,7 @@ def test_side_by_side_runs_each_configuration_on_its_own_devices_and_port(tmp_pa
     monkeypatch.setattr(bench_train, "run_group", fake_run)
     a = args(tmp_path, "--port", "29500", cuda=True)
     this = bench_train.this_checkout()
-    wave = [bench_train.Config(this, "paragru", "packed", 1, 8), bench_train.Config(this, "attention", "packed", 2, 8)]
+    wave = [bench_train.Config(this, "paragru", "packed", 1, 8, 256), bench_train.Config(this, "attention", "packed", 2, 8, 256)]
     rows = bench_train.run_wave(wave, a)
     assert sorted(seen) == [("0", "--master-port=29501"), ("1,2", "--master-port=29502")]
     assert [(r["arch"], r["devices"]) for r in rows] == [("paragru", "0"), ("attention", "1,2")]
@@ -172,6 +172,87 @@ def test_micro_batch_search_stops_each_series_at_its_first_failure(tmp_path, mon
     assert bench_train.micro_batch_grid(100) == [1, 2, 4, 8, 16, 24, 32, 48, 64, 96]
 
 
+def test_long_context_holds_the_tokens_per_step_and_an_oom_cell_does_not_stop_the_sweep(tmp_path, monkeypatch):
+    ran = []
+
+    def fake_measure(c, a, devices=None, port=None):
+        ran.append((c.arch, c.seq_len, c.micro_batch, c.layout))
+        row = {"revision": "this", "arch": c.arch, "layout": c.layout, "size": a.size, "gpus": c.gpus,
+               "micro_batch": c.micro_batch, "seq_len": c.seq_len, "long_context": True,
+               "tokens_per_step_per_gpu": c.micro_batch * c.seq_len, "compile": False}
+        if (c.arch, c.seq_len) == ("attention", 1024):
+            return {**row, "error": "out of memory: exit 1: torch.OutOfMemoryError: CUDA out of memory"}
+        peak = 2**30 * (1.0 + c.seq_len / 1024)
+        return {**row, "tokens_per_s": 1e6 / c.seq_len, "step_ms": 1.0, "ms_per_sequence_per_gpu": 1.0,
+                "mem_peak_gib": peak / 2**30, "peak_bytes_per_token": peak / 4096}
+
+    monkeypatch.setattr(bench_train, "measure", fake_measure)
+    a = bench_train.parse_args(["--archs", "paragru", "attention", "--seq-lens", "256", "1024", "4096",
+                                "--tokens-per-step", "4096", "--out", str(tmp_path / "out.json")])
+    a.cuda = True
+    rows = bench_train.run_all([bench_train.this_checkout()], [1], 1, a)
+    # one round per T, micro-batch = 4096 / T, one sequence per row by default; the OOM at T=1024 is one cell
+    assert ran == [(arch, t, 4096 // t, "rows") for t in (256, 1024, 4096) for arch in ("paragru", "attention")]
+    assert len(rows) == 6 and json.loads(a.out.read_text()) == rows
+    table = bench_train.render_long_context(rows)
+    assert "4,096 tokens per step and GPU" in table and "layout rows: one sequence of T tokens per row" in table
+    assert "| T=256 (mb 16) | T=1024 (mb 4) | T=4096 (mb 1) |" in table
+    assert "| this | paragru | 400m | rows | 1 | eager | 3,906 / 320.0 KiB | 977 / 512.0 KiB | 244 / 1,280.0 KiB |" in table
+    assert "| this | attention | 400m | rows | 1 | eager | 3,906 / 320.0 KiB | OOM | 244 / 1,280.0 KiB |" in table
+    path = bench_train.plot_long_context(rows, tmp_path / "long.png")
+    assert path.stat().st_size > 1000
+
+
+def test_long_context_arguments_must_give_whole_micro_batches(tmp_path, capsys):
+    def parse(*extra):
+        return bench_train.parse_args(["--out", str(tmp_path / "o.json"), *extra])
+
+    a = parse("--seq-lens", "64", "128", "--tokens-per-step", "256")
+    assert bench_train.shapes(a) == [(64, 4), (128, 2)] and a.layouts == ["rows"]
+    assert bench_train.shapes(parse("--seq-len", "512", "--tokens-per-step", "1024")) == [(512, 2)]
+    assert bench_train.shapes(parse("--seq-len", "512", "--micro-batch", "3")) == [(512, 3)]
+    for extra, message in [
+        (["--seq-lens", "64", "96", "--tokens-per-step", "256"], "not a positive multiple of sequence length 96"),
+        (["--seq-lens", "512", "--tokens-per-step", "256"], "not a positive multiple of sequence length 512"),
+        (["--seq-lens", "64"], "--seq-lens needs --tokens-per-step"),
+        (["--seq-lens", "64", "--tokens-per-step", "256", "--micro-batch", "2"], "drop --micro-batch"),
+    ]:
+        with pytest.raises(SystemExit):
+            parse(*extra)
+        assert message in capsys.readouterr().err
+
+
+def test_out_of_memory_is_found_before_torchrun_s_own_report():
+    proc = subprocess.CompletedProcess([], 1, "", "Traceback ...\ntorch.OutOfMemoryError: CUDA out of memory. Tried "
+                                       "to allocate 2.00 GiB\n" + "E torchrun: ChildFailedError\n" * 200)
+    assert bench_train.failure(proc).startswith("out of memory: exit 1: ")
+    assert not bench_train.failure(subprocess.CompletedProcess([], 1, "", "ValueError: bad")).startswith("out of memory")
+
+
+def test_long_context_kernel_guards(tmp_path, monkeypatch):
+    import torch
+
+    from pararnn_lm.models import ParaRNNLMForCausalLM, config_for
+    from pararnn_lm.models.mixers import Mamba2Mixer
+
+    cuda = torch.backends.cuda
+    setters = {"flash": cuda.enable_flash_sdp, "mem_efficient": cuda.enable_mem_efficient_sdp,
+               "math": cuda.enable_math_sdp}
+    before = {kind: getattr(cuda, f"{kind}_sdp_enabled")() for kind in setters}
+    try:
+        bench_train.sdpa_flash_only()
+        assert cuda.flash_sdp_enabled() and not cuda.mem_efficient_sdp_enabled() and not cuda.math_sdp_enabled()
+    finally:
+        for kind, on in before.items():
+            setters[kind](on)
+    # no Triton SSD kernel serves a CUDA device here: building a Mamba2 layer is refused, naming the fix
+    monkeypatch.setattr(Mamba2Mixer, "__init__", Mamba2Mixer.__init__)  # restored after the test
+    bench_train.require_ssd_kernel(tmp_path / "ssd_backend.json")
+    with pytest.raises(RuntimeError, match="chunked PyTorch SSD on CUDA"):
+        ParaRNNLMForCausalLM(config_for("mamba2", "debug"))
+    ParaRNNLMForCausalLM(config_for("paragru", "debug"))  # other architectures are untouched
+
+
 def test_a_timeout_kills_the_launcher_and_its_workers(tmp_path):
     pid_file = tmp_path / "worker.pid"
     # a "launcher" that starts a long-lived worker and waits, as torchrun does
@@ -189,7 +270,7 @@ def test_a_timeout_kills_the_launcher_and_its_workers(tmp_path):
 
 def test_a_timed_out_run_keeps_the_steps_it_logged(tmp_path, monkeypatch):
     a = args(tmp_path, "--steps", "20", "--log-every", "5", "--timeout", "1")
-    config = bench_train.Config(bench_train.this_checkout(), "paragru", "packed", 1, 2)
+    config = bench_train.Config(bench_train.this_checkout(), "paragru", "packed", 1, 2, 256)
     run_dir = a.work_dir / config.name
 
     def slow_run(cmd, env, timeout, cwd):  # logs two intervals, then hangs past the limit
@@ -224,7 +305,7 @@ def test_packed_and_rows_layouts(tmp_path):
         assert r["tokens_per_s"] > 0 and r["step_ms"] > 0 and r["log_steps"] == [4]
         # tokens/s is tokens per step (micro-batch 2 x 256) over the step time of the steps after the warm-up
         assert math.isclose(r["tokens_per_s"] * r["step_ms"] / 1e3, 2 * 256, rel_tol=1e-9)
-        records = [json.loads(line) for line in (tmp_path / "work" / f"this-paragru-{r['layout']}-1gpu-mb2" /
+        records = [json.loads(line) for line in (tmp_path / "work" / f"this-paragru-{r['layout']}-T256-1gpu-mb2" /
                                                   "metrics.jsonl").read_text().splitlines()]
         assert math.isclose(r["step_ms"], 1e3 * records[-1]["step_time_s"])  # one timed interval: its step time
         assert len(r["losses"]) == 2 and all(math.isfinite(x) for x in r["losses"])
@@ -232,7 +313,34 @@ def test_packed_and_rows_layouts(tmp_path):
     # same batches, same seed: the packed run resets states at document starts, the rows run does not
     assert rows[0]["losses"] != rows[1]["losses"]
     table = bench_train.render(rows)
-    assert "| this | paragru | debug | packed | none | 1 | 2 | eager |" in table and "| rows |" in table
+    assert "| this | paragru | debug | packed | 256 | none | 1 | 2 | eager |" in table and "| rows |" in table
+
+
+def test_long_context_sweep_of_every_architecture(tmp_path):
+    out = tmp_path / "long.json"
+    rows = bench_train.main(["--size", "debug", "--archs", "paragru", "paralstm", "attention", "mamba2",
+                             "--seq-lens", "64", "128", "--tokens-per-step", "256", "--steps", "3", "--log-every", "1",
+                             "--no-compile", "--precision", "fp32", "--vocab-size", "0", "--timeout", "600",
+                             "--work-dir", str(tmp_path / "work"), "--out", str(out)])
+    archs = ["paragru", "paralstm", "attention", "mamba2"]
+    assert [(r["arch"], r["seq_len"], r["micro_batch"]) for r in rows] == \
+        [(arch, t, 256 // t) for t in (64, 128) for arch in archs]
+    assert json.loads(out.read_text()) == rows
+    for r in rows:
+        assert "error" not in r, r.get("error")
+        assert r["layout"] == "rows" and r["long_context"] and r["tokens_per_step_per_gpu"] == 256
+        # tokens/s is the 256 tokens of a step over the step time of steps 2-3
+        assert math.isclose(r["tokens_per_s"] * r["step_ms"] / 1e3, 256, rel_tol=1e-9) and r["log_steps"] == [2, 3]
+        config = (tmp_path / "work" / f"this-{r['arch']}-rows-T{r['seq_len']}-1gpu-mb{r['micro_batch']}" /
+                  "config.yaml").read_text()
+        assert f"seq_len: {r['seq_len']}" in config and f"micro_batch_size: {r['micro_batch']}" in config
+    table = bench_train.render_long_context(rows)
+    assert "| T=64 (mb 4) | T=128 (mb 2) |" in table
+    for arch in archs:
+        by_t = {r["seq_len"]: r for r in rows if r["arch"] == arch}
+        assert f"| this | {arch} | debug | rows | 1 | eager | {by_t[64]['tokens_per_s']:,.0f} | " \
+               f"{by_t[128]['tokens_per_s']:,.0f} |" in table
+    assert out.with_suffix(".png").stat().st_size > 1000
 
 
 def test_a_failed_configuration_is_reported_and_the_others_run(tmp_path):
@@ -253,12 +361,12 @@ def test_weak_scaling_on_one_and_two_processes(tmp_path):
         assert r["tokens_per_s"] > 0 and len(r["losses"]) == 2 and all(math.isfinite(x) for x in r["losses"])
         assert math.isclose(r["ms_per_sequence_per_gpu"], r["step_ms"] / 2)
     # weak scaling: each rank keeps its micro-batch, the global batch grows with the ranks
-    config = (tmp_path / "work" / "this-paragru-packed-2gpu-mb2" / "config.yaml").read_text()
+    config = (tmp_path / "work" / "this-paragru-packed-T64-2gpu-mb2" / "config.yaml").read_text()
     assert "global_batch_size: 4" in config and "micro_batch_size: 2" in config
     assert math.isclose(rows[1]["tokens_per_s"] * rows[1]["step_ms"] / 1e3, 2 * 2 * 64, rel_tol=1e-9)
     assert math.isclose(rows[1]["scaling_efficiency"], rows[1]["tokens_per_s"] / (2 * rows[0]["tokens_per_s"]))
     assert out.with_suffix(".png").stat().st_size > 1000
-    assert "| this | paragru | debug | packed | none | 2 | 2 | eager |" in bench_train.render(rows)
+    assert "| this | paragru | debug | packed | 64 | none | 2 | 2 | eager |" in bench_train.render(rows)
 
 
 def test_check_resume_reproduces_the_uninterrupted_losses(tmp_path):
@@ -272,7 +380,7 @@ def test_check_resume_reproduces_the_uninterrupted_losses(tmp_path):
     assert resume["resumed_from"] == 4 and resume["compared_steps"] == [5, 6, 7, 8]
     assert resume["max_abs_loss_diff"] <= 1e-6 * max(abs(x) for x in row["losses"])
     # the killed run's last checkpoint was step 4; the resumed run went on from there to the end
-    resumed = tmp_path / "work" / "this-paragru-packed-1gpu-mb2-resumed"
+    resumed = tmp_path / "work" / "this-paragru-packed-T64-1gpu-mb2-resumed"
     assert (resumed / "checkpoints" / "latest").read_text().strip() == "step_00000008"
     records = [json.loads(line) for line in (resumed / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == list(range(1, 9))
