@@ -18,6 +18,7 @@ import argparse
 import json
 import logging
 import re
+import textwrap
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -366,7 +367,7 @@ def plot_curves(panels: dict[str, Sequence[dict[str, Any]]], path: str | Path) -
                 ax.axvline(step, color="0.6", linewidth=0.8, linestyle="-.")
             ax.annotate(f"L={seq_len}", (step, 1), xycoords=("data", "axes fraction"), xytext=(2, -9),
                         textcoords="offset points", fontsize=6, color="0.4")
-        ax.set_title(title, fontsize=9)
+        ax.set_title(_panel_title(title), fontsize=8)
         ax.set_xlabel("step")
         ax.xaxis.set_major_formatter(FuncFormatter(_compact_count))
         ax.set_ylabel("validation accuracy (%)")
@@ -377,6 +378,13 @@ def plot_curves(panels: dict[str, Sequence[dict[str, Any]]], path: str | Path) -
         ax.set_visible(False)
     fig.tight_layout()
     return save_figure(fig, path)
+
+
+def _panel_title(title: str, width: int = 52) -> str:
+    """A sweep setting as a panel title that fits its panel: without the ``task_kwargs.`` / ``model_kwargs.``
+    prefixes (a setting's key is still unique), wrapped at the commas between settings."""
+    short = re.sub(r"\b(task|model)_kwargs\.", "", title).replace(",", ", ")
+    return "\n".join(textwrap.wrap(short, width))
 
 
 def grid_curves(grid: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
