@@ -72,7 +72,11 @@ class ParaRNNMixer(nn.Module):
             if state is not None:
                 state.set_state(None, h)
             return y
-        u, z = self.in_proj(x).chunk(2, dim=-1)
+        # One GEMM per half of in_proj's weight (the values of in_proj(x).chunk(2)): the backward then
+        # gets du and dz as two tensors and sums du W_u + dz W_z, where the chunk's backward would copy
+        # both into one (.., 2 inner) gradient first.
+        w_u, w_z = self.in_proj.weight.chunk(2)
+        u, z = F.linear(x, w_u), F.linear(x, w_z)
         u, new_ctx = self.conv(u, seq.positions, ctx, silu=True)
         y, h = self._run_cell(u, seq, h0)
         if state is not None:
