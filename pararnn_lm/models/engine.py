@@ -1,7 +1,7 @@
 """The one module of models/ that imports the parallel-RNN engine (``pararnn_lm.kernels``).
 
 Everything the mixers need from the engine goes through :func:`make_cell_layer` and the fused causal
-conv below. With the project installed the cell layers are the engine's ``ParaGRULayer`` /
+conv and gated RMSNorm below. With the project installed the cell layers are the engine's ``ParaGRULayer`` /
 ``ParaLSTMLayer`` (Newton + parallel scans, Triton kernels on GPU). Hugging Face exports
 (``models/export.py``) carry copies of the engine's torch-only files next to this one - the cell base and
 cells, the sequential recurrence and the layer base, verbatim with their imports rewritten to the flat
@@ -25,9 +25,12 @@ try:  # the full engine; absent where an exported model runs without the project
     from pararnn_lm.kernels import NewtonConfig, ParaGRULayer, ParaLSTMLayer, ParaRNNLayer
     from pararnn_lm.kernels.conv import causal_conv1d as fused_causal_conv1d
     from pararnn_lm.kernels.conv import supported as fused_causal_conv1d_supported
+    from pararnn_lm.kernels.gated_norm import gated_rms_norm as fused_gated_rms_norm
+    from pararnn_lm.kernels.gated_norm import supported as fused_gated_rms_norm_supported
 except ImportError:
     ENGINE = "reference"
     fused_causal_conv1d = fused_causal_conv1d_supported = None  # the conv layers run their PyTorch code
+    fused_gated_rms_norm = fused_gated_rms_norm_supported = None  # and the gated norms theirs
     CELL_LAYER_TYPES: tuple[type, ...] = (CellLayerBase,)
 else:
     ENGINE = "kernels"

@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .engine import fused_causal_conv1d, fused_causal_conv1d_supported
+from .engine import (fused_causal_conv1d, fused_causal_conv1d_supported, fused_gated_rms_norm,
+                     fused_gated_rms_norm_supported)
 
 
 def trunc_normal_init_(weight: torch.Tensor, std: float) -> None:
@@ -29,9 +30,26 @@ class RMSNorm(nn.Module):
 
 
 class GatedRMSNorm(RMSNorm):
-    """Mamba2-style gated norm: RMSNorm(y * silu(z)) (the gate is applied before normalising)."""
+    """Mamba2-style gated norm: RMSNorm(y * silu(z)) (the gate is applied before normalising).
+
+    On CUDA it runs the engine's fused Triton kernels (kernels/gated_norm.py: one kernel forward, one
+    backward, y and z read in place, y * silu(z) kept in fp32 where the code below rounds it to y's dtype);
+    ``fused`` forces them on (tests, under TRITON_INTERPRET) or off. Otherwise - CPU, exports without the
+    project - the PyTorch code below, which is also the reference the kernels are tested against.
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-5) -> None:
+        super().__init__(dim, eps)
+        self.fused: bool | None = None  # None: on CUDA when the engine provides the kernels
+
+    def _use_fused(self, y: torch.Tensor, z: torch.Tensor) -> bool:
+        if fused_gated_rms_norm is None or self.fused is False:
+            return False
+        return bool(self.fused) or (y.is_cuda and fused_gated_rms_norm_supported(y, z))
 
     def forward(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        if self._use_fused(y, z):
+            return fused_gated_rms_norm(y, z, self.weight, self.eps)
         return super().forward(y * F.silu(z.to(y.dtype)))
 
 
