@@ -18,6 +18,7 @@ from ._cache import cache_root, file_lock
 from .bundle import DataBundle, build_tokenizer
 from .config import DataConfig, validate_data_config
 from .loader import PackedLoader
+from .offline import unpack_offline_corpus
 from .packing import PackedDataset
 from .prepare import FORMAT, INDEX_FILE, TokenShards, prepare_shards
 from .sources import TextSource, build_sources
@@ -73,6 +74,8 @@ def build_datasets(cfg: DataConfig, rank: int = 0, world_size: int = 1, batch_si
     progress = (rank == 0) if progress is None else progress
     if cfg.streaming:
         return build_streaming(cfg, rank, world_size, batch_size, eval_batch_size or batch_size)
+    if cfg.source == "offline":  # a packed corpus: decompressed once into the cache, then read as prepared shards
+        cfg = dataclasses.replace(cfg, prepared_dir=str(unpack_offline_corpus(cfg.path, cfg.cache_dir)))
     if cfg.prepared_dir:
         base = Path(os.path.expanduser(cfg.prepared_dir))
         tokenizer = build_tokenizer(cfg)

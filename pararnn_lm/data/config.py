@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-SOURCES = ("bundled", "hf", "files")
+SOURCES = ("bundled", "hf", "files", "offline")
 TEXT_UNITS = ("file", "paragraph", "line")
 LABEL_MODES = ("shifted", "unshifted")
 
@@ -18,8 +18,11 @@ LABEL_MODES = ("shifted", "unshifted")
 @dataclass
 class DataConfig:
     # --- where the text comes from --------------------------------------------------------------
-    source: str = "bundled"  # bundled | hf (a Hugging Face dataset by name) | files (local text/jsonl/parquet)
-    path: Optional[str] = None  # hf: dataset name (e.g. cerebras/SlimPajama-627B); files: file, directory or glob
+    # bundled | hf (a Hugging Face dataset by name) | files (local text/jsonl/parquet)
+    # | offline (a corpus packed by scripts/build_offline_corpus.py)
+    source: str = "bundled"
+    # hf: dataset name (e.g. cerebras/SlimPajama-627B); files: file, directory or glob; offline: the corpus folder
+    path: Optional[str] = None
     extra_paths: list[str] = field(default_factory=list)  # files: more files/directories/globs
     hf_config: Optional[str] = None  # hf: dataset configuration name
     hf_revision: Optional[str] = None  # hf: git revision (pin it for reproducible runs)
@@ -63,6 +66,8 @@ def validate_data_config(cfg: DataConfig) -> None:
     """Checks the schema cannot express; raises ValueError naming the key."""
     if cfg.source not in SOURCES:
         raise ValueError(f"data.source={cfg.source!r} is not one of {SOURCES}")
+    if cfg.source == "offline" and not cfg.path:
+        raise ValueError("data.source='offline' needs data.path (the folder written by scripts/build_offline_corpus.py)")
     if cfg.source in ("hf", "files") and not cfg.path:
         what = "a dataset name" if cfg.source == "hf" else "a file, directory or glob"
         raise ValueError(f"data.source={cfg.source!r} needs data.path ({what})")

