@@ -34,9 +34,11 @@ from pararnn_lm.training.distributed import (
 from pararnn_lm.training.evaluation import validation_loss
 from pararnn_lm.training.export import export_trained_model
 from pararnn_lm.training.faults import inject_fault, poison_loss
+from pararnn_lm.training.init_from import InitSource, load_initial_weights, locate, verified
 from pararnn_lm.training.metrics import (
     MetricsLogger, StepTimer, flops_per_token, flops_terms, memory_stats, newton_stats, peak_flops)
 from pararnn_lm.training.optim import build_scheduler, parameter_groups
+from pararnn_lm.training.profiling import StepProfiler
 from pararnn_lm.training.progress import Progress
 from pararnn_lm.training.run_folder import RunLock, clear_run, config_dict, plan_run
 from pararnn_lm.training.signals import INTERRUPT_EXIT_CODE, REQUEUE_EXIT_CODE, PreemptionFlag
@@ -48,6 +50,7 @@ register_configs()
 def train(cfg: TrainConfig) -> dict:
     """Run or resume training. Returns a summary (losses, steps, tokens, paths, exit code)."""
     validate(cfg)  # before anything is prepared or written
+    init_source = locate(cfg.init_from) if cfg.init_from else None  # so is a missing init_from
     info = init_distributed(cfg.train.device, process_group=cfg.deepspeed.enabled)
     setup_rank_logging(info.rank)
     run_dir = Path(cfg.run_dir).resolve()
@@ -56,7 +59,7 @@ def train(cfg: TrainConfig) -> dict:
     preempted = None
     try:
         preempted = PreemptionFlag(sentinel=run_dir / "PREEMPT")
-        return _train(cfg, info, run_dir, preempted)
+        return _train(cfg, info, run_dir, preempted, init_source)
     finally:
         if preempted is not None:
             preempted.restore()
@@ -76,13 +79,19 @@ def agree(info: DistInfo, action: Callable[[], Any]) -> Any:
     return result
 
 
-def _train(cfg: TrainConfig, info: DistInfo, run_dir: Path, preempted: PreemptionFlag) -> dict:
+def _train(cfg: TrainConfig, info: DistInfo, run_dir: Path, preempted: PreemptionFlag,
+           init_source: InitSource | None) -> dict:
     def any_rank(flag: bool) -> bool:
         return bool(all_reduce_max(torch.tensor(float(flag), device=info.device), info))
 
     checkpoints = CheckpointManager(run_dir / "checkpoints", cfg.checkpoint.keep_last, info.rank, info.barrier,
                                     info.world_size, any_rank)
     plan = agree(info, lambda: plan_run(cfg, checkpoints))  # reads only: nothing is written before this
+    init_weights = None  # a run with a checkpoint of its own resumes it: init_from is not applied again
+    if init_source is not None and plan.checkpoint is None:
+        init_weights = agree(info, lambda: verified(init_source, checkpoints))
+    elif init_source is not None:
+        logger.info("init_from=%s is not applied: the run resumes from its own checkpoint", cfg.init_from)
     if info.is_main:
         if plan.clear_first:
             clear_run(run_dir)
@@ -93,6 +102,8 @@ def _train(cfg: TrainConfig, info: DistInfo, run_dir: Path, preempted: Preemptio
     # --- data, model, optimiser ---------------------------------------------------------------
     data = build_data(cfg, info)
     model = build_model(cfg, vocab_size=data.vocab_size).to(info.device)
+    if init_weights is not None:
+        load_initial_weights(model, init_weights)
     if cfg.train.activation_checkpointing:
         checkpoint_activations(model)
     if cfg.train.compile:
@@ -123,9 +134,10 @@ def _train(cfg: TrainConfig, info: DistInfo, run_dir: Path, preempted: Preemptio
     if info.is_main:  # the configuration this run trains with, once it has loaded
         OmegaConf.save(OmegaConf.structured(cfg), run_dir / "config.yaml")
 
-    metrics = MetricsLogger(run_dir, enabled=info.is_main, start_step=step)
+    metrics = MetricsLogger(run_dir, enabled=info.is_main, start_step=step, tensorboard=cfg.logging.tensorboard)
     metrics.event(step, "start", run_id=plan.run_id,
                   resumed_from=None if plan.checkpoint is None else str(plan.checkpoint),
+                  init_from=None if init_weights is None else str(init_weights),
                   changed={key: {"checkpoint": old, "now": new} for key, (old, new) in plan.changes.items()})
     wandb_id = metrics.start_wandb(
         cfg.logging.wandb_mode, cfg.logging.wandb_project, cfg.run_name, wandb_id,
@@ -146,6 +158,8 @@ def _train(cfg: TrainConfig, info: DistInfo, run_dir: Path, preempted: Preemptio
     train_iter = iter(data.train)
     progress = Progress(cfg.train.steps, initial=step, enabled=info.is_main and cfg.logging.progress_bar)
     timer = StepTimer(info.device)
+    profiler = StepProfiler(cfg.profile.steps, run_dir / "profile", info, start_step=step, pause=timer.paused)
+    profiler.advance(step)
     losses: list[float] = []
     pending: list[tuple[int, Any, Any, Any]] = []  # (step, loss, grad norm, applied): tensors or numbers
     started, exit_code = time.perf_counter(), 0
@@ -204,6 +218,7 @@ def _train(cfg: TrainConfig, info: DistInfo, run_dir: Path, preempted: Preemptio
             raise FloatingPointError(f"non-finite loss/gradient at step {step}; checkpoint saved, see metrics.jsonl")
         pending.append((step, torch.stack(step_losses).mean(), grad_norm, applied))
         progress.update(step)
+        profiler.advance(step)
         inject_fault(step)  # tests only: PARARNN_TEST_FAULT=sigkill@N / sigterm@N
         if step % cfg.train.log_every == 0 or step == cfg.train.steps:
             step_time = timer.read()  # waits for the device: the one sync of a log interval
@@ -227,6 +242,7 @@ def _train(cfg: TrainConfig, info: DistInfo, run_dir: Path, preempted: Preemptio
             exit_code = {"preempted": REQUEUE_EXIT_CODE, "interrupted": INTERRUPT_EXIT_CODE}.get(stop, 0)
             break
     read_pending()
+    profiler.close(step)
     progress.close()
 
     summary = {"step": step, "tokens": tokens, "losses": losses, "run_dir": str(run_dir), "exit_code": exit_code}

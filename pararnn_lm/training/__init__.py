@@ -7,7 +7,9 @@
 * ``backends``     how a step runs: plain PyTorch (DDP) or DeepSpeed ZeRO
 * ``checkpoint``   atomic, verified checkpoints (sizes and checksums; nothing unpickled), RNG state
 * ``run_folder``   one run per folder: the lock, refusing to overwrite a run, what may change on resume
-* ``metrics``      FLOPs per token, MFU, step time, memory and Newton statistics, metrics.jsonl and W&B
+* ``init_from``    continued pretraining: a new run from the weights of a checkpoint or an HF export
+* ``metrics``      FLOPs per token, MFU, step time, memory and Newton statistics; metrics.jsonl, W&B, TensorBoard
+* ``profiling``    torch.profiler traces and CUDA memory snapshots of chosen steps
 * ``evaluation``   validation loss during training
 * ``export``       the trained model as a Hugging Face directory
 * ``signals``      preemption (SLURM signals, the PREEMPT sentinel) and Ctrl-C

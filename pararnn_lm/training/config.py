@@ -83,6 +83,14 @@ class LoggingConfig:
     wandb_mode: str = "offline"  # offline | online | disabled
     wandb_project: str = "pararnn-lm"
     progress_bar: bool = True
+    tensorboard: bool = False  # also write the logged scalars to run_dir/tensorboard
+
+
+@dataclass
+class ProfileConfig:
+    # [first, last]: a torch.profiler trace of these steps (as numbered in metrics.jsonl) into
+    # run_dir/profile/, plus a CUDA memory snapshot on GPU; [] profiles nothing.
+    steps: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -134,6 +142,9 @@ class TrainConfig:
     run_name: str = "default"
     run_dir: str = "runs/${run_name}"
     resume: str = "auto"  # auto (newest checkpoint of run_dir that verifies, if any) | none | a checkpoint path
+    # A new run's initial weights: a checkpoint (step_N), a run folder (its newest checkpoint that
+    # verifies) or an HF export; optimiser, schedule and step start fresh. Not applied on resume.
+    init_from: Optional[str] = None
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -142,6 +153,7 @@ class TrainConfig:
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
@@ -173,6 +185,14 @@ def validate(cfg: TrainConfig) -> None:
         raise ValueError(f"deepspeed.stage must be 0..3, got {cfg.deepspeed.stage}")
     if not 0 <= cfg.optim.warmup_fraction < 1:
         raise ValueError(f"optim.warmup_fraction must be in [0, 1), got {cfg.optim.warmup_fraction}")
+    profiled = list(cfg.profile.steps)
+    if profiled:
+        problem = ("it needs two steps" if len(profiled) != 2 else "steps are numbered from 1" if min(profiled) < 1
+                   else "they are not ascending" if profiled[0] > profiled[1]
+                   else f"the run has {t.steps} steps" if profiled[1] > t.steps else None)
+        if problem:
+            raise ValueError(f"profile.steps={profiled}: {problem}; give [first, last] with 1 <= first <= last <= "
+                             "train.steps, or [] for no profile")
     fixed = [key for key in cfg.run.allow_changes
              if any(key == f or key.startswith(f + ".") or f.startswith(key + ".") for f in FIXED_ON_RESUME)]
     if fixed:

@@ -1,5 +1,6 @@
 """What a run measures and where it goes: FLOPs per token and MFU, step time, peak memory, Newton
-statistics; ``metrics.jsonl`` in the run directory, mirrored to Weights & Biases (offline unless configured)."""
+statistics; ``metrics.jsonl`` in the run directory, mirrored to Weights & Biases (offline unless configured)
+and, with ``logging.tensorboard=true``, to TensorBoard event files in ``run_dir/tensorboard``."""
 from __future__ import annotations
 
 import contextlib
@@ -115,14 +116,24 @@ class MetricsLogger:
     attempt that got further than its last checkpoint) and, with a warning, a half-written line (a
     crash mid-write); that rewrite replaces the file atomically, so a crash during it leaves the old
     file or the new one. After that, records are only appended.
+
+    ``tensorboard``: the numeric values of every record also go to ``run_dir/tensorboard`` (scalars
+    under the same names). Event files are only appended to, so the writer marks the start step: the
+    scalars an earlier attempt logged past it (or an earlier run, when this one starts at 0) are hidden
+    from TensorBoard as the records past it are dropped from metrics.jsonl.
     """
 
-    def __init__(self, run_dir: Path, enabled: bool, start_step: int = 0):
+    def __init__(self, run_dir: Path, enabled: bool, start_step: int = 0, tensorboard: bool = False):
         self.path = Path(run_dir) / "metrics.jsonl"
         self.enabled = enabled
         self.wandb_run = None
+        self.tensorboard = None
         if enabled and self.path.exists():
             self._keep_until(start_step)
+        if enabled and tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tensorboard = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=start_step + 1)
 
     def _keep_until(self, step: int) -> None:
         text = self.path.read_text(errors="replace")
@@ -178,10 +189,17 @@ class MetricsLogger:
         self._append(record)
         if self.wandb_run is not None:
             self.wandb_run.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=step)
+        if self.tensorboard is not None:
+            for key, value in metrics.items():
+                value = value.item() if hasattr(value, "item") else value
+                if isinstance(value, (int, float)):  # a non-finite loss too: TensorBoard plots it
+                    self.tensorboard.add_scalar(key, value, step)
 
     def close(self) -> None:
         if self.wandb_run is not None:
             self.wandb_run.finish()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
 
 
 def _jsonable(value: Any) -> Any:

@@ -37,7 +37,7 @@ RUN_FILES = ("checkpoints", "metrics.jsonl", "config.yaml", "export", "PREEMPT")
 # Fields that may differ from the checkpoint's when resuming: how the run is executed, observed and
 # saved, not what it computes.
 FREE_ON_RESUME = (
-    "run_name", "run_dir", "resume", "run", "logging", "eval", "checkpoint", "export", "cluster",
+    "run_name", "run_dir", "resume", "init_from", "run", "logging", "profile", "eval", "checkpoint", "export", "cluster",
     "train.max_time_minutes", "train.log_every", "train.compile", "train.activation_checkpointing",
     "train.device", "train.on_nonfinite", "model.rnn_mode", "deepspeed.offload_optimizer",
     "deepspeed.offload_params", "data.num_workers", "data.pin_memory", "data.num_proc", "data.cache_dir",
