@@ -108,8 +108,12 @@ class CellLayerBase(nn.Module):
             want = "(B, T, dim)" if rank == 3 else "(B, dim)"
             raise ValueError(f"{type(self).__name__} expects x of shape {want} with dim={self.dim}, got {tuple(x.shape)}")
 
-    def step(self, x_t: torch.Tensor, h: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """One token for decoding: x_t (B, dim), h (B, K, dim) or None -> y_t (B, dim), new h (fp32+)."""
+    def step(self, x_t: torch.Tensor, h: torch.Tensor | None = None,
+             recurrent: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One token for decoding: x_t (B, dim), h (B, K, dim) or None -> y_t (B, dim), new h (fp32+).
+
+        ``recurrent``: ``recurrent_params()`` in the compute dtype, when a decoder computed it once for
+        many steps (the gain bound is then not recomputed per token)."""
         self._check_input(x_t, 2)
         compute = torch.float64 if x_t.dtype == torch.float64 else torch.float32
         if h is None:
@@ -117,7 +121,9 @@ class CellLayerBase(nn.Module):
         elif h.shape != (x_t.shape[0], self.state_size, self.dim):
             raise ValueError(f"h must have shape {(x_t.shape[0], self.state_size, self.dim)}, got {tuple(h.shape)}")
         u = self.project(x_t).to(compute)
-        h = self.cell.step(h.to(compute), u, self.recurrent_params().to(compute))
+        if recurrent is None:
+            recurrent = self.recurrent_params().to(compute)
+        h = self.cell.step(h.to(compute), u, recurrent)
         return self.cell.output(h).to(x_t.dtype), h
 
     def extra_repr(self) -> str:

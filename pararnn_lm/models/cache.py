@@ -4,7 +4,8 @@ Built on transformers' ``Cache`` container (layers list): attention layers use `
 every other layer (ParaGRU, ParaLSTM, Mamba2, registered mixers) a ``LinearAttentionLayer``-shaped
 holder whose ``conv_states[0]`` is the causal conv's window of the last K-1 inputs (B, K-1, C) and
 ``recurrent_states[0]`` the cell/SSM state: a multi-token forward sets them, a one-token forward's mixer
-``step`` updates them in place. The cache also carries what the model needs to continue documents
+``step`` updates them in place. ``constants`` keeps what that step reads that depends only on the weights
+(models/inference.py), computed once by the forward that filled the cache. The cache also carries what the model needs to continue documents
 across calls: each row's last position and, for attention, the document id of every cached token (so
 a decode step never attends across a document boundary or to left padding).
 """
@@ -41,7 +42,11 @@ except Exception:  # older 5.x: a minimal holder with the same attributes
 
 
 class RecurrentStateLayer(_StateLayerBase):
-    """Conv window + recurrent state of one ParaRNN/Mamba2 layer."""
+    """Conv window + recurrent state of one ParaRNN/Mamba2 layer, and its step's weight-derived constants."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.constants: dict[str, torch.Tensor] = {}
 
     is_initialized = property(lambda self: bool(self.has_previous_state[0]))
     # States are re-assigned (not copied in place) and the model keeps extra bookkeeping: never ask
@@ -56,11 +61,14 @@ class RecurrentStateLayer(_StateLayerBase):
             return None, None
         return self.conv_states[0], self.recurrent_states[0]
 
-    def set_state(self, conv: torch.Tensor | None, recurrent: torch.Tensor) -> None:
+    def set_state(self, conv: torch.Tensor | None, recurrent: torch.Tensor,
+                  constants: dict[str, torch.Tensor] | None = None) -> None:
         # Copies that the cache owns: a one-token step of the mixer (models/inference.py) then updates
         # them in place, which must not touch tensors of the forward's autograd graph.
         self.conv_states[0] = conv.detach().clone() if conv is not None else None
         self.recurrent_states[0] = recurrent.detach().clone()
+        if constants is not None:
+            self.constants = {name: value.detach() for name, value in constants.items()}
         self.is_conv_states_initialized[0] = conv is not None
         self.is_recurrent_states_initialized[0] = True
         self.has_previous_state[0] = True

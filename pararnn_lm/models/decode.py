@@ -3,8 +3,14 @@
     from pararnn_lm.models import StaticDecoder
     dec = StaticDecoder(model, batch_size=1, max_length=2048)   # CUDA graph on CUDA, eager on CPU
     ids = dec.generate(prompt, max_new_tokens=256)                # == model.generate(..., do_sample=False)
+    ids = dec.generate(prompt, 256, eos_token_id=2, pad_token_id=0)  # rows stop at EOS, as generate's
     logits = dec.prefill(prompt)                                  # (B, V) logits of the last prompt token
     logits = dec.step(next_ids)                                   # (B, V) teacher-forced, one token per row
+
+``model.generate(..., cache_implementation="static")`` (or ``model.generation_config.cache_implementation =
+"static"``) decodes through a StaticDecoder that the model keeps between calls (modeling.py), with HF's
+logits processors, sampling, stopping criteria and streamer on top of :meth:`StaticDecoder.prefill` /
+:meth:`StaticDecoder.step`, or, for plain greedy decoding, through :meth:`StaticDecoder.generate`.
 
 Why: ``model.generate`` decodes through the HF loop and the model's general forward (positions,
 masks, cache bookkeeping, a few hundred small kernels and host syncs per token). Here every layer's
@@ -22,22 +28,33 @@ and ``step`` decodes here as is.
 
 Numerics: the mixers' steps are the operations of their forward for one token (the cell's and the SSD's
 single step instead of the parallel solve); the model's cached decoding path runs the same steps for the
-recurrent mixers. In eager mode the decoder therefore reproduces ``model.generate`` (greedy tokens
-exactly, logits to rounding). ``compile=True`` additionally runs the step through ``torch.compile``
+recurrent mixers, with the same weight-derived constants (computed once per prefill: the decoder's
+buffers follow the weights of its latest prefill). In eager mode the decoder therefore reproduces
+``model.generate`` (greedy tokens exactly, logits to rounding). ``compile=True`` additionally runs the step through ``torch.compile``
 (inductor fuses the elementwise chains: RMSNorms, conv taps, the cell step) before graph capture; fused
 fp32 arithmetic then differs from eager in the last bits.
 
 Scope: every mixer with an inference state (paragru, paralstm, mamba2, attention) and hybrid stacks;
 padded prompts (``attention_mask``) work as in ``model.generate`` (the prefill runs the model's parallel
 path and its cache provides each row's position and, for attention, which cached keys belong to the
-current document). Not supported: ``bare_mixer`` models, position encodings added to the embeddings, sampling, beams, stopping at EOS (generation
-always runs ``max_new_tokens`` steps; ``generate`` of HF would pad after EOS instead).
+current document). Greedy :meth:`StaticDecoder.generate` stops rows at EOS as HF's ``generate`` does (a
+finished row's later tokens are the pad token, decoding stops once every row has finished) while checking
+for that only every ``check_every`` tokens (one host sync each). Not supported: ``bare_mixer`` models,
+position encodings added to the embeddings, beams.
 """
 from __future__ import annotations
+
+import logging
 
 import torch
 
 from .inference import TokenPosition
+
+log = logging.getLogger(__name__)
+
+
+# Stop tokens a greedy decode compares against in its captured step (a fixed-size buffer; unused slots -1).
+MAX_STOP_TOKENS = 8
 
 
 class StaticDecoder:
@@ -79,6 +96,10 @@ class StaticDecoder:
         # The token of the next step: its position in its document and its slot in the KV buffers.
         self.position = TokenPosition(positions=torch.zeros(B, dtype=torch.long, device=dev),
                                       slot=torch.zeros(1, dtype=torch.long, device=dev))
+        # EOS handling inside the step: rows that emitted a stop token emit the pad token from then on.
+        self.stop_ids = torch.full((MAX_STOP_TOKENS,), -1, dtype=torch.long, device=dev)
+        self.pad_id = torch.zeros((), dtype=torch.long, device=dev)
+        self.finished = torch.zeros(B, dtype=torch.bool, device=dev)
         self.gen_idx = torch.zeros(1, dtype=torch.long, device=dev)  # next column of self.generated
         self.logits = torch.zeros(B, cfg.vocab_size, dtype=self.dtype, device=dev)
         # ring buffer of greedy tokens (generate() reads its first n-1 columns; >= 8 for warm-up + capture)
@@ -89,6 +110,7 @@ class StaticDecoder:
         if self.capacity is not None and self.capacity < 8:  # the graph warm-up writes slots 0..3
             raise ValueError(f"max_length must be >= 8 (KV slots), got {max_length}")
         self._filled = 0  # tokens in the buffers (host-side mirror of self.position.slot)
+        self._stops = False  # whether stop_ids holds any EOS token (host-side)
         self._graph: torch.cuda.CUDAGraph | None = None
         self._step_fn = None
 
@@ -101,7 +123,8 @@ class StaticDecoder:
         return mixer.allocate_inference_state(self.B, self.max_length, self.dtype, self.device)
 
     def _mutable_buffers(self) -> list[torch.Tensor]:
-        out = [self.token, self.position.positions, self.position.slot, self.gen_idx, self.logits, self.generated]
+        out = [self.token, self.position.positions, self.position.slot, self.position.continues, self.gen_idx,
+               self.logits, self.generated, self.finished]
         for state in self.states:
             out += state.buffers()
         return out
@@ -112,7 +135,7 @@ class StaticDecoder:
         """Run the prompt through the model's parallel path and load its final states into the buffers.
 
         Returns the logits of the last prompt token (B, V) (a view of ``self.logits``) and leaves the
-        greedy next token in ``self.token``.
+        greedy next token in ``self.token``. The layers' weight-derived constants are refreshed here.
         """
         B, T = input_ids.shape
         if B != self.B:
@@ -130,21 +153,26 @@ class StaticDecoder:
         self.gen_idx.zero_()
         self.logits.copy_(out.logits[:, -1])
         self.token.copy_(self.logits.argmax(-1))
+        self.finished.copy_(self._is_stop(self.token))
         return self.logits
 
     # ------------------------------------------------------------------ one step
     def _block(self, block, state, x: torch.Tensor) -> torch.Tensor:
         return block.step(x, state, self.position)
 
+    def _is_stop(self, token: torch.Tensor) -> torch.Tensor:
+        return (token.unsqueeze(1) == self.stop_ids).any(1)
+
     def _step_body(self) -> None:
         """One token for every row: reads self.token, writes logits, the greedy token and its column."""
-        self.position.positions.add_(1)
+        self.position.advance()
         x = self.model.model.embed_tokens(self.token)
         for block, state in zip(self.model.model.layers, self.states):
             x = self._block_fn(block, state, x)
         logits = self.model.lm_head(self.model.model.norm(x))
         self.logits.copy_(logits)
-        self.token.copy_(logits.argmax(-1))
+        self.token.copy_(torch.where(self.finished, self.pad_id, logits.argmax(-1)))
+        self.finished.logical_or_(self._is_stop(self.token))
         self.generated.index_copy_(1, self.gen_idx, self.token.unsqueeze(1))
         self.gen_idx.add_(1).remainder_(self.generated.shape[1])
         self.position.slot.add_(1)
@@ -194,11 +222,28 @@ class StaticDecoder:
         self.decode_one()
         return self.logits
 
+    def set_stop_tokens(self, eos_token_id: int | list[int] | torch.Tensor | None, pad_token_id: int | None) -> None:
+        """Which greedy tokens finish a row (None: none) and what a finished row emits afterwards."""
+        ids = [] if eos_token_id is None else torch.as_tensor(eos_token_id).reshape(-1).tolist()
+        if len(ids) > MAX_STOP_TOKENS:
+            raise ValueError(f"at most {MAX_STOP_TOKENS} EOS tokens, got {len(ids)}")
+        if ids and pad_token_id is None:
+            raise ValueError("stopping at EOS needs a pad_token_id for the rows that finished first")
+        self.stop_ids.fill_(-1)
+        self.stop_ids[: len(ids)] = torch.tensor(ids, dtype=torch.long)
+        self.pad_id.fill_(0 if pad_token_id is None else int(pad_token_id))
+        self._stops = bool(ids)
+
     @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int,
-                 attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Greedy decoding: (B, T) prompt -> (B, T + max_new_tokens), as ``model.generate(do_sample=False)``
-        (without EOS stopping). One host sync at the end, none per token."""
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, attention_mask: torch.Tensor | None = None,
+                 eos_token_id: int | list[int] | torch.Tensor | None = None, pad_token_id: int | None = None,
+                 check_every: int = 32) -> torch.Tensor:
+        """Greedy decoding: (B, T) prompt -> (B, T + new), as ``model.generate(do_sample=False)``.
+
+        Without ``eos_token_id``: ``max_new_tokens`` new tokens, one host sync at the end. With it: a row
+        that emitted an EOS token emits ``pad_token_id`` afterwards, and decoding ends once every row has
+        finished - the output is then as long as the longest row (HF's semantics); every ``check_every``
+        tokens one host sync asks whether all rows have finished."""
         if max_new_tokens < 1:
             return input_ids
         if self.capacity is not None and input_ids.shape[1] + max_new_tokens > self.capacity:
@@ -207,11 +252,71 @@ class StaticDecoder:
         if max_new_tokens - 1 > self.generated.shape[1]:  # grow the output buffer (re-captures the graph)
             self.generated = torch.zeros(self.B, max_new_tokens, dtype=torch.long, device=self.device)
             self._graph = self._step_fn = None
+        self.set_stop_tokens(eos_token_id, pad_token_id)
         self.prefill(input_ids, attention_mask)
         first = self.token.clone()
         fn = self._ensure_step()
-        for _ in range(max_new_tokens - 1):
-            fn()
-        self._filled += max_new_tokens - 1
-        new = torch.cat((first.unsqueeze(1), self.generated[:, : max_new_tokens - 1]), dim=1)
+        done = 1  # tokens generated so far
+        while done < max_new_tokens:
+            chunk = min(check_every, max_new_tokens - done) if self._stops else max_new_tokens - done
+            for _ in range(chunk):
+                fn()
+            done += chunk
+            self._filled += chunk
+            if self._stops and bool(self.finished.all()):
+                break
+        new = torch.cat((first.unsqueeze(1), self.generated[:, : done - 1]), dim=1)
+        if self._stops:  # HF stops at the token that finishes the last row: drop the checks' overshoot
+            stop = self._is_stop(new.reshape(-1)).view_as(new)
+            if bool(stop.any(1).all()):
+                new = new[:, : int(stop.int().argmax(1).max()) + 1]
         return torch.cat((input_ids.to(self.device), new), dim=1)
+
+
+class StaticDecoderSlot:
+    """The StaticDecoder a model keeps between ``generate(cache_implementation="static")`` calls.
+
+    Building a decoder allocates its buffers and captures (and maybe compiles) its step, so consecutive
+    calls reuse it while it fits: same batch size and compile setting, enough KV slots (attention), and the
+    same parameter storage - the captured step reads the weights at their addresses, so a model moved or
+    cast since (``.to()``, ``load_state_dict(assign=True)``) gets a new decoder. Weights changed in place
+    need nothing: the constants derived from them are recomputed at every prefill. Copies and pickles of
+    the model get an empty slot (a captured graph cannot be copied).
+    """
+
+    # KV slots are allocated in multiples of this, so that growing prompts reuse the decoder for a while.
+    SLOT_GRANULE = 256
+
+    def __init__(self) -> None:
+        self.key: tuple | None = None
+        self.decoder: StaticDecoder | None = None
+
+    def __deepcopy__(self, memo) -> "StaticDecoderSlot":
+        return StaticDecoderSlot()
+
+    def __getstate__(self) -> dict:
+        return {}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__()
+
+    def get(self, model, batch_size: int, max_length: int, compile: bool | str) -> StaticDecoder:
+        """A decoder for ``batch_size`` rows of up to ``max_length`` tokens (prompt + new)."""
+        weights = tuple(p.data_ptr() for p in model.parameters())
+        dec = self.decoder
+        if (dec is not None and self.key == (batch_size, compile, weights)
+                and (dec.capacity is None or dec.capacity >= max_length)):
+            return dec
+        self.decoder = self.key = None  # free the old buffers and graph pool before allocating new ones
+        slots = -(-max_length // self.SLOT_GRANULE) * self.SLOT_GRANULE
+        dec = StaticDecoder(model, batch_size=batch_size, max_length=slots, compile=compile)
+        if compile:
+            try:  # compile (and capture) now, so that a step torch.compile cannot build falls back here
+                with torch.no_grad():
+                    dec._ensure_step()
+            except Exception as err:  # noqa: BLE001 - any compiler failure: decode uncompiled instead
+                log.warning("StaticDecoder: compiling the step failed (%s: %s); decoding with the uncompiled step",
+                            type(err).__name__, err)
+                dec = StaticDecoder(model, batch_size=batch_size, max_length=slots, compile=False)
+        self.decoder, self.key = dec, (batch_size, compile, weights)
+        return dec

@@ -41,13 +41,14 @@ from .modeling import ParaRNNLMForCausalLM, check_tokenizer
 log = logging.getLogger(__name__)
 
 # The export's modules: flat file name -> the package module copied verbatim (imports rewritten). The models
-# (presets.py needs yaml + configs/ and stays behind; decode.py and export.py are tools, not the model) and
+# (presets.py needs yaml + configs/ and stays behind; export.py is a tool, not the model) and
 # the engine's torch-only reference files, which import only each other.
 BUNDLE = {
     "configuration_pararnn_lm": "pararnn_lm.models.configuration",
     "modeling_pararnn_lm": "pararnn_lm.models.modeling",
     **{name: f"pararnn_lm.models.{name}" for name in (
-        "mixers", "inference", "attention", "layers", "packing", "ssd", "cache", "loss", "registry", "engine")},
+        "mixers", "inference", "decode", "attention", "layers", "packing", "ssd", "cache", "loss", "registry",
+        "engine")},
     "kernels_cell": "pararnn_lm.kernels.cell",
     "kernels_config": "pararnn_lm.kernels.config",
     "kernels_layout": "pararnn_lm.kernels.layout",

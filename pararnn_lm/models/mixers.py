@@ -4,7 +4,9 @@ Every mixer: ``forward(x (B, T, d), seq, cache, attn_mask) -> (B, T, d)``; with 
 its state (if a previous call left one) and writes the state after the chunk, so prefill runs the
 parallel path and decoding continues from its final states with O(1) work per token. For decoding
 with static buffers every mixer also has ``allocate_inference_state`` and a one-token ``step``
-(models/inference.py); the recurrent mixers run that same step when the cache path gets one token.
+(models/inference.py); the recurrent mixers run that same step when the cache path gets one token, and
+their ``step_constants`` (what the step reads that depends only on the weights) are computed once per
+cached forward and kept in the cache and the state.
 
 Init (DCLM / open_lm style, applied by ``ParaRNNLMPreTrainedModel._init_weights``): input-side projections truncated-normal (+-3 std)
 with std = 1/sqrt(fan_in); residual-branch output projections additionally / sqrt(2 (layer_idx+1));
@@ -66,11 +68,12 @@ class ParaRNNMixer(nn.Module):
         state = cache.recurrent_layer(self.layer_idx) if cache is not None else None
         ctx, h0 = state.get_state() if state is not None else (None, None)
         if h0 is not None and x.shape[1] == 1:  # decoding: one step from the cached state, updated in place
-            return self.step(x[:, 0], RecurrentState(ctx, h0), TokenPosition(seq.positions[:, 0])).unsqueeze(1)
+            step_state = RecurrentState(ctx, h0, state.constants)
+            return self.step(x[:, 0], step_state, TokenPosition(seq.positions[:, 0])).unsqueeze(1)
         if self.bare:
             y, h = self._run_cell(x, seq, h0)
             if state is not None:
-                state.set_state(None, h)
+                state.set_state(None, h, self.step_constants(x.dtype))
             return y
         # One GEMM per half of in_proj's weight (the values of in_proj(x).chunk(2)): the backward then
         # gets du and dz as two tensors and sums du W_u + dz W_z, where the chunk's backward would copy
@@ -80,25 +83,34 @@ class ParaRNNMixer(nn.Module):
         u, new_ctx = self.conv(u, seq.positions, ctx, silu=True)
         y, h = self._run_cell(u, seq, h0)
         if state is not None:
-            state.set_state(new_ctx, h)
+            state.set_state(new_ctx, h, self.step_constants(x.dtype))
         return self.out_proj(self.norm(y, z))
+
+    def step_constants(self, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """What :meth:`step` reads that depends only on the weights: the gain-bounded recurrent
+        parameters (P, inner) in the compute dtype (fp32, fp64 for fp64 models)."""
+        return {"recurrent": self.cell.recurrent_params().detach().to(compute_dtype(dtype))}
 
     def allocate_inference_state(self, batch_size: int, max_length: int, dtype: torch.dtype,
                                  device: torch.device) -> RecurrentState:
-        """The conv window (B, K-1, inner) and the cell state (B, K, inner) in fp32 (fp64 for fp64)."""
+        """The conv window (B, K-1, inner), the cell state (B, K, inner) in fp32 (fp64 for fp64) and
+        the step's constants (refreshed from the weights at every ``load``)."""
         window = None if self.bare else self.conv.allocate_inference_state(batch_size, dtype, device)
         h = torch.zeros(batch_size, self.cell.state_size, self.cell.dim, dtype=compute_dtype(dtype), device=device)
-        return RecurrentState(window, h)
+        constants = {name: value.to(device).clone() for name, value in self.step_constants(dtype).items()}
+        return RecurrentState(window, h, constants)
 
     def step(self, x_t: torch.Tensor, state: RecurrentState, position: TokenPosition) -> torch.Tensor:
-        """One token (B, d) -> (B, d): the forward's operations, with the cell's single step (no Newton)."""
+        """One token (B, d) -> (B, d): the forward's operations, with the cell's single step (no Newton).
+        Reads the recurrent parameters from ``state.constants`` (computed here where it has none)."""
+        recurrent = state.constants.get("recurrent")
         if self.bare:
-            y, h = self.cell.step(x_t, position.carried(state.state))
+            y, h = self.cell.step(x_t, position.carried(state.state), recurrent)
             state.state.copy_(h.detach())
             return y
         u, z = self.in_proj(x_t).chunk(2, dim=-1)
         u = self.conv.step(u, state.conv_window, position.positions, silu=True)
-        y, h = self.cell.step(u, position.carried(state.state))
+        y, h = self.cell.step(u, position.carried(state.state), recurrent)
         state.state.copy_(h.detach())
         return self.out_proj(self.norm(y, z))
 
@@ -163,13 +175,23 @@ class Mamba2Mixer(nn.Module):
             return None, xBC, dt
         return proj.split([self.di, self.conv_dim, self.H], dim=-1)
 
-    def _discretisation(self, dt: torch.Tensor, compute: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """Step sizes softplus(dt + dt_bias) and the decay rates A = -exp(A_log), in ``compute``."""
-        return F.softplus(dt.to(compute) + self.dt_bias.to(compute)), -torch.exp(self.A_log.to(compute))
+    def step_constants(self, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """The SSM parameters as the recurrence reads them, in the compute dtype (fp32, fp64 for fp64
+        models): ``dt_bias``, the decay rates ``A`` = -exp(A_log) and the skip ``D``. The forward
+        differentiates through them; :meth:`step` reads the copies its state keeps."""
+        compute = compute_dtype(dtype)
+        return {"dt_bias": self.dt_bias.to(compute), "A": -torch.exp(self.A_log.to(compute)), "D": self.D.to(compute)}
 
-    def _output(self, y: torch.Tensor, xs: torch.Tensor, z: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    @staticmethod
+    def _step_sizes(dt: torch.Tensor, constants: dict[str, torch.Tensor]) -> torch.Tensor:
+        """softplus(dt + dt_bias) in the compute dtype."""
+        dt_bias = constants["dt_bias"]
+        return F.softplus(dt.to(dt_bias.dtype) + dt_bias)
+
+    def _output(self, y: torch.Tensor, xs: torch.Tensor, z: torch.Tensor | None, dtype: torch.dtype,
+                D: torch.Tensor) -> torch.Tensor:
         """SSD output (..., H, P) + D skip -> gated norm (unless bare) -> out_proj."""
-        y = y + xs * self.D.to(xs.dtype)[:, None]
+        y = y + xs * D[:, None]
         y = y.reshape(*y.shape[:-2], self.di).to(dtype)
         return self.out_proj(y if self.bare else self.norm(y, z))
 
@@ -178,7 +200,8 @@ class Mamba2Mixer(nn.Module):
         state = cache.recurrent_layer(self.layer_idx) if cache is not None else None
         ctx, S0 = state.get_state() if state is not None else (None, None)
         if S0 is not None and T == 1:  # decoding: one step from the cached state, updated in place
-            return self.step(x[:, 0], RecurrentState(ctx, S0), TokenPosition(seq.positions[:, 0])).unsqueeze(1)
+            step_state = RecurrentState(ctx, S0, state.constants)
+            return self.step(x[:, 0], step_state, TokenPosition(seq.positions[:, 0])).unsqueeze(1)
         z, xBC, dt = self._split(self.in_proj(x))
         new_ctx = None
         if not self.bare:
@@ -187,7 +210,8 @@ class Mamba2Mixer(nn.Module):
         compute = compute_dtype(x.dtype)
         xs = xs.reshape(B, T, self.H, self.P)
         Bm, Cm = Bm.reshape(B, T, self.G, self.N), Cm.reshape(B, T, self.G, self.N)
-        dt, A = self._discretisation(dt, compute)
+        constants = self.step_constants(x.dtype)
+        dt, A = self._step_sizes(dt, constants), constants["A"]
         if (backend := self.kernel_backend(x)) != "torch":
             kernel = SSD_KERNELS[backend][1]
             y, S = kernel(xs, dt, A, Bm, Cm, None if S0 is None else S0.float(), seq.resets, seq)
@@ -196,29 +220,33 @@ class Mamba2Mixer(nn.Module):
             y, S = ssd_chunked(xs.to(compute), dt, A, Bm.to(compute), Cm.to(compute),
                                None if S0 is None else S0.to(compute), seq.resets, self.config.mamba_chunk_size)
         if state is not None:
-            state.set_state(new_ctx, S)
-        return self._output(y, xs.to(compute), z, x.dtype)
+            state.set_state(new_ctx, S, constants)
+        return self._output(y, xs.to(compute), z, x.dtype, constants["D"])
 
     def allocate_inference_state(self, batch_size: int, max_length: int, dtype: torch.dtype,
                                  device: torch.device) -> RecurrentState:
-        """The conv window (B, K-1, conv_dim) and the SSM state (B, H, P, N) in fp32 (fp64 for fp64)."""
+        """The conv window (B, K-1, conv_dim), the SSM state (B, H, P, N) in fp32 (fp64 for fp64) and
+        the step's constants (refreshed from the weights at every ``load``)."""
         window = None if self.bare else self.conv.allocate_inference_state(batch_size, dtype, device)
         S = torch.zeros(batch_size, self.H, self.P, self.N, dtype=compute_dtype(dtype), device=device)
-        return RecurrentState(window, S)
+        constants = {name: value.detach().to(device).clone() for name, value in self.step_constants(dtype).items()}
+        return RecurrentState(window, S, constants)
 
     def step(self, x_t: torch.Tensor, state: RecurrentState, position: TokenPosition) -> torch.Tensor:
-        """One token (B, d) -> (B, d): the forward's operations with the SSD's single step."""
+        """One token (B, d) -> (B, d): the forward's operations with the SSD's single step. Reads the SSM
+        constants from ``state.constants`` (computed here where it has none)."""
         B, compute = x_t.shape[0], compute_dtype(x_t.dtype)
+        constants = state.constants or self.step_constants(x_t.dtype)
         z, xBC, dt = self._split(self.in_proj(x_t))
         if not self.bare:
             xBC = self.conv.step(xBC, state.conv_window, position.positions, silu=True)
         xs, Bm, Cm = xBC.split([self.di, self.G * self.N, self.G * self.N], dim=-1)
         xs = xs.reshape(B, self.H, self.P).to(compute)
         Bm, Cm = Bm.reshape(B, self.G, self.N).to(compute), Cm.reshape(B, self.G, self.N).to(compute)
-        dt, A = self._discretisation(dt, compute)
-        y, S = ssd_step(position.carried(state.state).to(compute), xs, dt, A, Bm, Cm)
+        dt = self._step_sizes(dt, constants)
+        y, S = ssd_step(position.carried(state.state).to(compute), xs, dt, constants["A"], Bm, Cm)
         state.state.copy_(S.detach())
-        return self._output(y, xs, z, x_t.dtype)
+        return self._output(y, xs, z, x_t.dtype, constants["D"])
 
 
 @dataclass

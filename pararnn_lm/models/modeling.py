@@ -12,12 +12,15 @@ from dataclasses import dataclass, field, make_dataclass
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
+from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengthCriteria
 from transformers.utils import ModelOutput
 
 from .cache import ParaRNNCache
 from .configuration import ParaRNNLMConfig
+from .decode import StaticDecoderSlot
 from .engine import is_cell_layer
 from .layers import RMSNorm, SwiGLU, output_std, trunc_normal_init_
 from .loss import lm_loss_chunked, lm_loss_from_logits
@@ -280,12 +283,19 @@ class ParaRNNLMModel(ParaRNNLMPreTrainedModel):
 
 
 class ParaRNNLMForCausalLM(ParaRNNLMPreTrainedModel, GenerationMixin):
+    """The causal LM. ``generate()`` decodes through the model's cache (the HF loop) by default; with
+    ``cache_implementation="static"`` (argument or ``model.generation_config``) greedy and sampled
+    decoding run on a :class:`~pararnn_lm.models.decode.StaticDecoder` kept by the model between calls
+    (static buffers, one CUDA graph per token on CUDA, its step ``torch.compile``d on CUDA unless
+    ``disable_compile=True``), see :meth:`_sample`."""
+
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
 
     def __init__(self, config: ParaRNNLMConfig) -> None:
         super().__init__(config)
         self.model = ParaRNNLMModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.static_decoder_slot = StaticDecoderSlot()
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
@@ -339,6 +349,85 @@ class ParaRNNLMForCausalLM(ParaRNNLMPreTrainedModel, GenerationMixin):
             loss = ce + self.config.z_loss * z if (self.training and self.config.z_loss > 0) else ce
         return ParaRNNLMOutput(loss=loss, logits=logits, hidden_states=out.hidden_states, ce_loss=ce, z_loss_term=z,
                                **{_CACHE_FIELD: out.cache})
+
+
+    # ------------------------------------------------------------------ generate(cache_implementation="static")
+    @staticmethod
+    def _static_requested(generation_config) -> bool:
+        return generation_config is not None and generation_config.cache_implementation == "static"
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+        if self._static_requested(generation_config):
+            return  # the StaticDecoder holds every layer's state; HF would only warn that it builds no cache
+        return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+
+    def _static_unsupported(self, generation_config, synced_gpus: bool, model_kwargs: dict) -> str | None:
+        """Why this call cannot decode through the StaticDecoder (None: it can)."""
+        if self.config.bare_mixer or self.config.position_encoding is not None:
+            return "bare_mixer models and position encodings are not supported by the StaticDecoder"
+        if synced_gpus:
+            return "synced_gpus is not supported"
+        if generation_config.return_dict_in_generate:
+            return "return_dict_in_generate is not supported"
+        if model_kwargs.get("inputs_embeds") is not None:
+            return "inputs_embeds is not supported"
+        if model_kwargs.get("cache") is not None or model_kwargs.get("past_key_values") is not None:
+            return "a cache passed in is not supported"
+        return None
+
+    def _sample(self, input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus: bool = False,
+                streamer=None, **model_kwargs):
+        """HF's greedy / sampling loop (``GenerationMixin._sample``), or with ``cache_implementation="static"``
+        the same decoding on the model's StaticDecoder: same logits processors, sampling, EOS/pad and
+        stopping criteria and streamer, greedy tokens equal to the default path's (fp32; bf16 to rounding).
+
+        Plain greedy decoding (no logits processor, no streamer, stopping at max_length / EOS only) runs
+        entirely in the decoder's captured step, with a host sync every 32 tokens to see whether every row
+        has finished; otherwise each token is one replay of the captured step followed by HF's processors
+        and stopping criteria on its logits, as in HF's loop.
+        """
+        why_not = self._static_unsupported(generation_config, synced_gpus, model_kwargs) \
+            if self._static_requested(generation_config) else "not requested"
+        if why_not is not None:
+            if why_not != "not requested":
+                log.warning("cache_implementation='static': %s; decoding through the model's cache instead", why_not)
+            return super()._sample(input_ids, logits_processor, stopping_criteria, generation_config,
+                                   synced_gpus=synced_gpus, streamer=streamer, **model_kwargs)
+        device = self.lm_head.weight.device
+        input_ids = input_ids.to(device)
+        attention_mask = model_kwargs.get("attention_mask")
+        B, T = input_ids.shape
+        max_length = generation_config.max_length
+        compile = "block" if device.type == "cuda" and not generation_config.disable_compile else False
+        decoder = self.static_decoder_slot.get(self, B, max_length, compile)
+        eos_criteria = [c for c in stopping_criteria if isinstance(c, EosTokenCriteria)]
+        pad = generation_config._pad_token_tensor
+        if (not generation_config.do_sample and len(logits_processor) == 0 and streamer is None
+                and all(isinstance(c, (MaxLengthCriteria, EosTokenCriteria)) for c in stopping_criteria)):
+            eos = torch.cat([c.eos_token_id.reshape(-1) for c in eos_criteria]) if eos_criteria else None
+            return decoder.generate(input_ids, max_length - T, attention_mask, eos_token_id=eos,
+                                    pad_token_id=None if pad is None else int(pad))
+        has_eos = any(hasattr(c, "eos_token_id") for c in stopping_criteria)
+        unfinished = torch.ones(B, dtype=torch.bool, device=device)
+        logits = decoder.prefill(input_ids, attention_mask)
+        while True:
+            scores = logits_processor(input_ids, logits.to(dtype=torch.float32, copy=True))
+            if generation_config.do_sample:
+                next_tokens = torch.multinomial(F.softmax(scores, dim=-1), num_samples=1).squeeze(1)
+            else:
+                next_tokens = scores.argmax(-1)
+            if has_eos:
+                next_tokens = torch.where(unfinished, next_tokens, pad.to(device))
+            input_ids = torch.cat((input_ids, next_tokens[:, None]), dim=1)
+            if streamer is not None:
+                streamer.put(next_tokens.cpu())
+            unfinished &= ~stopping_criteria(input_ids, scores)
+            if not bool(unfinished.any()):
+                break
+            logits = decoder.step(next_tokens)
+        if streamer is not None:
+            streamer.end()
+        return input_ids
 
 
 def check_tokenizer(config: ParaRNNLMConfig, tokenizer) -> None:
