@@ -6,8 +6,10 @@ on GPU, the CUDA kernels; every step is a ``ProfilerStep#N`` range numbered as i
 it also writes ``memory_steps_<first>-<last>_rank<r>.pickle``, a CUDA caching-allocator snapshot with
 the allocation history of those steps (drop it on https://pytorch.org/memory_viz).
 
-Steps are numbered from 1; profiling starts before step ``first`` and stops after step ``last``, so the
-device is waited for only there (the loop otherwise reads nothing from it between log steps).
+Steps are numbered from 1; a step's range is its whole iteration of the loop (forward, backward, update,
+and the logging, evaluation or checkpoint that follow it). Profiling starts before step ``first`` and
+stops after step ``last``; the device is waited for only there (the loop otherwise reads nothing from
+it between log steps).
 """
 from __future__ import annotations
 
@@ -27,8 +29,8 @@ MEMORY_HISTORY_EVENTS = 100_000  # allocator events kept for the snapshot (the n
 
 
 class StepProfiler:
-    """Profiles steps ``first..last`` of the loop, which calls :meth:`advance` with the number of the
-    last step trained (also once before the first step) and :meth:`close` when it stops.
+    """Profiles steps ``first..last`` of the loop, which calls :meth:`advance` at the start of every
+    iteration with the number of steps done, and :meth:`close` when it stops.
 
     pause: a context in which time is not counted as step time (the loop's ``StepTimer.paused``); the
     trace is written inside it.
@@ -46,7 +48,8 @@ class StepProfiler:
             self.first = self.last = None
 
     def advance(self, step: int) -> None:
-        """Step ``step`` is done: start before step ``first``, mark step boundaries, stop after ``last``."""
+        """Steps up to ``step`` are done and the next begins: start before step ``first``, mark the step
+        boundaries, stop after step ``last``."""
         if self.profiler is not None:
             if step >= self.last:
                 self._finish(step)
@@ -56,10 +59,11 @@ class StepProfiler:
             self._start()
 
     def close(self, step: int) -> None:
-        """The loop stopped at ``step`` (the end, a preemption): write a trace that is still open."""
+        """The loop stopped after step ``step`` (the end, a preemption): write a trace that is still open."""
         if self.profiler is not None:
-            logger.warning("profile.steps=[%d, %d]: the run stopped at step %d; the trace covers steps %d..%d",
-                           self.first, self.last, step, self.first, step)
+            if step < self.last:
+                logger.warning("profile.steps=[%d, %d]: the run stopped at step %d; the trace covers steps %d..%d",
+                               self.first, self.last, step, self.first, step)
             self._finish(step)
 
     def _start(self) -> None:
