@@ -637,7 +637,7 @@ def render_kernels(results: list[dict]) -> str:
 
 
 LAYOUT_MEANING = {
-    "rows": "one sequence of T tokens per row, no document resets (attention: SDPA causal flash kernel)",
+    "rows": "one sequence of T tokens per row, no document resets (attention: SDPA is_causal, flash kernel forced on CUDA)",
     "packed": "documents packed into rows, states reset at each (attention: FlexAttention document mask)",
 }
 
@@ -653,11 +653,19 @@ def _curve_label(key: tuple) -> str:
     return f"{arch} {size} {layout} {gpus} GPU {mode}" + (f" @{rev}" if rev != "this" else "")
 
 
+def exception_line(error: str) -> str:
+    """The exception a failed run died of: the last ``NameError: message`` line of its output that is not
+    torchrun's own report (else the error's first line)."""
+    found = [f"{name}: {message}" for name, message in re.findall(r"^(?:[\w.]+\.)?(\w+(?:Error|Exception)): (.*)$",
+                                                                      error, re.M) if name != "ChildFailedError"]
+    return found[-1] if found else error.splitlines()[0]
+
+
 def _long_context_cell(r: dict | None) -> str:
     if r is None:
         return "-"
     if "error" in r:
-        return "OOM" if r["error"].startswith("out of memory") else f"failed: {r['error'][:40].splitlines()[0]}"
+        return "OOM" if r["error"].startswith("out of memory") else f"failed: {exception_line(r['error'])[:80]}"
     cell = f"{r['tokens_per_s']:,.0f}"
     if r.get("peak_bytes_per_token"):
         cell += f" / {r['peak_bytes_per_token'] / 2**10:,.1f} KiB"
@@ -850,9 +858,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def check_long_context(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
     """--tokens-per-step N: every T divides N (micro-batch N / T >= 1); the micro-batch is not also given."""
-    if a.seq_lens and not a.tokens_per_step:
-        p.error("--seq-lens needs --tokens-per-step (the micro-batch of each T is tokens-per-step / T)")
-    if not a.tokens_per_step:
+    if a.tokens_per_step is None:
+        if a.seq_lens:
+            p.error("--seq-lens needs --tokens-per-step (the micro-batch of each T is tokens-per-step / T)")
         return
     if a.micro_batch or a.micro_batch_search:
         p.error("--tokens-per-step sets the micro-batch (tokens-per-step / T): drop --micro-batch / --micro-batch-search")

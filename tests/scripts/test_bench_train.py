@@ -215,6 +215,7 @@ def test_long_context_arguments_must_give_whole_micro_batches(tmp_path, capsys):
         (["--seq-lens", "64", "96", "--tokens-per-step", "256"], "not a positive multiple of sequence length 96"),
         (["--seq-lens", "512", "--tokens-per-step", "256"], "not a positive multiple of sequence length 512"),
         (["--seq-lens", "64"], "--seq-lens needs --tokens-per-step"),
+        (["--seq-lens", "64", "--tokens-per-step", "0"], "not a positive multiple of sequence length 64"),
         (["--seq-lens", "64", "--tokens-per-step", "256", "--micro-batch", "2"], "drop --micro-batch"),
     ]:
         with pytest.raises(SystemExit):
@@ -227,6 +228,15 @@ def test_out_of_memory_is_found_before_torchrun_s_own_report():
                                        "to allocate 2.00 GiB\n" + "E torchrun: ChildFailedError\n" * 200)
     assert bench_train.failure(proc).startswith("out of memory: exit 1: ")
     assert not bench_train.failure(subprocess.CompletedProcess([], 1, "", "ValueError: bad")).startswith("out of memory")
+    # a failed cell names the worker's exception, not torchrun's report after it
+    error = ("exit 1: Error executing job with overrides: [...]\nTraceback (most recent call last):\n  ...\n"
+             "RuntimeError: Mamba2 would run the chunked PyTorch SSD on CUDA\n  ...\n"
+             "torch.distributed.elastic.multiprocessing.errors.ChildFailedError: \n=====\n")
+    assert bench_train.exception_line(error) == "RuntimeError: Mamba2 would run the chunked PyTorch SSD on CUDA"
+    assert bench_train.exception_line("exit 1: In 'train': Could not find 'model/x'\n") == \
+        "exit 1: In 'train': Could not find 'model/x'"
+    cell = bench_train._long_context_cell({"error": error})
+    assert cell == "failed: RuntimeError: Mamba2 would run the chunked PyTorch SSD on CUDA"
 
 
 def test_long_context_kernel_guards(tmp_path, monkeypatch):
