@@ -11,13 +11,18 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import json
+import math
+import os
 import shutil
 import struct
+import subprocess
+import sys
 import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from repo_scripts import load_script
 
 from pararnn_lm.data import DataConfig, TokenShards, build_datasets, load_tokenizer
@@ -254,3 +259,82 @@ def test_the_offline_data_source_trains_on_the_packed_shards(corpus, tmp_path):
     assert validation_tokens <= manifest["splits"]["validation"]["tokens"]
     with pytest.raises(ValueError, match="data.path"):
         build_datasets(DataConfig(source="offline"), batch_size=2)
+
+
+# --- the report: real tiny training runs on the fixture corpus (CPU) --------------------------------
+
+reporter = load_script("scripts/offline_lm_report.py")
+ROOT = Path(__file__).resolve().parents[2]
+SEQ_LEN = 32
+
+
+def _train(run_dir: Path, corpus_dir: Path, cache: Path, arch: str) -> None:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    if not torch.cuda.is_available():
+        env["DS_ACCELERATOR"] = "cpu"
+    command = [sys.executable, "train.py", f"run_dir={run_dir}", f"model={arch}", "model.size=debug", "data=offline",
+               f"data.path={corpus_dir}", f"data.cache_dir={cache}", f"data.seq_len={SEQ_LEN}", "data.num_workers=0",
+               "train.steps=4", "train.micro_batch_size=4", "train.global_batch_size=4", "train.log_every=1",
+               "eval.every=2", "eval.max_batches=2", "checkpoint.every=0", "logging.wandb_mode=disabled",
+               "logging.progress_bar=false"]
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+
+
+def _reference_nll(model, stream: torch.Tensor, eos: int) -> tuple[float, int]:
+    """Sum NLL and count of scored tokens: the report's windows of SEQ_LEN, each document piece inside a
+    window run through the model on its own (no position ids, no packing)."""
+    total, count = 0.0, 0
+    for start in range(0, stream.numel(), SEQ_LEN):
+        window = stream[start:start + SEQ_LEN].tolist()
+        piece: list[int] = []
+        for token in window + [None]:
+            if token is not None:
+                piece.append(token)
+            if token is None or token == eos:
+                if len(piece) > 1:
+                    ids = torch.tensor([piece])
+                    with torch.no_grad():
+                        logits = model(input_ids=ids).logits[0, :-1].double()
+                    total += float(torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum"))
+                    count += len(piece) - 1
+                piece = []
+    return total, count
+
+
+def test_report_tables_match_an_independent_evaluation_and_plot_the_curves(corpus, tmp_path):
+    root, _, _ = corpus
+    cache = tmp_path / "cache"
+    runs = [tmp_path / "runs" / arch for arch in ("paragru", "attention")]
+    for run in runs:
+        _train(run, root / "corpus", cache, run.name)
+    out = reporter.main([*map(str, runs), "--out", str(tmp_path / "report"), "--cache-dir", str(cache),
+                         "--device", "cpu", "--batch-size", "3"])
+    results = {r["run"]: r for r in out["results"]}
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert "| paragru | paragru |" in report and "| attention | attention |" in report and "sotu" in report
+
+    from pararnn_lm.models import ParaRNNLMForCausalLM
+
+    prepared = unpack_offline_corpus(root / "corpus", str(cache))
+    manifest = read_manifest(root / "corpus")
+    for run in runs:
+        model = ParaRNNLMForCausalLM.from_pretrained(str(run / "export")).eval()
+        for split in ("validation", "test"):
+            shards = TokenShards(prepared / split)
+            entry = results[run.name]["splits"][split]
+            ranges = source_token_ranges(manifest, split, np.asarray(shards.doc_offsets))
+            assert set(entry["sources"]) == {name for name, (lo, hi) in ranges.items() if hi > lo}
+            for name in entry["sources"]:
+                lo, hi = ranges[name]
+                nll, count = _reference_nll(model, torch.from_numpy(shards.read(lo, hi)), shards.eos_token_id)
+                assert entry["sources"][name]["tokens"] == count
+                assert entry["sources"][name]["perplexity"] == pytest.approx(math.exp(nll / count), rel=1e-4)
+            nll_sum = sum(s["nll"] * s["tokens"] for s in entry["sources"].values())
+            tokens = sum(s["tokens"] for s in entry["sources"].values())
+            assert entry["perplexity"] == pytest.approx(math.exp(nll_sum / tokens), rel=1e-9)
+            assert f"{entry['perplexity']:.2f}" in report
+    assert results["paragru"]["train_tokens"] == 4 * 4 * SEQ_LEN
+    newton = [r for r in reporter.read_metrics(runs[0]) if "newton/iters/1" in r]
+    assert len(newton) == 4  # one point per step and layer on the Newton panel
+    assert (tmp_path / "report" / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
