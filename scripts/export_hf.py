@@ -2,15 +2,19 @@
 """Export a ParaRNN-LM model to a self-contained Hugging Face directory (and optionally push it).
 
     python scripts/export_hf.py SOURCE OUT [--tokenizer TOK] [--config config.json | --arch A --size S]
-                                [--results results.json] [--data "SlimPajama ..."] [--tokens 10.5e9]
+                                [--results results.json ...] [--data "SlimPajama ..."] [--tokens 10.5e9]
+                                [--datasets cerebras/SlimPajama-627B] [--license apache-2.0] [--base-model user/repo]
                                 [--dtype fp32|bf16]
-                                [--push-to-hub user/repo] [--no-check] [--check-isolated]
+                                [--push-to-hub user/repo [--private]] [--no-check] [--check-isolated]
 
 SOURCE is an HF directory, a training checkpoint directory (``checkpoints/step_*``) or a DeepSpeed
 checkpoint (ZeRO shards are consolidated). Weights are exported in fp32 (the training masters) unless
 ``--dtype bf16`` (half the size, for the hub). The export loads with
 ``AutoModelForCausalLM.from_pretrained(OUT, trust_remote_code=True)`` with only torch + transformers
-installed. The library behind it: ``pararnn_lm.models.export``.
+installed. Its README.md is a hub model card (``huggingface_hub.ModelCard``): license, datasets, base model,
+the paper's arXiv id, and ``model-index`` evaluation results from ``--results`` files (``{metric: value}`` on
+the validation split, and/or the JSON of ``python -m pararnn_lm.eval.lm_eval_tasks --out``). The library
+behind it: ``pararnn_lm.models.export``.
 """
 from __future__ import annotations
 
@@ -37,8 +41,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--arch", help="preset architecture (for raw checkpoints without --config)")
     ap.add_argument("--size", help="preset size (for raw checkpoints without --config)")
     ap.add_argument("--vocab-size", type=int, help="vocab size with --arch/--size")
-    ap.add_argument("--results", help="JSON file {metric: value} for the model card's evaluation table")
+    ap.add_argument("--results", action="append", default=[],
+                    help="JSON file for the model card's evaluation results: {metric: value} (validation split) "
+                         "or lm-eval results (python -m pararnn_lm.eval.lm_eval_tasks --out); repeatable")
     ap.add_argument("--data", help="training data description for the model card")
+    ap.add_argument("--datasets", nargs="*", default=[], help="hub ids of the training datasets (model card)")
+    ap.add_argument("--license", default="apache-2.0", help="license of the model (model card; default apache-2.0)")
+    ap.add_argument("--base-model", help="hub id of the model training started from (model card)")
     ap.add_argument("--tokens", type=float, help="training tokens for the model card")
     ap.add_argument("--dtype", choices=sorted(EXPORT_DTYPES), default="fp32",
                     help="dtype of the exported weights (default fp32; bf16 halves the size)")
@@ -61,8 +70,11 @@ def main(argv: list[str] | None = None) -> None:
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
-    results = json.loads(Path(args.results).read_text()) if args.results else None
-    out = export_model(model, args.out, tokenizer, data=args.data, tokens=args.tokens, results=results,
+    results = {}
+    for path in args.results:
+        results.update(json.loads(Path(path).read_text()))
+    out = export_model(model, args.out, tokenizer, data=args.data, datasets=args.datasets, tokens=args.tokens,
+                       results=results, license=args.license, base_model=args.base_model,
                        repo_id=args.push_to_hub, check=not args.no_check, dtype=args.dtype)
     if args.check_isolated:
         ids = _probe_ids(model.config)

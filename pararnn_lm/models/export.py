@@ -9,7 +9,7 @@ A source (:func:`load_source`) is one of
   model config: ``--config`` (a config.json), or ``--arch``/``--size`` (+ ``--vocab-size``) presets.
 
 The export holds ``model.safetensors``, ``config.json`` (with ``auto_map``), ``generation_config.json``,
-tokenizer files (``--tokenizer``), a model card (README.md) and the modeling code, flat in one folder
+tokenizer files (``--tokenizer``), a hub model card (README.md: :func:`model_card`) and the modeling code, flat in one folder
 (:data:`BUNDLE`): the modules of ``models/`` and the engine's torch-only reference files (the cell base
 and cells, ``config.py``, ``layout.py``, the sequential recurrence and the layer base), copied verbatim
 with every import of a bundled module pointed at its flat file (:func:`rewrite_imports`). The export
@@ -30,9 +30,10 @@ import re
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping, Sequence
 
 import torch
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from ..provenance import build_info
 from .configuration import ParaRNNLMConfig
@@ -170,27 +171,75 @@ def load_source(source: str | Path, config: ParaRNNLMConfig | None = None) -> Pa
 
 
 # ----------------------------------------------------------------------------------------------- card
-def model_card(model: ParaRNNLMForCausalLM, repo_id: str | None, data: str | None, tokens: float | None,
-               results: dict[str, Any] | None) -> str:
+PAPER_ARXIV = "2510.21450"  # Danieli et al., "ParaRNN"
+TASK_TYPE = "text-generation"
+# training's validation metrics (pararnn_lm.train): hub metric id, display name
+VALIDATION_METRICS = {"val_ppl": ("perplexity", "perplexity"), "val_loss": ("loss", "loss (nats/token)")}
+DISPLAY_NAMES = {"paragru": "ParaGRU", "paralstm": "ParaLSTM", "mamba2": "Mamba2", "attention": "Transformer"}
+
+
+def eval_results(results: Mapping[str, Any] | None, dataset: str | None) -> list[EvalResult]:
+    """The hub's ``model-index`` entries of ``results``: its top-level numbers (e.g. ``val_ppl``) are metrics
+    on the validation split of the training data ``dataset``; an lm-eval results dict under it (``results``,
+    ``n-shot``, ``configs``, as ``pararnn_lm.eval.lm_eval_tasks`` writes it) gives one entry per task and
+    metric (standard errors left out), on the task's hub dataset."""
+    if not results:
+        return []
+    out = []
+    for name, value in results.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            kind, label = VALIDATION_METRICS.get(name, (name, name))
+            out.append(EvalResult(task_type=TASK_TYPE, dataset_type=dataset or "unknown", dataset_split="validation",
+                                  dataset_name=dataset or "training data", metric_type=kind, metric_name=label,
+                                  metric_value=float(value)))
+    shots, configs = results.get("n-shot", {}), results.get("configs", {})
+    for task, metrics in results.get("results", {}).items():
+        config = configs.get(task, {})
+        for key, value in metrics.items():
+            metric, comma, _ = key.partition(",")  # "<metric>,<filter>"; other entries (sample_len) are counts
+            if not comma or metric.endswith("_stderr") or isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
+            k = shots.get(task)
+            out.append(EvalResult(
+                task_type=TASK_TYPE, dataset_type=config.get("dataset_path") or task, dataset_name=task,
+                dataset_config=config.get("dataset_name"), dataset_split=config.get("test_split"),
+                metric_type=metric, metric_value=float(value),
+                metric_name=metric if k is None else f"{metric} ({k}-shot)",
+                metric_args=None if k is None else {"num_fewshot": int(k)}, source_name="lm-evaluation-harness",
+                source_url="https://github.com/EleutherAI/lm-evaluation-harness"))
+    return out
+
+
+def model_card(model: ParaRNNLMForCausalLM, *, repo_id: str | None = None, data: str | None = None,
+               datasets: Sequence[str] = (), tokens: float | None = None, results: Mapping[str, Any] | None = None,
+               license: str = "apache-2.0", base_model: str | None = None, init_from: str | None = None) -> ModelCard:
+    """The export's README.md as a hub ``ModelCard``: metadata (license, datasets, base model, tags with the
+    paper's arXiv id, ``model-index`` from :func:`eval_results`) and a text body with the same numbers.
+
+    ``data`` describes the training data in words, ``datasets`` are its hub dataset ids; ``base_model`` is the
+    hub id of the model training started from, ``init_from`` that start in words (e.g. a local checkpoint)."""
     c = model.config
     n = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     mixers = c.mixers
     arch = mixers[0] if len(set(mixers)) == 1 else "hybrid (" + ", ".join(f"{m} x{mixers.count(m)}" for m in dict.fromkeys(mixers)) + ")"
-    name = {"paragru": "ParaGRU", "paralstm": "ParaLSTM", "mamba2": "Mamba2", "attention": "Transformer"}.get(arch, arch)
-    rows = "| (not evaluated yet) | |"
-    if results:
-        rows = "\n".join(f"| {k} | {v:.4g} |" if isinstance(v, (int, float)) else f"| {k} | {v} |" for k, v in results.items())
+    name = DISPLAY_NAMES.get(arch, arch)
+    size = next(f"{n / scale:,.{digits}f}{unit}" for scale, unit, digits in ((1e9, "B", 1), (1e6, "M", 0), (1e3, "K", 0), (1, "", 0))
+                if n >= scale or scale == 1)
+    title = f"{name} language model ({size} parameters)"
+    evaluated = eval_results(results, datasets[0] if datasets else data)
+    card_data = ModelCardData(
+        model_name=repo_id or title, license=license, library_name="transformers",
+        pipeline_tag=TASK_TYPE, datasets=list(datasets) or None, base_model=base_model,
+        tags=["pararnn", arch.split(" ")[0], "recurrent", "causal-lm", f"arxiv:{PAPER_ARXIV}"],
+        eval_results=evaluated or None)
+    rows = "\n".join(f"| {r.dataset_name}{f' ({r.dataset_split})' if r.dataset_split else ''} | {r.metric_name or r.metric_type} "
+                     f"| {r.metric_value:.4g} |" for r in evaluated) or "| (not evaluated yet) | | |"
     load_id = repo_id or "PATH_TO_THIS_DIRECTORY"
-    return f"""---
-library_name: transformers
-pipeline_tag: text-generation
-tags: [pararnn, {arch.split(' ')[0]}, recurrent, causal-lm]
----
-# {name} language model ({n / 1e6:,.0f}M parameters)
+    body = f"""# {title}
 
 A causal language model from the ParaRNN-LM project: nonlinear RNNs (ParaGRU, ParaLSTM) trained in
 parallel over the sequence with Newton's method and parallel scans, beside Mamba2 and Transformer baselines
-(Danieli et al., "ParaRNN", arXiv:2510.21450).
+(Danieli et al., "ParaRNN", [arXiv:{PAPER_ARXIV}](https://arxiv.org/abs/{PAPER_ARXIV})).
 
 ## Architecture
 | field | value |
@@ -209,12 +258,12 @@ short causal depthwise conv -> channelwise cell with diagonal recurrence (recurr
 {c.rnn_gain_bound}) -> gated RMSNorm -> out-projection. Generation keeps an O(1) recurrent state per RNN/SSM layer.
 
 ## Training
-- data: {data or "not recorded"}
-- tokens: {f"{tokens / 1e9:.1f}B" if tokens else "not recorded"}
+- data: {data or ", ".join(datasets) or "not recorded"}
+- tokens: {f"{tokens / 1e9:.1f}B" if tokens else "not recorded"}{f"{chr(10)}- initialised from: {init_from or base_model}" if init_from or base_model else ""}
 
 ## Evaluation
-| metric | value |
-|---|---|
+| data | metric | value |
+|---|---|---|
 {rows}
 
 ## Usage
@@ -227,6 +276,7 @@ print(tok.decode(model.generate(**tok("The", return_tensors="pt"), max_new_token
 The bundled code needs only torch + transformers (the cell recurrence then runs sequentially); with the
 project installed it uses its parallel Newton engine (and Triton kernels on GPU).
 """
+    return ModelCard(f"---\n{card_data.to_yaml()}\n---\n{body}")
 
 
 # ---------------------------------------------------------------------------------------------- export
@@ -234,10 +284,13 @@ EXPORT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def export_model(model: ParaRNNLMForCausalLM, out: str | Path, tokenizer: Any = None, *, data: str | None = None,
-                 tokens: float | None = None, results: dict[str, Any] | None = None, repo_id: str | None = None,
+                 datasets: Sequence[str] = (), tokens: float | None = None, results: Mapping[str, Any] | None = None,
+                 license: str = "apache-2.0", base_model: str | None = None, init_from: str | None = None,
+                 repo_id: str | None = None,
                  check: bool = True, atol: float = 1e-4, dtype: str = "fp32") -> Path:
     """Write the export directory with weights in ``dtype`` (fp32, or bf16: half the size, for the hub;
-    ``model`` is cast in place); with ``check`` reload it (trust_remote_code) and compare logits."""
+    ``model`` is cast in place); with ``check`` reload it (trust_remote_code) and compare logits.
+    ``data`` .. ``init_from`` go into the model card (:func:`model_card`)."""
     if dtype not in EXPORT_DTYPES:
         raise ValueError(f"export dtype {dtype!r} is not one of {', '.join(EXPORT_DTYPES)}")
     out = Path(out)
@@ -254,7 +307,8 @@ def export_model(model: ParaRNNLMForCausalLM, out: str | Path, tokenizer: Any = 
         del model.config.auto_map, model.config.pararnn_lm
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
-    (out / "README.md").write_text(model_card(model, repo_id, data, tokens, results))
+    model_card(model, repo_id=repo_id, data=data, datasets=datasets, tokens=tokens, results=results,
+               license=license, base_model=base_model, init_from=init_from).save(out / "README.md")
     if check:
         diff = compare_logits(model, out)
         if diff > atol:
@@ -273,7 +327,7 @@ def compare_logits(model: ParaRNNLMForCausalLM, out: Path) -> float:
 
     ids = _probe_ids(model.config)
     reloaded = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).to(next(model.parameters()).dtype).eval()
-    return float((reloaded(ids).logits - model(ids).logits).abs().max())
+    return float((reloaded(ids).logits - model(ids.to(model.device)).logits.cpu()).abs().max())
 
 
 ISOLATED_LOADER = r"""
