@@ -31,7 +31,7 @@ from pararnn_lm.training.checkpoint import CheckpointManager, capture_rng_state,
 from pararnn_lm.training.config import TrainConfig, register_configs, reject_unknown_keys, validate
 from pararnn_lm.training.distributed import (
     DistInfo, all_reduce_max, all_reduce_mean, init_distributed, setup_rank_logging, to_device)
-from pararnn_lm.training.evaluation import validation_loss
+from pararnn_lm.training.evaluation import downstream_evaluation, validation_loss
 from pararnn_lm.training.export import export_trained_model
 from pararnn_lm.training.faults import inject_fault, poison_loss
 from pararnn_lm.training.init_from import InitSource, load_initial_weights, locate, verified
@@ -159,6 +159,7 @@ def _train(cfg: TrainConfig, info: DistInfo, run_dir: Path, preempted: Preemptio
     progress = Progress(cfg.train.steps, initial=step, enabled=info.is_main and cfg.logging.progress_bar)
     timer = StepTimer(info.device)
     profiler = StepProfiler(cfg.profile.steps, run_dir / "profile", info, start_step=step, pause=timer.paused)
+    profiler.advance(step)
     losses: list[float] = []
     pending: list[tuple[int, Any, Any, Any]] = []  # (step, loss, grad norm, applied): tensors or numbers
     started, exit_code = time.perf_counter(), 0
@@ -201,7 +202,6 @@ def _train(cfg: TrainConfig, info: DistInfo, run_dir: Path, preempted: Preemptio
         return "interrupted" if flags[0] else "preempted" if flags[1] else "time limit" if flags[2] else None
 
     while step < cfg.train.steps:
-        profiler.advance(step)  # a profiled step's range is its whole iteration (log, eval, checkpoint)
         step_losses = []
         for _ in range(grad_accum):
             batch = to_device(next(train_iter), info.device)
@@ -218,6 +218,7 @@ def _train(cfg: TrainConfig, info: DistInfo, run_dir: Path, preempted: Preemptio
             raise FloatingPointError(f"non-finite loss/gradient at step {step}; checkpoint saved, see metrics.jsonl")
         pending.append((step, torch.stack(step_losses).mean(), grad_norm, applied))
         progress.update(step)
+        profiler.advance(step)
         inject_fault(step)  # tests only: PARARNN_TEST_FAULT=sigkill@N / sigterm@N
         if step % cfg.train.log_every == 0 or step == cfg.train.steps:
             step_time = timer.read()  # waits for the device: the one sync of a log interval
@@ -232,6 +233,9 @@ def _train(cfg: TrainConfig, info: DistInfo, run_dir: Path, preempted: Preemptio
         if cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.train.steps:
             with timer.paused():
                 metrics.log(step, evaluate())
+        if cfg.eval.lm_eval_every and step % cfg.eval.lm_eval_every == 0 and step < cfg.train.steps:
+            with timer.paused():
+                downstream_evaluation(backend, data.tokenizer, cfg, run_dir, info, step, tokens, metrics)
         stop = stop_reason()
         if stop or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
             with timer.paused():
@@ -248,14 +252,20 @@ def _train(cfg: TrainConfig, info: DistInfo, run_dir: Path, preempted: Preemptio
     if step >= cfg.train.steps:
         if not (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
             save()
+        final: dict[str, Any] = {}
         if cfg.eval.at_end:
             final = evaluate()
             metrics.log(step, final)
             summary.update(final)
             if info.is_main:
                 logger.info("validation loss %.4f, perplexity %.2f", final["val_loss"], final["val_ppl"])
+        if cfg.eval.lm_eval_every and not cfg.eval.submit_slurm:  # before the export, whose card shows the results
+            final.update(downstream_evaluation(backend, data.tokenizer, cfg, run_dir, info, step, tokens, metrics) or {})
         if cfg.export.at_end:
-            summary["export_dir"] = export_trained_model(backend, data, cfg, run_dir, info, tokens)
+            summary["export_dir"] = export_trained_model(backend, data, cfg, run_dir, info, tokens, results=final)
+        if cfg.eval.lm_eval_every and cfg.eval.submit_slurm:  # a job evaluates the final export
+            downstream_evaluation(backend, data.tokenizer, cfg, run_dir, info, step, tokens, metrics,
+                                  export_dir=run_dir / "export" if cfg.export.at_end else None)
     metrics.close()
     info.barrier()
     return summary

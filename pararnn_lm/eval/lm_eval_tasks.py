@@ -16,6 +16,7 @@ CLI:
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 from pathlib import Path
@@ -56,12 +57,19 @@ def exported_model_args(path: str | Path, dtype: str = "float32", **extra: Any) 
 
 
 def _task_manager(include_path: str | Path | Sequence[str | Path] | None) -> Any:
+    if include_path is None:
+        return _indexed_tasks(())
+    paths = [str(p) for p in ([include_path] if isinstance(include_path, (str, Path)) else include_path)]
+    return _indexed_tasks(tuple(paths))
+
+
+@functools.lru_cache(maxsize=4)
+def _indexed_tasks(include_path: tuple[str, ...]) -> Any:
+    """lm-eval's task index (built once per process: it reads every task YAML lm-eval ships, which takes
+    tens of seconds, and a training run evaluates every ``eval.lm_eval_every`` steps)."""
     from lm_eval.tasks import TaskManager
 
-    if include_path is None:
-        return TaskManager()
-    paths = [str(p) for p in ([include_path] if isinstance(include_path, (str, Path)) else include_path)]
-    return TaskManager(include_path=paths)
+    return TaskManager(include_path=list(include_path)) if include_path else TaskManager()
 
 
 def evaluate(model: Any, tasks: Mapping[str, int | Mapping[str, Any]] | str | None = None, *,

@@ -98,6 +98,17 @@ class EvalConfig:
     every: int = 100  # steps; 0: only at the end
     max_batches: int = 20  # validation batches per evaluation (per rank)
     at_end: bool = True
+    # lm-eval tasks on the live model (rank 0; the other ranks wait) every N steps and at the end; 0: never.
+    lm_eval_every: int = 0
+    # "task" (0-shot) or "task:shots"; default: three tasks of the paper's 0-shot setting (arXiv 2510.21450, Table 5)
+    lm_eval_tasks: list[str] = field(default_factory=lambda: ["piqa", "hellaswag", "winogrande"])
+    lm_eval_limit: Optional[int] = None  # examples per task (None: all)
+    lm_eval_batch_size: int = 8
+    lm_eval_include_path: list[str] = field(default_factory=list)  # folders of extra lm-eval task YAMLs
+    # Instead of evaluating in the loop: export the model and submit its lm-eval as a SLURM job (sbatch)
+    submit_slurm: bool = False
+    slurm_time: str = "04:00:00"  # time limit of each evaluation job
+    slurm_gpus: int = 1  # GPUs of each evaluation job (0: CPU)
 
 
 @dataclass
@@ -193,6 +204,12 @@ def validate(cfg: TrainConfig) -> None:
         if problem:
             raise ValueError(f"profile.steps={profiled}: {problem}; give [first, last] with 1 <= first <= last <= "
                              "train.steps, or [] for no profile")
+    if cfg.eval.lm_eval_every < 0 or (cfg.eval.lm_eval_limit is not None and cfg.eval.lm_eval_limit < 1):
+        raise ValueError("eval.lm_eval_every must be >= 0 and eval.lm_eval_limit >= 1 or null")
+    if cfg.eval.lm_eval_every and not lm_eval_task_shots(cfg.eval.lm_eval_tasks):
+        raise ValueError("eval.lm_eval_every is set but eval.lm_eval_tasks is empty")
+    if cfg.eval.submit_slurm and not cfg.eval.lm_eval_every:
+        raise ValueError("eval.submit_slurm submits the evaluations of eval.lm_eval_every: set it (> 0)")
     fixed = [key for key in cfg.run.allow_changes
              if any(key == f or key.startswith(f + ".") or f.startswith(key + ".") for f in FIXED_ON_RESUME)]
     if fixed:
@@ -204,6 +221,17 @@ def validate(cfg: TrainConfig) -> None:
         config_for(cfg.model.arch, cfg.model.size, **cfg.model.overrides)
     except (ValueError, TypeError) as err:
         raise ValueError(f"model.arch={cfg.model.arch!r} / model.size={cfg.model.size!r}: {err}") from err
+
+
+def lm_eval_task_shots(entries: list[str]) -> dict[str, int]:
+    """``eval.lm_eval_tasks`` as {task: num_fewshot}: "task" is 0-shot, "task:k" k-shot."""
+    out = {}
+    for entry in entries:
+        task, _, shots = str(entry).partition(":")
+        if not task or not (shots or "0").isdigit():
+            raise ValueError(f"eval.lm_eval_tasks entry {entry!r} is not 'task' or 'task:shots'")
+        out[task] = int(shots or 0)
+    return out
 
 
 def reject_unknown_keys(node: Any, path: str = "") -> None:

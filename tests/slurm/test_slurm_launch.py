@@ -1,12 +1,15 @@
-"""slurm/launch.py renders the sbatch script from the Hydra config (no SLURM needed for these)."""
+"""slurm/launch.py renders the sbatch script from the Hydra config; slurm/submit_eval.py hands sbatch the job that
+evaluates an export (no SLURM needed for these: a fake sbatch on PATH records what it is given)."""
 from __future__ import annotations
 
+import shlex
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from fake_sbatch import install_fake_sbatch, sbatch_calls
 from repo_scripts import ROOT, load_script
 
 launch = load_script("slurm/launch.py")
@@ -38,3 +41,55 @@ def test_explicit_port_is_used_as_given():
 def test_out_of_range_port_is_rejected(port):
     with pytest.raises(SystemExit, match="cluster.port"):
         launch.render(["cluster=slurm", f"cluster.port={port}"])
+
+
+# --- slurm/submit_eval.py: the lm-eval of an export as its own job (a fake sbatch records what it gets) -------
+
+submit_eval = load_script("slurm/submit_eval.py")
+
+
+def _export_folder(tmp_path: Path) -> Path:
+    export = tmp_path / "run" / "export"
+    export.mkdir(parents=True)
+    (export / "config.json").write_text("{}")  # what the helper checks; the job is not run here
+    return export
+
+
+def test_submit_eval_hands_sbatch_a_standalone_evaluation_job(tmp_path, monkeypatch, capsys):
+    log = install_fake_sbatch(tmp_path, monkeypatch)
+    export = _export_folder(tmp_path)
+    assert submit_eval.main([
+        str(export), "cluster.partition=gpu", "cluster.account=proj", "cluster.qos=high", "eval.slurm_gpus=2",
+        "eval.slurm_time=01:00:00", "eval.lm_eval_tasks=[piqa,arc_challenge:25]", "eval.lm_eval_limit=100",
+        "model=paralstm", "size=400m"]) == 0
+    [(argv, script)] = sbatch_calls(log)
+    eval_dir = tmp_path / "run" / "evals" / "export"
+    # the whole sbatch command line: no --dependency, nothing of a training job
+    assert argv == ["--parsable", str(eval_dir / "lm_eval.sbatch")]
+    assert script == (eval_dir / "lm_eval.sbatch").read_text()
+    lines = script.splitlines()
+    assert [ln for ln in lines if ln.startswith("#SBATCH")] == [
+        "#SBATCH --job-name=paralstm-400m-lm-eval", "#SBATCH --nodes=1", "#SBATCH --ntasks=1",
+        "#SBATCH --cpus-per-task=96", "#SBATCH --time=01:00:00", f"#SBATCH --output={eval_dir / 'slurm-%j.out'}",
+        "#SBATCH --gpus-per-node=2", "#SBATCH --partition=gpu", "#SBATCH --account=proj", "#SBATCH --qos=high"]
+    assert f"cd {ROOT}" in lines and f"source {ROOT / 'slurm' / 'env.sh'}" in lines
+    command = shlex.split(next(ln for ln in lines if ln.startswith("exec ")))[1:]  # as bash splits it
+    assert command == [
+        sys.executable, "-m", "pararnn_lm.eval.lm_eval_tasks", "--model", str(export), "--tasks", "piqa:0",
+        "arc_challenge:25", "--batch-size", "8", "--device", "cuda", "--arch", "paralstm", "--size", "400m",
+        "--out", str(eval_dir / "lm_eval.json"), "--limit", "100"]
+    assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0  # valid bash
+    assert "submitted job 4242" in capsys.readouterr().out
+
+
+def test_submit_eval_dry_run_submits_nothing_and_bad_settings_fail_before_sbatch(tmp_path, monkeypatch, capsys):
+    log = install_fake_sbatch(tmp_path, monkeypatch)
+    export = _export_folder(tmp_path)
+    assert submit_eval.main(["--dry-run", str(export), "eval.slurm_gpus=0"]) == 0
+    out = capsys.readouterr().out
+    assert "--device cpu" in out and "--gpus-per-node" not in out
+    assert submit_eval.main([str(export), "eval.lm_eval_tasks=[piqa:few]"]) == 1  # a task entry that is not task:shots
+    assert "is not 'task' or 'task:shots'" in capsys.readouterr().err
+    assert submit_eval.main([str(export), "cluster.env_file=/nonexistent/env.sh"]) == 1
+    assert "/nonexistent/env.sh" in capsys.readouterr().err
+    assert sbatch_calls(log) == []
