@@ -5,8 +5,8 @@
 
 models/layers.py ``GatedRMSNorm`` holds the parameter and the PyTorch reference (which rounds y * silu(z)
 to y's dtype before its fp32 statistics; here nothing is rounded before the output). Compiled from
-PyTorch, inductor lowers the norm to a row-reduction kernel forward and, backward, a row kernel for dy
-and dz plus a column reduction for d weight that reads dout, y and z a second time. Here:
+PyTorch for the GPU, the backward's reductions within rows (for dy, dz) and over rows (d weight) are
+separate inductor kernels, each reading dout, y and z. Here:
 
 - forward: a program normalises BN whole rows (a row fits in registers); y and z are read in place
   through their row strides (z is typically a chunk of the in-projection's output);
@@ -29,15 +29,17 @@ from .cells.fused_common import planning_sm_count, sigmoid_
 from .launch import launch
 from .modes import triton_usable
 
-# Widest row the kernels hold in registers (one row of 8192 fp32 values per tile, 8 warps: 32 per thread
-# and tensor); wider rows take the PyTorch path.
+# Widest row the kernels hold in registers (a tile is whole rows); wider rows take the PyTorch path.
 MAX_WIDTH = 8192
-# Elements per (rows, channels) tile: forward 4096, backward 2048 (it keeps y, z, dout and the partial
-# sums live). Chosen for a 1024-wide row at 4 warps (32 / 16 values per thread and tensor); not swept.
+# Elements per (rows, channels) tile: forward ~4096 (a 1024-wide row: 4 rows per program), backward ~1024
+# (one row per step of a program's loop: it keeps y, z, dout, their products and the d weight sums live),
+# with warps for <= 16 values per thread and tensor. Not swept.
 _FWD_TILE_ELEMENTS = 4096
-_BWD_TILE_ELEMENTS = 2048
-# Backward programs per SM: enough to hide latency, few enough that the d weight partials stay small
-# (132 SMs x 4 x 1024 channels x 4 bytes = 2 MB to sum).
+_BWD_TILE_ELEMENTS = 1024
+_MAX_VALUES_PER_THREAD = 16
+# Backward programs per SM (each walks consecutive row blocks and writes one fp32 d weight partial): few
+# enough to be resident at once at 4 warps, and the partials stay small (132 SMs x 4 x 1024 channels x 4
+# bytes = 2 MB to sum).
 _BWD_PROGRAMS_PER_SM = 4
 
 
@@ -98,10 +100,11 @@ def supported(y: torch.Tensor, z: torch.Tensor) -> bool:
 
 
 def _tile(D: int, elements: int) -> tuple[int, int, int]:
-    """(rows BN, channels BD, warps) of a tile of about ``elements`` values holding whole rows."""
+    """(rows BN, channels BD, warps) of a tile of about ``elements`` values holding whole rows: 4 to 16
+    warps, <= _MAX_VALUES_PER_THREAD values of each tensor per thread up to 8192-wide rows."""
     BD = triton.next_power_of_2(D)
     BN = max(1, elements // BD)
-    return BN, BD, 4 if BN * BD <= 4096 else 8
+    return BN, BD, max(4, min(16, BN * BD // (32 * _MAX_VALUES_PER_THREAD)))
 
 
 def _forward(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
