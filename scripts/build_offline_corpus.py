@@ -62,7 +62,7 @@ from pararnn_lm.data.tokenizer import train_tokenizer
 logger = logging.getLogger("build_offline_corpus")
 
 MIN_LETTER_SHARE = 0.8
-BUILD_FORMAT = "offline-corpus-build-v1"  # bump when extraction or cleaning changes: re-extracts every source
+BUILD_FORMAT = "offline-corpus-build-v2"  # bump when extraction or cleaning changes: re-extracts every source
 
 
 class SourceUnavailable(RuntimeError):
@@ -401,7 +401,9 @@ class _HTMLText(html.parser.HTMLParser):
 
     SKIP = {"script", "style", "pre", "nav", "head", "table"}  # inline <code> stays: it is part of sentences
     SKIP_CLASSES = {"sphinxsidebar", "related", "footer", "highlight", "headerlink", "toctree-wrapper", "contents",
-                    "sig"}  # sig: API signatures
+                    "sig",  # Sphinx (sig: API signatures)
+                    "sidebar", "menu-bar", "nav-chapters", "mobile-nav-chapters",  # mdBook
+                    "navheader", "navfooter", "toc", "docnav", "legalnotice"}  # DocBook / Publican
     BLOCKS = {"p", "div", "li", "dt", "dd", "h1", "h2", "h3", "h4", "h5", "h6", "br", "tr", "section",
               "blockquote", "ul", "ol", "dl"}
     VOID = {"br", "img", "hr", "meta", "link", "input", "wbr", "area", "base", "col", "source"}
@@ -441,14 +443,43 @@ def html_to_text(markup: str) -> str:
     return "\n\n".join(" ".join(p.split()) for p in re.split(r"\n\s*\n", text) if p.strip())
 
 
+def _html_pages(name: str, base: Path, paths: Iterable[Path]) -> Iterator[Doc]:
+    for path in paths:
+        if path.is_file() and not path.is_symlink():
+            rel = path.relative_to(base).as_posix()
+            yield Doc(f"{name}/{rel}", rel, html_to_text(path.read_text(encoding="utf-8", errors="replace")))
+
+
 def extract_python_docs(roots: dict[str, Path]) -> Iterator[Doc]:
     """The Python documentation (Sphinx HTML); generated indexes are skipped."""
     base = _one(roots["python3.11-doc"], "usr/share/doc/python3.*/html/index.html")[0].parent
-    for path in sorted(base.rglob("*.html")):
-        rel = path.relative_to(base).as_posix()
-        if path.is_symlink() or rel.startswith(("genindex", "py-modindex", "search", "_")):
-            continue
-        yield Doc(f"python-docs/{rel}", rel, html_to_text(path.read_text(encoding="utf-8", errors="replace")))
+    pages = (p for p in sorted(base.rglob("*.html"))
+             if not p.relative_to(base).as_posix().startswith(("genindex", "py-modindex", "search", "_")))
+    return _html_pages("python-docs", base, pages)
+
+
+def extract_debian_handbook(roots: dict[str, Path]) -> Iterator[Doc]:
+    """The Debian Administrator's Handbook, English edition (Publican HTML, one page per section)."""
+    base = _one(roots["debian-handbook"], "usr/share/doc/debian-handbook/html/en-US/index.html")[0].parent
+    return _html_pages("debian-handbook", base, sorted(base.glob("*.html")))
+
+
+def extract_postgresql_docs(roots: dict[str, Path]) -> Iterator[Doc]:
+    """The PostgreSQL manual (DocBook HTML, one page per section)."""
+    base = _one(roots["postgresql-doc-15"], "usr/share/doc/postgresql-doc-15/html/index.html")[0].parent
+    return _html_pages("postgresql-docs", base, sorted(base.glob("*.html")))
+
+
+RUST_BOOKS = ("book", "reference", "rust-by-example", "nomicon", "edition-guide", "cargo", "rustc", "rustdoc",
+              "embedded-book")
+
+
+def extract_rust_books(roots: dict[str, Path]) -> Iterator[Doc]:
+    """The Rust books (mdBook HTML); the API documentation (std, core, ...) is reference tables, left out."""
+    base = _one(roots["rust-doc"], "usr/share/doc/rust-doc/html/book/index.html")[0].parent.parent
+    pages = (p for book in RUST_BOOKS for p in sorted((base / book).rglob("*.html"))
+             if p.name not in ("print.html", "toc.html", "404.html"))  # print.html repeats the whole book
+    return _html_pages("rust-books", base, pages)
 
 
 # --- split rules ----------------------------------------------------------------------------------
@@ -515,6 +546,12 @@ SOURCES = {s.name: s for s in (
            extract_manpages, by_hash("manpages"), "hash of the file path (5% / 5%)"),
     Source("python_docs", "apt", ("python3.11-doc",), "PSF-2.0", "technical", extract_python_docs,
            by_hash("python_docs"), "hash of the file path (5% / 5%)"),
+    Source("debian_handbook", "apt", ("debian-handbook",), "GPL-2+ / CC-BY-SA-3.0", "technical",
+           extract_debian_handbook, by_hash("debian_handbook"), "hash of the file path (5% / 5%)"),
+    Source("postgresql_docs", "apt", ("postgresql-doc-15",), "PostgreSQL licence (BSD-like)", "technical",
+           extract_postgresql_docs, by_hash("postgresql_docs"), "hash of the file path (5% / 5%)"),
+    Source("rust_books", "apt", ("rust-doc",), "MIT / Apache-2.0", "technical", extract_rust_books,
+           by_hash("rust_books"), "hash of the file path (5% / 5%)"),
 )}
 
 
@@ -544,7 +581,8 @@ def fetch_package(client: str, package: str, cache: Path) -> tuple[Path, str]:
             raise SourceUnavailable(f"package {package!r} is not available via {client} "
                                     f"(`{' '.join(cmd)}` failed: {result.stderr.strip()[-300:]})")
     archive = archives[-1].resolve()
-    tmp = Path(tempfile.mkdtemp(prefix=f".{package}.", dir=unpacked.parent if unpacked.parent.exists() else None))
+    unpacked.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{package}.", dir=unpacked.parent))  # same file system: os.replace is atomic
     try:
         if archive.suffix == ".deb":
             result = _run(["dpkg-deb", "-x", str(archive), str(tmp)], cache)
@@ -558,7 +596,6 @@ def fetch_package(client: str, package: str, cache: Path) -> tuple[Path, str]:
             tarfile.open(archive).extractall(tmp, filter="data")
             version = re.sub(r"\.(tar\.gz|tgz|zip)$", "", archive.name).rsplit("-", 1)[1]
         (tmp / ".version").write_text(version)
-        unpacked.parent.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(unpacked, ignore_errors=True)
         os.replace(tmp, unpacked)
     finally:
@@ -696,6 +733,7 @@ def build(out: Path, cache: Path, sources: list[str], *, skip_missing: bool = Fa
                 shutil.rmtree(prepared, ignore_errors=True)
             manifest["splits"][split] = {"documents": first, "tokens": int(offsets[-1]), "sources": per_source}
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1))
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)

@@ -160,11 +160,14 @@ def test_extraction_keeps_prose_and_drops_markup_code_and_chrome(corpus, tmp_pat
                  "bowline first", "run aground", "Lao Tzu", "Still waters run deep.", "harbour, harbor: a sheltered port",
                  "moor: secure in or as if in a berth", "Harbor, n. [OE. herberwe.]", "A wharf where the harbour boats",
                  "Emma Woodhouse, handsome, clever, and rich,\nhad lived", "speaks of the union", "At the first God made",
-                 "first verse of the book number 40"):
+                 "first verse of the book number 40", "rotates them once a week", "the tonnage of every vessel",
+                 "moves when the ship hands it over"):
         assert kept in everything, kept
     for dropped in ("print(tide)", "Navigation bar", "Copyright footer", "x = {1:", "Generated index page", "color: red",
                     "for (i = 0", "--light", ".TH", "\\f", "harbour (7)", "SEE ALSO", "+---+", "[1913 Webster]",
-                    'Har"bor', "{", "LICENSEE", "This database is a fixture", "1. At the first"):
+                    'Har"bor', "{", "LICENSEE", "This database is a fixture", "1. At the first", "Handbook header",
+                    "Handbook footer", "Manual navigation", "SELECT name", "chapter list", "Menu bar", "Cargo::new",
+                    "print page repeats", "standard library API"):
         assert dropped not in everything, dropped
 
 
