@@ -29,13 +29,11 @@ from __future__ import annotations
 
 import argparse
 import ast
-import base64
 import bz2
 import csv
 import gzip
 import hashlib
 import html.parser
-import io
 import json
 import logging
 import lzma
@@ -172,12 +170,11 @@ class _RUnserializer:
             self.pos += n
             return raw.decode("latin-1" if (flags >> 12) & 4 else "utf-8", errors="replace")  # LATIN1_MASK
         if kind in (2, 6):  # pairlist / language object: (tag, value) items
-            attributes = self.read() if has_attr else None
+            if has_attr:
+                self.read()  # attributes of the pairlist node itself: not needed
             tag = self.read() if has_tag else None
             items = [(tag, self.read())]
-            rest = self.read()
-            del attributes
-            return items + (rest or [])
+            return items + (self.read() or [])
         if kind in (16, 19, 20):  # character, generic and expression vectors
             value = RVector(self.read() for _ in range(self._length()))
         elif kind in (10, 13):
@@ -190,13 +187,14 @@ class _RUnserializer:
             self.pos += 8 * n
         else:
             raise SourceUnavailable(f"unsupported R object type {kind} at byte {self.pos}")
-        if has_attr:
-            value.attributes = dict(self.read() or [])
+        value.attributes = dict(self.read() or []) if has_attr else {}
         return value
 
 
 class RVector(list):
-    attributes: dict = {}
+    """An R vector's elements; ``attributes`` holds its R attributes (names, class, ...)."""
+
+    attributes: dict
 
     def named(self) -> dict:
         return dict(zip(self.attributes.get("names", []), self))
