@@ -2,14 +2,14 @@
 
     python scripts/bench_kernels.py cells        # fused kernels + cell module (projection + cell + grads)
     python scripts/bench_kernels.py layers       # mixer layers (ours, eager / --compile) vs mamba_ssm's Mamba2
-    python scripts/bench_kernels.py decode       # batch-1 greedy decoding: generate vs StaticDecoder, tokens/s
+    python scripts/bench_kernels.py decode       # greedy decoding: generate() (default / static) vs StaticDecoder
     python scripts/bench_kernels.py sweep        # the shooting kernels under other launch plans (shooting.TUNING)
     python scripts/bench_kernels.py resources    # registers / spills per kernel for sm_90, no GPU needed
     python scripts/bench_kernels.py engine-cpu   # the reference modes on the CPU: sequential vs newton_torch
 
 Every subcommand checks correctness before it times: the modes against the fp64 ``sequential`` mode
 (the loop over time) on the same inputs, compiled layers against eager ones, decoded tokens against
-``generate``. Timings are medians of --reps runs after --warmup runs: CUDA events on the GPU (plus the
+``generate()``'s. Timings are medians of --reps runs after --warmup runs: CUDA events on the GPU (plus the
 GPU time of a CUDA-graph replay for the kernels: their time without the host's launch work),
 perf_counter on the CPU. A table goes to the log (stdout), JSON to --out (default: runs/bench/, ignored).
 
@@ -451,86 +451,215 @@ LAYER_COLUMNS = ["layer", "B", "T", "d_model", "fwd_ms", "fwdbwd_ms", "peak_GiB"
 
 
 # ----------------------------------------------------------------------------- decode
-def bench_decode_arch(a, arch: str, variants: list[str], device, clock: Clock, budget) -> list[dict]:
-    """One row per variant: ``generate`` (model.generate; decode rate = (n-1) / (total - prefill)),
-    ``static_eager`` / ``static_graph`` (StaticDecoder without / with one CUDA graph per token) and
-    ``static_graph_compiled`` (the block step torch.compile'd inside the graph; compilation in setup_s):
-    decode rate = (n-1) / the n-1 decode steps after a prefill, measured directly. Static variants check
-    their tokens against generate's before their rate counts."""
-    from pararnn_lm.models import ParaRNNLMForCausalLM, StaticDecoder, config_for
+DECODE_VARIANTS = ("generate", "generate_static", "static_eager", "static_graph", "static_graph_compiled")
+
+
+def decode_model(a, arch: str, device):
+    """The preset ``a.size`` of ``arch`` (random weights, seed 0) in bf16 (fp32 with --fp32), eval mode."""
+    from pararnn_lm.models import ParaRNNLMForCausalLM, config_for
 
     cfg = config_for(arch, a.size, rnn_mode="auto")
     torch.manual_seed(0)
     with torch.device(device):
         model = ParaRNNLMForCausalLM(cfg)
-    model = model.to(torch.float32 if a.fp32 else torch.bfloat16).eval()
-    n = a.new_tokens
-    prompt = torch.randint(1, cfg.vocab_size, (1, a.prompt_len), device=device,
+    return model.to(torch.float32 if a.fp32 else torch.bfloat16).eval()
+
+
+def greedy_kwargs(n: int, **extra) -> dict:
+    """generate() arguments for exactly ``n`` greedy tokens (no EOS)."""
+    return dict(do_sample=False, pad_token_id=0, eos_token_id=None, min_new_tokens=n, max_new_tokens=n, **extra)
+
+
+def static_decoder(model, variant: str, batch: int, max_length: int, new_tokens: int):
+    from pararnn_lm.models import StaticDecoder
+
+    return StaticDecoder(model, batch_size=batch, max_length=max_length, cuda_graph=variant.startswith("static_graph"),
+                         compile="block" if variant.endswith("compiled") else False, max_new_tokens=new_tokens)
+
+
+def uses_static_generate(model) -> bool:
+    """Whether this revision's generate(cache_implementation="static") ran on a StaticDecoder (older
+    revisions ignore the option and decode through the model's cache)."""
+    slot = getattr(model, "static_decoder_slot", None)
+    return slot is not None and slot.decoder is not None
+
+
+def peak_gib(device) -> float | None:
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+
+
+def bench_decode_case(a, model, arch: str, batch: int, prompt_len: int, variants: list[str], device,
+                      budget) -> list[dict]:
+    """One row per variant at one (batch, prompt length). ``generate`` / ``generate_static`` time
+    model.generate (decode rate = (n-1) steps / (total - a separate prefill)); the StaticDecoder variants
+    (``static_eager``, ``static_graph``: one CUDA graph per token, ``static_graph_compiled``: its block
+    step torch.compile'd) time n-1 ``decode_one`` after a prefill directly. tokens/s counts every row.
+
+    Before timing, each variant's first ``--check-steps`` greedy tokens are compared with the model's
+    default generate() (the eager cache path): ``correct``. After timing, all n tokens are compared with
+    generate()'s where it ran: ``tokens_match_generate`` / ``first_mismatch`` (bf16 may part late, see
+    --check-divergence)."""
+    cfg = model.config
+    n, check = a.new_tokens, min(a.check_steps, a.new_tokens)
+    prompt = torch.randint(1, cfg.vocab_size, (batch, prompt_len), device=device,
                            generator=torch.Generator(device).manual_seed(0))
-    gen_kw = dict(do_sample=False, pad_token_id=0, eos_token_id=None, min_new_tokens=n, max_new_tokens=n)
-    common = {"arch": arch, "size": a.size, "batch": 1, "prompt": a.prompt_len, "new_tokens": n,
+    max_length = prompt_len + n + 8
+    common = {"arch": arch, "size": a.size, "batch": batch, "prompt": prompt_len, "new_tokens": n,
               "dtype": "fp32" if a.fp32 else "bf16", "params": sum(p.numel() for p in model.parameters())}
     rows, generated = [], None
+    try:
+        with torch.no_grad():
+            reference = model.generate(prompt, **greedy_kwargs(check))[:, prompt_len:]
+    except Exception as err:  # e.g. out of memory at this size: every variant of the case reports it
+        error = f"reference generate(): {type(err).__name__}: {err}"[:500]
+        log.error("decode %s B=%d T=%d: %s", arch, batch, prompt_len, error)
+        return [{**common, "variant": v, "error": error} for v in variants]
     for variant in variants:
-        if budget.over(f"decode {arch} {variant}"):
+        if budget.over(f"decode {arch} B={batch} T={prompt_len} {variant}"):
             break
         row = {**common, "variant": variant}
+        dec = None
+        free_memory()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
         try:
             with torch.no_grad():
-                if variant == "generate":
-                    model.generate(prompt, **{**gen_kw, "min_new_tokens": 4, "max_new_tokens": 4})  # warm-up
-                    t_prefill, _ = wall(lambda: model(prompt, use_cache=True, logits_to_keep=1), device)
-                    t_total, generated = wall(lambda: model.generate(prompt, **gen_kw), device)
-                    row.update(prefill_s=t_prefill, decode_tok_s=(n - 1) / max(t_total - t_prefill, 1e-9))
-                else:
-                    t_build = time.time()
-                    dec = StaticDecoder(model, batch_size=1, max_length=a.prompt_len + n + 8,
-                                        cuda_graph=variant.startswith("static_graph"),
-                                        compile="block" if variant.endswith("compiled") else False, max_new_tokens=n)
-                    dec.generate(prompt, max_new_tokens=min(n, 8))  # warm-up (+ compile + graph capture)
-                    clock.sync()
+                t_build = time.time()
+                if variant.startswith("generate"):
+                    kw = {"cache_implementation": "static"} if variant == "generate_static" else {}
+                    first = model.generate(prompt, **greedy_kwargs(check, **kw))[:, prompt_len:]  # warm-up, check
+                    if variant == "generate_static" and not uses_static_generate(model):
+                        raise RuntimeError("this revision's generate() has no static path (cache_implementation "
+                                           "is ignored)")
                     row["setup_s"] = time.time() - t_build
+                    row["correct"] = bool(torch.equal(first, reference))
+                    t_prefill, _ = wall(lambda: model(prompt, use_cache=True, logits_to_keep=1), device)
+                    t_total, out = wall(lambda: model.generate(prompt, **greedy_kwargs(n, **kw)), device)
+                    t_decode = max(t_total - t_prefill, 1e-9)
+                else:
+                    dec = static_decoder(model, variant, batch, max_length, n)
+                    first = dec.generate(prompt, max_new_tokens=check)[:, prompt_len:]  # + compile + capture
+                    row["setup_s"] = time.time() - t_build
+                    row["correct"] = bool(torch.equal(first, reference))
                     t_total, out = wall(lambda: dec.generate(prompt, max_new_tokens=n), device)
-                    if generated is not None:
-                        same = (out == generated)[0, a.prompt_len:]
-                        row["tokens_match_generate"] = bool(same.all())
-                        if not row["tokens_match_generate"]:
-                            row["first_mismatch"] = int((~same).nonzero()[0])
-                            log.error("decode %s %s: tokens differ from generate's at %d", arch, variant,
-                                      row["first_mismatch"])
-                    t_pre, _ = wall(lambda: dec.prefill(prompt), device)
-                    t_loop, _ = wall(lambda: [dec.decode_one() for _ in range(n - 1)], device)
-                    row.update(prefill_s=t_pre, decode_tok_s=(n - 1) / t_loop, ms_per_token=t_loop / (n - 1) * 1e3)
-                    dec = None  # frees its buffers and graph pool before the next variant
-                row.update(total_s=t_total, end_to_end_tok_s=n / t_total)
+                    t_prefill, _ = wall(lambda: dec.prefill(prompt), device)
+                    t_decode, _ = wall(lambda: [dec.decode_one() for _ in range(n - 1)], device)
+                if not row["correct"]:
+                    log.error("decode %s B=%d T=%d %s: the first %d tokens differ from generate()'s", arch, batch,
+                              prompt_len, variant, check)
+                if variant == "generate":
+                    generated = out
+                elif generated is not None:
+                    same = (out == generated)[:, prompt_len:].all(0)
+                    row["tokens_match_generate"] = bool(same.all())
+                    if not row["tokens_match_generate"]:
+                        row["first_mismatch"] = int((~same).nonzero()[0])
+                row.update(prefill_s=t_prefill, decode_tok_s=batch * (n - 1) / t_decode,
+                           ms_per_step=t_decode / (n - 1) * 1e3, total_s=t_total,
+                           end_to_end_tok_s=batch * n / t_total, peak_GiB=peak_gib(device))
         except Exception as err:
             row["error"] = f"{type(err).__name__}: {err}"[:500]
-            log.error("decode %s %s: %s", arch, variant, row["error"])
+            log.error("decode %s B=%d T=%d %s: %s", arch, batch, prompt_len, variant, row["error"])
+        dec = None  # frees its buffers and graph pool before the next variant (and generate()'s decoder)
+        if hasattr(model, "static_decoder_slot"):
+            model.static_decoder_slot.clear()
         rows.append(row)
         log.info("[decode] %s", _fmt_row(row, DECODE_COLUMNS))
-    free_memory()
     return rows
 
 
+# ----------------------------------------------------------------------------- decode: divergence
+def divergence_at(ref_tokens: torch.Tensor, ref_logits: torch.Tensor, other_tokens: torch.Tensor,
+                  other_logits: torch.Tensor) -> dict:
+    """Where two greedy decodes of the same prompt part, and whether rounding explains it.
+
+    ``*_tokens`` (n,) the greedy tokens of each path, ``*_logits`` (k, V) each path's logits at steps
+    0..k-1 (k > the first differing step; both paths fed the same tokens up to there). At the first
+    differing step i (tokens a = reference's, b = other's): each path's margin between the two tokens
+    (``ref_margin`` = ref[a] - ref[b], ``other_margin`` = other[b] - other[a]), each path's top-2 margin,
+    the largest logit difference between the paths at i and at the agreeing steps before it
+    (``noise``: how far the two numerics drift apart). A flip whose margins are within that noise
+    (or within one rounding step of the logits' dtype) is a near-tie decided by rounding ("numerics");
+    a margin well above it means the paths compute different things ("bug suspected").
+    """
+    differ = (ref_tokens != other_tokens).nonzero()
+    if len(differ) == 0:
+        diff = (ref_logits.double() - other_logits.double()).abs().amax().item()
+        return {"first_mismatch": None, "steps": len(ref_tokens), "max_abs_logit_diff": diff, "verdict": "same tokens"}
+    i = int(differ[0])
+    ref, other = ref_logits[i].double(), other_logits[i].double()
+    a, b = int(ref_tokens[i]), int(other_tokens[i])
+    top_ref, top_other = ref.topk(2).values, other.topk(2).values
+    before = (ref_logits[:i].double() - other_logits[:i].double()).abs().amax().item() if i else 0.0
+    rounding = torch.finfo(ref_logits.dtype).eps * ref.abs().max().item()
+    noise = max(before, rounding)
+    out = {
+        "first_mismatch": i, "steps": len(ref_tokens), "ref_token": a, "other_token": b,
+        "ref_margin": (ref[a] - ref[b]).item(), "other_margin": (other[b] - other[a]).item(),
+        "ref_top2_margin": (top_ref[0] - top_ref[1]).item(), "other_top2_margin": (top_other[0] - top_other[1]).item(),
+        "max_abs_logit_diff": (ref - other).abs().max().item(), "max_abs_logit_diff_before": before,
+        "logit_rounding": rounding,
+    }
+    tie = max(out["ref_margin"], out["other_margin"]) <= noise
+    out["verdict"] = "numerics (near-tie)" if tie else "bug suspected (margin above the paths' logit noise)"
+    return out
+
+
+def check_divergence(model, dec, prompt: torch.Tensor, new_tokens: int) -> dict:
+    """generate()'s greedy tokens and logits (batch 1) against a StaticDecoder's: the decoder's logits at
+    every step up to the first difference come from teacher-forcing it with its own tokens."""
+    prompt_len = prompt.shape[1]
+    with torch.no_grad():
+        out = model.generate(prompt, **greedy_kwargs(new_tokens, output_logits=True, return_dict_in_generate=True))
+        ref_tokens = out.sequences[0, prompt_len:]
+        ref_logits = torch.stack([step[0] for step in out.logits]).float()
+        other_tokens = dec.generate(prompt, max_new_tokens=new_tokens)[0, prompt_len:].clone()
+        differ = (ref_tokens != other_tokens).nonzero()
+        k = int(differ[0]) + 1 if len(differ) else new_tokens
+        logits = [dec.prefill(prompt)[0].float().clone()]
+        for t in range(k - 1):
+            logits.append(dec.step(other_tokens[t : t + 1])[0].float().clone())
+    return divergence_at(ref_tokens, ref_logits[:k], other_tokens, torch.stack(logits))
+
+
 def bench_decode(a, device, clock: Clock, budget) -> dict:
-    """The first architecture gets every variant; the others plain generate and the step in a CUDA graph
-    (+ the compiled step where listed)."""
+    """Every arch x batch size x prompt length x variant (``--variants``; default: generate, generate_static
+    and the StaticDecoder in a CUDA graph, compiled for --compile-archs, on CUDA; generate, generate_static
+    and the eager StaticDecoder on the CPU). --check-divergence adds, per arch at batch 1 and the first
+    prompt length, where the StaticDecoder's greedy tokens part from generate()'s and why."""
     cuda = device.type == "cuda"
-    rows = []
-    for i, arch in enumerate(a.archs):
+    rows, divergence = [], []
+    for arch in a.archs:
         if budget.over(f"decode {arch}"):
             break
-        variants = ["generate", "static_graph"] if cuda else ["generate", "static_eager"]
-        if cuda and i == 0:
-            variants.append("static_eager")
-        if arch in a.compile_archs and cuda:
+        variants = a.variants or (["generate", "generate_static", "static_graph"] if cuda
+                                  else ["generate", "generate_static", "static_eager"])
+        if not a.variants and cuda and arch in a.compile_archs:
             variants.append("static_graph_compiled")
-        rows += bench_decode_arch(a, arch, variants, device, clock, budget)
-    return {"rows": rows}
+        model = decode_model(a, arch, device)
+        for batch in a.batch_sizes:
+            for prompt_len in a.prompt_lens:
+                rows += bench_decode_case(a, model, arch, batch, prompt_len, variants, device, budget)
+        if a.check_divergence:
+            variant = "static_graph_compiled" if cuda and arch in a.compile_archs else \
+                "static_graph" if cuda else "static_eager"
+            prompt = torch.randint(1, model.config.vocab_size, (1, a.prompt_lens[0]), device=device,
+                                   generator=torch.Generator(device).manual_seed(0))
+            try:
+                dec = static_decoder(model, variant, 1, a.prompt_lens[0] + a.new_tokens + 8, a.new_tokens)
+                report = {"arch": arch, "variant": variant, **check_divergence(model, dec, prompt, a.new_tokens)}
+            except Exception as err:
+                report = {"arch": arch, "variant": variant, "error": f"{type(err).__name__}: {err}"[:500]}
+            dec = None
+            divergence.append(report)
+            log.info("[divergence] %s", " | ".join(f"{k}={_fmt(v)}" for k, v in report.items()))
+        model = None
+        free_memory()
+    return {"rows": rows, "divergence": divergence}
 
 
-DECODE_COLUMNS = ["arch", "size", "variant", "decode_tok_s", "ms_per_token", "end_to_end_tok_s", "prefill_s",
-                  "setup_s", "tokens_match_generate"]
+DECODE_COLUMNS = ["arch", "size", "batch", "prompt", "variant", "decode_tok_s", "ms_per_step", "end_to_end_tok_s",
+                  "prefill_s", "setup_s", "peak_GiB", "correct", "tokens_match_generate", "first_mismatch"]
 
 
 # ----------------------------------------------------------------------------- sweep
@@ -751,7 +880,7 @@ ENGINE_COLUMNS = ["cell", "mode", "fwd_ms", "fwdbwd_ms", "iterations", "residual
 # ----------------------------------------------------------------------------- results and --base
 # Per subcommand: the fields that identify a row, the table's columns.
 KEYS = {"cells": ("cell", "mode", "dtype", "B", "T", "D", "H"), "layers": ("layer", "B", "T", "d_model"),
-        "decode": ("arch", "size", "variant"), "sweep": ("cell", "config", "dtype", "B", "T", "D"),
+        "decode": ("arch", "size", "batch", "prompt", "variant"), "sweep": ("cell", "config", "dtype", "B", "T", "D"),
         "resources": ("kernel",), "engine-cpu": ("cell", "mode")}
 COLUMNS = {"cells": CELL_COLUMNS, "layers": LAYER_COLUMNS, "decode": DECODE_COLUMNS, "sweep": SWEEP_COLUMNS,
            "resources": RESOURCE_COLUMNS, "engine-cpu": ENGINE_COLUMNS}
@@ -874,6 +1003,13 @@ def _shape(n: int):
     return parse
 
 
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
 def _names(allowed):
     def parse(text: str) -> list[str]:
         names = [s for s in text.split(",") if s]
@@ -918,14 +1054,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--time-budget", type=float, default=600.0, help="seconds after which no new row starts")
     p.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU, few reps")
 
-    p = sub.add_parser("decode", parents=[common], help="batch-1 greedy decoding, tokens/s")
+    p = sub.add_parser("decode", parents=[common], help="greedy decoding: generate() vs StaticDecoder, tokens/s")
     p.add_argument("--archs", type=_names(DECODE_ARCHS), default=list(DECODE_ARCHS))
     p.add_argument("--size", default="1b", help="model preset")
     p.add_argument("--fp32", action="store_true", help="fp32 weights (default bf16)")
-    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--batch-sizes", type=_ints, default=[1], help="comma list (e.g. 1,8,64; default 1)")
+    p.add_argument("--prompt-lens", type=_ints, help="comma list (e.g. 128,4096,16384; default 128, --smoke 8)")
     p.add_argument("--new-tokens", type=int, default=256)
+    p.add_argument("--variants", type=_names(DECODE_VARIANTS), help=f"comma list of {','.join(DECODE_VARIANTS)} "
+                   "(default: generate, generate_static, static_graph [+ static_graph_compiled for --compile-archs] "
+                   "on CUDA; generate, generate_static, static_eager on the CPU)")
     p.add_argument("--compile-archs", type=_names(DECODE_ARCHS), default=["paragru"],
-                   help="archs also decoded with the torch.compile'd block step (CUDA)")
+                   help="archs also decoded with the torch.compile'd block step (CUDA, default variants)")
+    p.add_argument("--check-steps", type=int, default=8, help="greedy tokens checked against generate() before timing")
+    p.add_argument("--check-divergence", action="store_true",
+                   help="per arch (batch 1, first prompt length): where the StaticDecoder's greedy tokens part from "
+                        "generate()'s, each path's top-2 logit margin there and the logit differences")
     p.add_argument("--time-budget", type=float, default=600.0, help="seconds after which no new variant starts")
     p.add_argument("--smoke", action="store_true", help="debug preset, short prompt, on the CPU")
 
@@ -985,7 +1129,8 @@ def main(argv: list[str] | None = None) -> dict:
         if a.subcommand == "layers":
             a.shapes, a.rnn_heads, a.mamba_d_state, a.mamba_headdim, a.mamba_chunk = [(2, 32, 64)], 2, 16, 16, 8
         else:
-            a.size, a.prompt_len, a.new_tokens = "debug", 8, 8
+            a.size, a.new_tokens = "debug", 8
+            a.prompt_lens = a.prompt_lens or [8]
     device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if a.subcommand == "engine-cpu":
         device = torch.device("cpu")
@@ -1012,6 +1157,7 @@ def main(argv: list[str] | None = None) -> dict:
         a.layer_names = layer_rows(a.layer_names, a.compile)
         result = bench_layers(a, device, clock, budget)
     elif a.subcommand == "decode":
+        a.prompt_lens = a.prompt_lens or [128]
         result = bench_decode(a, device, clock, budget)
     elif a.subcommand == "sweep":
         a.configs = a.configs if a.configs is not None else SWEEP_CONFIGS

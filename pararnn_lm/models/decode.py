@@ -300,6 +300,10 @@ class StaticDecoderSlot:
     def __setstate__(self, state: dict) -> None:
         self.__init__()
 
+    def clear(self) -> None:
+        """Drop the decoder (its buffers and graph pool are freed once nothing else holds it)."""
+        self.decoder = self.key = None
+
     def get(self, model, batch_size: int, max_length: int, compile: bool | str) -> StaticDecoder:
         """A decoder for ``batch_size`` rows of up to ``max_length`` tokens (prompt + new)."""
         weights = tuple(p.data_ptr() for p in model.parameters())
@@ -307,7 +311,7 @@ class StaticDecoderSlot:
         if (dec is not None and self.key == (batch_size, compile, weights)
                 and (dec.capacity is None or dec.capacity >= max_length)):
             return dec
-        self.decoder = self.key = None  # free the old buffers and graph pool before allocating new ones
+        self.clear()  # free the old buffers and graph pool before allocating new ones
         slots = -(-max_length // self.SLOT_GRANULE) * self.SLOT_GRANULE
         dec = StaticDecoder(model, batch_size=batch_size, max_length=slots, compile=compile)
         if compile:

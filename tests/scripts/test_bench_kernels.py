@@ -127,14 +127,68 @@ def test_reference_mamba2_import_survives_a_missing_cuda_extension(bk, tmp_path,
 
 
 def test_decode_smoke(bk, tmp_path):
-    result = _run(bk, tmp_path, "decode", "--smoke")
-    rows = {(r["arch"], r["variant"]): r for r in result["rows"]}
-    assert set(rows) == {(a, v) for a in bk.DECODE_ARCHS for v in ("generate", "static_eager")}
-    for r in rows.values():
+    """Every arch x batch x prompt length x variant (CPU: generate, generate_static, the eager StaticDecoder),
+    each checked against generate()'s greedy tokens before it is timed; the divergence check reports none."""
+    result = _run(bk, tmp_path, "decode", "--smoke", "--batch-sizes", "1,2", "--prompt-lens", "6",
+                  "--check-divergence")
+    rows = {(r["arch"], r["batch"], r["prompt"], r["variant"]): r for r in result["rows"]}
+    variants = ("generate", "generate_static", "static_eager")
+    assert set(rows) == {(a, b, 6, v) for a in bk.DECODE_ARCHS for b in (1, 2) for v in variants}
+    for (arch, batch, _, variant), r in rows.items():
         assert "error" not in r, r
-        assert r["decode_tok_s"] > 0 and r["end_to_end_tok_s"] > 0
-    for arch in bk.DECODE_ARCHS:
-        assert rows[arch, "static_eager"]["tokens_match_generate"] is True
+        assert r["correct"] is True and r["decode_tok_s"] > 0 and r["end_to_end_tok_s"] > 0 and r["ms_per_step"] > 0
+        assert r["peak_GiB"] is None  # CUDA only
+        if variant != "generate":
+            assert r["tokens_match_generate"] is True
+    assert [d["arch"] for d in result["divergence"]] == bk.DECODE_ARCHS
+    assert all(d["first_mismatch"] is None and d["verdict"] == "same tokens" for d in result["divergence"])
+    assert "batch" in bk.KEYS["decode"] and "prompt" in bk.KEYS["decode"]
+
+
+def test_check_divergence_reports_the_first_differing_token_with_the_margins(bk):
+    """A decoder on slightly perturbed head weights parts from generate(): the report's step, tokens,
+    margins and logit difference equal those of independent full forwards of the two models."""
+    import copy
+
+    from pararnn_lm.models import ParaRNNLMForCausalLM, StaticDecoder, config_for
+
+    torch.manual_seed(0)
+    model = ParaRNNLMForCausalLM(config_for("paragru", "debug", rnn_mode="sequential")).eval()
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        noise = torch.randn(other.lm_head.weight.shape, generator=torch.Generator().manual_seed(1))
+        other.lm_head.weight.add_(0.02 * other.lm_head.weight.std() * noise)
+    prompt = torch.randint(1, 128, (1, 6), generator=torch.Generator().manual_seed(2))
+    report = bk.check_divergence(model, StaticDecoder(other, batch_size=1, max_length=64), prompt, 16)
+    i = report["first_mismatch"]
+    assert i is not None
+    with torch.no_grad():
+        ref = model.generate(prompt, **bk.greedy_kwargs(16))
+        prefix = ref[:, : 6 + i]
+        la, lb = model(prefix, use_cache=False).logits[0, -1], other(prefix, use_cache=False).logits[0, -1]
+    a, b = int(la.argmax()), int(lb.argmax())
+    assert (report["ref_token"], report["other_token"]) == (a, b) and a != b and a == int(ref[0, 6 + i])
+    assert report["ref_margin"] == pytest.approx(float(la[a] - la[b]), abs=1e-4)
+    assert report["other_margin"] == pytest.approx(float(lb[b] - lb[a]), abs=1e-4)
+    assert report["max_abs_logit_diff"] == pytest.approx(float((la - lb).abs().max()), abs=1e-4)
+    assert report["ref_top2_margin"] == pytest.approx(report["ref_margin"], abs=1e-4)  # b is its runner-up
+
+
+def test_divergence_verdict_separates_a_near_tie_from_a_real_difference(bk):
+    tokens, other_tokens = torch.tensor([3, 1, 2]), torch.tensor([3, 1, 4])
+    ref = torch.zeros(3, 5)
+    ref[0, 3] = ref[1, 1] = ref[2, 2] = 5.0
+    drift = ref + 0.01 * torch.tensor([1.0, -1.0, 0.5, -0.5, 0.0])  # the two paths drift apart by 0.01
+    tied_ref, tied_other = ref.clone(), drift.clone()
+    tied_ref[2, 4], tied_other[2, 4] = 4.995, 5.012  # step 2: token 4 within the drift of token 2 in both paths
+    report = bk.divergence_at(tokens, tied_ref, other_tokens, tied_other)
+    assert report["first_mismatch"] == 2 and report["verdict"].startswith("numerics")
+    assert report["max_abs_logit_diff_before"] == pytest.approx(0.01, abs=1e-6)
+    assert report["ref_margin"] == pytest.approx(0.005, abs=1e-6) and report["other_margin"] == pytest.approx(0.007, abs=1e-6)
+    real = drift.clone()
+    real[2, 4] = 8.0  # the reference prefers token 2 by 5 logits where the paths otherwise agree to 0.01
+    report = bk.divergence_at(tokens, ref, other_tokens, real)
+    assert report["verdict"].startswith("bug") and report["ref_margin"] == pytest.approx(5.0)
 
 
 # ----------------------------------------------------------------------------- engine-cpu, --base
