@@ -29,18 +29,21 @@ from .cells.fused_common import planning_sm_count, sigmoid_
 from .launch import launch
 from .modes import triton_usable
 
-# Widest row the kernels hold in registers (a tile is whole rows); wider rows take the PyTorch path.
-MAX_WIDTH = 8192
-# Elements per (rows, channels) tile: forward ~4096 (a 1024-wide row: 4 rows per program), backward ~1024
-# (one row per step of a program's loop: it keeps y, z, dout, their products and the d weight sums live),
-# with warps for <= 16 values per thread and tensor. Not swept.
+# Widest row the kernels hold in registers (a tile is whole rows); wider rows take the PyTorch path. The
+# backward at 8192 channels would need 16 values of each tensor per thread at the 16-warp maximum that
+# fits an SM's registers: 208 bytes of spills (sm_90).
+MAX_WIDTH = 4096
+# Tiles (whole rows): forward ~4096 elements, <= 16 values of each tensor per thread (1024 channels: 4 rows,
+# 8 warps, 48 registers); backward one row per step of a program's loop, 8 values per thread (1024
+# channels: 4 warps, 113 registers; 16 values per thread took 211). Not swept.
 _FWD_TILE_ELEMENTS = 4096
 _BWD_TILE_ELEMENTS = 1024
-_MAX_VALUES_PER_THREAD = 16
-# Backward programs per SM (each walks consecutive row blocks and writes one fp32 d weight partial): few
-# enough to be resident at once at 4 warps, and the partials stay small (132 SMs x 4 x 1024 channels x 4
-# bytes = 2 MB to sum).
-_BWD_PROGRAMS_PER_SM = 4
+_FWD_VALUES_PER_THREAD = 16
+_BWD_VALUES_PER_THREAD = 8
+# Backward programs (each walks consecutive rows and writes one fp32 d weight partial): 16 warps per SM, as
+# many as are resident at once at ~113 registers, so the grid is one wave; the partials stay small (132
+# SMs x 4 programs x 1024 channels x 4 bytes = 2 MB to sum).
+_BWD_WARPS_PER_SM = 16
 
 
 @triton.jit
@@ -99,12 +102,12 @@ def supported(y: torch.Tensor, z: torch.Tensor) -> bool:
             and 0 < y.shape[-1] <= MAX_WIDTH and y.stride(-1) == 1 and z.stride(-1) == 1)
 
 
-def _tile(D: int, elements: int) -> tuple[int, int, int]:
+def _tile(D: int, elements: int, values_per_thread: int) -> tuple[int, int, int]:
     """(rows BN, channels BD, warps) of a tile of about ``elements`` values holding whole rows: 4 to 16
-    warps, <= _MAX_VALUES_PER_THREAD values of each tensor per thread up to 8192-wide rows."""
+    warps, at most ``values_per_thread`` values of each tensor per thread."""
     BD = triton.next_power_of_2(D)
     BN = max(1, elements // BD)
-    return BN, BD, max(4, min(16, BN * BD // (32 * _MAX_VALUES_PER_THREAD)))
+    return BN, BD, max(4, min(16, BN * BD // (32 * values_per_thread)))
 
 
 def _forward(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -112,7 +115,7 @@ def _forward(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: float)
     N, D = y.shape
     out = torch.empty(N, D, device=y.device, dtype=y.dtype)
     if N:
-        BN, BD, warps = _tile(D, _FWD_TILE_ELEMENTS)
+        BN, BD, warps = _tile(D, _FWD_TILE_ELEMENTS, _FWD_VALUES_PER_THREAD)
         launch(_fwd_kernel, (triton.cdiv(N, BN),), y, z, weight, out, N, D, y.stride(0), z.stride(0), eps,
                BN=BN, BD=BD, num_warps=warps)
     return out
@@ -127,9 +130,10 @@ def _backward(dout: torch.Tensor, y: torch.Tensor, z: torch.Tensor, weight: torc
     dz = torch.empty(N, D, device=z.device, dtype=z.dtype)
     if not N:
         return dy, dz, torch.zeros_like(weight)
-    BN, BD, warps = _tile(D, _BWD_TILE_ELEMENTS)
+    BN, BD, warps = _tile(D, _BWD_TILE_ELEMENTS, _BWD_VALUES_PER_THREAD)
     n_blocks = triton.cdiv(N, BN)
-    blocks = triton.cdiv(n_blocks, min(n_blocks, _BWD_PROGRAMS_PER_SM * planning_sm_count(y.device)))
+    most = max(1, _BWD_WARPS_PER_SM // warps) * planning_sm_count(y.device)
+    blocks = triton.cdiv(n_blocks, min(n_blocks, most))
     programs = triton.cdiv(n_blocks, blocks)
     dwp = torch.empty(programs, D, device=y.device, dtype=torch.float32)
     launch(_bwd_kernel, (programs,), y, z, weight, dout, dy, dz, dwp, N, D, y.stride(0), z.stride(0),

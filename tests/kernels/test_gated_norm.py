@@ -89,13 +89,13 @@ def test_a_gradient_that_is_wrong_fails_the_check():
         torch.testing.assert_close(dz.double(), wrong, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("fwd_elements,bwd_elements,programs_per_sm", [(64, 32, 1), (128, 64, 2), (16, 16, 3)])
-def test_tilings_and_partial_sums(monkeypatch, fwd_elements, bwd_elements, programs_per_sm):
-    """Several rows per tile (masked last rows), backward programs walking several row blocks with a
-    ragged last program: the d weight partial sums over programs add up."""
+@pytest.mark.parametrize("fwd_elements,bwd_elements,warps_per_sm", [(64, 32, 4), (128, 64, 8), (16, 16, 12)])
+def test_tilings_and_partial_sums(monkeypatch, fwd_elements, bwd_elements, warps_per_sm):
+    """Several rows per tile (masked last rows), backward programs (1 to 3) walking several row blocks with
+    a ragged last program: the d weight partial sums over programs add up."""
     monkeypatch.setattr(gated_norm, "_FWD_TILE_ELEMENTS", fwd_elements)
     monkeypatch.setattr(gated_norm, "_BWD_TILE_ELEMENTS", bwd_elements)
-    monkeypatch.setattr(gated_norm, "_BWD_PROGRAMS_PER_SM", programs_per_sm)
+    monkeypatch.setattr(gated_norm, "_BWD_WARPS_PER_SM", warps_per_sm)
     monkeypatch.setattr(gated_norm, "planning_sm_count", lambda device: 1)
     _check(*_inputs((3, 23, 13), torch.float32, torch.float32, seed=6))
 
@@ -190,8 +190,8 @@ def test_model_with_fused_mixer_path_equals_pytorch_path(arch):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
-@pytest.mark.parametrize("D", [1024, 2048])
+@pytest.mark.parametrize("D", [1024, 4096])
 def test_on_gpu_at_model_shapes(D):
-    """(16, 2048) tokens at the 400M (1024) and 1B-like (2048) inner widths, bf16 strided inputs, against
-    the fp64 reference: output and all gradients."""
+    """(16, 2048) tokens at the 400M (1024) and the widest (4096) inner widths, bf16 strided inputs,
+    against the fp64 reference: output and all gradients."""
     _check(*_inputs((16, 2048, D), torch.bfloat16, torch.bfloat16, seed=D, device="cuda"))
