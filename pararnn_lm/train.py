@@ -121,8 +121,9 @@ def _train(cfg: TrainConfig, info: DistInfo, run_dir: Path, preempted: Preemptio
     # --- resume ---------------------------------------------------------------------------------
     step, tokens, wandb_id, nonfinite_steps = 0, 0, None, []
     if plan.checkpoint is not None:
+        checkpoints.check_layout(plan.checkpoint, cfg.train.micro_batch_size, grad_accum, deepspeed=cfg.deepspeed.enabled)
         meta = backend.load(plan.checkpoint)
-        rank_state = checkpoints.load_rank_state(plan.checkpoint)
+        rank_state = checkpoints.load_rank_state(plan.checkpoint)  # on other ranks: every rank's data cursor
         data.train.load_state_dict(rank_state["data"])
         restore_rng_state(rank_state["rng"])
         step, tokens, wandb_id = meta["step"], meta["tokens"], meta.get("wandb_id")
@@ -150,6 +151,14 @@ def _train(cfg: TrainConfig, info: DistInfo, run_dir: Path, preempted: Preemptio
     def evaluate() -> dict[str, float]:
         loss = validation_loss(backend.module, data.validation, cfg, info)
         return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
+
+    def tokens_by_source() -> dict[str, int]:
+        """A stream's training tokens per source (``tokens/<name>``), summed over the ranks (each reads its own streams)."""
+        if not hasattr(data.train, "source_tokens"):
+            return {}
+        names, counts = zip(*data.train.source_tokens().items())
+        summed = all_reduce_mean(torch.tensor(counts, dtype=torch.float64, device=info.device), info) * info.world_size
+        return {f"tokens/{name}": round(value) for name, value in zip(names, summed.tolist())}
 
     # --- the loop -------------------------------------------------------------------------------
     # A step reads nothing back from the device: a read waits for the queued work, and the host then
@@ -228,6 +237,7 @@ def _train(cfg: TrainConfig, info: DistInfo, run_dir: Path, preempted: Preemptio
                 "loss": loss, "lr": backend.lr(), "grad_norm": grad_norm, "tokens": tokens, "tokens_per_s": tok_s,
                 "step_time_s": step_time, "mfu": tok_s * flops_token / (peak * info.world_size) if peak else None,
                 "skipped": skipped, **memory_stats(info), **newton_stats(backend.module),
+                **tokens_by_source(),
             })
             progress.show(loss, tok_s)
         if cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.train.steps:

@@ -16,6 +16,20 @@ LABEL_MODES = ("shifted", "unshifted")
 
 
 @dataclass
+class MixtureComponent:
+    """One weighted source of a streamed mixture (``data.mixture``); unset fields take the value of the
+    ``data.*`` key of the same name."""
+
+    path: str = "???"  # hf: dataset name; files: a file, directory or glob of .jsonl / .parquet files
+    weight: float = 1.0  # sampling probability, relative to the other components' weights
+    source: Optional[str] = None  # hf | files (default: data.source)
+    name: Optional[str] = None  # label of the component in logs and metrics (default: path)
+    hf_config: Optional[str] = None
+    split: Optional[str] = None
+    text_field: Optional[str] = None
+
+
+@dataclass
 class DataConfig:
     # --- where the text comes from --------------------------------------------------------------
     # bundled | hf (a Hugging Face dataset by name) | files (local text/jsonl/parquet)
@@ -53,7 +67,17 @@ class DataConfig:
     num_workers: int = 0  # DataLoader worker processes per rank
     pin_memory: bool = False  # pin batches (useful on GPU)
     num_proc: int = 1  # tokenization processes when preparing (1: in-process, multi-threaded Rust tokenizer)
-    shuffle_buffer: int = 10_000  # streaming only: document shuffle buffer
+    # --- streaming (data.streaming=true) -------------------------------------------------------------
+    # Documents are shuffled in consecutive blocks of this many (1: source order); the block being read
+    # is what a resume re-reads, so resuming costs one block, wherever the run is.
+    shuffle_buffer: int = 10_000
+    # The stream is cut into this many parts (by file when there are enough files), each packed on its
+    # own; rank r of W reads the parts p with p % W == r. A resume may use any number of ranks that
+    # divides it. null: the number of ranks of the run's first start.
+    stream_shards: Optional[int] = None
+    # Weighted sources sampled by weight (seeded), e.g. [{path: a/*.jsonl, weight: 0.7}, {path: b, weight: 0.3}];
+    # replaces data.path. Tokens trained on per component appear in the metrics (tokens_by_source).
+    mixture: list[MixtureComponent] = field(default_factory=list)
 
     # --- files ----------------------------------------------------------------------------------
     cache_dir: str = "~/.cache/pararnn_lm/data"  # trained tokenizers and prepared token shards
@@ -68,7 +92,7 @@ def validate_data_config(cfg: DataConfig) -> None:
         raise ValueError(f"data.source={cfg.source!r} is not one of {SOURCES}")
     if cfg.source == "offline" and not cfg.path:
         raise ValueError("data.source='offline' needs data.path (the folder written by scripts/build_offline_corpus.py)")
-    if cfg.source in ("hf", "files") and not cfg.path:
+    if cfg.source in ("hf", "files") and not cfg.path and not cfg.mixture:
         what = "a dataset name" if cfg.source == "hf" else "a file, directory or glob"
         raise ValueError(f"data.source={cfg.source!r} needs data.path ({what})")
     if cfg.text_unit not in TEXT_UNITS:
@@ -85,5 +109,25 @@ def validate_data_config(cfg: DataConfig) -> None:
         raise ValueError("data.num_workers must be >= 0 and data.num_proc >= 1")
     if cfg.max_documents is not None and cfg.max_documents < 1:
         raise ValueError(f"data.max_documents must be >= 1 or null, got {cfg.max_documents}")
+    if cfg.shuffle_buffer < 1:
+        raise ValueError(f"data.shuffle_buffer must be >= 1 (1: no shuffling), got {cfg.shuffle_buffer}")
+    if cfg.stream_shards is not None and cfg.stream_shards < 1:
+        raise ValueError(f"data.stream_shards must be >= 1 or null, got {cfg.stream_shards}")
+    if cfg.mixture:
+        if not cfg.streaming:
+            raise ValueError("data.mixture needs data.streaming=true")
+        for index, part in enumerate(cfg.mixture):
+            where = f"data.mixture[{index}]"
+            if not part.path or part.path == "???":
+                raise ValueError(f"{where} needs a path")
+            if not part.weight > 0:
+                raise ValueError(f"{where}.weight must be > 0, got {part.weight}")
+            if (part.source or cfg.source) not in ("hf", "files"):
+                raise ValueError(f"{where}.source={part.source or cfg.source!r} is not hf or files")
+        names = [part.name or part.path for part in cfg.mixture]
+        if len(set(names)) != len(names):
+            raise ValueError(f"data.mixture names its components twice ({names}); give each a distinct name")
+    if cfg.streaming and not cfg.mixture and cfg.source == "bundled":
+        raise ValueError("data.streaming applies to hf and files sources; the bundled corpus is prepared once")
     if cfg.shard_tokens < 1:
         raise ValueError(f"data.shard_tokens must be >= 1, got {cfg.shard_tokens}")

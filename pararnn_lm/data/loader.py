@@ -5,9 +5,14 @@ Design (why resume is trivial): the whole run is one deterministic sequence of *
 Rank ``r`` of ``W`` owns ``g = k*W + r`` for its local indices ``k = 0, 1, ...``, and its local batch ``b``
 is ``k = b*B .. b*B + B - 1``. DataLoader worker ``w`` of ``n`` builds local batches ``b = w, w+n, ...``;
 PyTorch returns worker outputs round-robin, so the main process sees batches ``0, 1, 2, ...`` in order
-whatever ``n`` is. The cursor is therefore a single integer per rank - the number of batches handed to the
-caller - counted in the main process (not inside workers, whose prefetched batches were not consumed).
-Restoring it and iterating again yields exactly the batches an uninterrupted run would have seen.
+whatever ``n`` is. The batches handed to the caller are counted in the main process (not inside workers,
+whose prefetched batches were not consumed).
+
+The cursor is the *global* position ``P = next_batch * B * W``: the number of sequences all ranks together
+have handed out (the same on every rank at an optimiser-step boundary). A global batch of ``G`` sequences
+is ``g = s*G .. s*G + G - 1`` whatever ``W`` and ``B`` are (for ``G = B*W*accumulation``), so a run may
+resume on another number of ranks or micro-batch size: rank ``r`` of ``W'`` continues at local batch
+``P / (B'*W')`` and the global batches continue exactly.
 
 Across ranks and workers every sequence of an epoch is used exactly once: no repeats, no gaps (the
 training stream just continues into the next epoch). A validation loader is a finite single pass over
@@ -17,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -27,7 +32,7 @@ from .packing import PackedDataset, SequenceOrder, collate_packed
 
 logger = logging.getLogger(__name__)
 
-CURSOR_VERSION = 1
+CURSOR_VERSION = 2
 
 
 class _BatchStream(IterableDataset):
@@ -141,22 +146,42 @@ class PackedLoader:
 
     # -- cursor ---------------------------------------------------------------------------------
     def _identity(self) -> dict[str, Any]:
-        return {"rank": self.rank, "world_size": self.world_size, "batch_size": self.batch_size,
-                "seq_len": self.dataset.seq_len, "num_sequences": self.num_sequences, "seed": self.seed,
+        return {"seq_len": self.dataset.seq_len, "num_sequences": self.num_sequences, "seed": self.seed,
                 "shuffle": self.shuffle, "label_mode": self.dataset.label_mode, "data": self.dataset.fingerprint}
 
     def state_dict(self) -> dict[str, Any]:
-        """This rank's cursor: the number of batches handed out, plus what it is only valid for."""
-        return {"version": CURSOR_VERSION, "next_batch": self._next_batch, **self._identity()}
+        """This rank's cursor: the global position (sequences handed out by all ranks), plus what it is
+        only valid for."""
+        return {"version": CURSOR_VERSION, "kind": "packed", "position": self._next_batch * self.batch_size * self.world_size,
+                "next_batch": self._next_batch, "rank": self.rank, "world_size": self.world_size, "batch_size": self.batch_size, **self._identity()}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue exactly after the last batch recorded in ``state``; refuse an incompatible cursor."""
-        if state.get("version") != CURSOR_VERSION:
-            raise ValueError(f"data cursor version {state.get('version')!r} is not {CURSOR_VERSION}")
-        ours = self._identity()
-        diffs = [f"{key}: checkpoint {state.get(key)!r} vs now {value!r}" for key, value in ours.items() if state.get(key) != value]
-        if diffs:
-            raise ValueError("cannot resume the data stream exactly, the data setup changed (" + "; ".join(diffs)
-                             + "). Resume with the same data, seq_len, micro batch size and number of ranks.")
-        self._next_batch = int(state["next_batch"])
-        logger.info("data cursor restored: rank %d continues at batch %d (epoch %d)", self.rank, self._next_batch, self.epoch)
+    def load_state_dict(self, state: dict[str, Any] | Sequence[dict[str, Any]]) -> None:
+        """Continue exactly after the last batch recorded in ``state`` (this rank's cursor, or those of every
+        rank of the saving run), also on another number of ranks or micro-batch size; refuse another data setup."""
+        cursors = [state] if isinstance(state, dict) else list(state)
+        for cursor in cursors:
+            if cursor.get("version") != CURSOR_VERSION or cursor.get("kind") != "packed":
+                raise ValueError(f"data cursor (version {cursor.get('version')!r}, kind {cursor.get('kind')!r}) is not "
+                                 f"a prepared-data cursor of version {CURSOR_VERSION}: resume with the data setup it was saved with")
+            diffs = [f"{key}: checkpoint {cursor.get(key)!r} vs now {value!r}"
+                     for key, value in self._identity().items() if cursor.get(key) != value]
+            if diffs:
+                raise ValueError("cannot resume the data stream exactly, the data setup changed (" + "; ".join(diffs)
+                                 + "). Resume with the same data, seq_len and seed.")
+        positions = {cursor["position"] for cursor in cursors}
+        if len(positions) != 1:
+            raise ValueError(f"the ranks' data cursors disagree on the global position ({sorted(positions)}): not one checkpoint")
+        position, saved = positions.pop(), cursors[0]
+        per_batch = self.batch_size * self.world_size
+        if position % per_batch:
+            raise ValueError(
+                f"the checkpoint is at global sequence {position}, not a multiple of micro-batch {self.batch_size} x "
+                f"{self.world_size} ranks: choose a micro-batch size and number of ranks whose product divides the "
+                "global batch size")
+        self._next_batch = position // per_batch
+        if (saved["world_size"], saved["batch_size"]) != (self.world_size, self.batch_size):
+            logger.warning("data cursor remapped: global sequence %d, saved by %d rank(s) x micro-batch %d, continues on "
+                           "%d rank(s) x micro-batch %d (rank %d at batch %d)", position, saved["world_size"],
+                           saved["batch_size"], self.world_size, self.batch_size, self.rank, self._next_batch)
+        else:
+            logger.info("data cursor restored: rank %d continues at batch %d (epoch %d)", self.rank, self._next_batch, self.epoch)

@@ -41,6 +41,7 @@ from ..provenance import build_info
 
 logger = logging.getLogger(__name__)
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
+_RANK_FILE = re.compile(r"^rank_(\d{5})\.pt$")
 MANIFEST = "COMPLETE"
 
 
@@ -357,14 +358,45 @@ class CheckpointManager:
                 "was changed. Restore the damaged files, or start over with run.overwrite=true.")
         return None
 
+    @classmethod
+    def saved_world_size(cls, path: Path) -> int:
+        """The number of ranks of the run that wrote checkpoint ``path`` (its rank files, per the manifest)."""
+        files = cls.read_manifest(path).get("files") or {}
+        ranks = sum(1 for name in files if _RANK_FILE.match(name))
+        if ranks == 0:
+            raise CheckpointError(f"{path / MANIFEST} records no rank files: not a checkpoint of a training run")
+        return ranks
+
     def load_rank_state(self, path: Path) -> dict[str, Any]:
-        file = path / f"rank_{self.rank:05d}.pt"
-        if not file.is_file():
-            raise FileNotFoundError(
-                f"{file} is missing: the checkpoint was written by a run with fewer ranks. Resume with the "
-                "same number of processes (the data cursor is per rank)."
-            )
-        return load_tensors(file)
+        """This rank's RNG state and data cursor. On another number of ranks than the saving run's, ``data``
+        is the list of every saving rank's cursor (the loader takes its share from their global position),
+        and a rank the saving run did not have takes the RNG state of rank ``rank % saved ranks``."""
+        saved = self.saved_world_size(path)
+        if saved == self.world_size:
+            return load_tensors(path / f"rank_{self.rank:05d}.pt")
+        state = load_tensors(path / f"rank_{self.rank % saved:05d}.pt")
+        state["data"] = [load_tensors(path / f"rank_{rank:05d}.pt")["data"] for rank in range(saved)]
+        return state
+
+    def check_layout(self, path: Path, micro_batch_size: int, grad_accum: int, *, deepspeed: bool) -> None:
+        """Say how this run's layout (ranks, micro-batch, gradient accumulation) differs from the one that
+        saved ``path``; refuse another number of ranks for DeepSpeed, whose ZeRO checkpoint is partitioned
+        by rank (the torch backend's optimiser state is replicated and loads on any number of ranks)."""
+        saved_ranks = self.saved_world_size(path)
+        train = (self.read_manifest(path).get("config") or {}).get("train") or {}
+        saved_micro = train.get("micro_batch_size", micro_batch_size)
+        saved_accum = train.get("global_batch_size", micro_batch_size * grad_accum * self.world_size) // (saved_micro * saved_ranks)
+        if (saved_ranks, saved_micro, saved_accum) == (self.world_size, micro_batch_size, grad_accum):
+            return
+        if deepspeed and saved_ranks != self.world_size:
+            raise CheckpointError(
+                f"{path} was saved by {saved_ranks} DeepSpeed rank(s); this run has {self.world_size}. DeepSpeed's "
+                "ZeRO checkpoint is partitioned by rank and is not resharded here: resume on "
+                f"{saved_ranks} rank(s) (the micro-batch size may change), or convert the checkpoint with "
+                "DeepSpeed's ds_to_universal and load it as a universal checkpoint yourself")
+        logger.warning("elastic resume from %s: ranks %d -> %d, micro-batch %d -> %d, gradient accumulation %d -> %d "
+                       "(the global batch and the sequence of global batches are unchanged)", path.name, saved_ranks,
+                       self.world_size, saved_micro, micro_batch_size, saved_accum, grad_accum)
 
     @staticmethod
     def load_global_state(path: Path) -> dict[str, Any]:

@@ -334,58 +334,6 @@ def test_build_datasets_from_files_and_prepared_dir(tmp_path):
         assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["position_ids"], b["position_ids"])
 
 
-# --- streaming ------------------------------------------------------------------------------------
-
-
-def _jsonl_source(tmp_path, texts):
-    import json
-
-    path = tmp_path / "stream.jsonl"
-    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
-    return FileSource(str(path))
-
-
-@pytest.mark.parametrize("label_mode", ["unshifted", "shifted"])
-def test_streaming_matches_packed_dataset_and_resumes(tmp_path, small_tokenizer, chapters, label_mode):
-    from pararnn_lm.data import StreamingPackedLoader
-
-    texts = [d.text for d in chapters[400:420]]
-    source = _jsonl_source(tmp_path, texts)
-    docs = list(tokenize_documents(texts, small_tokenizer))
-    stream, offsets = concat_documents(docs)
-    reference = PackedDataset(stream, offsets, 48, label_mode=label_mode)
-    make = lambda: StreamingPackedLoader(source, small_tokenizer, 48, 3, label_mode=label_mode, chunk_docs=4)
-    first_epoch = len(reference) // 3
-    uninterrupted = take(make(), first_epoch + 4)  # continues into epoch 2
-    for b, batch in enumerate(uninterrupted[:first_epoch]):
-        expect = collate_packed([reference[3 * b + j] for j in range(3)])
-        for key in expect:
-            assert torch.equal(batch[key], expect[key]), (b, key)
-    loader = make()
-    it = iter(loader)
-    head = [next(it) for _ in range(first_epoch - 2)]
-    state = loader.state_dict()
-    resumed = make()
-    resumed.load_state_dict(state)
-    for a, b in zip(head + take(resumed, 6), uninterrupted):
-        assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["position_ids"], b["position_ids"])
-
-
-def test_streaming_ranks_read_disjoint_documents(tmp_path, small_tokenizer):
-    from pararnn_lm.data import StreamingPackedLoader
-
-    texts = [f"document number {i} " * 5 for i in range(40)]
-    source = _jsonl_source(tmp_path, texts)
-    seen = []
-    for rank in range(2):
-        val = StreamingPackedLoader(source, small_tokenizer, 16, 1, rank=rank, world_size=2, infinite=False)
-        text = "".join(small_tokenizer.decode(b["input_ids"][0]) for b in val)
-        numbers = {int(w) for w in text.replace("<|endoftext|>", " ").split() if w.isdigit()}
-        assert numbers and all(n % 2 == rank for n in numbers)
-        seen.append(numbers)
-    assert len(seen[0] | seen[1]) >= 36  # only each rank's last partial batch is dropped
-
-
 def test_prepare_script_cli(tmp_path):
     from repo_scripts import load_script
 

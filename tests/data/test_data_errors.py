@@ -219,8 +219,16 @@ def test_validation_too_small_for_ranks(tmp_path):
 def test_incompatible_cursor_is_refused():
     stream, offsets = concat_documents([np.arange(1, 200)])
     ds = PackedDataset(stream, offsets, 10)
-    state = PackedLoader(ds, 2, rank=0, world_size=2).state_dict()
-    with pytest.raises(ValueError, match="world_size: checkpoint 2 vs now 4"):
-        PackedLoader(ds, 2, rank=0, world_size=4).load_state_dict(state)
-    with pytest.raises(ValueError, match="batch_size: checkpoint 2 vs now 3"):
+    loader = PackedLoader(ds, 2, rank=0, world_size=2)
+    it = iter(loader)
+    next(it)
+    state = loader.state_dict()  # global sequence 4
+    with pytest.raises(ValueError, match="global sequence 4, not a multiple of micro-batch 3 x 2 ranks"):
         PackedLoader(ds, 3, rank=0, world_size=2).load_state_dict(state)
+    with pytest.raises(ValueError, match="seed: checkpoint 0 vs now 1"):
+        PackedLoader(ds, 2, rank=0, world_size=2, seed=1).load_state_dict(state)
+    other = PackedDataset(stream[:150], np.asarray([0, 150]), 10)
+    with pytest.raises(ValueError, match="num_sequences: checkpoint 19 vs now 15"):
+        PackedLoader(other, 2, rank=0, world_size=2).load_state_dict(state)
+    with pytest.raises(ValueError, match="disagree on the global position"):
+        PackedLoader(ds, 2, rank=0, world_size=1).load_state_dict([state, {**state, "position": 8}])
