@@ -1,6 +1,7 @@
 """The trained model as a Hugging Face directory: at the end of a run, and snapshots during it."""
 from __future__ import annotations
 
+import copy
 import logging
 import re
 from pathlib import Path
@@ -25,11 +26,12 @@ def main_rank_model(backend, cfg: TrainConfig, info: DistInfo) -> nn.Module | No
 
 
 def _model_from_state(config, state: Mapping[str, torch.Tensor]) -> nn.Module:
-    """A CPU model holding copies of ``state`` (built on the meta device: no initialisation pass)."""
+    """A CPU model holding copies of ``state`` and of ``config`` (the export writes into its config), built on
+    the meta device: no initialisation pass."""
     from pararnn_lm.models import ParaRNNLMForCausalLM
 
     with torch.device("meta"):
-        model = ParaRNNLMForCausalLM(config)
+        model = ParaRNNLMForCausalLM(copy.deepcopy(config))
     model.load_state_dict({k: v.detach().to("cpu", copy=True) for k, v in state.items()}, assign=True)
     model.tie_weights()
     return model

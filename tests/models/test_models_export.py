@@ -292,3 +292,13 @@ def test_bf16_export_has_bf16_weights_and_the_fp32_logits_within_bf16_rounding(a
     with torch.no_grad():
         model.model.layers[1].mlp.down_proj.weight.zero_()
         assert (model(ids).logits - want).abs().max() > 5 * BF16_REL_TO_MAX_LOGIT * scale
+
+
+def test_the_hub_repository_of_an_init_from_export_becomes_the_base_model(tmp_path):
+    from pararnn_lm.training.export import hub_id_of
+
+    pushed = export_model(_model("paragru"), tmp_path / "pushed", repo_id="someone/paragru-base", check=False)
+    local = export_model(_model("paragru"), tmp_path / "local", check=False)
+    assert hub_id_of(str(pushed)) == "someone/paragru-base"
+    assert hub_id_of(str(local)) is None  # never pushed: its card names no repository
+    assert hub_id_of(str(tmp_path)) is None and hub_id_of(None) is None  # a folder without a card, no init_from

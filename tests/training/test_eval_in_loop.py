@@ -124,11 +124,12 @@ def test_in_process_evaluation_restores_train_mode_and_rng():
     assert lm_eval_metrics(results) == lm_eval_metrics(direct)
 
 
-def test_two_ranks_log_one_evaluation_of_the_shared_model(tmp_path):
+@pytest.mark.parametrize("deepspeed", ["none", "zero3"])  # zero3: rank 0 evaluates a gathered copy
+def test_two_ranks_log_one_evaluation_of_the_shared_model(tmp_path, deepspeed):
     run_dir = tmp_path / "ddp"
     run_train(run_dir, *fast_but("export.at_end", "train.micro_batch_size"), "train.micro_batch_size=2", "train.steps=2",
-              "checkpoint.every=0", "eval.lm_eval_every=2", *LM_EVAL[1:], "export.at_end=true", fast=False,
-              launcher=[sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"])
+              "checkpoint.every=0", "eval.lm_eval_every=2", *LM_EVAL[1:], "export.at_end=true", f"deepspeed={deepspeed}",
+              fast=False, launcher=[sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"])
     logged = [r for r in records(run_dir) if any(k.startswith("lm_eval/") for k in r)]
     assert [r["step"] for r in logged] == [2]  # rank 0 evaluated, once; the other rank waited
     assert_same_metrics(logged[0], standalone(run_dir / "export", tmp_path / "ddp.json"))
