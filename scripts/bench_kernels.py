@@ -522,6 +522,9 @@ def bench_decode_case(a, model, arch: str, batch: int, prompt_len: int, variants
         free_memory()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
+            # each decoder compiles its own step: without a reset, dynamo's recompile limit would make the
+            # later compiled variants of a long table run uncompiled
+            torch._dynamo.reset()
         try:
             with torch.no_grad():
                 t_build = time.time()

@@ -8,9 +8,10 @@
     logits = dec.step(next_ids)                                   # (B, V) teacher-forced, one token per row
 
 ``model.generate(..., cache_implementation="static")`` (or ``model.generation_config.cache_implementation =
-"static"``) decodes through a StaticDecoder that the model keeps between calls (modeling.py), with HF's
-logits processors, sampling, stopping criteria and streamer on top of :meth:`StaticDecoder.prefill` /
-:meth:`StaticDecoder.step`, or, for plain greedy decoding, through :meth:`StaticDecoder.generate`.
+"static"``) decodes through a StaticDecoder that the model keeps between calls (:class:`StaticDecoderSlot`;
+on CUDA its step is compiled unless ``disable_compile=True``), with HF's logits processors, sampling,
+stopping criteria and streamer on top of :meth:`StaticDecoder.prefill` / :meth:`StaticDecoder.step`, or,
+for plain greedy decoding, through :meth:`StaticDecoder.generate` (modeling.py, ``_sample``).
 
 Why: ``model.generate`` decodes through the HF loop and the model's general forward (positions,
 masks, cache bookkeeping, a few hundred small kernels and host syncs per token). Here every layer's
@@ -30,9 +31,11 @@ Numerics: the mixers' steps are the operations of their forward for one token (t
 single step instead of the parallel solve); the model's cached decoding path runs the same steps for the
 recurrent mixers, with the same weight-derived constants (computed once per prefill: the decoder's
 buffers follow the weights of its latest prefill). In eager mode the decoder therefore reproduces
-``model.generate`` (greedy tokens exactly, logits to rounding). ``compile=True`` additionally runs the step through ``torch.compile``
-(inductor fuses the elementwise chains: RMSNorms, conv taps, the cell step) before graph capture; fused
-fp32 arithmetic then differs from eager in the last bits.
+``model.generate`` (greedy tokens exactly, logits to rounding). ``compile=True`` additionally runs the
+step through ``torch.compile`` (inductor fuses the elementwise chains: RMSNorms, conv taps, the cell
+step) before graph capture; fused arithmetic then differs from eager in the last bits, and in bf16 a
+near-tie between the top two logits can go the other way (``scripts/bench_kernels.py decode
+--check-divergence`` tells such a flip from a real difference).
 
 Scope: every mixer with an inference state (paragru, paralstm, mamba2, attention) and hybrid stacks;
 padded prompts (``attention_mask``) work as in ``model.generate`` (the prefill runs the model's parallel

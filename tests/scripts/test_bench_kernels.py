@@ -184,7 +184,8 @@ def test_divergence_verdict_separates_a_near_tie_from_a_real_difference(bk):
     report = bk.divergence_at(tokens, tied_ref, other_tokens, tied_other)
     assert report["first_mismatch"] == 2 and report["verdict"].startswith("numerics")
     assert report["max_abs_logit_diff_before"] == pytest.approx(0.01, abs=1e-6)
-    assert report["ref_margin"] == pytest.approx(0.005, abs=1e-6) and report["other_margin"] == pytest.approx(0.007, abs=1e-6)
+    assert report["ref_margin"] == pytest.approx(0.005, abs=1e-6)
+    assert report["other_margin"] == pytest.approx(0.007, abs=1e-6)
     real = drift.clone()
     real[2, 4] = 8.0  # the reference prefers token 2 by 5 logits where the paths otherwise agree to 0.01
     report = bk.divergence_at(tokens, ref, other_tokens, real)
