@@ -34,6 +34,9 @@ def config_file(*parts: str) -> Path:
     return path
 
 
+REVISION_FILE = "REVISION"  # the commit of a source tree copied without its .git
+
+
 @functools.lru_cache(maxsize=1)
 def git_commit() -> str | None:
     """The commit of the checkout the package is imported from (with ``+dirty`` for local changes);
@@ -41,6 +44,9 @@ def git_commit() -> str | None:
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=PACKAGE_DIR, capture_output=True, text=True, timeout=10,
                               check=True).stdout.strip()
+    revision_file = PACKAGE_DIR.parent / REVISION_FILE  # a source tree exported without .git (revision_tree)
+    if not (PACKAGE_DIR.parent / ".git").exists() and revision_file.is_file():
+        return revision_file.read_text().strip() or None
     try:
         top = Path(git("rev-parse", "--show-toplevel"))
         if not (top / "pyproject.toml").is_file() or PACKAGE_DIR.parent != top:
@@ -71,7 +77,7 @@ def revision_tree(rev: str, repo: Path | None = None) -> Iterator[tuple[str, Pat
     if folder.is_dir():
         if not (folder / "pararnn_lm" / "train.py").is_file():
             raise ValueError(f"{folder} holds no pararnn_lm/train.py: not a tree of this project")
-        marker = folder / "REVISION"
+        marker = folder / REVISION_FILE
         try:
             commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=folder, capture_output=True,
                                     text=True, check=True).stdout.strip()

@@ -195,6 +195,16 @@ def test_checkpoints_record_the_version_and_commit_that_wrote_them(tmp_path):
     assert {key: manifest[key] for key in ("step", *info)} == {"step": 3, **info}
 
 
+def test_code_in_a_tree_without_git_stamps_the_commit_of_its_revision_file(tmp_path):
+    # how benchmarks run on a machine without the repository's .git: the tree carries a REVISION file
+    shutil.copytree(ROOT / "pararnn_lm", tmp_path / "pararnn_lm", symlinks=True,
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    (tmp_path / "REVISION").write_text("abc1234\n")
+    stamped = subprocess.run([sys.executable, "-c", "import pararnn_lm.provenance as p; print(p.PACKAGE_DIR, p.git_commit())"],
+                             cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(tmp_path)}, capture_output=True, text=True)
+    assert stamped.stdout.split() == [str(tmp_path / "pararnn_lm"), "abc1234"], stamped.stderr
+
+
 def test_revision_tree_takes_a_git_revision_or_a_prepared_folder(tmp_path):
     from pararnn_lm.provenance import revision_tree
 
