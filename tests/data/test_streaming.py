@@ -220,21 +220,22 @@ def test_kill_9_mid_run_then_resume_gives_exactly_the_next_batches(tmp_path, tok
 
 
 def test_mixture_weights_hold_within_four_binomial_sigmas(tmp_path, small_tokenizer):
-    """Every document is one token long plus EOS, so a component's tokens / 2 is its document count:
-    over n sampled documents, component i's share is binomial, std sqrt(p (1 - p) / n)."""
+    """Every document is the same L tokens (EOS included), so a component's tokens / L is its document
+    count (up to the one document a batch cuts): over n sampled documents, component i's share is
+    binomial, std sqrt(p (1 - p) / n)."""
     weights = {"a": 0.6, "b": 0.3, "c": 0.1}
-    word = small_tokenizer.decode(small_tokenizer("the", add_special_tokens=False)["input_ids"])
-    assert len(small_tokenizer(word, add_special_tokens=False)["input_ids"]) == 1
+    word = "the"
+    length = len(small_tokenizer(word, add_special_tokens=False)["input_ids"]) + 1
     components = [StreamComponent(name, "files", (write_jsonl(tmp_path / name, [word] * 3000, 2),), weight)
                   for name, weight in weights.items()]
     source = StreamSource(components, seed=3)
     loader = StreamingPackedLoader(source, small_tokenizer, 64, 4, num_streams=2, shuffle_buffer=50, seed=3)
-    batches = take(loader, 16)  # 4096 tokens: ~2048 documents, no component runs out
+    batches = take(loader, 16)  # 4096 tokens: over a thousand documents, no component (1500 per stream) runs out
     counts = loader.source_tokens()
     assert sum(counts.values()) == 16 * 4 * 64 == sum(int(b["input_ids"].numel()) for b in batches)
-    n = sum(counts.values()) / 2
+    n = sum(counts.values()) / length
     for name, p in weights.items():
-        share = counts[name] / 2 / n
+        share = counts[name] / length / n
         assert abs(share - p) <= 4 * math.sqrt(p * (1 - p) / n), (name, share, p, counts)
     resumed = StreamingPackedLoader(source, small_tokenizer, 64, 4, num_streams=2, shuffle_buffer=50, seed=3)
     resumed.load_state_dict(loader.state_dict())
@@ -278,7 +279,7 @@ def test_text_files_and_bad_stream_splits_fail_clearly(tmp_path, small_tokenizer
     with pytest.raises(ValueError, match="data.stream_shards=3 parts, which 2 ranks cannot share evenly"):
         StreamingPackedLoader(source, small_tokenizer, 16, 1, rank=0, world_size=2, num_streams=3)
     loader = StreamingPackedLoader(source, small_tokenizer, 16, 1, num_streams=2)
-    take(loader, 1)
+    take(loader, 2)
     with pytest.raises(ValueError, match="data.stream_shards=4 but the checkpoint's stream has 2 parts"):
         StreamingPackedLoader(source, small_tokenizer, 16, 1, num_streams=4).load_state_dict(loader.state_dict())
     with pytest.raises(ValueError, match="shuffle_buffer: checkpoint 1 vs now 2"):
