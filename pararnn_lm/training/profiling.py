@@ -43,8 +43,8 @@ class StepProfiler:
         self.cuda = info.device.type == "cuda"
         self.profiler: torch.profiler.profile | None = None
         if self.first is not None and start_step >= self.first:
-            logger.warning("profile.steps=[%d, %d]: the run starts after step %d (a resume): not profiled",
-                           self.first, self.last, start_step)
+            logger.warning("profile.steps=[%d, %d]: the run resumes after step %d, past the first of them: "
+                           "not profiled", self.first, self.last, start_step)
             self.first = self.last = None
 
     def advance(self, step: int) -> None:
