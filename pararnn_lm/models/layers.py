@@ -147,10 +147,17 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         self.head_dim, self.theta = head_dim, theta
 
-    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions (B, T) -> cos, sin (B, 1, T, head_dim) in fp32."""
-        exponent = torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=positions.device) / self.head_dim
-        inv_freq = 1.0 / (self.theta ** exponent)
+    def inv_freq(self, device: torch.device) -> torch.Tensor:
+        """(head_dim / 2,) fp32: the rotation frequencies theta^(-2i / head_dim)."""
+        exponent = torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=device) / self.head_dim
+        return 1.0 / (self.theta ** exponent)
+
+    def forward(self, positions: torch.Tensor,
+                inv_freq: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions (B, T) -> cos, sin (B, 1, T, head_dim) in fp32. ``inv_freq``: :meth:`inv_freq`, where a
+        decoder keeps it for every step."""
+        if inv_freq is None:
+            inv_freq = self.inv_freq(positions.device)
         freqs = positions.to(torch.float32).unsqueeze(-1) * inv_freq
         emb = torch.cat((freqs, freqs), dim=-1).unsqueeze(1)
         return emb.cos(), emb.sin()

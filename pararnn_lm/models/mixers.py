@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -257,6 +257,7 @@ class KVState(InferenceState):
     keys: torch.Tensor  # (B, Hkv, max_length, head_dim)
     values: torch.Tensor  # (B, Hkv, max_length, head_dim)
     valid: torch.Tensor  # (B, max_length) bool
+    constants: dict[str, torch.Tensor] = field(default_factory=dict)  # RoPE's inv_freq (from the config alone)
 
     @property
     def capacity(self) -> int:
@@ -319,7 +320,8 @@ class AttentionMixer(nn.Module):
                                  device: torch.device) -> KVState:
         shape = (batch_size, self.Hkv, max_length, self.hd)
         return KVState(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device),
-                       torch.zeros(batch_size, max_length, dtype=torch.bool, device=device))
+                       torch.zeros(batch_size, max_length, dtype=torch.bool, device=device),
+                       {"inv_freq": self.rope.inv_freq(device)})
 
     def step(self, x_t: torch.Tensor, state: KVState, position: TokenPosition) -> torch.Tensor:
         """One token (B, d) -> (B, d): its key and value go to slot ``position.slot``; it attends to the
@@ -328,7 +330,7 @@ class AttentionMixer(nn.Module):
         q = self.q_proj(x_t).view(B, self.H, 1, self.hd)
         k = self.k_proj(x_t).view(B, self.Hkv, 1, self.hd)
         v = self.v_proj(x_t).view(B, self.Hkv, 1, self.hd)
-        cos, sin = self.rope(position.positions.unsqueeze(1))
+        cos, sin = self.rope(position.positions.unsqueeze(1), state.constants.get("inv_freq"))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         state.keys.index_copy_(2, position.slot, k)
         state.values.index_copy_(2, position.slot, v)
