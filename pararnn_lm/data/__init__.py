@@ -3,7 +3,8 @@
     from pararnn_lm.data import DataConfig, build_datasets
     train, validation, tokenizer = build_datasets(DataConfig(), rank=0, world_size=1, batch_size=8)
     batch = next(iter(train))   # {"input_ids", "labels", "position_ids"}: (B, T) int64
-    state = train.state_dict()  # per-rank cursor for checkpoints; train.load_state_dict(state) resumes
+    state = train.state_dict()  # this rank's cursor (a global position); train.load_state_dict(state) resumes,
+                                # and load_state_dict([every rank's cursor]) resumes on another number of ranks
 
 Submodules are imported lazily so that ``from pararnn_lm.data.config import DataConfig`` (the Hydra schema) stays
 light, and spawned tokenization workers do not import torch.
@@ -26,7 +27,8 @@ _EXPORTS = {
     "PackedLoader": "loader",
     "prepare_shards": "prepare", "TokenShards": "prepare", "ShardError": "prepare", "token_dtype": "prepare",
     "build_datasets": "build", "prepare_dataset": "build", "build_tokenizer": "bundle", "DataBundle": "bundle",
-    "StreamingPackedLoader": "streaming", "build_streaming": "streaming",
+    "StreamingPackedLoader": "streaming", "build_streaming": "streaming", "StreamSource": "streaming",
+    "StreamComponent": "streaming", "MixtureComponent": "config",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -72,8 +72,10 @@ class StreamComponent:
 
     def files(self) -> list[Path]:
         files = resolve_files(list(self.paths))
-        suffixes = {_suffix(f) for f in files}
-        if not suffixes <= set(JSONL_SUFFIXES + PARQUET_SUFFIXES) or len(suffixes & set(JSONL_SUFFIXES)) and suffixes & set(PARQUET_SUFFIXES):
+        kinds = {"jsonl" if _suffix(f) in JSONL_SUFFIXES else "parquet" if _suffix(f) in PARQUET_SUFFIXES else "other"
+                 for f in files}
+        if kinds not in ({"jsonl"}, {"parquet"}):
+            suffixes = {_suffix(f) for f in files}
             raise DataSourceError(f"{self.name}: streaming reads .jsonl/.json or .parquet files (one kind per source), "
                                   f"got {sorted(suffixes)}; use data.streaming=false for text files")
         return files

@@ -14,7 +14,7 @@ import torch
 
 from pararnn_lm.data import PackedDataset, PackedLoader, bundled_documents, concat_documents, train_tokenizer
 from pararnn_lm.data.streaming import StreamComponent, StreamingPackedLoader, StreamSource
-from test_train import ROOT, attempts, losses, run_train
+from test_train import attempts, losses, run_train
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
 GLOBAL_BATCH = 8
