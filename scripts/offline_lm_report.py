@@ -9,7 +9,8 @@ windows of the run's ``data.seq_len`` with documents separated as in training. A
 is token-weighted over its sources. ``metrics.jsonl`` gives the curves: training and validation loss, and
 the Newton iterations of every ParaRNN layer (``newton/iters/<layer>``).
 
-Writes OUT/report.md (the tables), OUT/report.json (the numbers) and OUT/curves.png.
+Writes OUT/report.md (the tables), OUT/report.json (the numbers) and OUT/curves.png. A run without an export
+(stopped before its end) appears in the curves and in the table of validation losses by step only.
 """
 from __future__ import annotations
 
@@ -102,6 +103,20 @@ def markdown_tables(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def validation_by_step(runs: dict[str, list[dict[str, Any]]]) -> str:
+    """Validation loss (and perplexity) of every run at every evaluated step, from ``metrics.jsonl``: the runs
+    compared at equal training tokens, including a run stopped before its end (no export to evaluate)."""
+    val = {name: {r["step"]: r["val_loss"] for r in records if "val_loss" in r} for name, records in runs.items()}
+    tokens = {r["step"]: r["tokens"] for records in runs.values() for r in records if "tokens" in r}
+    steps = sorted({step for by_step in val.values() for step in by_step})
+    lines = ["### validation loss during training (perplexity), from metrics.jsonl", "",
+             "| step | train tokens | " + " | ".join(runs) + " |", "|---|---|" + "---|" * len(runs)]
+    for step in steps:
+        cells = [f"{val[name][step]:.4f} ({math.exp(val[name][step]):.2f})" if step in val[name] else "-" for name in runs]
+        lines.append(f"| {step} | {tokens.get(step, float('nan')):,} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def plot_curves(runs: dict[str, list[dict[str, Any]]], path: Path) -> Path:
     """One figure: training (solid) and validation (dashed) loss per run; Newton iterations per layer."""
     import matplotlib
@@ -145,12 +160,16 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     parser.add_argument("--max-tokens", type=int, default=None, help="evaluate at most this many tokens per source")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
+    finished = [run for run in args.runs if (run / "export").is_dir()]
+    for run in sorted(set(args.runs) - set(finished)):
+        logger.warning("%s has no export (stopped before its end): only its curves and validation losses are shown", run)
     results = [evaluate_run(run, args.corpus, args.cache_dir, batch_size=args.batch_size, device=args.device,
-                            max_tokens=args.max_tokens) for run in args.runs]
+                            max_tokens=args.max_tokens) for run in finished]
+    curves = {run.name: read_metrics(run) for run in args.runs}
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "report.md").write_text(markdown_tables(results))
+    (args.out / "report.md").write_text((markdown_tables(results) + "\n" if results else "") + validation_by_step(curves))
     (args.out / "report.json").write_text(json.dumps(results, indent=1))
-    plot_curves({run.name: read_metrics(run) for run in args.runs}, args.out / "curves.png")
+    plot_curves(curves, args.out / "curves.png")
     logger.info("wrote %s\n%s", args.out, (args.out / "report.md").read_text())
     return {"results": results, "out": args.out}
 

@@ -341,3 +341,17 @@ def test_report_tables_match_an_independent_evaluation_and_plot_the_curves(corpu
     newton = [r for r in reporter.read_metrics(runs[0]) if "newton/iters/1" in r]
     assert len(newton) == 4  # one point per step and layer on the Newton panel
     assert (tmp_path / "report" / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # a run stopped before its end (no export) is still compared at equal tokens, from its metrics.jsonl
+    stopped = tmp_path / "runs" / "stopped"
+    shutil.copytree(runs[1], stopped, ignore=shutil.ignore_patterns("export"))
+    out = reporter.main([str(runs[0]), str(stopped), "--out", str(tmp_path / "partial"), "--cache-dir", str(cache),
+                         "--device", "cpu", "--batch-size", "3"])
+    assert [r["run"] for r in out["results"]] == ["paragru"]
+    partial = (tmp_path / "partial" / "report.md").read_text()
+    records = reporter.read_metrics(stopped)
+    tokens = {r["step"]: r["tokens"] for r in records if "tokens" in r}
+    for record in records:
+        if "val_loss" in record:
+            assert f"| {record['step']} | {tokens[record['step']]:,} | " in partial
+            assert f"{record['val_loss']:.4f} ({math.exp(record['val_loss']):.2f})" in partial
