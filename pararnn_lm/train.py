@@ -168,7 +168,6 @@ def _train(cfg: TrainConfig, info: DistInfo, run_dir: Path, preempted: Preemptio
     progress = Progress(cfg.train.steps, initial=step, enabled=info.is_main and cfg.logging.progress_bar)
     timer = StepTimer(info.device)
     profiler = StepProfiler(cfg.profile.steps, run_dir / "profile", info, start_step=step, pause=timer.paused)
-    profiler.advance(step)
     losses: list[float] = []
     pending: list[tuple[int, Any, Any, Any]] = []  # (step, loss, grad norm, applied): tensors or numbers
     started, exit_code = time.perf_counter(), 0
@@ -211,6 +210,7 @@ def _train(cfg: TrainConfig, info: DistInfo, run_dir: Path, preempted: Preemptio
         return "interrupted" if flags[0] else "preempted" if flags[1] else "time limit" if flags[2] else None
 
     while step < cfg.train.steps:
+        profiler.advance(step)  # a profiled step's range is its whole iteration (log, eval, checkpoint)
         step_losses = []
         for _ in range(grad_accum):
             batch = to_device(next(train_iter), info.device)
@@ -227,7 +227,6 @@ def _train(cfg: TrainConfig, info: DistInfo, run_dir: Path, preempted: Preemptio
             raise FloatingPointError(f"non-finite loss/gradient at step {step}; checkpoint saved, see metrics.jsonl")
         pending.append((step, torch.stack(step_losses).mean(), grad_norm, applied))
         progress.update(step)
-        profiler.advance(step)
         inject_fault(step)  # tests only: PARARNN_TEST_FAULT=sigkill@N / sigterm@N
         if step % cfg.train.log_every == 0 or step == cfg.train.steps:
             step_time = timer.read()  # waits for the device: the one sync of a log interval
