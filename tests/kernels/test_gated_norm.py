@@ -166,7 +166,8 @@ def test_layer_fused_path_equals_its_pytorch_path():
 @pytest.mark.parametrize("arch", ["paragru", "paralstm", "mamba2"])
 def test_model_with_fused_mixer_path_equals_pytorch_path(arch):
     """A debug-preset LM on packed documents, forward + backward: logits and every parameter gradient
-    equal with the mixers' gated norms and convs on the fused kernels and on their PyTorch code."""
+    equal with the mixers' gated norms and convs on the fused kernels and on their PyTorch code (the one
+    model-level check of both fused ops)."""
     from pararnn_lm.models import ParaRNNLMForCausalLM, config_for
 
     torch.manual_seed(0)
