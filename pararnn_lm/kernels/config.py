@@ -62,6 +62,9 @@ class NewtonStats:
     residual: the scaled max residual of the returned trajectory (before any fallback).
     converged: the residual met the tolerance within the cap.
     fell_back: the sequential fallback finished the trajectory.
+    residuals: the scaled max residual of the initial guess and after each update (the modes that solve
+        Newton over all T states, ``newton_torch`` / ``newton_triton``; empty for the others) - the
+        convergence history of the paper's Fig. 4.
 
     With ``lazy=True`` the fused modes leave the numbers on the device (no host sync in the forward,
     nothing for torch.compile to break on); :meth:`resolve` reads them when they are wanted.
@@ -76,6 +79,7 @@ class NewtonStats:
     lazy: bool = False
     who: str = ""
     pending: bool = field(default=False, repr=False)  # device numbers not yet read
+    residuals: list[float] = field(default_factory=list)
 
     def record_device(self, mode: str, who: str, iterations: torch.Tensor, residual: torch.Tensor,
                       failed: torch.Tensor) -> None:

@@ -55,7 +55,7 @@ def newton_solve(
     tol = newton.tolerance_for(u.dtype)
     # Initial guess f(0, u_t) everywhere (f(h0, u_t) at sequence starts, which is exact there).
     h = cell.step(layout.shift(torch.zeros_like(u[:, :, :1].expand(-1, -1, cell.state_size, -1)), h0_rows), u, p)
-    iterations = 0
+    iterations, history = 0, []
     while True:
         hp = layout.shift(h, h0_rows)
         if iterations < newton.max_iters:
@@ -64,6 +64,7 @@ def newton_solve(
             f, J = cell.step(hp, u, p), None
         scaled = scaled_residual(f - h, h)
         residual = scaled.max().item()
+        history.append(residual)
         converged = residual <= tol  # False for NaN
         if converged or J is None or residual != residual or residual == float("inf"):
             break
@@ -74,6 +75,7 @@ def newton_solve(
 
     if stats is not None:
         stats.iterations, stats.residual, stats.converged, stats.fell_back = iterations, residual, converged, False
+        stats.residuals = history
     if converged:
         return h
     who = name or cell.name

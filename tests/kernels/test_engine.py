@@ -175,3 +175,25 @@ def test_auto_uses_newton_torch_on_cpu():
     stats = NewtonStats()
     parallel_rnn(cell, u, p, stats=stats)
     assert stats.mode == "newton_torch"
+
+
+@pytest.mark.parametrize("cell_name", ["paragru", "paralstm"])
+def test_residual_history_starts_at_the_initial_guess_and_records_every_update(cell_name):
+    cell = CELLS[cell_name]()
+    u, p, h0 = make_inputs(cell, 2, 200, 4, gain=0.9, seed=3, requires_grad=False)
+    stats = NewtonStats()
+    parallel_rnn(cell, u, p, h0, mode="newton_torch", stats=stats)
+    assert stats.converged and len(stats.residuals) == stats.iterations + 1 >= 3
+    # the initial guess, written out: h_t = f(0, u_t), and f(h0, u_0) at t = 0
+    guess = cell.step(torch.zeros(2, 200, cell.state_size, 4, dtype=u.dtype), u, p)
+    guess[:, 0] = cell.step(h0[:, None], u[:, :1], p)[:, 0]
+    previous = torch.cat([h0[:, None], guess[:, :-1]], dim=1)
+    first = ((cell.step(previous, u, p) - guess).abs() / (1 + guess.abs())).max().item()
+    assert stats.residuals[0] == pytest.approx(first, rel=1e-12)
+    for capped in range(stats.iterations + 1):  # a solve stopped after `capped` updates reports that residual
+        at_cap = NewtonStats()
+        parallel_rnn(cell, u, p, h0, mode="newton_torch", stats=at_cap,
+                     newton=NewtonConfig(max_iters=capped, on_failure="fallback"))
+        assert at_cap.residual == stats.residuals[capped] and at_cap.residuals == stats.residuals[:capped + 1]
+    assert stats.residuals[-1] <= 1e-12 < stats.residuals[0]
+    assert all(b < a for a, b in zip(stats.residuals, stats.residuals[1:]))  # Newton: every update helps here

@@ -355,3 +355,57 @@ def test_report_tables_match_an_independent_evaluation_and_plot_the_curves(corpu
         if "val_loss" in record:
             assert f"| {record['step']} | {tokens[record['step']]:,} | " in partial
             assert f"{record['val_loss']:.4f} ({math.exp(record['val_loss']):.2f})" in partial
+
+
+newton_script = load_script("scripts/newton_residuals.py")
+
+
+def test_newton_residuals_of_a_trained_model_per_layer_and_length(corpus, tmp_path):
+    """The Fig. 4 tool on a real (tiny, trained) ParaLSTM export: each layer's history starts at the residual
+    of the initial guess on that layer's actual input, ends at the fp64 tolerance, and the trajectory it
+    converges to is the sequential recurrence's (the model's logits equal the sequential mode's)."""
+    root, _, _ = corpus
+    cache, run = tmp_path / "cache", tmp_path / "runs" / "paralstm"
+    _train(run, root / "corpus", cache, "paralstm")
+    out = newton_script.main([str(run / "export"), "--corpus", str(root / "corpus"), "--cache-dir", str(cache),
+                              "--seq-lens", "16", "64", "--batch-size", "2", "--device", "cpu", "--out", str(tmp_path / "fig")])
+    histories, tol = out["histories"], out["tolerance"]
+    assert tol == 1e-12 and sorted(histories) == [16, 64]
+    for seq_len, layers in histories.items():
+        assert len(layers) == 2  # the debug preset's two ParaLSTM layers
+        for history in layers:
+            assert history[-1] <= tol < history[0] and len(history) >= 2
+
+    from pararnn_lm.kernels import ParaRNNLayer
+    from pararnn_lm.models import ParaRNNLMForCausalLM
+
+    # layer 0's first entry, recomputed from its input: the initial guess f(0, u_t) against one exact step
+    model = ParaRNNLMForCausalLM.from_pretrained(str(run / "export"), dtype=torch.float64).eval()
+    prepared = unpack_offline_corpus(root / "corpus", str(cache))
+    shards = TokenShards(prepared / "validation")
+    ids = torch.from_numpy(shards.read(0, 2 * 16)).long().view(2, 16)
+    positions = newton_script.packed_positions(ids, shards.eos_token_id)
+    layer = next(m for m in model.modules() if isinstance(m, ParaRNNLayer))
+    captured = {}
+    handle = layer.register_forward_pre_hook(lambda m, args: captured.setdefault("x", args[0]))
+    for m in model.modules():
+        if isinstance(m, ParaRNNLayer):
+            m.mode = "sequential"
+    with torch.no_grad():
+        reference = model(input_ids=ids, position_ids=positions).logits
+    handle.remove()
+    with torch.no_grad():
+        u = layer.head_matmul(captured["x"], layer.weight) + (layer.bias if layer.bias is not None else 0)
+    cell, p = layer.cell, layer.recurrent_params()
+    resets = positions == 0
+    guess = cell.step(torch.zeros(*u.shape[:2], cell.state_size, u.shape[-1], dtype=u.dtype), u, p)
+    previous = torch.cat([torch.zeros_like(guess[:, :1]), guess[:, :-1]], dim=1).masked_fill(resets[:, :, None, None], 0)
+    first = ((cell.step(previous, u, p) - guess).abs() / (1 + guess.abs())).max().item()
+    assert histories[16][0][0] == pytest.approx(first, rel=1e-9)
+    newton = newton_script.residual_histories(model, ids.flatten(), [16], 2, newton_script.NewtonConfig(max_iters=30),
+                                              shards.eos_token_id)
+    assert newton[16] == histories[16]
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids, position_ids=positions).logits, reference, rtol=1e-10, atol=1e-10)
+    assert "| 0 |" in (tmp_path / "fig" / "newton_residuals.md").read_text()
+    assert (tmp_path / "fig" / "newton_residuals.png").read_bytes()[:4] == b"\x89PNG"
