@@ -164,6 +164,8 @@ class CheckpointManager:
                  world_size: int = 1, any_rank: Callable[[bool], bool] | None = None):
         if keep_last < 1:
             raise ValueError(f"checkpoint.keep_last must be >= 1, got {keep_last}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} of {world_size}: a rank is in [0, world_size)")
         self.root = Path(root)
         self.keep_last = keep_last
         self.rank, self.world_size = rank, world_size

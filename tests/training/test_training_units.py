@@ -78,10 +78,16 @@ def test_no_checkpoint_means_fresh_start(tmp_path):
 
 
 def test_missing_rank_file_has_a_clear_error(tmp_path):
+    from pararnn_lm.training.checkpoint import CheckpointError
+
     manager = CheckpointManager(tmp_path, keep_last=1)
     path = _save(manager, 5)
-    with pytest.raises(FileNotFoundError, match="same number of processes"):
-        CheckpointManager(tmp_path, keep_last=1, rank=1).load_rank_state(path)
+    (path / "rank_00000.pt").unlink()
+    assert manager.problems(path) == [f"{path / 'rank_00000.pt'} is missing"]  # verification finds it first
+    with pytest.raises(CheckpointError, match=r"rank_00000\.pt is missing"):
+        manager.load_rank_state(path)  # and a load that skipped verification names the file
+    with pytest.raises(ValueError, match=r"rank 1 of 1"):
+        CheckpointManager(tmp_path, keep_last=1, rank=1)
 
 
 def test_rng_state_round_trips_through_a_file_that_loads_without_unpickling_code(tmp_path):
