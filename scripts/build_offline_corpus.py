@@ -54,7 +54,7 @@ import numpy as np
 
 from pararnn_lm.data.offline import MANIFEST_FILE, MANIFEST_FORMAT, SPLITS, pack_split
 from pararnn_lm.data.prepare import prepare_shards
-from pararnn_lm.data.sources import holdout_score
+from pararnn_lm.data.sources import holdout_score, paragraphs
 from pararnn_lm.data.tokenizer import train_tokenizer
 
 logger = logging.getLogger("build_offline_corpus")
@@ -77,19 +77,6 @@ class Doc:
 # --- cleaning -------------------------------------------------------------------------------------
 
 
-def paragraphs(text: str) -> list[str]:
-    out, current = [], []
-    for line in text.splitlines():
-        if line.strip():
-            current.append(line.rstrip())
-        elif current:
-            out.append("\n".join(current))
-            current = []
-    if current:
-        out.append("\n".join(current))
-    return out
-
-
 def prose_paragraph(paragraph: str, technical: bool) -> bool:
     """True when ``paragraph`` is prose (see the module doc for the rule)."""
     visible = [c for c in paragraph if not c.isspace()]
@@ -105,7 +92,7 @@ def prose_paragraph(paragraph: str, technical: bool) -> bool:
 def clean_document(text: str, technical: bool) -> list[str]:
     """The prose paragraphs of ``text``, lines stripped of their indentation."""
     kept = []
-    for paragraph in paragraphs(text):
+    for paragraph in paragraphs("\n".join(line.rstrip() for line in text.splitlines())):
         if prose_paragraph(paragraph, technical):
             kept.append("\n".join(line.strip() for line in paragraph.splitlines()))
     return kept

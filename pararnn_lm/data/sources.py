@@ -129,7 +129,7 @@ def _open_text(path: Path) -> io.TextIOBase:
     return path.open("r", encoding="utf-8")
 
 
-def _paragraphs(text: str) -> list[str]:
+def paragraphs(text: str) -> list[str]:
     """The blank-line separated paragraphs of ``text``."""
     paragraphs, current = [], []
     for line in text.splitlines():
@@ -155,7 +155,7 @@ def _read_text_file(path: Path, unit: str) -> Iterator[str]:
     elif unit == "line":
         yield from (line for line in content.splitlines() if line.strip())
     elif unit == "paragraph":
-        yield from _paragraphs(content)
+        yield from paragraphs(content)
     else:
         raise ValueError(f"text_unit={unit!r} is not one of file | paragraph | line")
 
@@ -359,7 +359,7 @@ class TailSplit(TextSource):
 
     def documents(self) -> Iterator[Document]:
         for doc in self.source.documents():  # at most one
-            units, joiner = _paragraphs(doc.text), "\n\n"
+            units, joiner = paragraphs(doc.text), "\n\n"
             if len(units) < 2:
                 units, joiner = [line for line in doc.text.splitlines() if line.strip()], "\n"
             if len(units) < 2:
