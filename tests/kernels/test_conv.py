@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from compiled_graphs import called_ops, compiled_with_graphs
 
 from pararnn_lm.kernels.conv import causal_conv1d, causal_conv1d_op
 from pararnn_lm.models.layers import CausalConv1d
@@ -139,22 +140,14 @@ def test_opcheck():
 def test_compiled_graph_calls_the_library_ops():
     """fullgraph compile: the forward graph calls pararnn.causal_conv1d, the backward
     pararnn.causal_conv1d_backward; values and gradients equal eager."""
-    from functorch.compile import make_boxed_func
-    from torch._dynamo.backends.common import aot_autograd
-
     torch._dynamo.reset()
-    graphs = []
-
-    def keep(gm, example_inputs):
-        graphs.append(gm)
-        return make_boxed_func(gm.forward)
 
     def fn(x, w, b, pos):
         return causal_conv1d(x * 2, w, b, pos, True).square().sum()
 
     x, w, b = (t.requires_grad_() for t in _inputs(2, 11, 12, 4, torch.float32, seed=4))
     pos = _positions(2, 11, {(0, 5)})
-    compiled = torch.compile(fn, fullgraph=True, backend=aot_autograd(fw_compiler=keep, bw_compiler=keep))
+    compiled, graphs = compiled_with_graphs(fn)
     got = compiled(x, w, b, pos)
     got_grads = torch.autograd.grad(got, (x, w, b))
     want = fn(x, w, b, pos)
@@ -162,7 +155,7 @@ def test_compiled_graph_calls_the_library_ops():
     torch.testing.assert_close(got, want)
     for a, r in zip(got_grads, want_grads):
         torch.testing.assert_close(a, r)
-    ops = [{str(n.target) for n in gm.graph.nodes if n.op == "call_function"} for gm in graphs]
+    ops = [called_ops(gm) for gm in graphs]
     assert "pararnn.causal_conv1d.default" in ops[0]
     assert "pararnn.causal_conv1d_backward.default" in ops[1]
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from compiled_graphs import called_ops, compiled_with_graphs
 
 import pararnn_lm.kernels.gated_norm as gated_norm
 from pararnn_lm.kernels.gated_norm import gated_rms_norm, gated_rms_norm_op
@@ -117,21 +118,13 @@ def test_opcheck():
 def test_compiled_graph_calls_the_library_ops():
     """fullgraph compile: the forward graph calls pararnn.gated_rms_norm, the backward
     pararnn.gated_rms_norm_backward (traced through the fakes); values and gradients equal eager."""
-    from functorch.compile import make_boxed_func
-    from torch._dynamo.backends.common import aot_autograd
-
     torch._dynamo.reset()
-    graphs = []
-
-    def keep(gm, example_inputs):
-        graphs.append(gm)
-        return make_boxed_func(gm.forward)
 
     def fn(y, z, w):
         return gated_rms_norm(y * 2, z, w, EPS).square().sum()
 
     y, z, w = (t.detach().requires_grad_() for t in _inputs((2, 11, 12), torch.float32, torch.float32, seed=8))
-    compiled = torch.compile(fn, fullgraph=True, backend=aot_autograd(fw_compiler=keep, bw_compiler=keep))
+    compiled, graphs = compiled_with_graphs(fn)
     got = compiled(y, z, w)
     got_grads = torch.autograd.grad(got, (y, z, w))
     want = fn(y, z, w)
@@ -139,7 +132,7 @@ def test_compiled_graph_calls_the_library_ops():
     torch.testing.assert_close(got, want)
     for a, r in zip(got_grads, want_grads):
         torch.testing.assert_close(a, r)
-    ops = [{str(n.target) for n in gm.graph.nodes if n.op == "call_function"} for gm in graphs]
+    ops = [called_ops(gm) for gm in graphs]
     assert "pararnn.gated_rms_norm.default" in ops[0]
     assert "pararnn.gated_rms_norm_backward.default" in ops[1]
 

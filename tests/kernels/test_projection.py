@@ -1,6 +1,7 @@
 """kernels.projection.head_projection (strided per-gate GEMMs) against the einsum it replaces."""
 import pytest
 import torch
+from compiled_graphs import called_ops, compiled_with_graphs
 
 from pararnn_lm.kernels.projection import head_projection
 
@@ -170,24 +171,6 @@ def test_opcheck_backward():
             torch.library.opcheck(torch.ops.pararnn.head_projection_backward.default, (du, x, w, *flags))
 
 
-def _compiled_with_graphs(fn):
-    """torch.compile(fn, fullgraph=True) through aot_eager, keeping the forward/backward graphs."""
-    from functorch.compile import make_boxed_func
-    from torch._dynamo.backends.common import aot_autograd
-
-    graphs = []
-
-    def keep(gm, example_inputs):
-        graphs.append(gm)
-        return make_boxed_func(gm.forward)
-
-    return torch.compile(fn, fullgraph=True, backend=aot_autograd(fw_compiler=keep, bw_compiler=keep)), graphs
-
-
-def _called_ops(gm):
-    return {str(n.target) for n in gm.graph.nodes if n.op == "call_function"}
-
-
 @pytest.mark.parametrize("x_grad", [True, False])
 def test_compiled_graph_calls_the_library_op(x_grad):
     """fullgraph compile: the forward graph calls pararnn.head_projection and the backward
@@ -201,7 +184,7 @@ def test_compiled_graph_calls_the_library_op(x_grad):
     N, H, dh, G = 37, 4, 8, 3
     x, w = _inputs(N, H, dh, G, torch.float32, seed=5)
     x = x.detach().unflatten(0, (1, N)).requires_grad_(x_grad)  # leading dims are flattened by the wrapper
-    compiled, graphs = _compiled_with_graphs(fn)
+    compiled, graphs = compiled_with_graphs(fn)
     wrt = (x, w) if x_grad else (w,)
     got = compiled(x, w)
     got_grads = torch.autograd.grad(got, wrt)
@@ -211,7 +194,7 @@ def test_compiled_graph_calls_the_library_op(x_grad):
     for a, b in zip(got_grads, want_grads):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     assert len(graphs) == 2
-    fw, bw = (_called_ops(gm) for gm in graphs)
+    fw, bw = (called_ops(gm) for gm in graphs)
     assert "pararnn.head_projection.default" in fw
     assert "pararnn.head_projection_backward.default" in bw
     assert not any("einsum" in t or "bmm" in t or "permute" in t for t in fw | bw), fw | bw
