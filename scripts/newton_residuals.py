@@ -26,23 +26,12 @@ import torch
 from pararnn_lm.data.offline import unpack_offline_corpus
 from pararnn_lm.data.prepare import TokenShards
 from pararnn_lm.data.tokenizer import load_tokenizer
+from pararnn_lm.eval.perplexity import position_ids_from_eos
 from pararnn_lm.eval.plotting import save_figure
 from pararnn_lm.kernels import NewtonConfig, ParaRNNLayer
 
 logger = logging.getLogger("newton_residuals")
 DTYPES = {"fp64": torch.float64, "fp32": torch.float32}
-
-
-def packed_positions(ids: torch.Tensor, eos_token_id: Optional[int]) -> torch.Tensor:
-    """position_ids that restart after every end-of-document token (how training packs documents)."""
-    if eos_token_id is None:
-        return torch.arange(ids.shape[1]).expand_as(ids).clone()
-    starts = torch.zeros_like(ids, dtype=torch.bool)
-    starts[:, 1:] = ids[:, :-1] == eos_token_id
-    starts[:, 0] = True
-    index = torch.arange(ids.shape[1]).expand_as(ids)
-    last_start = torch.where(starts, index, torch.zeros_like(index)).cummax(dim=1).values
-    return index - last_start
 
 
 @torch.no_grad()
@@ -60,7 +49,7 @@ def residual_histories(model: torch.nn.Module, tokens: torch.Tensor, seq_lens: S
         if tokens.numel() < batch_size * seq_len:
             raise ValueError(f"T={seq_len}: {batch_size} x {seq_len} tokens needed, the text has {tokens.numel()}")
         ids = tokens[: batch_size * seq_len].view(batch_size, seq_len).to(device)
-        model(input_ids=ids, position_ids=packed_positions(ids, eos_token_id).to(device))
+        model(input_ids=ids, position_ids=position_ids_from_eos(ids, eos_token_id))
         out[seq_len] = [list(layer.last_stats.residuals) for layer in layers]
     return out
 

@@ -376,6 +376,7 @@ def test_newton_residuals_of_a_trained_model_per_layer_and_length(corpus, tmp_pa
         for history in layers:
             assert history[-1] <= tol < history[0] and len(history) >= 2
 
+    from pararnn_lm.eval.perplexity import position_ids_from_eos
     from pararnn_lm.kernels import ParaRNNLayer
     from pararnn_lm.models import ParaRNNLMForCausalLM
 
@@ -384,7 +385,7 @@ def test_newton_residuals_of_a_trained_model_per_layer_and_length(corpus, tmp_pa
     prepared = unpack_offline_corpus(root / "corpus", str(cache))
     shards = TokenShards(prepared / "validation")
     ids = torch.from_numpy(shards.read(0, 2 * 16)).long().view(2, 16)
-    positions = newton_script.packed_positions(ids, shards.eos_token_id)
+    positions = position_ids_from_eos(ids, shards.eos_token_id)
     layer = next(m for m in model.modules() if isinstance(m, ParaRNNLayer))
     captured = {}
     handle = layer.register_forward_pre_hook(lambda m, args: captured.setdefault("x", args[0]))
