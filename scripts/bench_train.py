@@ -371,11 +371,13 @@ def run_train(c: Config, run_dir: Path, a: argparse.Namespace, *, devices: str |
 
 
 def failure(proc: subprocess.CompletedProcess) -> str:
-    """The exit status and the end of the output, marked ``out of memory:`` when any rank's output says so
-    (torchrun's own error report can follow the worker's traceback)."""
+    """The exit status, the exception a worker died of, and the end of the output; marked ``out of memory:``
+    when any rank's output says so. torchrun's own error report follows the worker's traceback and can be
+    longer than the kept tail, so the worker's exception line is found in the whole output first."""
     output = (proc.stderr or "") + (proc.stdout or "")
     tail = (proc.stderr or proc.stdout)[-3000:]
-    return ("out of memory: " if is_out_of_memory(output) else "") + f"exit {proc.returncode}: {tail}"
+    return (("out of memory: " if is_out_of_memory(output) else "")
+            + f"exit {proc.returncode}: {exception_line(output)}\n{tail}")
 
 
 def is_out_of_memory(text: str) -> bool:
@@ -653,12 +655,18 @@ def _curve_label(key: tuple) -> str:
     return f"{arch} {size} {layout} {gpus} GPU {mode}" + (f" @{rev}" if rev != "this" else "")
 
 
+EXCEPTION_LINE = re.compile(r"^(?:[\w.]+\.)?(\w+(?:Error|Exception)): (.*)$", re.M)
+
+
 def exception_line(error: str) -> str:
-    """The exception a failed run died of: the last ``NameError: message`` line of its output that is not
-    torchrun's own report (else the error's first line)."""
-    found = [f"{name}: {message}" for name, message in re.findall(r"^(?:[\w.]+\.)?(\w+(?:Error|Exception)): (.*)$",
-                                                                      error, re.M) if name != "ChildFailedError"]
-    return found[-1] if found else error.splitlines()[0]
+    """The exception a failed run died of: the one ``failure`` put on the error's first line, else the last
+    ``NameError: message`` line of the output that is not torchrun's own report (else the first line)."""
+    first = error.splitlines()[0] if error else ""
+    status = re.match(r"(?:out of memory: )?exit -?\d+: (.*)$", first)
+    if status and EXCEPTION_LINE.match(status.group(1)):
+        return status.group(1)
+    found = [f"{name}: {message}" for name, message in EXCEPTION_LINE.findall(error) if name != "ChildFailedError"]
+    return found[-1] if found else first
 
 
 def _long_context_cell(r: dict | None) -> str:

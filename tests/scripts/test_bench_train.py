@@ -233,6 +233,12 @@ def test_out_of_memory_is_found_before_torchrun_s_own_report():
              "RuntimeError: Mamba2 would run the chunked PyTorch SSD on CUDA\n  ...\n"
              "torch.distributed.elastic.multiprocessing.errors.ChildFailedError: \n=====\n")
     assert bench_train.exception_line(error) == "RuntimeError: Mamba2 would run the chunked PyTorch SSD on CUDA"
+    # ... also when torchrun's report is longer than the tail a row keeps
+    worker = "Traceback (most recent call last):\n  ...\nValueError: seq_len 8192 is not a multiple of 3\n"
+    proc = subprocess.CompletedProcess([], 1, "", worker + "E torchrun: ChildFailedError report line\n" * 400)
+    row_error = bench_train.failure(proc)
+    assert "ValueError: seq_len 8192" not in row_error.split("\n", 1)[1]  # the tail alone would have lost it
+    assert bench_train.exception_line(row_error) == "ValueError: seq_len 8192 is not a multiple of 3"
     assert bench_train.exception_line("exit 1: In 'train': Could not find 'model/x'\n") == \
         "exit 1: In 'train': Could not find 'model/x'"
     cell = bench_train._long_context_cell({"error": error})
