@@ -121,8 +121,8 @@ def _train(cfg: TrainConfig, info: DistInfo, run_dir: Path, preempted: Preemptio
     # --- resume ---------------------------------------------------------------------------------
     step, tokens, wandb_id, nonfinite_steps = 0, 0, None, []
     if plan.checkpoint is not None:
-        checkpoints.check_layout(plan.checkpoint, cfg.train.micro_batch_size, grad_accum, deepspeed=cfg.deepspeed.enabled)
-        meta = backend.load(plan.checkpoint)
+        checkpoints.check_layout(plan.checkpoint, cfg.train.micro_batch_size, grad_accum)
+        meta = backend.load(checkpoints, plan.checkpoint)  # DeepSpeed on other ranks: via its universal checkpoint
         rank_state = checkpoints.load_rank_state(plan.checkpoint)  # on other ranks: every rank's data cursor
         data.train.load_state_dict(rank_state["data"])
         restore_rng_state(rank_state["rng"])

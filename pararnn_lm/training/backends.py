@@ -5,7 +5,9 @@ micro-batch, ``step`` per optimiser step, and checkpoint ``save``/``load``. Chos
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
+import io
 import logging
 import os
 import pickle
@@ -109,8 +111,9 @@ class TorchBackend:
         }
         return manager.save(step, rank_state, global_state=state, record=record)
 
-    def load(self, path: Path) -> dict:
-        state = CheckpointManager.load_global_state(path)
+    def load(self, manager: CheckpointManager, path: Path) -> dict:
+        """Load checkpoint ``path``; the optimiser state is replicated, so it loads on any number of ranks."""
+        state = manager.load_global_state(path)
         self.module.load_state_dict(state.pop("model"))
         optimizer = state.pop("optimizer")
         for group, saved in zip(self.optimizer.param_groups, optimizer["param_groups"]):
@@ -180,26 +183,93 @@ class DeepSpeedBackend:
 
         return manager.save(step, rank_state, write_sharded=write, record=record)
 
-    def load(self, path: Path) -> dict:
+    def load(self, manager: CheckpointManager, path: Path) -> dict:
+        """Load checkpoint ``path``. On another number of ranks than the saving run's, ZeRO's partitioned
+        state is loaded through DeepSpeed's universal checkpoint (one file per parameter and state,
+        unpartitioned), made from the saved one on the first such resume (``to_universal``)."""
         from pararnn_lm.models.export import deepspeed_weights_only
 
+        saved_ranks = manager.saved_world_size(path)
+        universal = saved_ranks != self.info.world_size
+        folder = path / "deepspeed"
+        if universal and self.engine.zero_nvme_offload_optimizer():
+            # DeepSpeed's load_checkpoint restores NVMe-offloaded optimiser state by copying each rank's
+            # swap files, never from a universal checkpoint, which also skips the module's weights.
+            raise CheckpointError(
+                f"{path} was saved by {saved_ranks} rank(s); this run has {self.info.world_size}. With the optimiser "
+                "state offloaded to NVMe, DeepSpeed cannot load a universal checkpoint (it restores the swap files "
+                f"of each rank): resume on {saved_ranks} rank(s), or offload to the CPU instead")
+        if universal:
+            folder = manager.converted(path, "deepspeed_universal", lambda out: to_universal(folder, out),
+                                       "DeepSpeed's universal checkpoint")
+            if self.info.is_main:
+                logger.warning("ZeRO-%d state of %d rank(s) loads on %d rank(s) from the universal checkpoint %s",
+                               self.zero_stage, saved_ranks, self.info.world_size, folder)
         try:
-            with deepspeed_weights_only():
-                _, client_state = self.engine.load_checkpoint(str(path / "deepspeed"), tag="ds")
+            with deepspeed_weights_only(), self._loading_universal(universal):
+                _, client_state = self.engine.load_checkpoint(str(folder), tag="ds")
         except pickle.UnpicklingError as err:
-            raise CheckpointError(f"{path / 'deepspeed'} holds Python objects other than tensors, plain containers "
+            raise CheckpointError(f"{folder} holds Python objects other than tensors, plain containers "
                                   f"and DeepSpeed's own records, which are not loaded (unpickling them could run code): "
                                   f"{str(err).strip().splitlines()[-1]}") from err
         if client_state is None:
-            raise RuntimeError(f"DeepSpeed could not load the checkpoint in {path / 'deepspeed'}")
+            raise RuntimeError(f"DeepSpeed could not load the checkpoint in {folder}")
+        if universal:
+            unshare_step_counters(self.optimizer.optimizer)
         apply_group_settings(self.optimizer, self.scheduler, self._settings)
         return client_state
+
+    @contextlib.contextmanager
+    def _loading_universal(self, universal: bool):
+        """DeepSpeed's ``checkpoint.load_universal`` for one ``load_checkpoint``: the engine reads the flag
+        only there, and whether a resume needs it is known only once the checkpoint is chosen."""
+        config = self.engine._config
+        previous = config.load_universal_checkpoint
+        config.load_universal_checkpoint = universal
+        try:
+            yield
+        finally:
+            config.load_universal_checkpoint = previous
 
     def consolidated_state_dict(self) -> dict[str, torch.Tensor]:
         """Full weights on rank 0: the fp32 masters (ZeRO-3 gathers the shards)."""
         if self.zero_stage == 3:
             return self.engine._zero3_consolidated_16bit_state_dict() or {}
         return self.engine.module.state_dict()
+
+
+def unshare_step_counters(optimizer: torch.optim.Optimizer) -> None:
+    """Give every parameter's optimiser state its own ``step`` tensor. DeepSpeed's ZeRO-3 universal load
+    puts one tensor into the state of every parameter group, and AdamW advances it in place, once per
+    group: with two groups (decayed, not decayed) the bias correction would count two steps per step."""
+    for state in optimizer.state.values():
+        if isinstance(state.get("step"), torch.Tensor):
+            state["step"] = state["step"].clone()
+
+
+def to_universal(folder: Path, out: Path) -> None:
+    """Convert the DeepSpeed checkpoint ``folder`` (tag ``ds``) to DeepSpeed's universal checkpoint in
+    ``out`` (tag ``ds``), with DeepSpeed's own converter, ``deepspeed.checkpoint.ds_to_universal``.
+
+    Its files are read weights-only, like every checkpoint file. ``inject_missing_state`` adds the
+    universal-checkpoint version record that DeepSpeed expects from clients such as Megatron (this model
+    has no tensor-parallel layout to describe). One worker: more would be forked from this training
+    process, with its process group and threads. Its console output goes to the debug log, and into the
+    error if it fails."""
+    from deepspeed.checkpoint import ds_to_universal
+
+    from pararnn_lm.models.export import deepspeed_weights_only
+
+    args = argparse.Namespace(input_folder=str(folder / "ds"), output_folder=str(out / "ds"), num_extract_workers=1,
+                              num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
+    console = io.StringIO()
+    try:
+        with deepspeed_weights_only(), contextlib.redirect_stdout(console), contextlib.redirect_stderr(console):
+            ds_to_universal.main(args)
+    except Exception as err:
+        raise RuntimeError(f"DeepSpeed's ds_to_universal failed ({type(err).__name__}: {err}); its output:\n"
+                           f"{console.getvalue()[-4000:]}") from err
+    logger.debug("ds_to_universal %s -> %s:\n%s", folder, out, console.getvalue())
 
 
 def deepspeed_json(cfg: TrainConfig, info: DistInfo, grad_accum: int) -> dict[str, Any]:

@@ -10,6 +10,7 @@ Layout of a run's checkpoint directory::
         deepspeed/           # DeepSpeed's own (sharded) files instead of state.pt (deepspeed backend)
         rank_00000.pt        # per-rank state: data cursor and RNG states
         ...
+        deepspeed_universal/ # made at a resume on another number of DeepSpeed ranks (see ``converted``)
 
 A checkpoint is written into a hidden temporary directory and renamed into place only when every rank
 has finished writing; ``latest`` is then replaced with ``os.replace``. A crash at any point leaves
@@ -369,6 +370,45 @@ class CheckpointManager:
             raise CheckpointError(f"{path / MANIFEST} records no rank files: not a checkpoint of a training run")
         return ranks
 
+    def converted(self, path: Path, name: str, convert: Callable[[Path], None], what: str) -> Path:
+        """``path/name``: another form of checkpoint ``path`` (``what``), which ``convert`` writes into the
+        directory it is given. Made once, by rank 0 while the others wait, into a hidden directory that is
+        renamed into place when complete; kept inside the checkpoint, so it goes when the checkpoint is
+        pruned. Its own manifest records its files' checksums and the checkpoint manifest it was made from:
+        a copy that does not verify (damaged, or made from other files) is made again. Collective."""
+        target, tmp = path / name, path / f".{name}.tmp"
+        found = self.problems(target)
+        if not found:
+            made_from = self.read_manifest(target).get("made_from")
+            if made_from == file_record(path / MANIFEST)["sha256"]:
+                logger.info("using %s, %s made earlier from %s", target, what, path.name)
+                return target
+            found = [f"{target} was made from another {path / MANIFEST}"]
+        if (target / MANIFEST).is_file():
+            logger.warning("%s is made again: %s", target, "; ".join(found))
+        error: BaseException | None = None
+        if self.rank == 0:
+            logger.info("writing %s of %s to %s (rank 0; the other ranks wait)", what, path.name, target)
+            try:
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir()
+                convert(tmp)
+                files = {p.relative_to(tmp).as_posix(): file_record(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+                manifest = {"made_from": file_record(path / MANIFEST)["sha256"], "files": files, **build_info()}
+                atomic_write_text(tmp / MANIFEST, json.dumps(manifest))
+                shutil.rmtree(target, ignore_errors=True)
+                os.replace(tmp, target)
+                _fsync_dir(path)
+                logger.info("wrote %s to %s", what, target)
+            except Exception as err:  # noqa: BLE001 - re-raised below, after every rank knows
+                error = err
+                shutil.rmtree(tmp, ignore_errors=True)
+        if self.any_rank(error is not None):  # also the barrier: the other ranks wait for rank 0 here
+            if error is not None:
+                raise CheckpointError(f"could not write {what} of {path} to {target}: {error}") from error
+            raise CheckpointError(f"rank 0 could not write {what} of {path} to {target} (see its log)")
+        return target
+
     def load_rank_state(self, path: Path) -> dict[str, Any]:
         """This rank's RNG state and data cursor. On another number of ranks than the saving run's, ``data``
         is the list of every saving rank's cursor (the loader takes its share from their global position),
@@ -380,22 +420,16 @@ class CheckpointManager:
         state["data"] = [load_tensors(path / f"rank_{rank:05d}.pt")["data"] for rank in range(saved)]
         return state
 
-    def check_layout(self, path: Path, micro_batch_size: int, grad_accum: int, *, deepspeed: bool) -> None:
+    def check_layout(self, path: Path, micro_batch_size: int, grad_accum: int) -> None:
         """Say how this run's layout (ranks, micro-batch, gradient accumulation) differs from the one that
-        saved ``path``; refuse another number of ranks for DeepSpeed, whose ZeRO checkpoint is partitioned
-        by rank (the torch backend's optimiser state is replicated and loads on any number of ranks)."""
+        saved ``path``: the global batch and the sequence of global batches are unchanged (the data cursor
+        remaps, ``load_rank_state``); the optimiser state is the backend's to load on the new number of ranks."""
         saved_ranks = self.saved_world_size(path)
         train = (self.read_manifest(path).get("config") or {}).get("train") or {}
         saved_micro = train.get("micro_batch_size", micro_batch_size)
         saved_accum = train.get("global_batch_size", micro_batch_size * grad_accum * self.world_size) // (saved_micro * saved_ranks)
         if (saved_ranks, saved_micro, saved_accum) == (self.world_size, micro_batch_size, grad_accum):
             return
-        if deepspeed and saved_ranks != self.world_size:
-            raise CheckpointError(
-                f"{path} was saved by {saved_ranks} DeepSpeed rank(s); this run has {self.world_size}. DeepSpeed's "
-                "ZeRO checkpoint is partitioned by rank and is not resharded here: resume on "
-                f"{saved_ranks} rank(s) (the micro-batch size may change), or convert the checkpoint with "
-                "DeepSpeed's ds_to_universal and load it as a universal checkpoint yourself")
         logger.warning("elastic resume from %s: ranks %d -> %d, micro-batch %d -> %d, gradient accumulation %d -> %d "
                        "(the global batch and the sequence of global batches are unchanged)", path.name, saved_ranks,
                        self.world_size, saved_micro, micro_batch_size, saved_accum, grad_accum)

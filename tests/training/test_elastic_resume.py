@@ -2,7 +2,8 @@
 sequence of global batches. Checked on the data cursors (the rows of every global batch after the
 resume equal those of an uninterrupted run, prepared and streamed data) and end to end with train.py
 (2 ranks -> 1 and 1 -> 2: the losses continue the uninterrupted run's, within the reduction-order
-tolerance of data parallel vs one process); DeepSpeed refuses another number of ranks clearly."""
+tolerance of data parallel vs one process). DeepSpeed ZeRO on another number of ranks, through its universal
+checkpoint: test_universal_checkpoint.py."""
 from __future__ import annotations
 
 import json
@@ -132,11 +133,3 @@ def test_train_resumes_two_ranks_onto_one_and_one_onto_two(tmp_path, data):
         last = [r for r in map(json.loads, (up / "metrics.jsonl").read_text().splitlines()) if "loss" in r][-1]
         assert last[f"tokens/{directory}/*.jsonl"] == last["tokens"] == 6 * GLOBAL_BATCH * 64
 
-
-def test_deepspeed_refuses_another_number_of_ranks_clearly(tmp_path):
-    run = tmp_path / "zero2"
-    common = ["train.steps=3", "train.global_batch_size=4", "train.micro_batch_size=2", "checkpoint.every=1", "deepspeed=zero2"]
-    run_train(run, *common, launcher=TORCHRUN, fault="sigkill@2", expect=1)
-    result = run_train(run, *common, "train.micro_batch_size=4", "run.allow_changes=[train.micro_batch_size]", expect=1)
-    log = result.stdout + result.stderr
-    assert "saved by 2 DeepSpeed rank(s); this run has 1" in log and "ds_to_universal" in log
