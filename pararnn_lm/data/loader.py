@@ -29,6 +29,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .packing import PackedDataset, SequenceOrder, collate_packed
+from .worker_signals import ignore_stop_signals, stop_workers_at_exit
 
 logger = logging.getLogger(__name__)
 
@@ -133,8 +134,9 @@ class PackedLoader:
         kwargs: dict[str, Any] = {}
         if self.prefetch_factor is not None:
             kwargs["prefetch_factor"] = self.prefetch_factor
-        return iter(DataLoader(stream, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
-                               persistent_workers=False, **kwargs))
+        return stop_workers_at_exit(iter(DataLoader(
+            stream, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
+            persistent_workers=False, worker_init_fn=ignore_stop_signals, **kwargs)))
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         if not self.infinite:

@@ -14,10 +14,13 @@ import multiprocessing
 import os
 import threading
 import time
+import weakref
 from collections import deque
 from typing import Iterable, Iterator, Optional
 
 import numpy as np
+
+from .worker_signals import close_pool, ignore_stop_signals
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +54,7 @@ def _exit_with_parent(parent: int) -> None:
 def _worker_init(spec: str) -> None:
     global _WORKER_BACKEND
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the pool is the parallelism; avoid oversubscription
+    ignore_stop_signals()
     threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
     _WORKER_BACKEND = _make_backend(spec)
 
@@ -97,6 +101,7 @@ class TokenizerPool:
         if self.num_workers:
             ctx = multiprocessing.get_context("spawn")
             self._pool = ctx.Pool(self.num_workers, initializer=_worker_init, initargs=(spec,))
+            self._close = weakref.finalize(self, close_pool, self._pool)  # also when dropped or at exit
 
     def _wrap(self, ids_list: list[list[int]]) -> list[np.ndarray]:
         return [np.asarray(self.head + list(ids) + [self.eos], dtype=np.int64) for ids in ids_list]
@@ -110,7 +115,7 @@ class TokenizerPool:
 
     def close(self) -> None:
         if self._pool is not None:
-            self._pool.terminate()
+            self._close()
             self._pool = None
 
 

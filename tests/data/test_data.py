@@ -342,3 +342,66 @@ def test_prepare_script_cli(tmp_path):
                     "--tokenizer-train-max-chars", "none", "--cache-dir", str(tmp_path / "c")])
     shards = TokenShards(out / "train", tokenizer=load_tokenizer(str(out / "tokenizer")))
     assert shards.vocab_size == 300 and shards.num_documents + TokenShards(out / "validation").num_documents == 25
+
+
+def test_workers_survive_the_stop_signals_the_training_process_handles(small_tokenizer, chapters):
+    """A preemption notice (SIGTERM / SIGUSR1) or Ctrl-C reaches the data pipeline's worker processes too;
+    they leave it to the training process (which checkpoints), and the batches and encodings go on."""
+    import multiprocessing
+    import os
+    import signal
+
+    from pararnn_lm.data.tokenize import TokenizerPool
+
+    def signal_children() -> int:
+        children = multiprocessing.active_children()
+        for child in children:
+            for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+                os.kill(child.pid, sig)
+        return len(children)
+
+    stream = np.arange(4000) % 500 + 1
+    offsets = np.arange(0, 4001, 40)
+    loader = PackedLoader(PackedDataset(stream, offsets, 50), 4, num_workers=2, shuffle=True, seed=3)
+    ref = PackedLoader(PackedDataset(stream, offsets, 50), 4, num_workers=0, shuffle=True, seed=3)
+    batches, expected = iter(loader), take(ref, 8)
+    for want in expected[:2]:  # one batch from each worker: both have started
+        assert torch.equal(next(batches)["input_ids"], want["input_ids"])
+    assert signal_children() == 2
+    for want in expected[2:]:
+        assert torch.equal(next(batches)["input_ids"], want["input_ids"])
+
+    texts = [d.text for d in chapters[:6]]
+    direct = TokenizerPool(small_tokenizer).submit(texts).result()
+    pool = TokenizerPool(small_tokenizer, num_workers=2)
+    try:
+        pool.submit(texts[:1]).result()  # the workers are up
+        assert signal_children() >= 2
+        encoded = pool.submit(texts).result()
+    finally:
+        pool.close()
+    assert all(np.array_equal(a, b) for a, b in zip(encoded, direct)) and len(encoded) == len(direct)
+
+
+def test_a_process_with_live_workers_still_exits(tmp_path):
+    """Workers that ignore SIGTERM must not hold up the interpreter's exit (multiprocessing terminates and
+    joins leftover children there): a loader iterator and a tokenizer pool left open at exit."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "leave_open.py"
+    script.write_text(
+        "import numpy as np\n"
+        "from pararnn_lm.data import PackedDataset, PackedLoader, bundled_documents, train_tokenizer\n"
+        "from pararnn_lm.data.tokenize import TokenizerPool\n"
+        "if __name__ == '__main__':  # the pool spawns its workers\n"
+        "    stream = np.arange(4000) % 500 + 1\n"
+        "    loader = PackedLoader(PackedDataset(stream, np.arange(0, 4001, 40), 50), 4, num_workers=2)\n"
+        "    LIVE = iter(loader)\n"
+        "    next(LIVE)\n"
+        f"    tok = train_tokenizer([d.text for d in bundled_documents()[:20]], vocab_size=300, save_dir={str(tmp_path)!r})\n"
+        "    POOL = TokenizerPool(tok, num_workers=2)\n"
+        "    POOL.submit(['in the beginning']).result()\n"
+        "    print('done', flush=True)\n")
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and "done" in proc.stdout, proc.stderr[-2000:]
