@@ -235,10 +235,31 @@ def ssd_mamba_ssm(x, dt, A, Bm, Cm, initial_state=None, reset=None, seq=None):
     except Exception as err:  # pragma: no cover - guarded by mamba_ssm_available
         raise RuntimeError("ssd_backend='mamba_ssm' needs mamba-ssm (its install line is in the README)") from err
     seq_idx = None if reset is None else reset.to(torch.int32).cumsum(-1, dtype=torch.int32)
-    y, hT = ssd.mamba_chunk_scan_combined(
-        x, dt.float(), A.float(), Bm, Cm, MAMBA_SSM_CHUNK, initial_states=initial_state, seq_idx=seq_idx,
-        return_final_states=True)
-    return y, hT
+    outputs = [ssd.mamba_chunk_scan_combined(
+        x[rows], dt[rows].float(), A.float(), Bm[rows], Cm[rows], MAMBA_SSM_CHUNK,
+        initial_states=None if initial_state is None else initial_state[rows],
+        seq_idx=None if seq_idx is None else seq_idx[rows], return_final_states=True)
+        for rows in mamba_ssm_row_blocks(x, Bm.shape[-1])]
+    if len(outputs) == 1:
+        return outputs[0]
+    return torch.cat([y for y, _ in outputs]), torch.cat([hT for _, hT in outputs])
+
+
+MAMBA_SSM_MAX_ELEMENTS = 2**31 - 1  # mamba_ssm's kernels address their tensors with 32-bit offsets
+
+
+def mamba_ssm_row_blocks(x: torch.Tensor, d_state: int) -> list[slice]:
+    """Rows of ``x`` (B, T, H, P) per mamba_ssm call such that neither the inputs nor the per-chunk states
+    (B, T / chunk, H, P, N) of one call pass ``MAMBA_SSM_MAX_ELEMENTS``: past it the kernels' offsets
+    overflow (an illegal memory access, e.g. a 1B Mamba2 prefilling 64 prompts of 16,384 tokens). Rows are
+    independent sequences, so the calls' outputs concatenate to the one call's."""
+    B, T, H, P = x.shape
+    per_row = max(T * H * P, -(-T // MAMBA_SSM_CHUNK) * H * P * d_state)
+    if per_row > MAMBA_SSM_MAX_ELEMENTS:
+        raise ValueError(f"one sequence of {T} tokens needs {per_row:,} elements in a mamba_ssm call, past its "
+                         f"32-bit offsets ({MAMBA_SSM_MAX_ELEMENTS:,}): split the sequence")
+    rows = max(1, MAMBA_SSM_MAX_ELEMENTS // per_row)
+    return [slice(start, start + rows) for start in range(0, B, rows)]
 
 
 # name -> (can it serve this device, the kernel); ``auto`` takes the first available, else PyTorch.

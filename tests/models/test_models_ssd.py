@@ -161,3 +161,40 @@ def test_backend_probes_ask_once_per_cuda_device():
     assert not _probe_per_device(cache, torch.device("cpu"), probe)
     assert [_probe_per_device(cache, torch.device("cuda", i), probe) for i in (0, 1, 0, 1)] == [False, True, False, True]
     assert asked == [0, 1]
+
+
+def test_mamba_ssm_calls_stay_within_32_bit_offsets(monkeypatch):
+    """A batch whose inputs or chunk states would pass 2^31 elements goes to mamba_ssm in row blocks
+    (its kernels overflow past it); the blocks' outputs equal one call's. The kernel is stood in for by
+    the fp64 chunked SSD, which records each call's batch."""
+    import types
+
+    from pararnn_lm.models import ssd
+
+    calls = []
+
+    def combined(x, dt, A, Bm, Cm, chunk, initial_states=None, seq_idx=None, return_final_states=True):
+        calls.append(x.shape[0])
+        assert x.numel() <= ssd.MAMBA_SSM_MAX_ELEMENTS
+        assert -(-x.shape[1] // ssd.MAMBA_SSM_CHUNK) * x[0, 0].numel() * Bm.shape[-1] * x.shape[0] <= ssd.MAMBA_SSM_MAX_ELEMENTS
+        reset = None if seq_idx is None else torch.diff(seq_idx, dim=-1, prepend=seq_idx[:, :1] * 0) != 0
+        return ssd_chunked(x, dt.double(), A.double(), Bm, Cm, initial_states, reset, chunk_size=8)
+
+    monkeypatch.setattr(ssd, "import_mamba_ssm", lambda module: types.SimpleNamespace(mamba_chunk_scan_combined=combined))
+    x, dt, A, Bm, Cm, S0 = _inputs(B=7, T=37)
+    reset = _resets(7, 37, [(0, 5), (3, 0), (6, 20)])
+    y_ref, s_ref = ssd_chunked(x, dt, A, Bm, Cm, S0, reset, chunk_size=8)
+    y_one, s_one = ssd.ssd_mamba_ssm(x, dt, A, Bm, Cm, S0, reset)
+    assert calls == [7]
+    torch.testing.assert_close(y_one, y_ref, atol=1e-5, rtol=1e-4)  # the kernel's dt and A are fp32
+    torch.testing.assert_close(s_one, s_ref, atol=1e-5, rtol=1e-4)
+    # per row: 37 x 4 x 3 = 444 input elements, 1 chunk of states 4 x 3 x 5 = 60: at most 2 rows per call
+    monkeypatch.setattr(ssd, "MAMBA_SSM_MAX_ELEMENTS", 2 * 444 + 1)
+    calls.clear()
+    y, s = ssd.ssd_mamba_ssm(x, dt, A, Bm, Cm, S0, reset)
+    assert calls == [2, 2, 2, 1]
+    torch.testing.assert_close(y, y_one, atol=1e-12, rtol=1e-10)
+    torch.testing.assert_close(s, s_one, atol=1e-12, rtol=1e-10)
+    monkeypatch.setattr(ssd, "MAMBA_SSM_MAX_ELEMENTS", 443)  # not even one row fits: a clear error
+    with pytest.raises(ValueError, match="one sequence of 37 tokens needs 444 elements"):
+        ssd.ssd_mamba_ssm(x, dt, A, Bm, Cm, S0, reset)
