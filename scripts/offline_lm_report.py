@@ -74,6 +74,7 @@ def evaluate_run(run_dir: Path, corpus: Optional[Path], cache_dir: str, *, batch
             if hi <= lo:
                 continue
             stream = torch.from_numpy(shards.read(lo, hi if max_tokens is None else min(hi, lo + max_tokens)))
+            logger.info("%s: %s %s (%d tokens)", run_dir.name, split, name, len(stream))
             acc = evaluate_stream(model, stream, seq_len=seq_len, batch_size=batch_size,
                                   eos_token_id=tokenizer.eos_token_id, device=device)
             per_source[name] = {"perplexity": acc.perplexity, "nll": acc.mean_nll, "tokens": acc.total_tokens}
@@ -156,7 +157,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--corpus", type=Path, default=None, help="the packed corpus (default: data.path of each run)")
     parser.add_argument("--cache-dir", default="~/.cache/pararnn_lm/data", help="where the corpus is unpacked")
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=64, help="windows per forward pass")
     parser.add_argument("--max-tokens", type=int, default=None, help="evaluate at most this many tokens per source")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
