@@ -160,12 +160,17 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     parser.add_argument("--batch-size", type=int, default=64, help="windows per forward pass")
     parser.add_argument("--max-tokens", type=int, default=None, help="evaluate at most this many tokens per source")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--evaluated", nargs="+", type=Path, default=[],
+                        help="report.json files of earlier calls: their runs' perplexities are taken from there "
+                             "instead of evaluating again (e.g. runs evaluated as each finished, rendered together)")
     args = parser.parse_args(argv)
-    finished = [run for run in args.runs if (run / "export").is_dir()]
+    evaluated = {r["run"]: r for path in args.evaluated for r in json.loads(path.read_text())}
+    finished = [run for run in args.runs if run.name in evaluated or (run / "export").is_dir()]
     for run in sorted(set(args.runs) - set(finished)):
         logger.warning("%s has no export (stopped before its end): only its curves and validation losses are shown", run)
-    results = [evaluate_run(run, args.corpus, args.cache_dir, batch_size=args.batch_size, device=args.device,
-                            max_tokens=args.max_tokens) for run in finished]
+    results = [evaluated.get(run.name) or evaluate_run(run, args.corpus, args.cache_dir, batch_size=args.batch_size,
+                                                       device=args.device, max_tokens=args.max_tokens)
+               for run in finished]
     curves = {run.name: read_metrics(run) for run in args.runs}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "report.md").write_text((markdown_tables(results) + "\n" if results else "") + validation_by_step(curves))

@@ -620,6 +620,16 @@ def test_report_tables_match_an_independent_evaluation_and_plot_the_curves(corpu
             assert f"| {record['step']} | {tokens[record['step']]:,} | " in partial
             assert f"{record['val_loss']:.4f} ({math.exp(record['val_loss']):.2f})" in partial
 
+    # runs evaluated in earlier calls (one each here) render together from their report.json, unevaluated
+    for run in runs:
+        reporter.main([str(run), "--out", str(tmp_path / f"only_{run.name}"), "--cache-dir", str(cache),
+                       "--device", "cpu", "--batch-size", "3"])
+    for run in runs:
+        shutil.rmtree(run / "export")  # nothing left to evaluate: the tables must come from the files
+    out = reporter.main([*map(str, runs), "--out", str(tmp_path / "merged"), "--evaluated",
+                         *(str(tmp_path / f"only_{run.name}" / "report.json") for run in runs)])
+    assert (tmp_path / "merged" / "report.md").read_text() == report
+
 
 newton_script = load_script("scripts/newton_residuals.py")
 
