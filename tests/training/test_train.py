@@ -33,7 +33,9 @@ def run_train(run_dir: Path, *overrides: str, fault: str | None = None, launcher
     if fault:
         env["PARARNN_TEST_FAULT"] = fault
     command = [*(launcher or [sys.executable]), "train.py", f"run_dir={run_dir}", *(FAST if fast else []), *overrides]
-    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    # its own session: a fault that signals the process group reaches train.py and its workers, not pytest
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,
+                            start_new_session=True)
     if result.returncode != expect:
         raise AssertionError(f"exit {result.returncode} (expected {expect}) for {command}\n{result.stderr[-6000:]}")
     return result
@@ -117,6 +119,19 @@ def test_sigterm_checkpoints_then_resume_reproduces(tmp_path):
     assert latest_step(preempted) == 5
     run_train(preempted, *steps)  # resume=auto is the default
     assert_continues(preempted, losses(reference), resumed_at=5)
+
+
+def test_a_preemption_signal_to_every_process_checkpoints_despite_data_workers(tmp_path):
+    """SIGTERM to the whole process group (``timeout``, a terminal, a scheduler signalling the job): the
+    DataLoader workers get it too and must leave the stop to the training process, which checkpoints."""
+    steps = ["train.steps=10", "checkpoint.every=0", "data.num_workers=2"]
+    reference = tmp_path / "reference"
+    run_train(reference, *steps)
+    preempted = tmp_path / "preempted"
+    run_train(preempted, *steps, fault="sigterm_group@4", expect=3)  # REQUEUE_EXIT_CODE
+    assert latest_step(preempted) == 4
+    run_train(preempted, *steps)
+    assert_continues(preempted, losses(reference), resumed_at=4)
 
 
 def test_ten_hard_kills_at_random_times_then_resume_equal_the_uninterrupted_run(tmp_path):
