@@ -341,7 +341,7 @@ def test_resuming_a_non_fused_checkpoint_keeps_the_fused_update(tmp_path):
     manager = CheckpointManager(tmp_path, keep_last=1)
     path = old.save(manager, 1, {"data": {}}, {"step": 1})
     new = _backend(_Toy(), fused=True)
-    new.load(path)
+    new.load(manager, path)
     assert new.skips_on_device()
     _take_step(new, _batches(2, seed=1))
     _take_step(old, _batches(2, seed=1))
