@@ -33,7 +33,7 @@ def run_train(run_dir: Path, *overrides: str, fault: str | None = None, launcher
     if fault:
         env["PARARNN_TEST_FAULT"] = fault
     command = [*(launcher or [sys.executable]), "train.py", f"run_dir={run_dir}", *(FAST if fast else []), *overrides]
-    # its own session: a fault that signals the process group reaches train.py and its workers, not pytest
+    # a process group of its own: a fault that signals the group reaches train.py and its workers, not pytest
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,
                             start_new_session=True)
     if result.returncode != expect:
