@@ -767,6 +767,11 @@ class Source:
         return self.kind == "technical"
 
 
+# One salt for every dictionary: a term is in the same split in all of them (GCIDE carries WordNet 1.5
+# glosses, FOLDOC quotes the Jargon File), so no evaluation definition has a near-copy in training text.
+BY_HEADWORD = by_hash("headword")
+HEADWORD_RULE = "hash of the headword, shared by every dictionary (5% / 5%)"
+
 SOURCES = {s.name: s for s in (
     Source("austen", "apt", ("r-cran-janeaustenr",), "public domain texts (package: MIT)", "narrative", extract_austen,
            by_table({"Northanger Abbey"}, {"Persuasion"}), "whole novels: validation Northanger Abbey, test Persuasion"),
@@ -780,11 +785,11 @@ SOURCES = {s.name: s for s in (
     Source("fortunes", "apt", ("fortunes-min", "fortunes"), "BSD-4-clause (fortune-mod) / quotations", "narrative",
            extract_fortunes, by_hash("fortunes", 0.1, 0.1), "hash of the cookie file name (10% / 10%)"),
     Source("gcide", "apt", ("dict-gcide",), "GPL-3+ (GCIDE, from Webster's 1913)", "definitions", extract_gcide,
-           by_hash("gcide"), "hash of the headword (5% / 5%)"),
+           BY_HEADWORD, HEADWORD_RULE),
     Source("wordnet", "apt", ("wordnet-base",), "WordNet 3.0 licence (BSD-like)", "definitions", extract_wordnet,
-           by_hash("wordnet"), "hash of the first lemma (5% / 5%)"),
+           BY_HEADWORD, HEADWORD_RULE + " (the first lemma)"),
     Source("foldoc", "apt", ("dict-foldoc",), "GFDL-1.1+ (FOLDOC)", "definitions", extract_foldoc,
-           by_hash("foldoc"), "hash of the headword (5% / 5%)"),
+           BY_HEADWORD, HEADWORD_RULE),
     Source("manpages", "apt", ("manpages", "manpages-dev"), "Linux man-pages licences (verbatim/GPL/BSD)", "technical",
            extract_manpages, by_hash("manpages"), "hash of the file path (5% / 5%)"),
     Source("python_docs", "apt", ("python3.11-doc",), "PSF-2.0", "technical", extract_python_docs,
@@ -799,11 +804,9 @@ SOURCES = {s.name: s for s in (
            extract_bible_web, by_table(BIBLE_VALIDATION, BIBLE_TEST),
            "whole books, the same in every translation (the deuterocanon is left out)"),
     Source("jargon", "apt", ("jargon-text",), "public domain (Jargon File 4.4.7; packaging GPL)", "definitions",
-           extract_jargon, by_hash("foldoc"),
-           "hash of the headword or section title with FOLDOC's salt (5% / 5%): FOLDOC quotes many entries, "
-           "so a term is in the same split in both"),
+           extract_jargon, BY_HEADWORD, HEADWORD_RULE + " (or the section title)"),
     Source("devils_dictionary", "apt", ("dict-devil",), "public domain (Ambrose Bierce, 1911)", "definitions",
-           extract_devils_dictionary, by_hash("devils_dictionary"), "hash of the headword (5% / 5%)"),
+           extract_devils_dictionary, BY_HEADWORD, HEADWORD_RULE),
     Source("linux_docs", "apt", ("linux-doc",), "GPL-2 (Linux kernel documentation)", "technical",
            extract_linux_docs, by_hash("linux_docs"), "hash of the file path (5% / 5%)", versioned=True),
 )}
@@ -902,7 +905,8 @@ def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
 
 
 def extracted_documents(source: Source, cache: Path, unpacked_dir: Optional[Path]) -> tuple[Path, dict[str, str]]:
-    """CACHE/extracted/SOURCE.jsonl.xz (one {id, group, split, paragraphs} per line) and package versions."""
+    """CACHE/extracted/SOURCE.jsonl.xz (one {id, group, paragraphs} per line) and package versions. The split
+    is not cached: it follows the source's split rule at build time."""
     roots, versions = package_roots(source, cache, unpacked_dir)
     key = hashlib.sha256(json.dumps([BUILD_FORMAT, source.name, versions, str(unpacked_dir)]).encode()).hexdigest()[:16]
     path = cache / "extracted" / f"{source.name}-{key}.jsonl.xz"
@@ -915,8 +919,7 @@ def extracted_documents(source: Source, cache: Path, unpacked_dir: Optional[Path
             for doc in source.extract(roots):
                 kept = clean_document(doc.text, source.technical)
                 if kept:
-                    handle.write(json.dumps({"id": doc.id, "group": doc.group, "split": source.split(doc.group),
-                                             "paragraphs": kept}) + "\n")
+                    handle.write(json.dumps({"id": doc.id, "group": doc.group, "paragraphs": kept}) + "\n")
 
     logger.info("%s: extracting", source.name)
     _atomic_write(path, write)
@@ -933,15 +936,17 @@ def read_extracted(path: Path) -> Iterator[dict]:
 
 
 def deduplicated_splits(extracted: dict[str, Path]) -> dict[str, dict[str, list[tuple[str, str]]]]:
-    """{split: {source: [(doc id, text)]}} with exact duplicate paragraphs removed (test, validation, train
-    order: the first occurrence is kept) and documents left empty dropped."""
+    """{split: {source: [(doc id, text)]}} by each source's split rule (``SOURCES[name].split`` of a
+    document's group), exact duplicate paragraphs removed (test, validation, train order: the first
+    occurrence is kept) and documents left empty dropped."""
     seen: set[bytes] = set()
     out: dict[str, dict[str, list[tuple[str, str]]]] = {split: {} for split in SPLITS}
     for split in ("test", "validation", "train"):
         for name, path in extracted.items():
             docs = out[split].setdefault(name, [])
+            split_of = SOURCES[name].split
             for record in read_extracted(path):
-                if record["split"] != split:
+                if split_of(record["group"]) != split:
                     continue
                 kept = []
                 for paragraph in record["paragraphs"]:

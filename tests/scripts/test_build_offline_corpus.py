@@ -27,7 +27,7 @@ import torch
 from repo_scripts import load_script
 
 from pararnn_lm.data import DataConfig, TokenShards, build_datasets, load_tokenizer
-from pararnn_lm.data.offline import read_manifest, source_token_ranges, unpack_offline_corpus
+from pararnn_lm.data.offline import SPLITS, read_manifest, source_token_ranges, unpack_offline_corpus
 
 builder = load_script("scripts/build_offline_corpus.py")
 FIXTURES = Path(__file__).parent / "fixtures" / "offline_corpus"
@@ -265,6 +265,7 @@ def make_packages(root: Path) -> Path:
         ("Harbor", 'Harbor \\Har"bor\\, n. [OE. herberwe.]\n   1. A place of security and comfort; a refuge; a shelter.\n'
                    '      [1913 Webster]\n\n   Syn: See {Haven}.\n'),
         ("Lantern", 'Lantern \\Lan"tern\\, n.\n   Something inclosing a light, and protecting it from wind.\n      [1913 Webster]\n'),
+        ("Amber", 'Amber \\Am"ber\\, n.\n   A yellowish translucent fossil resin of pine trees.\n      [1913 Webster]\n'),
     ])
     write_dictd(root / "dict-foldoc/usr/share/dictd/foldoc", [
         ("quay", "quay\n\n   <jargon> A wharf where the {harbour} boats are tied up at night.\n"),
@@ -277,6 +278,7 @@ def make_packages(root: Path) -> Path:
     write_dictd(root / "dict-devil/usr/share/dictd/devil", [
         ("absurdity", "ABSURDITY, n.  A statement or belief manifestly inconsistent with\none's own opinion.\n"),
         ("academy", "ACADEMY, n.  [from {ACADEME}]   A modern school where _football_ is\ntaught.\n"),
+        ("amber", "AMBER, n.  A resin in which flies are kept for ever.\n"),
     ])
     docs = root / "linux-doc/usr/share/doc/linux-doc-6.1/Documentation"
     for rel, text in {"index.rst": "The Linux Kernel documentation\n==============================\n\n"
@@ -384,10 +386,12 @@ def test_split_rules_hold_whole_documents_and_the_same_bible_books(corpus, tmp_p
     # the World English Bible follows the same books: Ruth validation, Esther and John test, Genesis train
     assert _split_of(texts, "a famine came") == ["validation"] and _split_of(texts, "feast in Susa") == ["test"]
     assert _split_of(texts, "was the Word") == ["test"] and _split_of(texts, "seventh day the work") == ["train"]
-    # a term of both the Jargon File and FOLDOC is in the same split in both ('pier' hashes to test)
-    assert _split_of(texts, "moors next to another") == ["test"] == _split_of(texts, "moor beside each other")
+    # a term of several dictionaries is in the same split in all ('amber' hashes to test, 'pier' to train)
+    assert _split_of(texts, "yellowish translucent fossil") == ["test"] == _split_of(texts, "flies are kept for ever")
+    assert _split_of(texts, "moors next to another") == ["train"] == _split_of(texts, "moor beside each other")
     # hashed headwords and file paths (computed once from the split rules' salts)
-    assert _split_of(texts, "A modern school") == ["test"] and _split_of(texts, "manifestly inconsistent") == ["train"]
+    assert _split_of(texts, "A place of security") == ["validation"]
+    assert _split_of(texts, "A modern school") == ["train"] and _split_of(texts, "manifestly inconsistent") == ["train"]
     assert _split_of(texts, "The tide clock driver") == ["test"]
     assert _split_of(texts, "memory barrier orders") == ["train"]
 
@@ -419,6 +423,14 @@ def test_resumable_extraction_and_atomic_output(corpus, tmp_path, monkeypatch):
     monkeypatch.setattr(builder, "SOURCES", sources)
     again = builder.build(out, root / "cache", ALL, vocab_size=320, unpacked_dir=packages, progress=False)
     assert again == manifest
+    # ... but a changed split rule applies to the cached documents (the split is not cached with them)
+    moved = dict(sources, fortunes=dataclasses.replace(sources["fortunes"], split=lambda group: "test"))
+    monkeypatch.setattr(builder, "SOURCES", moved)
+    rebuilt = builder.build(tmp_path / "moved", root / "cache", ALL, vocab_size=320, unpacked_dir=packages, progress=False)
+    fortunes = {split: rebuilt["splits"][split]["sources"].get("fortunes", {}).get("documents", 0) for split in SPLITS}
+    assert fortunes["train"] == fortunes["validation"] == 0 and fortunes["test"] > manifest["splits"]["test"]["sources"]["fortunes"]["documents"]
+    shutil.rmtree(tmp_path / "moved")
+    monkeypatch.setattr(builder, "SOURCES", sources)
     # a build that fails after extraction leaves the previous corpus as it was, and no temporary folder
     monkeypatch.setattr(builder, "train_tokenizer", _fail)
     with pytest.raises(RuntimeError, match="interrupted"):
@@ -471,7 +483,8 @@ def test_devils_dictionary_entries(tmp_path):
     assert docs == [("devils-dictionary/absurdity", "absurdity",
                      "ABSURDITY, n.  A statement or belief manifestly inconsistent with\none's own opinion.\n"),
                     ("devils-dictionary/academy", "academy",
-                     "ACADEMY, n.  [from ACADEME]   A modern school where football is\ntaught.\n")]
+                     "ACADEMY, n.  [from ACADEME]   A modern school where football is\ntaught.\n"),
+                    ("devils-dictionary/amber", "amber", "AMBER, n.  A resin in which flies are kept for ever.\n")]
 
 
 def test_kernel_documentation_keeps_the_prose_of_rst_and_text_files(tmp_path):
