@@ -376,8 +376,9 @@ def failure(proc: subprocess.CompletedProcess) -> str:
     longer than the kept tail, so the worker's exception line is found in the whole output first."""
     output = (proc.stderr or "") + (proc.stdout or "")
     tail = (proc.stderr or proc.stdout)[-3000:]
+    exception = worker_exception(output)
     return (("out of memory: " if is_out_of_memory(output) else "")
-            + f"exit {proc.returncode}: {exception_line(output)}\n{tail}")
+            + f"exit {proc.returncode}: " + (f"{exception}\n" if exception else "") + tail)
 
 
 def is_out_of_memory(text: str) -> bool:
@@ -658,15 +659,20 @@ def _curve_label(key: tuple) -> str:
 EXCEPTION_LINE = re.compile(r"^(?:[\w.]+\.)?(\w+(?:Error|Exception)): (.*)$", re.M)
 
 
+def worker_exception(output: str) -> str | None:
+    """The last ``NameError: message`` line of a run's output that is not torchrun's own report."""
+    found = [f"{name}: {message}" for name, message in EXCEPTION_LINE.findall(output) if name != "ChildFailedError"]
+    return found[-1] if found else None
+
+
 def exception_line(error: str) -> str:
-    """The exception a failed run died of: the one ``failure`` put on the error's first line, else the last
-    ``NameError: message`` line of the output that is not torchrun's own report (else the first line)."""
+    """The exception a failed run died of: the one ``failure`` put on the error's first line, else the
+    output's last exception line (``worker_exception``), else the error's first line."""
     first = error.splitlines()[0] if error else ""
     status = re.match(r"(?:out of memory: )?exit -?\d+: (.*)$", first)
     if status and EXCEPTION_LINE.match(status.group(1)):
         return status.group(1)
-    found = [f"{name}: {message}" for name, message in EXCEPTION_LINE.findall(error) if name != "ChildFailedError"]
-    return found[-1] if found else first
+    return worker_exception(error) or first
 
 
 def _long_context_cell(r: dict | None) -> str:

@@ -362,10 +362,15 @@ def extract_wordnet(roots: dict[str, Path]) -> Iterator[Doc]:
             yield Doc(f"wordnet/{pos}/{parts[0]}", lemmas[0].lower(), f"{', '.join(lemmas)}: {gloss.strip()}")
 
 
-def roff_to_text(path: Path) -> str:
-    """A man page rendered by groff: plain UTF-8, no overstriking, no hyphenation or justification, lines
-    long enough that a paragraph is one line."""
-    raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+def read_maybe_gzipped(path: Path) -> bytes:
+    """The bytes of ``path``, decompressed when it is a ``.gz`` file (as Debian ships most documentation)."""
+    raw = path.read_bytes()
+    return gzip.decompress(raw) if path.suffix == ".gz" else raw
+
+
+def roff_to_text(raw: bytes, path: Path) -> str:
+    """A man page (``raw``, read from ``path``) rendered by groff: plain UTF-8, no overstriking, no
+    hyphenation or justification, lines long enough that a paragraph is one line."""
     result = subprocess.run(["groff", "-t", "-mandoc", "-Tutf8", "-P-cbou", "-rLL=2000n", "-rHY=0", "-dAD=l"], input=raw,
                             capture_output=True, timeout=60)
     if result.returncode != 0:
@@ -383,11 +388,11 @@ def extract_manpages(roots: dict[str, Path]) -> Iterator[Doc]:
         for path in sorted((roots[package] / "usr/share/man").glob("man[1-8]/*")):
             if not path.is_file() or path.is_symlink():
                 continue
-            head = (gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes())[:200]
-            if head.lstrip().startswith(b".so "):  # an alias of another page
+            raw = read_maybe_gzipped(path)
+            if raw[:200].lstrip().startswith(b".so "):  # an alias of another page
                 continue
             kept, keep = [], True
-            for line in roff_to_text(path).splitlines():
+            for line in roff_to_text(raw, path).splitlines():
                 if line and not line[0].isspace():  # section heading (or the page header/footer)
                     keep = line.strip() not in _MAN_DROPPED_SECTIONS and not re.search(r"\(\d\w*\)\s*$", line.strip())
                     continue
@@ -719,9 +724,8 @@ def extract_linux_docs(roots: dict[str, Path]) -> Iterator[Doc]:
         if not path.name.endswith(LINUX_DOC_SUFFIXES) or rel.startswith("translations/") or not path.is_file() \
                 or path.is_symlink():
             continue
-        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
         rel = rel.removesuffix(".gz")
-        yield Doc(f"linux-docs/{rel}", rel, rst_to_text(raw.decode("utf-8", errors="replace")))
+        yield Doc(f"linux-docs/{rel}", rel, rst_to_text(read_maybe_gzipped(path).decode("utf-8", errors="replace")))
 
 
 # --- split rules ----------------------------------------------------------------------------------

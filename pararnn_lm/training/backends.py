@@ -200,7 +200,7 @@ class DeepSpeedBackend:
                 "state offloaded to NVMe, DeepSpeed cannot load a universal checkpoint (it restores the swap files "
                 f"of each rank): resume on {saved_ranks} rank(s), or offload to the CPU instead")
         if universal:
-            folder = manager.converted(path, "deepspeed_universal", lambda out: to_universal(folder, out),
+            folder = manager.converted(path, "deepspeed_universal", lambda out: to_universal(path / "deepspeed", out),
                                        "DeepSpeed's universal checkpoint")
             if self.info.is_main:
                 logger.warning("ZeRO-%d state of %d rank(s) loads on %d rank(s) from the universal checkpoint %s",
