@@ -150,14 +150,22 @@ def evaluate_batches(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]
     return acc
 
 
-def _windows(stream: torch.Tensor, seq_len: int, batch_size: int) -> Iterator[torch.Tensor]:
-    """Non-overlapping windows; full ones batched, the tail as its own batch."""
-    n_full = stream.numel() // seq_len
-    full = stream[: n_full * seq_len].view(n_full, seq_len)
-    for i in range(0, n_full, batch_size):
-        yield full[i : i + batch_size]
-    if stream.numel() - n_full * seq_len > 1:
-        yield stream[n_full * seq_len :].unsqueeze(0)
+def _windows(stream: torch.Tensor, seq_len: int, batch_size: int, pad_id: int,
+             eos_token_id: int | None) -> Iterator[dict[str, torch.Tensor]]:
+    """Non-overlapping packed windows in batches of one shape, (batch_size, seq_len): the tail window is
+    right-padded and the last batch filled with padding rows, their labels IGNORE_INDEX. One shape means
+    one compilation / autotuning pass for the whole stream instead of one per ragged batch; right padding
+    never changes an earlier position of a causal model."""
+    n = stream.numel()
+    n_windows = -(-n // seq_len) if n - (n // seq_len) * seq_len > 1 else n // seq_len
+    for first in range(0, n_windows, batch_size):
+        ids = torch.full((batch_size, seq_len), pad_id, dtype=torch.long)
+        labels = torch.full((batch_size, seq_len), IGNORE_INDEX, dtype=torch.long)
+        for row, w in enumerate(range(first, min(first + batch_size, n_windows))):
+            piece = stream[w * seq_len : (w + 1) * seq_len]
+            ids[row, : piece.numel()] = piece
+            labels[row, : piece.numel()] = piece
+        yield {"input_ids": ids, "labels": labels, "position_ids": position_ids_from_eos(ids, eos_token_id)}
 
 
 def split_documents(stream: torch.Tensor, eos_token_id: int | None) -> list[torch.Tensor]:
@@ -201,9 +209,7 @@ def evaluate_stream(model: nn.Module, stream: torch.Tensor, *, seq_len: int, bat
     if max_tokens is not None:
         stream = stream[:max_tokens]
     if packed:
-        batches: Iterable[dict[str, torch.Tensor]] = (
-            {"input_ids": w, "position_ids": position_ids_from_eos(w, eos_token_id)}
-            for w in _windows(stream, seq_len, batch_size))
+        batches: Iterable[dict[str, torch.Tensor]] = _windows(stream, seq_len, batch_size, pad_id, eos_token_id)
     else:
         batches = _per_document_batches(stream, seq_len, batch_size, eos_token_id, pad_id)
     if progress:

@@ -98,6 +98,27 @@ def test_packed_equals_unpacked_equals_independent(model_fn):
     assert unpacked.perplexity == pytest.approx(math.exp(u_total / u_count), rel=1e-5)
 
 
+@pytest.mark.parametrize("tail", [0, 1, 2, 17])
+def test_packed_batches_share_one_shape_and_score_every_real_token(tail):
+    """Ragged tails and a short last batch are padded to (batch_size, seq_len) - one compiled shape on the
+    GPU - without scoring a padding token or dropping a real one (a 1-token tail has nothing to predict)."""
+    from pararnn_lm.eval import perplexity
+
+    model, seq_len, batch_size = ResetGRU(), 16, 3
+    stream = make_stream(n_docs=12)[: 4 * seq_len + tail]
+    shapes = []
+    real_windows = perplexity._windows
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(perplexity, "_windows", lambda *a: (shapes.append(b["input_ids"].shape) or b for b in real_windows(*a)))
+        with torch.no_grad():
+            acc = evaluate_stream(model, stream, seq_len=seq_len, batch_size=batch_size, eos_token_id=EOS)
+            ref_total, ref_count, _ = independent_nll(model, _window_docs(stream, seq_len), seq_len)
+    assert set(shapes) == {torch.Size([batch_size, seq_len])}
+    assert len(shapes) == 2  # 4 full windows (+ a tail) in batches of 3
+    assert acc.total_tokens == ref_count
+    assert acc.total_nll == pytest.approx(ref_total, rel=1e-5)
+
+
 def _window_docs(stream, seq_len):
     """What a model evaluating packed windows sees: documents cut at window boundaries."""
     out = []
