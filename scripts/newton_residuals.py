@@ -12,6 +12,11 @@ split (documents packed; every layer restarts its state at a document start, as 
 
 Writes OUT/newton_residuals.json (per layer and T: the residual before each update and after the last),
 OUT/newton_residuals.md (iterations to the tolerance) and OUT/newton_residuals.png (one panel per layer).
+
+    python scripts/newton_residuals.py --combine gru/newton_residuals.json lstm/newton_residuals.json --out OUT
+
+draws several models' results in one figure, OUT/newton_residuals.png: a row per model, a panel per sequence
+length, one curve per layer (darker: deeper).
 """
 from __future__ import annotations
 
@@ -98,11 +103,49 @@ def plot(histories: dict[int, list[list[float]]], tol: float, title: str, path: 
     return save_figure(fig, path)
 
 
+def plot_models(results: dict[str, dict[str, Any]], path: Path) -> Path:
+    """One figure of several models' ``newton_residuals.json`` contents: rows = models, columns = T."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lengths = sorted({int(t) for result in results.values() for t in result["histories"]})
+    fig, axes = plt.subplots(len(results), len(lengths), figsize=(3.2 * len(lengths), 2.8 * len(results)),
+                             squeeze=False, sharey=True)
+    for row, (name, result) in zip(axes, results.items()):
+        tol = result["tolerance"]
+        for ax, seq_len in zip(row, lengths):
+            layers = result["histories"].get(str(seq_len), [])
+            for layer, history in enumerate(layers):
+                ax.semilogy(range(len(history)), [max(r, tol / 100) for r in history], marker="o", markersize=2,
+                            color=plt.cm.viridis(layer / max(len(layers) - 1, 1)), linewidth=1)
+            ax.axhline(tol, color="0.5", linestyle=":", linewidth=1)
+            ax.set_title(f"{name}, T={seq_len}", fontsize=9)
+            ax.set_xlabel("Newton iteration")
+        row[0].set_ylabel("scaled max residual")
+    fig.suptitle("Newton residual per layer (darker: shallower, yellow: deepest) against the iteration", fontsize=10)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def combine(paths: Sequence[Path], out: Path) -> Path:
+    results = {}
+    for path in paths:
+        result = json.loads(Path(path).read_text())
+        name = Path(result["model"]).parent.name or Path(result["model"]).name
+        results[name if name not in results else f"{name} ({path})"] = result  # never drop a file
+    out.mkdir(parents=True, exist_ok=True)
+    return plot_models(results, out / "newton_residuals.png")
+
+
 def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] %(message)s")
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model", type=Path, help="an export of a ParaGRU / ParaLSTM model (config.json + weights)")
-    parser.add_argument("--corpus", type=Path, required=True, help="the offline corpus (its validation split is read)")
+    parser.add_argument("model", type=Path, nargs="?", help="an export of a ParaGRU / ParaLSTM model (config.json + weights)")
+    parser.add_argument("--corpus", type=Path, help="the offline corpus (its validation split is read)")
+    parser.add_argument("--combine", type=Path, nargs="+", default=None,
+                        help="newton_residuals.json files of earlier runs: draw them in one figure, compute nothing")
     parser.add_argument("--cache-dir", default="~/.cache/pararnn_lm/data", help="where the corpus is unpacked")
     parser.add_argument("--seq-lens", type=int, nargs="+", default=[256, 512, 1024, 2048])
     parser.add_argument("--batch-size", type=int, default=4)
@@ -111,6 +154,12 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
+    if args.combine:
+        path = combine(args.combine, args.out)
+        logger.info("wrote %s", path)
+        return {"out": args.out}
+    if args.model is None or args.corpus is None:
+        parser.error("a model export and --corpus are needed (or --combine with result files)")
 
     from pararnn_lm.models import ParaRNNLMForCausalLM
 

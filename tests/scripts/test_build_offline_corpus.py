@@ -647,7 +647,7 @@ def test_report_tables_match_an_independent_evaluation_and_plot_the_curves(corpu
 newton_script = load_script("scripts/newton_residuals.py")
 
 
-def test_newton_residuals_of_a_trained_model_per_layer_and_length(corpus, tmp_path):
+def test_newton_residuals_of_a_trained_model_per_layer_and_length(corpus, tmp_path, monkeypatch):
     """The Fig. 4 tool on a real (tiny, trained) ParaLSTM export: each layer's history starts at the residual
     of the initial guess on that layer's actual input, ends at the fp64 tolerance, and the trajectory it
     converges to is the sequential recurrence's (the model's logits equal the sequential mode's)."""
@@ -697,3 +697,15 @@ def test_newton_residuals_of_a_trained_model_per_layer_and_length(corpus, tmp_pa
         torch.testing.assert_close(model(input_ids=ids, position_ids=positions).logits, reference, rtol=1e-10, atol=1e-10)
     assert "| 0 |" in (tmp_path / "fig" / "newton_residuals.md").read_text()
     assert (tmp_path / "fig" / "newton_residuals.png").read_bytes()[:4] == b"\x89PNG"
+
+    # several models' results in one figure, drawn from their JSON files alone
+    drawn = []
+    monkeypatch.setattr(newton_script, "save_figure", lambda fig, path: drawn.append(fig) or Path(path))
+    newton_script.main(["--combine", str(tmp_path / "fig" / "newton_residuals.json"),
+                        str(tmp_path / "fig" / "newton_residuals.json"), "--out", str(tmp_path / "both")])
+    axes = drawn[0].axes
+    assert len(axes) == 2 * 2  # a row per file, a panel per sequence length
+    assert [len(ax.lines) for ax in axes] == [2 + 1] * 4  # a curve per layer and the tolerance line
+    assert list(axes[1].lines[1].get_ydata()) == [max(r, tol / 100) for r in histories[64][1]]
+    with pytest.raises(SystemExit):
+        newton_script.main(["--out", str(tmp_path / "x")])  # neither a model nor --combine
