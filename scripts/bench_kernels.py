@@ -488,6 +488,23 @@ def peak_gib(device) -> float | None:
     return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
 
 
+def mismatch_margins(reference: torch.Tensor, reference_logits: torch.Tensor, other: torch.Tensor,
+                     dtype: torch.dtype) -> dict:
+    """Evidence for tokens that differ from the reference's: for every row (B, k) that parts from it, the
+    reference's top-2 logit margin (B, k, V) at the first differing step, where both paths had seen the same
+    tokens. ``near_tie``: every such margin is within two rounding steps of the model's ``dtype`` at the
+    logits' magnitude - a choice between near-equal logits that rounding can flip - rather than a real difference."""
+    differ = reference != other
+    rows = differ.any(1).nonzero().flatten()
+    first = differ.int().argmax(1)[rows]
+    logits = reference_logits[rows, first].double()
+    top2 = logits.topk(2, dim=-1).values
+    margin = (top2[:, 0] - top2[:, 1]).max().item()
+    rounding = torch.finfo(dtype).eps * logits.abs().amax().item()
+    return {"mismatch_rows": len(rows), "max_mismatch_margin": margin, "logit_rounding": rounding,
+            "near_tie": margin <= 2 * rounding}
+
+
 def bench_decode_case(a, model, arch: str, batch: int, prompt_len: int, variants: list[str], device,
                       budget) -> list[dict]:
     """One row per variant at one (batch, prompt length). ``generate`` / ``generate_static`` time
@@ -509,7 +526,8 @@ def bench_decode_case(a, model, arch: str, batch: int, prompt_len: int, variants
     rows, generated = [], None
     try:
         with torch.no_grad():
-            reference = model.generate(prompt, **greedy_kwargs(check))[:, prompt_len:]
+            out = model.generate(prompt, **greedy_kwargs(check, output_logits=True, return_dict_in_generate=True))
+            reference, reference_logits = out.sequences[:, prompt_len:], torch.stack(out.logits, 1)
     except Exception as err:  # e.g. out of memory at this size: every variant of the case reports it
         error = f"reference generate(): {type(err).__name__}: {err}"[:500]
         log.error("decode %s B=%d T=%d: %s", arch, batch, prompt_len, error)
@@ -548,8 +566,11 @@ def bench_decode_case(a, model, arch: str, batch: int, prompt_len: int, variants
                     t_prefill, _ = wall(lambda: dec.prefill(prompt), device)
                     t_decode, _ = wall(lambda: [dec.decode_one() for _ in range(n - 1)], device)
                 if not row["correct"]:
-                    log.error("decode %s B=%d T=%d %s: the first %d tokens differ from generate()'s", arch, batch,
-                              prompt_len, variant, check)
+                    row.update(mismatch_margins(reference, reference_logits, first, next(model.parameters()).dtype))
+                    log.error("decode %s B=%d T=%d %s: the first %d tokens differ from generate()'s in %d rows; the "
+                              "largest top-2 logit margin where they part is %.3g (logit rounding %.3g): %s", arch,
+                              batch, prompt_len, variant, check, row["mismatch_rows"], row["max_mismatch_margin"],
+                              row["logit_rounding"], "near-ties" if row["near_tie"] else "not near-ties")
                 if variant == "generate":
                     generated = out
                 elif generated is not None:

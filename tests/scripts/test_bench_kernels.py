@@ -288,3 +288,21 @@ def test_resources_prints_a_row_per_kernel(tmp_path):
     assert [r["kernel"].split(" (")[0] for r in rows] == ["conv fwd", "conv bwd pass 1", "conv bwd pass 2"]
     for r in rows:
         assert 16 <= r["registers"] <= 255 and r["programs_per_sm"] >= 1
+
+
+def test_mismatch_margins_measure_the_reference_margin_where_each_row_parts(bk):
+    """Rows 0 and 2 part from the reference at steps 1 and 0; the evidence is the reference's top-2 margin
+    there (0.01 and 0.5: the larger decides), against bf16's rounding at the logits' magnitude (4 * 2^-7)."""
+    reference = torch.tensor([[1, 2, 3], [1, 2, 3], [4, 5, 6]])
+    other = torch.tensor([[1, 0, 0], [1, 2, 3], [0, 5, 6]])
+    logits = torch.zeros(3, 3, 8)
+    logits[0, 1, 2], logits[0, 1, 0] = 1.0, 0.99  # row 0, step 1: a near-tie
+    logits[2, 0, 4], logits[2, 0, 0] = 4.0, 3.5  # row 2, step 0: margin 0.5, |logit| 4
+    logits[1, :, 7] = 100.0  # an agreeing row never counts
+    out = bk.mismatch_margins(reference, logits, other, torch.bfloat16)
+    assert out["mismatch_rows"] == 2
+    assert out["max_mismatch_margin"] == pytest.approx(0.5)
+    assert out["logit_rounding"] == pytest.approx(4 * 2**-7)
+    assert out["near_tie"] is False  # 0.5 > 2 * 0.03125
+    near = bk.mismatch_margins(reference[:1], logits[:1], other[:1], torch.bfloat16)
+    assert near["max_mismatch_margin"] == pytest.approx(0.01, abs=1e-6) and near["near_tie"] is True
