@@ -250,9 +250,10 @@ MAMBA_SSM_MAX_ELEMENTS = 2**31 - 1  # mamba_ssm's kernels address their tensors 
 
 def mamba_ssm_row_blocks(x: torch.Tensor, d_state: int) -> list[slice]:
     """Rows of ``x`` (B, T, H, P) per mamba_ssm call such that neither the inputs nor the per-chunk states
-    (B, T / chunk, H, P, N) of one call pass ``MAMBA_SSM_MAX_ELEMENTS``: past it the kernels' offsets
-    overflow (an illegal memory access, e.g. a 1B Mamba2 prefilling 64 prompts of 16,384 tokens). Rows are
-    independent sequences, so the calls' outputs concatenate to the one call's."""
+    (B, T / chunk, H, P, N) of one call pass ``MAMBA_SSM_MAX_ELEMENTS``: past it the kernels' 32-bit
+    offsets (batch index x batch stride) overflow. Rows are independent sequences, so the calls' outputs
+    concatenate to the one call's. This bound is necessary, not sufficient: a 1B Mamba2 prefill of
+    128 x 4,096 tokens still faults inside mamba-ssm in blocks of 63 rows (64 x 4,096 does not)."""
     B, T, H, P = x.shape
     per_row = max(T * H * P, -(-T // MAMBA_SSM_CHUNK) * H * P * d_state)
     if per_row > MAMBA_SSM_MAX_ELEMENTS:
