@@ -24,6 +24,7 @@ def parallel_rnn(
     stats: NewtonStats | None = None,
     name: str | None = None,
     u_bias: torch.Tensor | None = None,
+    y_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run ``cell`` over time: h_t = cell.step(h_{t-1}, u_t, p), y_t = cell.output(h_t).
 
@@ -46,9 +47,11 @@ def parallel_rnn(
         u_bias: (G, D) added to u_t at every step (the input projection's bias), differentiable. Modes
             that take it for this cell (``fused`` for ParaGRU) add it inside their kernels, saving a pass
             over u; the others get ``u + u_bias`` (in u's dtype).
+        y_dtype: the dtype of y (default u's). The compute dtype returns the trajectory itself (no rounded
+            copy): a consumer that reads fp32, like the mixers' fused gated norm, saves a pass each way.
 
     Returns:
-        y (B, T, D) in u's dtype, and h_last: (B, K, D) (with resets too: the state at each row's
+        y (B, T, D) in ``y_dtype`` (default u's dtype), and h_last: (B, K, D) (with resets too: the state at each row's
         last step), or (N_docs, K, D) with cu_seqlens, in the compute dtype (fp64 for fp64 inputs,
         otherwise fp32, so carried states keep precision).
     """
@@ -69,7 +72,7 @@ def parallel_rnn(
             u = u + u_bias.to(u.dtype)
     u_in = u if chosen.half_inputs and u.dtype in (torch.float16, torch.bfloat16) else u.to(compute)
     h = chosen.run(cell, u_in, p, h0_rows, layout, newton, stats, name)
-    y = cell.output(h).to(u.dtype)
+    y = cell.output(h).to(u.dtype if y_dtype is None else y_dtype)
     return y, layout.gather_last(h, h0_rows)
 
 

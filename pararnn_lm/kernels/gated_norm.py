@@ -110,10 +110,11 @@ def _tile(D: int, elements: int, values_per_thread: int) -> tuple[int, int, int]
     return BN, BD, max(4, min(16, BN * BD // (32 * values_per_thread)))
 
 
-def _forward(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """y, z (N, D) with unit channel stride, weight (D,) -> out (N, D) in y's dtype, contiguous."""
+def _forward(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: float,
+             out_dtype: torch.dtype) -> torch.Tensor:
+    """y, z (N, D) with unit channel stride, weight (D,) -> out (N, D) in ``out_dtype``, contiguous."""
     N, D = y.shape
-    out = torch.empty(N, D, device=y.device, dtype=y.dtype)
+    out = torch.empty(N, D, device=y.device, dtype=out_dtype)
     if N:
         BN, BD, warps = _tile(D, _FWD_TILE_ELEMENTS, _FWD_VALUES_PER_THREAD)
         launch(_fwd_kernel, (triton.cdiv(N, BN),), y, z, weight, out, N, D, y.stride(0), z.stride(0), eps,
@@ -145,29 +146,30 @@ class _GatedRMSNorm(torch.autograd.Function):
     """Eager twin of ``pararnn::gated_rms_norm``: same forward/backward, no library dispatch."""
 
     @staticmethod
-    def forward(ctx, y, z, weight, eps):
+    def forward(ctx, y, z, weight, eps, out_dtype):
         ctx.save_for_backward(y, z, weight)
         ctx.eps = eps
-        return _forward(y, z, weight, eps)
+        return _forward(y, z, weight, eps, out_dtype)
 
     @staticmethod
     def backward(ctx, dout):
         y, z, weight = ctx.saved_tensors
         dy, dz, dw = _backward(dout, y, z, weight, ctx.eps)
         need = ctx.needs_input_grad
-        return (dy if need[0] else None), (dz if need[1] else None), (dw if need[2] else None), None
+        return (dy if need[0] else None), (dz if need[1] else None), (dw if need[2] else None), None, None
 
 
 # ----------------------------------------------------------------------------- torch.library ops
 @torch.library.custom_op("pararnn::gated_rms_norm", mutates_args=())
-def gated_rms_norm_op(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """y, z (N, D), weight (D,) -> out (N, D) in y's dtype, contiguous."""
-    return _forward(y, z, weight, eps)
+def gated_rms_norm_op(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: float,
+                      out_dtype: torch.dtype) -> torch.Tensor:
+    """y, z (N, D), weight (D,) -> out (N, D) in ``out_dtype``, contiguous."""
+    return _forward(y, z, weight, eps, out_dtype)
 
 
 @gated_rms_norm_op.register_fake
-def _(y, z, weight, eps):
-    return y.new_empty(y.shape)
+def _(y, z, weight, eps, out_dtype):
+    return y.new_empty(y.shape, dtype=out_dtype)
 
 
 @torch.library.custom_op("pararnn::gated_rms_norm_backward", mutates_args=())
@@ -183,7 +185,7 @@ def _(dout, y, z, weight, eps):
 
 
 def _setup_context(ctx, inputs, output):
-    y, z, weight, eps = inputs
+    y, z, weight, eps, _ = inputs
     ctx.save_for_backward(y, z, weight)
     ctx.eps = eps
 
@@ -192,18 +194,20 @@ def _op_backward(ctx, dout):
     y, z, weight = ctx.saved_tensors
     dy, dz, dw = gated_rms_norm_backward_op(dout, y, z, weight, ctx.eps)
     need = ctx.needs_input_grad
-    return (dy if need[0] else None), (dz if need[1] else None), (dw if need[2] else None), None
+    return (dy if need[0] else None), (dz if need[1] else None), (dw if need[2] else None), None, None
 
 
 gated_rms_norm_op.register_autograd(_op_backward, setup_context=_setup_context)
 
 
-def gated_rms_norm(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def gated_rms_norm(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: float,
+                   out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """rmsnorm(y * silu(z)) * weight over the last axis, see the module docstring.
 
     y, z (..., D) of one shape (fp32/bf16/fp16, may differ), unit channel stride, any other strides;
-    weight (D,) -> out (..., D) in y's dtype, contiguous. Gradients for y, z and weight in their dtypes
-    (computed in fp32)."""
+    weight (D,) -> out (..., D) in ``out_dtype`` (default y's), contiguous. Gradients for y, z and weight
+    in their dtypes (computed in fp32). A mixer passes its recurrence's fp32 output as y with
+    ``out_dtype`` the activations' dtype: no rounded copy of y is written, read or kept for the backward."""
     D = y.shape[-1]
     if weight.shape != (D,) or not supported(y, z):
         raise ValueError(f"gated_rms_norm: y, z (..., D) of one shape with unit channel stride, fp32/bf16/fp16, "
@@ -212,8 +216,9 @@ def gated_rms_norm(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: 
                          f"{z.dtype} strides {z.stride()}, weight {tuple(weight.shape)}")
     # Flattening the leading axes is a view for the mixers' tensors (one row stride); the ops take rows.
     y2, z2 = y.reshape(-1, D), z.reshape(-1, D)
+    out_dtype = y.dtype if out_dtype is None else out_dtype
     if torch.compiler.is_compiling():
-        out = gated_rms_norm_op(y2, z2, weight, eps)
+        out = gated_rms_norm_op(y2, z2, weight, eps, out_dtype)
     else:
-        out = _GatedRMSNorm.apply(y2, z2, weight, eps)
+        out = _GatedRMSNorm.apply(y2, z2, weight, eps, out_dtype)
     return out.view(y.shape)

@@ -42,9 +42,10 @@ class ParaRNNLayer(CellLayerBase):
 
     def forward(
         self, x: torch.Tensor, h0: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
-        *, resets: torch.Tensor | None = None,
+        *, resets: torch.Tensor | None = None, y_dtype: torch.dtype | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """y (B, T, dim) and the final states (B, K, dim), or (N_docs, K, dim) with cu_seqlens.
+        """y (B, T, dim) in ``y_dtype`` (default x's) and the final states (B, K, dim), or (N_docs, K, dim)
+        with cu_seqlens.
 
         ``resets`` (B, T) bool: document starts inside the rows (restart from zero state), see
         :func:`kernels.parallel_rnn`; the final states are then each row's last step."""
@@ -57,6 +58,7 @@ class ParaRNNLayer(CellLayerBase):
         y, h_last = parallel_rnn(
             self.cell, self.head_matmul(x, self.weight.to(x.dtype)), self.recurrent_params(), h0, cu_seqlens,
             mode=self.mode, newton=self.newton, resets=resets, stats=stats, name=name, u_bias=self.bias,
+            y_dtype=y_dtype,
         )
         self._last_stats = stats
         return y, h_last

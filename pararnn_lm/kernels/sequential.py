@@ -62,13 +62,15 @@ def sequential_rnn(
     cu_seqlens: torch.Tensor | None = None,
     *,
     resets: torch.Tensor | None = None,
+    y_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """What ``parallel_rnn(cell, u, p, h0, cu_seqlens, mode="sequential", resets=resets)`` returns, without
-    its input checks and mode registry: y (B, T, D) in u's dtype and h_last in the compute dtype."""
+    """What ``parallel_rnn(cell, u, p, h0, cu_seqlens, mode="sequential", resets=resets, y_dtype=y_dtype)``
+    returns, without its input checks and mode registry: y (B, T, D) in ``y_dtype`` (default u's) and
+    h_last in the compute dtype."""
     compute = torch.float64 if u.dtype == torch.float64 else torch.float32
     layout = SequenceLayout.build(u.shape[0], u.shape[1], u.device, cu_seqlens, resets)
     if h0 is not None and cu_seqlens is not None:
         h0 = h0.expand(layout.num_rows, *h0.shape[1:])  # one initial state shared by every document
     h0_rows = layout.initial_rows(h0, cell.state_size, u.shape[-1], compute, u.device)
     h = run_sequential_steps(cell, u.to(compute), p.to(compute), h0_rows, layout)
-    return cell.output(h).to(u.dtype), layout.gather_last(h, h0_rows)
+    return cell.output(h).to(u.dtype if y_dtype is None else y_dtype), layout.gather_last(h, h0_rows)

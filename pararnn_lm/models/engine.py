@@ -45,10 +45,12 @@ class ReferenceCellLayer(CellLayerBase):
     the reference recurrence, a loop over time (``kernels/sequential.py``)."""
 
     def forward(self, x: torch.Tensor, h0: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
-                *, resets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                *, resets: torch.Tensor | None = None, y_dtype: torch.dtype | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
         """As ``kernels.ParaRNNLayer.forward``: y (B, T, dim) and the final states."""
         self._check_input(x, 3)
-        return sequential_rnn(self.cell, self.project(x), self.recurrent_params(), h0, cu_seqlens, resets=resets)
+        return sequential_rnn(self.cell, self.project(x), self.recurrent_params(), h0, cu_seqlens, resets=resets,
+                              y_dtype=y_dtype)
 
 
 def make_cell_layer(

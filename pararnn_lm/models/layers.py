@@ -47,10 +47,16 @@ class GatedRMSNorm(RMSNorm):
             return False
         return bool(self.fused) or (y.is_cuda and fused_gated_rms_norm_supported(y, z))
 
+    def reads_fp32(self, z: torch.Tensor) -> bool:
+        """Whether :meth:`forward` with this gate reads an fp32 ``y`` as it is (the fused kernels): a mixer
+        then hands over its recurrence's fp32 output instead of a rounded copy."""
+        return self._use_fused(z, z)
+
     def forward(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        """The output is in z's dtype (the activations'), whatever y's."""
         if self._use_fused(y, z):
-            return fused_gated_rms_norm(y, z, self.weight, self.eps)
-        return super().forward(y * F.silu(z.to(y.dtype)))
+            return fused_gated_rms_norm(y, z, self.weight, self.eps, out_dtype=z.dtype)
+        return super().forward(y * F.silu(z.to(y.dtype))).to(z.dtype)
 
 
 class SwiGLU(nn.Module):

@@ -56,13 +56,14 @@ class ParaRNNMixer(nn.Module):
             self.norm = GatedRMSNorm(di, eps=config.rms_norm_eps)
             self.out_proj = mark_residual_output(nn.Linear(di, d, bias=False), layer_idx)
 
-    def _run_cell(self, u: torch.Tensor, seq, h0: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _run_cell(self, u: torch.Tensor, seq, h0: torch.Tensor | None,
+                  y_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         if seq.known_one_document_per_row:  # no document starts after t = 0: the compact start map
-            return self.cell(u, seq.masked_initial(h0))
+            return self.cell(u, seq.masked_initial(h0), y_dtype=y_dtype)
         # Documents may start inside rows: each start restarts from zero (the first step from the carried
         # state unless it starts a document). The engine reads ``resets`` on the device only (no host
         # sync, no packing into one row); h is each row's last step.
-        return self.cell(u, h0, resets=seq.resets)
+        return self.cell(u, h0, resets=seq.resets, y_dtype=y_dtype)
 
     def forward(self, x: torch.Tensor, seq, cache=None, attn_mask=None) -> torch.Tensor:
         state = cache.recurrent_layer(self.layer_idx) if cache is not None else None
@@ -81,7 +82,9 @@ class ParaRNNMixer(nn.Module):
         w_u, w_z = self.in_proj.weight.chunk(2)
         u, z = F.linear(x, w_u), F.linear(x, w_z)
         u, new_ctx = self.conv(u, seq.positions, ctx, silu=True)
-        y, h = self._run_cell(u, seq, h0)
+        # The fused norm reads the recurrence's fp32 trajectory as it is: no rounded copy of y is written,
+        # read, kept for the backward, or cast back in it.
+        y, h = self._run_cell(u, seq, h0, compute_dtype(u.dtype) if self.norm.reads_fp32(z) else None)
         if state is not None:
             state.set_state(new_ctx, h, self.step_constants(x.dtype))
         return self.out_proj(self.norm(y, z))
@@ -191,8 +194,9 @@ class Mamba2Mixer(nn.Module):
     def _output(self, y: torch.Tensor, xs: torch.Tensor, z: torch.Tensor | None, dtype: torch.dtype,
                 D: torch.Tensor) -> torch.Tensor:
         """SSD output (..., H, P) + D skip -> gated norm (unless bare) -> out_proj."""
-        y = y + xs * D[:, None]
-        y = y.reshape(*y.shape[:-2], self.di).to(dtype)
+        y = (y + xs * D[:, None]).reshape(*y.shape[:-2], self.di)
+        if self.bare or not self.norm.reads_fp32(z):
+            y = y.to(dtype)
         return self.out_proj(y if self.bare else self.norm(y, z))
 
     def forward(self, x: torch.Tensor, seq, cache=None, attn_mask=None) -> torch.Tensor:

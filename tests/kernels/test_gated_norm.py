@@ -42,15 +42,17 @@ def _tol(dtype):
     return dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
 
 
-def _check(y, z, w, dout_seed=1):
-    """Fused vs reference: the output and the gradients of y, z and weight (scaled to each one's size)."""
+def _check(y, z, w, dout_seed=1, out_dtype=None):
+    """Fused vs reference: the output (in ``out_dtype``, default y's) and the gradients of y, z and weight
+    (scaled to each one's size)."""
+    out_dtype = y.dtype if out_dtype is None else out_dtype
     ys, zs, ws = (t.detach().clone().requires_grad_() for t in (y, z, w))
-    out = gated_rms_norm(ys, zs, ws, EPS)
-    assert out.shape == y.shape and out.dtype == y.dtype and out.is_contiguous()
+    out = gated_rms_norm(ys, zs, ws, EPS, out_dtype=None if out_dtype == y.dtype else out_dtype)
+    assert out.shape == y.shape and out.dtype == out_dtype and out.is_contiguous()
     yd, zd, wd = (t.detach().double().requires_grad_() for t in (y, z, w))
     want = _reference(yd, zd, wd)
-    torch.testing.assert_close(out.double(), want, **_tol(y.dtype))
-    dout = torch.randn(y.shape, generator=torch.Generator().manual_seed(dout_seed)).to(y.device, y.dtype)
+    torch.testing.assert_close(out.double(), want, **_tol(out_dtype))
+    dout = torch.randn(y.shape, generator=torch.Generator().manual_seed(dout_seed)).to(y.device, out_dtype)
     got = torch.autograd.grad(out, (ys, zs, ws), dout)
     ref = torch.autograd.grad(want, (yd, zd, wd), dout.double())
     for name, a, r, dtype in zip(("dy", "dz", "dweight"), got, ref, (y.dtype, z.dtype, torch.float32)):
@@ -69,10 +71,14 @@ def test_matches_reference(shape, dtype):
 
 
 def test_contiguous_and_mixed_dtypes():
-    """Contiguous inputs; y fp32 with a bf16 gate (as Mamba2's mixer calls it): output and dy in fp32,
-    dz in bf16."""
+    """Contiguous inputs; y fp32 with a bf16 gate: output and dy in fp32, dz in bf16, or the output in
+    bf16 when asked."""
     _check(*_inputs((3, 6, 24), torch.float32, torch.float32, seed=3, layout="contiguous"))
     _check(*_inputs((3, 6, 24), torch.float32, torch.bfloat16, seed=4))
+    # as the mixers call it on the GPU: the recurrence's fp32 output (an LSTM's h, a strided view of its
+    # state) gated by the bf16 projection, the output in bf16; dy in fp32 for the engine's backward
+    _check(*_inputs((3, 6, 24), torch.float32, torch.bfloat16, seed=5), out_dtype=torch.bfloat16)
+    _check(*_inputs((37, 130), torch.float32, torch.bfloat16, seed=6), out_dtype=torch.bfloat16)
 
 
 def test_a_gradient_that_is_wrong_fails_the_check():
@@ -111,7 +117,8 @@ def test_bad_inputs_raise():
 
 def test_opcheck():
     y, z, w = _inputs((9, 12), torch.float32, torch.float32, seed=7)
-    torch.library.opcheck(gated_rms_norm_op, (y, z, w, EPS))
+    torch.library.opcheck(gated_rms_norm_op, (y, z, w, EPS, torch.float32))
+    torch.library.opcheck(gated_rms_norm_op, (y, z, w, EPS, torch.bfloat16))
     torch.library.opcheck(torch.ops.pararnn.gated_rms_norm_backward.default, (torch.randn(9, 12), y, z, w, EPS))
 
 
@@ -186,6 +193,46 @@ def test_model_with_fused_mixer_path_equals_pytorch_path(arch):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 @pytest.mark.parametrize("D", [1024, 4096])
 def test_on_gpu_at_model_shapes(D):
-    """(16, 2048) tokens at the 400M (1024) and the widest (4096) inner widths, bf16 strided inputs,
-    against the fp64 reference: output and all gradients."""
+    """(16, 2048) tokens at the 400M (1024) and the widest (4096) inner widths, bf16 strided inputs, and
+    the mixers' call (fp32 strided y, bf16 gate and output), against the fp64 reference: output and all
+    gradients."""
     _check(*_inputs((16, 2048, D), torch.bfloat16, torch.bfloat16, seed=D, device="cuda"))
+    _check(*_inputs((16, 2048, D), torch.float32, torch.bfloat16, seed=D + 1, device="cuda"), out_dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("arch", ["paragru", "paralstm", "mamba2"])
+def test_bf16_mixers_hand_the_fused_norm_their_fp32_output(arch):
+    """Under bf16 autocast a mixer whose gated norm runs the fused kernels gives it the recurrence's (or
+    the SSD's) fp32 output as it is - no rounded copy - and gets bf16 back for the out-projection; on the
+    PyTorch path a ParaRNN norm sees y rounded to bf16. Both paths' logits and gradients agree within bf16
+    rounding."""
+    from pararnn_lm.models import ParaRNNLMForCausalLM, config_for
+
+    torch.manual_seed(0)
+    model = ParaRNNLMForCausalLM(config_for(arch, "debug", rnn_mode="newton_torch")).train()
+    norms = [m for m in model.modules() if isinstance(m, GatedRMSNorm)]
+    fusable = norms + [m for m in model.modules() if isinstance(m, CausalConv1d)]
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
+    seen, results = [], {}
+    hooks = [n.register_forward_hook(lambda m, args, out: seen.append((args[0].dtype, args[1].dtype, out.dtype)))
+             for n in norms]
+    for fused in (True, False):
+        for m in fusable:
+            m.fused = fused
+        seen.clear()
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(ids, labels=ids)
+        out.loss.backward()
+        # unfused, the RNN mixers round y to their inputs' bf16; Mamba2 casts y to the residual stream's
+        # dtype, fp32 under autocast
+        y_dtype = torch.float32 if fused or arch == "mamba2" else torch.bfloat16
+        assert seen and all(s == (y_dtype, torch.bfloat16, torch.bfloat16) for s in seen), (fused, seen)
+        results[fused] = (out.logits.float().detach(), {n: p.grad.clone() for n, p in model.named_parameters()})
+    for h in hooks:
+        h.remove()
+    torch.testing.assert_close(results[True][0], results[False][0], rtol=0.05, atol=0.05)
+    for n, g in results[False][1].items():
+        scale = max(g.abs().max().item(), 1e-3)
+        torch.testing.assert_close(results[True][1][n], g, rtol=0.1, atol=0.05 * scale, msg=lambda m, n=n: f"{n}: {m}")
+
