@@ -239,7 +239,7 @@ def ssd_mamba_ssm(x, dt, A, Bm, Cm, initial_state=None, reset=None, seq=None):
         x[rows], dt[rows].float(), A.float(), Bm[rows], Cm[rows], MAMBA_SSM_CHUNK,
         initial_states=None if initial_state is None else initial_state[rows],
         seq_idx=None if seq_idx is None else seq_idx[rows], return_final_states=True)
-        for rows in mamba_ssm_row_blocks(x, Bm.shape[-1])]
+        for rows in mamba_ssm_row_blocks(x, dt, Bm, Cm)]
     if len(outputs) == 1:
         return outputs[0]
     return torch.cat([y for y, _ in outputs]), torch.cat([hT for _, hT in outputs])
@@ -248,18 +248,23 @@ def ssd_mamba_ssm(x, dt, A, Bm, Cm, initial_state=None, reset=None, seq=None):
 MAMBA_SSM_MAX_ELEMENTS = 2**31 - 1  # mamba_ssm's kernels address their tensors with 32-bit offsets
 
 
-def mamba_ssm_row_blocks(x: torch.Tensor, d_state: int) -> list[slice]:
-    """Rows of ``x`` (B, T, H, P) per mamba_ssm call such that neither the inputs nor the per-chunk states
-    (B, T / chunk, H, P, N) of one call pass ``MAMBA_SSM_MAX_ELEMENTS``: past it the kernels' 32-bit
-    offsets (batch index x batch stride) overflow. Rows are independent sequences, so the calls' outputs
-    concatenate to the one call's. This bound is necessary, not sufficient: a 1B Mamba2 prefill of
-    128 x 4,096 tokens still faults inside mamba-ssm in blocks of 63 rows (64 x 4,096 does not)."""
+def mamba_ssm_row_blocks(x: torch.Tensor, dt: torch.Tensor, Bm: torch.Tensor, Cm: torch.Tensor) -> list[slice]:
+    """Rows per mamba_ssm call such that no offset its kernels compute (batch index x batch stride + ...,
+    in 32 bits) passes ``MAMBA_SSM_MAX_ELEMENTS``, in the inputs as given or in what it allocates (the
+    output (B, T, H, P), the per-chunk states (B, T / chunk, H, P, N)). The inputs' strides count, not their
+    sizes: in the model x, B and C are slices of the conv output, whose rows are wider (a 1B Mamba2 batch of
+    128 x 4,096 tokens has 2^31 elements of x but x's batch stride times 127 passes 2^31: an illegal memory
+    access). Rows are independent sequences, so the calls' outputs concatenate to the one call's."""
     B, T, H, P = x.shape
-    per_row = max(T * H * P, -(-T // MAMBA_SSM_CHUNK) * H * P * d_state)
-    if per_row > MAMBA_SSM_MAX_ELEMENTS:
-        raise ValueError(f"one sequence of {T} tokens needs {per_row:,} elements in a mamba_ssm call, past its "
-                         f"32-bit offsets ({MAMBA_SSM_MAX_ELEMENTS:,}): split the sequence")
-    rows = max(1, MAMBA_SSM_MAX_ELEMENTS // per_row)
+    chunk_states = -(-T // MAMBA_SSM_CHUNK) * H * P * Bm.shape[-1]
+    # (batch stride, largest offset within one row) of every tensor a call indexes
+    layouts = [(t.stride(0), sum((n - 1) * st for n, st in zip(t.shape[1:], t.stride()[1:]))) for t in (x, dt, Bm, Cm)]
+    layouts += [(T * H * P, T * H * P - 1), (chunk_states, chunk_states - 1)]
+    row_extent = max(extent for _, extent in layouts)
+    if row_extent > MAMBA_SSM_MAX_ELEMENTS:
+        raise ValueError(f"one sequence of {T} tokens spans {row_extent + 1:,} elements in a mamba_ssm call, past its "
+                         f"32-bit offsets ({MAMBA_SSM_MAX_ELEMENTS + 1:,}): split the sequence")
+    rows = min((MAMBA_SSM_MAX_ELEMENTS - extent) // stride + 1 for stride, extent in layouts if stride > 0)
     return [slice(start, start + rows) for start in range(0, B, rows)]
 
 

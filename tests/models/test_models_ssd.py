@@ -109,6 +109,31 @@ def test_backend_resolution_and_config_errors():
 
 
 @pytest.mark.gpu
+def test_mamba_ssm_on_a_batch_past_32_bit_offsets():
+    """The 1B Mamba2's prefill at 128 x 4,096 tokens (x, B, C slices of the 4,352-wide conv output: 2.3e9
+    elements) ran into an illegal memory access; in row blocks it runs, and its last rows equal a call on
+    those rows alone."""
+    from pararnn_lm.models.ssd import mamba_ssm_available, mamba_ssm_row_blocks, ssd_mamba_ssm
+
+    if not mamba_ssm_available(torch.device("cuda")):
+        pytest.skip("mamba_ssm not installed")
+    B, T, H, P, N = 128, 4096, 64, 64, 128
+    g = torch.Generator(device="cuda").manual_seed(0)
+    wide = torch.randn(B, T, H * P + 2 * N, device="cuda", dtype=torch.bfloat16, generator=g)
+    x = wide[..., : H * P].view(B, T, H, P)
+    Bm, Cm = wide[..., H * P : H * P + N].view(B, T, 1, N), wide[..., H * P + N :].view(B, T, 1, N)
+    dt = torch.rand(B, T, H, device="cuda", generator=g) * 0.1
+    A = -torch.rand(H, device="cuda", generator=g) - 0.05
+    assert len(mamba_ssm_row_blocks(x, dt, Bm, Cm)) == 2
+    y, h = ssd_mamba_ssm(x, dt, A, Bm, Cm)
+    torch.cuda.synchronize()
+    tail = slice(B - 2, B)
+    y_tail, h_tail = ssd_mamba_ssm(x[tail].contiguous(), dt[tail], A, Bm[tail].contiguous(), Cm[tail].contiguous())
+    torch.testing.assert_close(y[tail].float(), y_tail.float(), atol=2e-2, rtol=2e-2)  # bf16 outputs
+    torch.testing.assert_close(h[tail], h_tail, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_mamba_ssm_kernel_matches_fp64_reference(dtype):
     """mamba_ssm's chunked SSD (the GPU backend where fla-core refuses Hopper) against the fp64 chunked SSD
@@ -164,37 +189,50 @@ def test_backend_probes_ask_once_per_cuda_device():
 
 
 def test_mamba_ssm_calls_stay_within_32_bit_offsets(monkeypatch):
-    """A batch whose inputs or chunk states would pass 2^31 elements goes to mamba_ssm in row blocks
-    (its kernels overflow past it); the blocks' outputs equal one call's. The kernel is stood in for by
-    the fp64 chunked SSD, which records each call's batch."""
+    """A batch whose calls would address past 2^31 elements goes to mamba_ssm in row blocks (its kernels'
+    32-bit offsets overflow past it). As in the model, x, B and C are slices of one wider tensor: the
+    offsets follow its row stride, not x's size (counting sizes, the guard let a 1B Mamba2 prefill fault).
+    Each call's largest offset is read from the data pointers; the blocks' outputs equal one call's. The
+    kernel is stood in for by the fp64 chunked SSD, which records each call's batch."""
     import types
 
     from pararnn_lm.models import ssd
 
     calls = []
 
+    def last_offset(t):  # elements from a call's first to its last element, from the addresses
+        return (t[(-1,) * t.dim()].data_ptr() - t.data_ptr()) // t.element_size()
+
     def combined(x, dt, A, Bm, Cm, chunk, initial_states=None, seq_idx=None, return_final_states=True):
         calls.append(x.shape[0])
-        assert x.numel() <= ssd.MAMBA_SSM_MAX_ELEMENTS
+        for t in (x, dt, Bm, Cm):
+            assert last_offset(t) <= ssd.MAMBA_SSM_MAX_ELEMENTS
+        assert x[..., 0].numel() * x.shape[-1] <= ssd.MAMBA_SSM_MAX_ELEMENTS + 1  # the output, allocated
         assert -(-x.shape[1] // ssd.MAMBA_SSM_CHUNK) * x[0, 0].numel() * Bm.shape[-1] * x.shape[0] <= ssd.MAMBA_SSM_MAX_ELEMENTS
         reset = None if seq_idx is None else torch.diff(seq_idx, dim=-1, prepend=seq_idx[:, :1] * 0) != 0
         return ssd_chunked(x, dt.double(), A.double(), Bm, Cm, initial_states, reset, chunk_size=8)
 
     monkeypatch.setattr(ssd, "import_mamba_ssm", lambda module: types.SimpleNamespace(mamba_chunk_scan_combined=combined))
     x, dt, A, Bm, Cm, S0 = _inputs(B=7, T=37)
+    B, T, H, P = x.shape
+    G, N = Bm.shape[2:]
+    wide = torch.cat([x.flatten(2), Bm.flatten(2), Cm.flatten(2)], -1)  # (B, T, 12 + 10 + 10): the conv output
+    x, Bm, Cm = (wide[..., :12].view(B, T, H, P), wide[..., 12:22].view(B, T, G, N), wide[..., 22:].view(B, T, G, N))
     reset = _resets(7, 37, [(0, 5), (3, 0), (6, 20)])
     y_ref, s_ref = ssd_chunked(x, dt, A, Bm, Cm, S0, reset, chunk_size=8)
     y_one, s_one = ssd.ssd_mamba_ssm(x, dt, A, Bm, Cm, S0, reset)
     assert calls == [7]
     torch.testing.assert_close(y_one, y_ref, atol=1e-5, rtol=1e-4)  # the kernel's dt and A are fp32
     torch.testing.assert_close(s_one, s_ref, atol=1e-5, rtol=1e-4)
-    # per row: 37 x 4 x 3 = 444 input elements, 1 chunk of states 4 x 3 x 5 = 60: at most 2 rows per call
-    monkeypatch.setattr(ssd, "MAMBA_SSM_MAX_ELEMENTS", 2 * 444 + 1)
+    # a row of x spans 1,164 elements of the wide tensor (its last at offset 36 x 32 + 11) and the next row
+    # starts 37 x 32 = 1,184 after it: 2 rows end at offset 2,347, 3 at 3,531. x holds 444 elements per
+    # row, so counting sizes would allow 6 rows under this limit
+    monkeypatch.setattr(ssd, "MAMBA_SSM_MAX_ELEMENTS", 3000)
     calls.clear()
     y, s = ssd.ssd_mamba_ssm(x, dt, A, Bm, Cm, S0, reset)
     assert calls == [2, 2, 2, 1]
     torch.testing.assert_close(y, y_one, atol=1e-12, rtol=1e-10)
     torch.testing.assert_close(s, s_one, atol=1e-12, rtol=1e-10)
-    monkeypatch.setattr(ssd, "MAMBA_SSM_MAX_ELEMENTS", 443)  # not even one row fits: a clear error
-    with pytest.raises(ValueError, match="one sequence of 37 tokens needs 444 elements"):
+    monkeypatch.setattr(ssd, "MAMBA_SSM_MAX_ELEMENTS", 1162)  # not even one row fits: a clear error
+    with pytest.raises(ValueError, match="one sequence of 37 tokens spans 1,164 elements"):
         ssd.ssd_mamba_ssm(x, dt, A, Bm, Cm, S0, reset)
