@@ -16,7 +16,7 @@ OUT/newton_residuals.md (iterations to the tolerance) and OUT/newton_residuals.p
     python scripts/newton_residuals.py --combine gru/newton_residuals.json lstm/newton_residuals.json --out OUT
 
 draws several models' results in one figure, OUT/newton_residuals.png: a row per model, a panel per sequence
-length, one curve per layer (darker: deeper).
+length, one curve per layer (darker: shallower).
 """
 from __future__ import annotations
 
@@ -103,6 +103,11 @@ def plot(histories: dict[int, list[list[float]]], tol: float, title: str, path: 
     return save_figure(fig, path)
 
 
+def model_name(model: Path) -> str:
+    """A model's name in titles: its run folder for an export (``runs/NAME/export``), else the folder's own."""
+    return model.parent.name or model.name
+
+
 def plot_models(results: dict[str, dict[str, Any]], path: Path) -> Path:
     """One figure of several models' ``newton_residuals.json`` contents: rows = models, columns = T."""
     import matplotlib
@@ -133,7 +138,7 @@ def combine(paths: Sequence[Path], out: Path) -> Path:
     results = {}
     for path in paths:
         result = json.loads(Path(path).read_text())
-        name = Path(result["model"]).parent.name or Path(result["model"]).name
+        name = model_name(Path(result["model"]))
         results[name if name not in results else f"{name} ({path})"] = result  # never drop a file
     out.mkdir(parents=True, exist_ok=True)
     return plot_models(results, out / "newton_residuals.png")
@@ -177,7 +182,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         {"model": str(args.model), "dtype": args.dtype, "tolerance": tol, "batch_size": args.batch_size,
          "histories": {str(t): h for t, h in histories.items()}}, indent=1))
     (args.out / "newton_residuals.md").write_text(markdown_table(histories, tol))
-    plot(histories, tol, f"Newton residual per layer, {args.model.parent.name or args.model.name} ({args.dtype})",
+    plot(histories, tol, f"Newton residual per layer, {model_name(args.model)} ({args.dtype})",
          args.out / "newton_residuals.png")
     logger.info("wrote %s\n%s", args.out, (args.out / "newton_residuals.md").read_text())
     return {"histories": histories, "tolerance": tol, "out": args.out}

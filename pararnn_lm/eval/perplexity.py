@@ -157,7 +157,7 @@ def _windows(stream: torch.Tensor, seq_len: int, batch_size: int, pad_id: int,
     one compilation / autotuning pass for the whole stream instead of one per ragged batch; right padding
     never changes an earlier position of a causal model."""
     n = stream.numel()
-    n_windows = -(-n // seq_len) if n - (n // seq_len) * seq_len > 1 else n // seq_len
+    n_windows = n // seq_len + (n % seq_len > 1)  # a 1-token tail predicts nothing
     for first in range(0, n_windows, batch_size):
         ids = torch.full((batch_size, seq_len), pad_id, dtype=torch.long)
         labels = torch.full((batch_size, seq_len), IGNORE_INDEX, dtype=torch.long)
